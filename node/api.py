@@ -1,0 +1,379 @@
+"""The OpenAI-compatible HTTP API (FastAPI on hypercorn, in the daemon's trio loop).
+
+No `from __future__ import annotations` here: FastAPI must see real types on route parameters, or it silently
+turns `Request` into a query parameter.
+"""
+
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import trio
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from node.engine import EngineBusy, EngineShuttingDown, GenerationRequest, Job
+from node.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    describe_validation_errors,
+    error_body,
+)
+from node.state import NodeState
+
+log = logging.getLogger(__name__)
+_tokenize_limiter = trio.CapacityLimiter(2)
+
+
+class ApiError(Exception):
+    """An error answered with an OpenAI-style body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        """The JSON response for this error."""
+        return JSONResponse(
+            error_body(self.message, self.type, self.param, self.code), self.status, headers=self.headers
+        )
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over `limit` bytes with 413, whether or not Content-Length is sent."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI entry point."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _too_large(self.limit)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await _too_large(self.limit)(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return ApiError(413, f"request body is larger than the limit of {limit} bytes", code="body_too_large").response()
+
+
+router = APIRouter()
+
+
+def _node(request: Request) -> NodeState:
+    node: NodeState = request.app.state.node
+    return node
+
+
+def _check_auth(request: Request) -> None:
+    token = _node(request).config.api.token
+    if not token:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip(), token):
+        raise ApiError(
+            401,
+            "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
+            code="invalid_api_key",
+            type_="authentication_error",
+        )
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    """Liveness: answers as soon as the API is up."""
+    node = _node(request)
+    return {"status": "stopping" if node.shutting_down else "ok", "model": node.model.id}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    """The models this node serves."""
+    _check_auth(request)
+    node = _node(request)
+    created = int(node.model.path.stat().st_mtime)
+    return {
+        "object": "list",
+        "data": [{"id": node.model.id, "object": "model", "created": created, "owned_by": "mirador"}],
+    }
+
+
+@router.get("/v1/node/status")
+async def node_status(request: Request) -> dict[str, Any]:
+    """Node, profile, model and engine status."""
+    _check_auth(request)
+    return _node(request).status()
+
+
+async def _parse(request: Request, schema: type[Any]) -> Any:
+    raw = await request.body()
+    if not raw.strip():
+        raise ApiError(400, "the request body is empty; send a JSON object")
+    try:
+        return schema.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if errors and errors[0].get("type") == "model_type":
+            raise ApiError(400, "the request body must be a JSON object") from None
+        message, param = describe_validation_errors([dict(e) for e in errors])
+        raise ApiError(400, message, param=param) from None
+
+
+def _check_model(node: NodeState, model: str) -> None:
+    if model not in node.model.names():
+        available = ", ".join(node.model.names())
+        raise ApiError(
+            404,
+            f"the model '{model}' does not exist on this node; available: {available}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+async def _start(node: NodeState, tokens: list[int], req: Any, limit: int | None) -> Job:
+    n_ctx = node.engine.n_ctx
+    if len(tokens) >= n_ctx:
+        raise ApiError(
+            400,
+            f"the prompt is {len(tokens)} tokens long; this node's context holds {n_ctx} "
+            "(prompt plus completion); shorten the prompt",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    cap = node.settings.max_tokens
+    gen = GenerationRequest(
+        prompt_tokens=tokens,
+        sampling=req.sampling(),
+        max_tokens=min(limit or cap, cap),
+        stop=req.stop_list(),
+        stream=req.stream,
+        ignore_eos=req.ignore_eos,
+    )
+    try:
+        return await node.engine.submit(gen, node.config.api.queue_timeout_s)
+    except EngineBusy as exc:
+        raise ApiError(
+            503,
+            f"the node is busy: {exc}; retry later",
+            code="server_busy",
+            type_="server_error",
+            headers={"Retry-After": str(exc.retry_after_s)},
+        ) from None
+    except EngineShuttingDown:
+        raise ApiError(
+            503, "the node is shutting down", code="shutting_down", type_="server_error", headers={"Retry-After": "5"}
+        ) from None
+
+
+def _usage(job: Job) -> dict[str, int]:
+    s = job.stats
+    return {
+        "prompt_tokens": s.prompt_tokens,
+        "completion_tokens": s.completion_tokens,
+        "total_tokens": s.prompt_tokens + s.completion_tokens,
+    }
+
+
+def _end_error(job: Job) -> dict[str, Any] | None:
+    if job.error:
+        return error_body(job.error, "server_error", code="generation_failed")
+    if job.cut_by_shutdown:
+        return error_body(
+            f"the node shut down; the response was cut after {job.stats.completion_tokens} tokens",
+            "server_error",
+            code="shutting_down",
+        )
+    return None
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+def _stream(
+    job: Job,
+    head: dict[str, Any],
+    delta_key: Callable[[str], dict[str, Any]],
+    first: dict[str, Any] | None,
+    include_usage: bool,
+) -> StreamingResponse:
+    """SSE stream: chunks sharing `head`, each choice built by `delta_key`, then finish, usage, [DONE]."""
+    prefix = json.dumps(head, separators=(",", ":"))[:-1] + ',"choices":['
+
+    def chunk(choice: dict[str, Any]) -> str:
+        return "data: " + prefix + json.dumps(choice, separators=(",", ":"), ensure_ascii=False) + "]}\n\n"
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            if first is not None:
+                yield chunk(first)
+            async for delta in job.text():
+                yield chunk(delta_key(delta))
+            err = _end_error(job)
+            if err is not None:
+                yield _sse(err)
+            else:
+                yield chunk(delta_key("") | {"finish_reason": job.stats.finish_reason})
+                if include_usage:
+                    yield _sse(head | {"choices": [], "usage": _usage(job)})
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()  # the client may have gone away: stop generating
+
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+async def _collect(job: Job) -> str:
+    try:
+        parts = [delta async for delta in job.text()]
+    finally:
+        job.cancel()
+    err = _end_error(job)
+    if err is not None:
+        raise ApiError(
+            503 if job.cut_by_shutdown else 500,
+            err["error"]["message"],
+            code=err["error"]["code"],
+            type_="server_error",
+        )
+    return "".join(parts)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Any:
+    """OpenAI chat completions, streamed (SSE) or not."""
+    _check_auth(request)
+    node = _node(request)
+    req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
+    _check_model(node, req.model)
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    tokens = await trio.to_thread.run_sync(node.model.chat_tokens, messages, limiter=_tokenize_limiter)
+    job = await _start(node, tokens, req, req.limit())
+    head = {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": req.model,
+    }
+    if req.stream:
+        return _stream(
+            job,
+            head,
+            lambda d: {"index": 0, "delta": {"content": d}, "finish_reason": None},
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
+            req.include_usage(),
+        )
+    text = await _collect(job)
+    return head | {
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": job.stats.finish_reason,
+                "logprobs": None,
+            }
+        ],
+        "usage": _usage(job),
+    }
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Any:
+    """OpenAI (legacy) text completions, streamed (SSE) or not."""
+    _check_auth(request)
+    node = _node(request)
+    req: CompletionRequest = await _parse(request, CompletionRequest)
+    _check_model(node, req.model)
+    tokens = await trio.to_thread.run_sync(node.model.completion_tokens, req.text(), limiter=_tokenize_limiter)
+    job = await _start(node, tokens, req, req.limit())
+    head = {
+        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": req.model,
+    }
+    if req.stream:
+        return _stream(
+            job,
+            head,
+            lambda d: {"index": 0, "text": d, "logprobs": None, "finish_reason": None},
+            None,
+            req.include_usage(),
+        )
+    text = await _collect(job)
+    return head | {
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": job.stats.finish_reason}],
+        "usage": _usage(job),
+    }
+
+
+def create_app(node: NodeState) -> ASGIApp:
+    """The ASGI app serving `node`."""
+    app = FastAPI(title="Mirador node", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.node = node
+    app.include_router(router)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation_errors(list(exc.errors()))
+        return ApiError(400, message, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return ApiError(exc.status_code, str(exc.detail), code=code).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in the API")
+        return ApiError(500, "internal error (see the node's log)", type_="server_error").response()
+
+    limited: ASGIApp = BodyLimitMiddleware(app, node.config.api.max_body_bytes)
+    return limited

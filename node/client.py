@@ -1,0 +1,63 @@
+"""Talking to the running daemon of a home: where it listens, with which token."""
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from node.config import load_config
+from node.home import NodeHome
+from node.runlock import DaemonInfo, running_daemon
+
+
+class NotRunningError(Exception):
+    """No daemon runs on this home."""
+
+
+class DaemonClient:
+    """A small HTTP client for the node's own API."""
+
+    def __init__(self, home: NodeHome, timeout_s: float = 600.0) -> None:
+        info = running_daemon(home)
+        if info is None:
+            raise NotRunningError(f"no Mirador daemon is running on {home.root} (start one: mirador node start)")
+        self.info: DaemonInfo = info
+        token = load_config(home.config_file).api.token if home.config_file.exists() else ""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=info.url, headers=headers, timeout=httpx.Timeout(timeout_s, connect=5.0))
+
+    def get(self, path: str) -> Any:
+        """GET a JSON document; raise on HTTP errors with the server's message."""
+        return _json_or_raise(self.http.get(path))
+
+    def stream_chat(self, body: dict[str, Any]) -> Iterator[str]:
+        """POST a streamed chat completion and yield its text deltas."""
+        with self.http.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                _json_or_raise(resp)
+            for line in resp.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    return
+                event = json.loads(data)
+                if "error" in event:
+                    raise RuntimeError(event["error"]["message"])
+                for choice in event.get("choices", []):
+                    delta = choice.get("delta", {}).get("content")
+                    if delta:
+                        yield delta
+
+
+def _json_or_raise(resp: httpx.Response) -> Any:
+    try:
+        data = resp.json()
+    except ValueError:
+        data = None
+    if resp.status_code >= 400:
+        message = data["error"]["message"] if isinstance(data, dict) and "error" in data else resp.text
+        raise RuntimeError(f"HTTP {resp.status_code}: {message}")
+    return data

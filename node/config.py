@@ -1,0 +1,179 @@
+"""`node.toml`: a strict, typed schema, validated on load, with `MIRADOR_<SECTION>_<KEY>` environment overrides.
+
+Every error names the file (or variable), the key and the bad value.
+"""
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+ProfileName = Literal["battery", "balanced", "performance"]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Base of the config sections: strict keys, keyword-only, immutable."""
+
+
+class NodeSection(_Section, frozen=True):
+    """[node]: which energy profile applies and how much the daemon logs."""
+
+    profile: ProfileName = "balanced"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class ApiSection(_Section, frozen=True):
+    """[api]: the OpenAI-compatible HTTP API."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8484
+    token: str = ""
+    queue_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0, le=8)] = 3.0
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 4 * 1024 * 1024
+
+
+class ModelSection(_Section, frozen=True):
+    """[model]: the base model; an empty path means the embedded SmolLM2-135M-Instruct."""
+
+    path: str = ""
+    name: str = ""
+
+
+class InferenceSection(_Section, frozen=True):
+    """[inference]: overrides of the active energy profile's settings (unset keys come from the profile)."""
+
+    threads: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    n_ctx: Annotated[int, msgspec.Meta(ge=128)] | None = None
+    max_tokens: PositiveInt | None = None
+    batch_size: PositiveInt | None = None
+    slots: Annotated[int, msgspec.Meta(ge=1, le=64)] | None = None
+    adapter_cache_mb: PositiveInt | None = None
+
+
+class NodeConfig(_Section, frozen=True):
+    """The whole validated `node.toml`."""
+
+    node: NodeSection = NodeSection()
+    api: ApiSection = ApiSection()
+    model: ModelSection = ModelSection()
+    inference: InferenceSection = InferenceSection()
+
+
+class ConfigError(Exception):
+    """A configuration value is wrong; the message names where it came from, the key and the value."""
+
+
+ENV_PREFIX = "MIRADOR_"
+_SECTIONS: dict[str, type[_Section]] = {f: t for f, t in NodeConfig.__annotations__.items()}
+_PATH_RE = re.compile(r"at `\$\.([\w.\[\]]+)`")
+
+
+def _lookup(data: Mapping[str, Any], dotted: str) -> Any:
+    cur: Any = data
+    for part in dotted.split("."):
+        if not isinstance(cur, Mapping) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def _convert(data: dict[str, Any], source: str) -> NodeConfig:
+    try:
+        return msgspec.convert(data, NodeConfig)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        m = _PATH_RE.search(msg)
+        if m is None and msg.startswith("Object contains unknown field"):
+            field = msg.split("`")[1]
+            raise ConfigError(f"{source}: unknown section or key {field!r} (valid: {_valid_keys(field)})") from None
+        if m is None:
+            raise ConfigError(f"{source}: {msg}") from None
+        key = m.group(1)
+        reason = msg[: m.start()].rstrip(" -")
+        unknown = re.match(r"Object contains unknown field `([^`]+)`", reason)
+        if unknown:
+            key = f"{key}.{unknown.group(1)}"
+            raise ConfigError(f"{source}: unknown key {key!r} (valid keys: {_valid_keys(key)})") from None
+        value = _lookup(data, key)
+        raise ConfigError(f"{source}: {key} = {value!r} is invalid: {reason}") from None
+
+
+def _valid_keys(dotted: str) -> str:
+    section = dotted.split(".")[0]
+    if "." in dotted and section in _SECTIONS:
+        return ", ".join(f"{section}.{f}" for f in _SECTIONS[section].__struct_fields__)
+    return ", ".join(f"[{s}]" for s in _SECTIONS)
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """Collect `MIRADOR_<SECTION>_<KEY>` variables as raw strings, by section and key."""
+    found: dict[str, dict[str, str]] = {}
+    for section, struct in _SECTIONS.items():
+        for key in struct.__struct_fields__:
+            var = f"{ENV_PREFIX}{section}_{key}".upper()
+            if var in environ:
+                found.setdefault(section, {})[key] = environ[var]
+    # MIRADOR_PROFILE is the documented short form of MIRADOR_NODE_PROFILE.
+    if "MIRADOR_PROFILE" in environ:
+        found.setdefault("node", {})["profile"] = environ["MIRADOR_PROFILE"]
+    return found
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    for section, values in env_overrides(environ).items():
+        struct = _SECTIONS[section]
+        target = dict(data.get(section) or {})
+        for key, raw in values.items():
+            field_type = struct.__annotations__[key]
+            var = f"{ENV_PREFIX}{section}_{key}".upper()
+            try:
+                target[key] = msgspec.convert(raw, field_type, strict=False)
+            except msgspec.ValidationError as exc:
+                raise ConfigError(f"environment: {var}={raw!r} is invalid for {section}.{key}: {exc}") from None
+        data[section] = target
+    return data
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost'."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_semantics(cfg: NodeConfig, source: str) -> NodeConfig:
+    if not is_loopback(cfg.api.host) and not cfg.api.token:
+        raise ConfigError(
+            f"{source}: api.host = {cfg.api.host!r} is not a loopback address, so api.token must be set "
+            "(clients then send 'Authorization: Bearer <token>')"
+        )
+    if cfg.model.path and not Path(cfg.model.path).expanduser().is_file():
+        raise ConfigError(f"{source}: model.path = {cfg.model.path!r} is not a file")
+    return cfg
+
+
+def parse_config(text: str, source: str, environ: Mapping[str, str] | None = None) -> NodeConfig:
+    """Parse and validate TOML text, then apply environment overrides from `environ`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    _convert(data, source)  # report file errors as file errors, before env values are mixed in
+    data = _apply_env(data, os.environ if environ is None else environ)
+    return _check_semantics(_convert(data, f"{source} (with MIRADOR_* overrides)"), source)
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> NodeConfig:
+    """Load `path` (missing file = all defaults) and apply `MIRADOR_*` overrides."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    return parse_config(text, str(path), environ)

@@ -1,0 +1,194 @@
+"""The daemon: one trio loop hosting the inference engine and the HTTP API (and, later, the libp2p host).
+
+Order in the root nursery (see docs/ARCHITECTURE.md): signal receiver first, then the engine, then hypercorn.
+On SIGINT/SIGTERM the engine stops taking work, running streams get `api.shutdown_grace_s` to finish and are
+then cut with a final error event and `[DONE]`; then hypercorn closes and the process exits 0.
+"""
+
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from node.api import create_app
+from node.config import ConfigError, NodeConfig, load_config
+from node.engine import InferenceEngine
+from node.fsutil import atomic_write_text
+from node.home import NodeHome
+from node.identity_file import IdentityFileError, load_or_create_identity
+from node.models import BaseModel, ModelNotFoundError, resolve_model
+from node.profiles import PROFILES_DIR, effective_settings
+from node.runlock import AlreadyRunningError, RunLock
+from node.state import NodeState
+
+log = logging.getLogger("mirador.daemon")
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_CONFIG) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class StartOptions:
+    """Command-line choices for `mirador node start`."""
+
+    profile: str | None = None
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr with timestamps."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def prepare_home(home: NodeHome) -> NodeConfig:
+    """Create the home on first start (with a commented node.toml) and load its validated config."""
+    home.ensure()
+    if not home.config_file.exists():
+        template = PROFILES_DIR.parent / "node.toml"
+        atomic_write_text(home.config_file, template.read_text(encoding="utf-8"), mode=0o600)
+    try:
+        return load_config(home.config_file)
+    except ConfigError as exc:
+        raise StartupError(f"invalid configuration: {exc}") from None
+
+
+def build_state(home: NodeHome, cfg: NodeConfig, options: StartOptions) -> NodeState:
+    """Load identity, profile and model: everything the node needs before it serves."""
+    try:
+        settings = effective_settings(cfg, options.profile)
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        identity, created = load_or_create_identity(home.identity_key)
+    except IdentityFileError as exc:
+        raise StartupError(f"refusing to start: {exc}") from None
+    if created:
+        log.info("created a new node identity %s in %s", identity.fingerprint, home.identity_key)
+    try:
+        model_id, path = resolve_model(cfg.model)
+        model = BaseModel(model_id, path, verbose=cfg.node.log_level == "debug")
+    except (ModelNotFoundError, Exception) as exc:
+        raise StartupError(f"cannot load the model: {exc}", EXIT_FAILED) from None
+    engine = InferenceEngine(model.llama, settings)
+    log.info(
+        "model %s (%s) loaded; profile %s: %d threads, %d slots, context %d",
+        model.id,
+        model.llama.description,
+        settings.profile,
+        settings.threads,
+        settings.slots,
+        settings.n_ctx,
+    )
+    return NodeState(config=cfg, settings=settings, home=home, identity=identity, model=model, engine=engine)
+
+
+def _hypercorn_config(cfg: NodeConfig) -> HypercornConfig:
+    hc = HypercornConfig()
+    host = f"[{cfg.api.host}]" if ":" in cfg.api.host else cfg.api.host
+    hc.bind = [f"{host}:{cfg.api.port}"]
+    hc.graceful_timeout = 2.0
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("mirador.http")
+    return hc
+
+
+async def serve_node(state: NodeState, lock: RunLock) -> None:
+    """Run the node until SIGINT/SIGTERM, then shut down gracefully."""
+    cfg = state.config
+    hc = _hypercorn_config(cfg)
+    bind_error: OSError | None = None
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(state.engine.run)
+            stop_http = trio.Event()
+
+            async def http(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                try:
+                    app: Any = create_app(state)
+                    await serve(app, hc, shutdown_trigger=stop_http.wait, task_status=task_status)
+                finally:
+                    nursery.cancel_scope.cancel()
+
+            try:
+                await nursery.start(http)
+            except (OSError, BaseExceptionGroup) as exc:
+                bind_error = _os_error(exc)
+                if bind_error is None:
+                    raise
+                nursery.cancel_scope.cancel()
+            else:
+                lock.write_pid_file(cfg.api.host, cfg.api.port)
+                log.info("serving the OpenAI-compatible API on http://%s", hc.bind[0])
+                async for signum in signals:
+                    log.info("received %s: shutting down", signal.Signals(signum).name)
+                    break
+                state.shutting_down = True
+                nursery.start_soon(_second_signal, signals, nursery.cancel_scope)
+                await state.engine.drain(cfg.api.shutdown_grace_s)
+                await trio.sleep(0.05)  # let the final SSE events reach their clients
+                stop_http.set()
+    if bind_error is not None:
+        raise StartupError(
+            f"cannot listen on {hc.bind[0]}: {bind_error.strerror or bind_error}; "
+            "choose another api.port (or set MIRADOR_API_PORT)",
+            EXIT_FAILED,
+        )
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError inside `exc` (hypercorn wraps bind errors in exception groups), if any."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _os_error(inner)) is not None:
+                return found
+    return None
+
+
+async def _second_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for _ in signals:
+        log.warning("second signal: stopping now")
+        scope.cancel()
+        return
+
+
+def run_daemon(home: NodeHome, options: StartOptions) -> int:
+    """Start the node in the foreground; returns the process exit code."""
+    try:
+        cfg = prepare_home(home)
+        setup_logging(cfg.node.log_level)
+        lock = RunLock(home)
+        try:
+            lock.acquire()
+        except AlreadyRunningError as exc:
+            raise StartupError(str(exc), EXIT_FAILED) from None
+        try:
+            state = build_state(home, cfg, options)
+            try:
+                trio.run(serve_node, state, lock)
+            finally:
+                state.model.close()
+        finally:
+            lock.release()
+    except StartupError as exc:
+        print(f"mirador: {exc}", file=sys.stderr)
+        return exc.exit_code
+    log.info("stopped")
+    return EXIT_OK

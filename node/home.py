@@ -1,0 +1,65 @@
+"""The node home folder (`MIRADOR_HOME`, default `~/.mirador`): where every piece of node state lives."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+HOME_ENV = "MIRADOR_HOME"
+
+
+@dataclass(frozen=True)
+class NodeHome:
+    """Paths inside one node home; `ensure()` creates the folders on first start."""
+
+    root: Path
+
+    @classmethod
+    def from_env(cls, override: str | os.PathLike[str] | None = None) -> "NodeHome":
+        """The home named by `override`, else `$MIRADOR_HOME`, else `~/.mirador`."""
+        raw = override or os.environ.get(HOME_ENV) or Path.home() / ".mirador"
+        return cls(Path(raw).expanduser().resolve())
+
+    @property
+    def identity_key(self) -> Path:
+        """Ed25519 private key, PEM, mode 0600."""
+        return self.root / "identity.key"
+
+    @property
+    def config_file(self) -> Path:
+        """The node's `node.toml`."""
+        return self.root / "node.toml"
+
+    @property
+    def run_dir(self) -> Path:
+        """Pid file, lock file and daemon log."""
+        return self.root / "run"
+
+    @property
+    def pid_file(self) -> Path:
+        """Pid and API address of the running daemon (informational; the lock is authoritative)."""
+        return self.run_dir / "daemon.pid"
+
+    @property
+    def lock_file(self) -> Path:
+        """Held (flock) by the running daemon; released by the kernel even on SIGKILL."""
+        return self.run_dir / "daemon.lock"
+
+    @property
+    def log_file(self) -> Path:
+        """Where a detached daemon writes its log."""
+        return self.run_dir / "daemon.log"
+
+    @property
+    def models_dir(self) -> Path:
+        """Model files (GGUF) installed into this node."""
+        return self.root / "models"
+
+    @property
+    def adapters_dir(self) -> Path:
+        """LoRA adapters (GGUF + safetensors)."""
+        return self.root / "adapters"
+
+    def ensure(self) -> None:
+        """Create the home and its folders (mode 0700) if they are missing."""
+        for folder in (self.root, self.run_dir, self.models_dir, self.adapters_dir):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -1,0 +1,63 @@
+"""What a running node holds, shared by the daemon, the HTTP API and (later) the P2P layer."""
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from crypto.identity import Identity
+from node import __version__
+from node.config import NodeConfig
+from node.engine import InferenceEngine
+from node.home import NodeHome
+from node.models import BaseModel
+from node.profiles import InferenceSettings
+
+
+@dataclass
+class NodeState:
+    """The running node's parts."""
+
+    config: NodeConfig
+    settings: InferenceSettings
+    home: NodeHome
+    identity: Identity
+    model: BaseModel
+    engine: InferenceEngine
+    started_at: float = field(default_factory=time.time)
+    shutting_down: bool = False
+
+    def status(self) -> dict[str, Any]:
+        """The node's status as a JSON-ready dict (served at /v1/node/status, shown by `mirador node status`)."""
+        engine = self.engine
+        return {
+            "node": {
+                "version": __version__,
+                "pid": os.getpid(),
+                "uptime_s": round(time.time() - self.started_at, 1),
+                "home": str(self.home.root),
+                "identity": self.identity.fingerprint,
+                "shutting_down": self.shutting_down,
+            },
+            "profile": {
+                "name": self.settings.profile,
+                "threads": self.settings.threads,
+                "n_ctx": self.settings.n_ctx,
+                "max_tokens": self.settings.max_tokens,
+                "batch_size": self.settings.batch_size,
+                "slots": self.settings.slots,
+                "adapter_cache_mb": self.settings.adapter_cache_mb,
+            },
+            "model": self.model.describe(),
+            "engine": {
+                "slots": len(engine.slots),
+                "active": engine.active,
+                "waiting": engine.waiting,
+                "completed": engine.completed,
+            },
+            "api": {
+                "host": self.config.api.host,
+                "port": self.config.api.port,
+                "auth": bool(self.config.api.token),
+            },
+        }
