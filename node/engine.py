@@ -1,13 +1,19 @@
-"""The inference engine: a pool of llama.cpp slots served from one trio loop.
+"""The inference engine: continuous batching over one llama.cpp context, served from the trio loop.
 
-Each generation runs in a worker thread (its own CapacityLimiter, so HTTP and libp2p threads are never starved)
-and hands text to the loop with `run_sync_soon`, which does not block the worker. Requests beyond the number of
-slots wait in a fair FIFO queue; one that waits longer than the queue timeout is refused with `EngineBusy`.
+One long-lived thread (the batch worker) owns the llama.cpp context and runs every `llama_decode`. Each running
+request holds one of `slots` sequences (its own KV cache); each step decodes the next token of every generating
+sequence, plus prompt chunks of newly admitted ones, in one batch. Why one thread: llama.cpp's OpenMP build keeps
+a thread team per calling thread, and more teams than cores throttle all of them (measured in
+docs/BENCHMARKS.md). Text goes to the loop with `TrioToken.run_sync_soon`, which never blocks the worker.
+
+Requests beyond `slots` wait in a fair FIFO queue; one that waits longer than the queue timeout gets `EngineBusy`.
 """
 
+import contextlib
 import itertools
 import logging
 import math
+import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -16,11 +22,22 @@ from typing import Any
 
 import trio
 
-from node.llama_backend import ContextOverflowError, GenerationStats, LlamaModel, LlamaSlot, SamplingParams
+from node.llama_backend import (
+    BatchContext,
+    ContextOverflowError,
+    DecodeError,
+    GenerationStats,
+    LlamaModel,
+    SamplingParams,
+    common_prefix_len,
+    free_sampler,
+    make_sampler,
+)
 from node.profiles import InferenceSettings
 from node.textstream import StopMatcher, Utf8Stream
 
 log = logging.getLogger(__name__)
+STREAM_INTERVAL_S = 0.02  # at most 50 wakes of the loop per second per stream
 
 
 class EngineBusy(Exception):
@@ -72,29 +89,33 @@ class Job:
 
 
 class InferenceEngine:
-    """Owns the model and its slots; `run()` hosts the jobs' tasks inside the daemon's nursery."""
+    """Owns the model's batch context; `run()` hosts the batch worker for the daemon's lifetime."""
 
     def __init__(self, model: LlamaModel, settings: InferenceSettings) -> None:
         self.model = model
         self.settings = settings
-        self.slots = [
-            LlamaSlot(model, settings.n_ctx, settings.batch_size, settings.threads) for _ in range(settings.slots)
-        ]
-        self._free = list(self.slots)
-        self._sem = trio.Semaphore(len(self.slots))
-        self._limiter = trio.CapacityLimiter(len(self.slots))
+        self.context = BatchContext(model, settings.n_ctx, settings.slots, settings.batch_size, settings.threads)
+        self._seqs = [_Sequence(i) for i in range(settings.slots)]
+        self._free_seqs = list(reversed(self._seqs))
+        self._sem = trio.Semaphore(settings.slots)
         self._ids = itertools.count(1)
-        self._nursery: trio.Nursery | None = None
-        self._jobs: dict[int, Job] = {}
+        self._worker: _BatchWorker | None = None
+        self._jobs: dict[int, tuple[Job, _Sequence, trio.MemorySendChannel[str]]] = {}
         self._closing = False
         self._avg_job_s = 2.0
+        self.stream_interval_s = STREAM_INTERVAL_S
         self.waiting = 0
         self.completed = 0
 
     @property
     def n_ctx(self) -> int:
-        """Context length of every slot."""
-        return self.slots[0].n_ctx
+        """Context length of each sequence (prompt plus completion)."""
+        return self.context.n_ctx_seq
+
+    @property
+    def slots(self) -> int:
+        """How many generations can run at once."""
+        return len(self._seqs)
 
     @property
     def active(self) -> int:
@@ -102,25 +123,28 @@ class InferenceEngine:
         return len(self._jobs)
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Host job tasks until cancelled; then free the slots."""
+        """Start the batch worker, serve until cancelled, then stop the worker and free the context."""
+        self._worker = _BatchWorker(self.context, trio.lowlevel.current_trio_token(), self._finished)
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
-                await trio.sleep_forever()
+            task_status.started()
+            await trio.sleep_forever()
         finally:
-            self._nursery = None
-            for slot in self.slots:
-                slot.close()
+            self._closing = True
+            worker, self._worker = self._worker, None
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(worker.stop)
+            self.context.close()
 
     async def submit(self, request: GenerationRequest, queue_timeout_s: float) -> Job:
         """Wait (FIFO) for a free slot, start the generation, and return its job."""
-        if self._closing or self._nursery is None:
+        if self._closing or self._worker is None:
             raise EngineShuttingDown("the node is shutting down")
         if len(request.prompt_tokens) >= self.n_ctx:
             raise ContextOverflowError(
                 f"the prompt has {len(request.prompt_tokens)} tokens but the context holds {self.n_ctx}"
             )
+        if not request.prompt_tokens:
+            raise ValueError("empty prompt")
         started = time.monotonic()
         self.waiting += 1
         acquired = False
@@ -132,55 +156,28 @@ class InferenceEngine:
             self.waiting -= 1
         if not acquired:
             raise EngineBusy(time.monotonic() - started, max(1, math.ceil(self._avg_job_s)))
-        if self._closing:
+        if self._closing or self._worker is None:
             self._sem.release()
             raise EngineShuttingDown("the node is shutting down")
-        slot = self._free.pop()
+        seq = self._free_seqs.pop()
         send, receive = trio.open_memory_channel[str](math.inf)
         job = Job(id=next(self._ids), request=request, receive=receive)
-        self._jobs[job.id] = job
-        self._nursery.start_soon(self._run_job, job, slot, send)
+        self._jobs[job.id] = (job, seq, send)
+        self._worker.submit(job, seq, _Outbox(send, job, self.stream_interval_s), time.monotonic())
         return job
 
-    async def _run_job(self, job: Job, slot: LlamaSlot, send: trio.MemorySendChannel[str]) -> None:
-        t0 = time.monotonic()
-        try:
-            async with send:
-                deliver = self._deliverer(send, job)
-                try:
-                    job.stats = await trio.to_thread.run_sync(
-                        _generate,
-                        slot,
-                        job,
-                        deliver,
-                        limiter=self._limiter,
-                        abandon_on_cancel=False,  # type: ignore[call-arg]
-                    )
-                except Exception as exc:  # a llama.cpp failure ends this job, never the daemon
-                    log.exception("generation %d failed", job.id)
-                    job.error = f"generation failed: {exc}"
-        finally:
-            self._free.append(slot)
-            self._sem.release()
-            del self._jobs[job.id]
-            self.completed += 1
-            self._avg_job_s = 0.8 * self._avg_job_s + 0.2 * (time.monotonic() - t0)
-            job.done.set()
-
-    @staticmethod
-    def _deliverer(send: trio.MemorySendChannel[str], job: Job) -> Callable[[str], None]:
-        token = trio.lowlevel.current_trio_token()
-
-        def put(text: str) -> None:
-            try:
-                send.send_nowait(text)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                job.cancel()  # nobody reads any more (client went away)
-
-        def deliver(text: str) -> None:
-            token.run_sync_soon(put, text)
-
-        return deliver
+    def _finished(self, job: Job, stats: GenerationStats | None, error: str | None, began: float) -> None:
+        """Called on the loop (via run_sync_soon) after the worker's last delivery for `job`."""
+        _, seq, send = self._jobs.pop(job.id)
+        if stats is not None:
+            job.stats = stats
+        job.error = error
+        send.close()
+        self._free_seqs.append(seq)
+        self._sem.release()
+        self.completed += 1
+        self._avg_job_s = 0.8 * self._avg_job_s + 0.2 * (time.monotonic() - began)
+        job.done.set()
 
     def begin_shutdown(self) -> None:
         """Refuse new generations from now on."""
@@ -191,49 +188,230 @@ class InferenceEngine:
         self.begin_shutdown()
         with trio.move_on_after(grace_s):
             while self._jobs:
-                await next(iter(self._jobs.values())).done.wait()
-        for job in list(self._jobs.values()):
+                await next(iter(self._jobs.values()))[0].done.wait()
+        for job, _, _ in list(self._jobs.values()):
             job.cut_by_shutdown = True
             job.cancel()
         while self._jobs:
-            await next(iter(self._jobs.values())).done.wait()
+            await next(iter(self._jobs.values()))[0].done.wait()
 
 
-def _generate(slot: LlamaSlot, job: Job, deliver: Callable[[str], None]) -> GenerationStats:
-    """Worker-thread body: evaluate the prompt, sample, decode text, apply stop strings, deliver text."""
-    req = job.request
-    stats = GenerationStats(prompt_tokens=len(req.prompt_tokens))
-    t0 = time.perf_counter()
-    stats.reused_tokens = slot.load_prompt(req.prompt_tokens)
-    t1 = time.perf_counter()
-    stats.prompt_s = t1 - t0
-    piece = slot.model.piece
-    utf8 = Utf8Stream()
-    matcher = StopMatcher(req.stop) if req.stop else None
-    collected: list[str] = []
-    emit: Callable[[str], object] = deliver if req.stream else collected.append
-    hit_stop = False
+class _Outbox:
+    """Hands a job's text from the worker thread to the loop, waking the loop at most every `interval_s`.
 
-    def on_token(tok: int) -> bool:
-        nonlocal hit_stop
-        text = utf8.push(piece(tok))
-        if matcher is not None:
-            text, hit_stop = matcher.push(text)
+    Each wake of the trio loop costs GIL hand-offs while llama.cpp's threads hold both cores; coalescing text
+    into one wake per `interval_s` (the first token always goes at once) kept generation through the engine
+    within a few percent of a bare llama.cpp loop (docs/BENCHMARKS.md). `flush()` sends whatever is left.
+    """
+
+    def __init__(self, send: trio.MemorySendChannel[str], job: Job, interval_s: float) -> None:
+        self.send, self.job, self.interval_s = send, job, interval_s
+        self.token = trio.lowlevel.current_trio_token()
+        self.lock = threading.Lock()
+        self.pending: list[str] = []
+        self.scheduled = False
+        self.last_wake = 0.0
+
+    def deliver(self, text: str) -> None:
+        """Queue text (worker thread); wake the loop if the interval has passed."""
+        now = time.monotonic()
+        with self.lock:
+            self.pending.append(text)
+            if self.scheduled or now - self.last_wake < self.interval_s:
+                return
+            self.scheduled = True
+            self.last_wake = now
+        self.token.run_sync_soon(self._put)
+
+    def flush(self) -> None:
+        """Send what is pending now (worker thread), before the job is reported finished."""
+        with self.lock:
+            if self.scheduled or not self.pending:
+                return
+            self.scheduled = True
+        self.token.run_sync_soon(self._put)
+
+    def _put(self) -> None:
+        with self.lock:
+            text = "".join(self.pending)
+            self.pending.clear()
+            self.scheduled = False
+        try:
+            self.send.send_nowait(text)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.job.cancel()  # nobody reads any more (client went away)
+
+
+@dataclass
+class _Sequence:
+    """One KV-cache sequence of the batch context and the tokens it holds."""
+
+    id: int
+    cached: list[int] = field(default_factory=list)
+
+
+class _Running:
+    """Worker-side state of one generation."""
+
+    def __init__(self, job: Job, seq: _Sequence, outbox: _Outbox, began: float, n_ctx: int, n_vocab: int) -> None:
+        req = job.request
+        self.job, self.seq, self.began = job, seq, began
+        self.prompt = req.prompt_tokens
+        self.sampler = make_sampler(req.sampling, n_vocab)
+        self.limit = min(req.max_tokens, n_ctx - len(self.prompt))
+        self.utf8 = Utf8Stream()
+        self.matcher = StopMatcher(req.stop) if req.stop else None
+        self.collected: list[str] = []
+        self.outbox = outbox
+        self.emit: Callable[[str], object] = outbox.deliver if req.stream else self.collected.append
+        self.ignore_eos = req.ignore_eos
+        self.stats = GenerationStats(prompt_tokens=len(self.prompt))
+        self.t_admit = time.perf_counter()
+        self.t_first = 0.0
+        self.last: int | None = None  # sampled, not yet decoded
+        # prefix reuse: keep the cached tokens shared with this prompt (at least one prompt token is decoded)
+        keep = min(common_prefix_len(seq.cached, self.prompt), len(self.prompt) - 1)
+        self.stats.reused_tokens = keep
+        self.pos = keep  # prompt tokens already in the KV cache
+
+    def text(self, token: int, piece: Callable[[int], bytes]) -> bool:
+        """Turn a sampled token into text and emit it; False once a stop string appears."""
+        text = self.utf8.push(piece(token))
+        hit = False
+        if self.matcher is not None:
+            text, hit = self.matcher.push(text)
         if text:
-            emit(text)
-        return not hit_stop
+            self.emit(text)
+        if hit:  # the generation ends here; nothing after the stop string may be emitted by finish()
+            self.matcher = None
+            self.utf8 = Utf8Stream()
+        return not hit
 
-    n, finish = slot.generate(req.sampling, req.max_tokens, on_token, job.stop_event, req.ignore_eos)
-    if not hit_stop:
-        tail = utf8.flush()
-        if matcher is not None:
-            text, _ = matcher.push(tail)
-            tail = text + matcher.flush()
+    def finish(self, reason: str) -> GenerationStats:
+        """Flush held-back text, deliver a non-streamed answer, and complete the stats."""
+        tail = self.utf8.flush()
+        if self.matcher is not None:
+            text, _ = self.matcher.push(tail)
+            tail = text + self.matcher.flush()
         if tail:
-            emit(tail)
-    if collected:
-        deliver("".join(collected))
-    stats.completion_tokens = n
-    stats.finish_reason = finish
-    stats.generate_s = time.perf_counter() - t1
-    return stats
+            self.emit(tail)
+        if self.collected:
+            self.outbox.deliver("".join(self.collected))
+        self.outbox.flush()
+        now = time.perf_counter()
+        self.stats.finish_reason = reason
+        self.stats.prompt_s = (self.t_first or now) - self.t_admit
+        self.stats.generate_s = now - (self.t_first or now)
+        return self.stats
+
+
+_STOP = object()
+
+
+class _BatchWorker:
+    """The thread that owns the llama.cpp context and steps every running sequence together."""
+
+    def __init__(
+        self,
+        context: BatchContext,
+        token: trio.lowlevel.TrioToken,
+        finished: Callable[[Job, GenerationStats | None, str | None, float], None],
+    ) -> None:
+        self.ctx = context
+        self.token = token
+        self.finished = finished
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name="mirador-batch", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job, seq: _Sequence, outbox: _Outbox, began: float) -> None:
+        """Hand a new generation to the worker (thread-safe)."""
+        self.inbox.put((job, seq, outbox, began))
+
+    def stop(self) -> None:
+        """Stop the worker after its current step (running jobs end as cut) and wait for it."""
+        self.inbox.put(_STOP)
+        self.thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        active: list[_Running] = []
+        model = self.ctx.model
+        while True:
+            try:
+                item = self.inbox.get(block=not active)
+                while True:
+                    if item is _STOP:
+                        for r in active:
+                            r.job.cut_by_shutdown = True
+                            self._done(r, r.finish("stop"))
+                        return
+                    job, seq, outbox, began = item
+                    active.append(_Running(job, seq, outbox, began, self.ctx.n_ctx_seq, model.n_vocab))
+                    self.ctx.forget(seq.id, active[-1].pos)
+                    del seq.cached[active[-1].pos :]
+                    item = self.inbox.get_nowait()
+            except queue.Empty:
+                pass
+            active = self._step(active, model.piece, model.is_eog)
+
+    def _step(
+        self, active: list[_Running], piece: Callable[[int], bytes], is_eog: Callable[[int], bool]
+    ) -> list[_Running]:
+        """Decode one batch: next tokens of generating sequences first, then prompt chunks; sample; emit."""
+        ctx = self.ctx
+        outputs: list[tuple[_Running, int]] = []
+        still: list[_Running] = []
+        for r in active:
+            if r.job.stop_event.is_set():
+                self._done(r, r.finish("stop"))
+            elif r.last is not None:
+                outputs.append((r, ctx.add(r.last, len(r.seq.cached), r.seq.id, True)))
+                r.seq.cached.append(r.last)
+                still.append(r)
+            else:
+                still.append(r)
+        for r in still:
+            if r.last is None and r.pos < len(r.prompt) and ctx.room:
+                take = min(len(r.prompt) - r.pos, ctx.room)
+                for i in range(r.pos, r.pos + take):
+                    index = ctx.add(r.prompt[i], i, r.seq.id, i == len(r.prompt) - 1)
+                r.seq.cached.extend(r.prompt[r.pos : r.pos + take])
+                r.pos += take
+                if r.pos == len(r.prompt):
+                    outputs.append((r, index))
+        if not ctx.n_tokens:
+            return still
+        try:
+            ctx.decode()
+        except DecodeError as exc:
+            log.error("%s; failing %d generations", exc, len(still))
+            for r in still:
+                ctx.forget(r.seq.id)
+                r.seq.cached.clear()
+                self._done(r, None, str(exc))
+            return []
+        ended: set[int] = set()
+        for r, index in outputs:
+            tok = ctx.sample(r.sampler, index)
+            if r.stats.completion_tokens == 0:
+                r.t_first = time.perf_counter()
+            reason = None
+            if not r.ignore_eos and is_eog(tok):
+                reason = "stop"
+            else:
+                r.stats.completion_tokens += 1
+                if not r.text(tok, piece):
+                    reason = "stop"
+                elif r.stats.completion_tokens >= r.limit:
+                    reason = "length"
+            if reason is None:
+                r.last = tok
+            else:
+                ended.add(id(r))
+                self._done(r, r.finish(reason))
+        return [r for r in still if id(r) not in ended]
+
+    def _done(self, r: _Running, stats: GenerationStats | None, error: str | None = None) -> None:
+        free_sampler(r.sampler)
+        with contextlib.suppress(trio.RunFinishedError):  # loop gone (abrupt exit): nobody waits any more
+            self.token.run_sync_soon(self.finished, r.job, stats, error, r.began)

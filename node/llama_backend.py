@@ -8,7 +8,6 @@ The per-token loop stays in C as much as possible: sampling runs in llama.cpp's 
 import ctypes
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,105 +161,76 @@ class GenerationStats:
     generate_s: float = 0.0
 
 
-class LlamaSlot:
-    """One llama.cpp context over a shared model: its own KV cache, used by one generation at a time."""
+class DecodeError(RuntimeError):
+    """llama_decode failed; the sequences in that batch are reset."""
 
-    def __init__(self, model: LlamaModel, n_ctx: int, n_batch: int, n_threads: int) -> None:
+
+class BatchContext:
+    """One llama.cpp context holding `n_seq` independent sequences (each its own KV cache), decoded together.
+
+    Tokens of several sequences go into one `llama_decode` call (continuous batching): for a small model,
+    decoding two sequences' next tokens costs little more than one.
+    """
+
+    def __init__(self, model: LlamaModel, n_ctx_seq: int, n_seq: int, n_batch: int, n_threads: int) -> None:
         cp = ll.llama_context_default_params()
-        cp.n_ctx = n_ctx
+        cp.n_ctx = n_ctx_seq * n_seq
+        cp.n_seq_max = n_seq
+        cp.kv_unified = False
         cp.n_batch = n_batch
         cp.n_ubatch = n_batch
-        cp.n_seq_max = 1
         cp.n_threads = n_threads
         cp.n_threads_batch = n_threads
         cp.no_perf = True
         ctx = ll.llama_init_from_model(model.ptr, cp)
         if not ctx:
-            raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens")
+            raise ModelLoadError(f"llama.cpp could not create a context of {n_seq} x {n_ctx_seq} tokens")
         self.model = model
         self.ctx = ctx
-        self.n_ctx: int = ll.llama_n_ctx(ctx)
+        self.n_seq = n_seq
+        self.n_ctx_seq: int = ll.llama_n_ctx_seq(ctx)
         self.n_batch = n_batch
         self.mem = ll.llama_get_memory(ctx)
-        self.cached: list[int] = []  # tokens whose keys/values the KV cache holds, in order
-        self._one = (ll.llama_token * 1)()
+        self.batch = ll.llama_batch_init(n_batch, 0, 1)
+        self.n_tokens = 0
 
-    def _decode(self, tokens: list[int]) -> None:
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start : start + self.n_batch]
-            arr = (ll.llama_token * len(chunk))(*chunk)
-            rc = ll.llama_decode(self.ctx, ll.llama_batch_get_one(arr, len(chunk)))
-            if rc != 0:
-                self.reset()
-                raise RuntimeError(f"llama_decode failed with code {rc}")
+    @property
+    def room(self) -> int:
+        """Tokens that still fit in the batch being built."""
+        return self.n_batch - self.n_tokens
 
-    def reset(self) -> None:
-        """Forget the KV cache (e.g. after an adapter swap)."""
-        ll.llama_memory_clear(self.mem, True)
-        self.cached = []
+    def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
+        """Append one token of sequence `seq` at position `pos`; returns its index in the batch."""
+        b, i = self.batch, self.n_tokens
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = logits
+        self.n_tokens = i + 1
+        return i
 
-    def load_prompt(self, prompt: list[int]) -> int:
-        """Evaluate `prompt`, reusing the cached prefix; returns how many tokens were reused."""
-        if not prompt:
-            raise ValueError("empty prompt")
-        if len(prompt) >= self.n_ctx:
-            raise ContextOverflowError(f"prompt has {len(prompt)} tokens; the context holds {self.n_ctx}")
-        keep = min(common_prefix_len(self.cached, prompt), len(prompt) - 1)
-        if keep < len(self.cached) and not ll.llama_memory_seq_rm(self.mem, 0, keep, -1):
-            ll.llama_memory_clear(self.mem, True)
-            keep = 0
-        self.cached = prompt[:keep]
-        try:
-            self._decode(prompt[keep:])
-        except RuntimeError:
-            self.cached = []
-            raise
-        self.cached = list(prompt)
-        return keep
+    def decode(self) -> None:
+        """Evaluate the batch built so far and start a new one."""
+        self.batch.n_tokens = self.n_tokens
+        self.n_tokens = 0
+        rc = ll.llama_decode(self.ctx, self.batch)
+        if rc != 0:
+            raise DecodeError(f"llama_decode failed with code {rc}")
 
-    def generate(
-        self,
-        sampling: SamplingParams,
-        max_tokens: int,
-        on_token: Callable[[int], bool],
-        stop: threading.Event,
-        ignore_eos: bool = False,
-    ) -> tuple[int, str]:
-        """Sample up to `max_tokens` after a loaded prompt; `on_token` returns False to stop.
+    def sample(self, sampler: "ll.llama_sampler_p", index: int) -> int:
+        """Sample the token after batch position `index` (accepting it into the sampler's state)."""
+        return int(ll.llama_sampler_sample(sampler, self.ctx, index))
 
-        Returns (tokens generated, finish reason: 'stop' for end-of-generation or a stop request, 'length').
-        """
-        smpl = make_sampler(sampling, self.model.n_vocab)
-        ctx, one, cached = self.ctx, self._one, self.cached
-        is_eog = (lambda _tok: False) if ignore_eos else self.model.is_eog
-        room = self.n_ctx - len(cached)
-        limit = min(max_tokens, room)
-        n = 0
-        finish = "length"
-        try:
-            while n < limit:
-                tok = ll.llama_sampler_sample(smpl, ctx, -1)
-                if is_eog(tok):
-                    finish = "stop"
-                    break
-                n += 1
-                if not on_token(tok) or stop.is_set():
-                    finish = "stop"
-                    break
-                if n == limit:
-                    break
-                one[0] = tok
-                if ll.llama_decode(ctx, ll.llama_batch_get_one(one, 1)) != 0:
-                    self.reset()
-                    raise RuntimeError("llama_decode failed during generation")
-                cached.append(tok)
-        finally:
-            ll.llama_sampler_free(smpl)
-        return n, finish
+    def forget(self, seq: int, from_pos: int = 0) -> None:
+        """Drop sequence `seq`'s cached positions from `from_pos` on (all of them by default)."""
+        if not ll.llama_memory_seq_rm(self.mem, seq, from_pos, -1):
+            ll.llama_memory_seq_rm(self.mem, seq, 0, -1)
 
     def close(self) -> None:
-        """Free the context."""
+        """Free the batch and the context."""
         if self.ctx:
+            ll.llama_batch_free(self.batch)
             ll.llama_free(self.ctx)
             self.ctx = None
 
@@ -287,3 +257,8 @@ def make_sampler(p: SamplingParams, n_vocab: int) -> "ll.llama_sampler_p":
     seed = p.seed if p.seed is not None else ll.LLAMA_DEFAULT_SEED
     add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
     return chain
+
+
+def free_sampler(sampler: "ll.llama_sampler_p") -> None:
+    """Free a sampler chain made by `make_sampler`."""
+    ll.llama_sampler_free(sampler)

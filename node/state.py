@@ -50,7 +50,7 @@ class NodeState:
             },
             "model": self.model.describe(),
             "engine": {
-                "slots": len(engine.slots),
+                "slots": engine.slots,
                 "active": engine.active,
                 "waiting": engine.waiting,
                 "completed": engine.completed,
