@@ -281,22 +281,31 @@ async def _collect(job: Job) -> str:
     return "".join(parts)
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(request: Request) -> Any:
-    """OpenAI chat completions, streamed (SSE) or not."""
+async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) -> tuple[Any, Job, dict[str, Any]]:
+    """Shared front of both generation routes: auth, schema, model, tokens, slot; returns (request, job, head)."""
     _check_auth(request)
     node = _node(request)
-    req: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
+    req = await _parse(request, schema)
     _check_model(node, req.model)
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    tokens = await trio.to_thread.run_sync(node.model.chat_tokens, messages, limiter=_tokenize_limiter)
+    if isinstance(req, ChatCompletionRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        tokens = await trio.to_thread.run_sync(node.model.chat_tokens, messages, limiter=_tokenize_limiter)
+    else:
+        tokens = await trio.to_thread.run_sync(node.model.completion_tokens, req.text(), limiter=_tokenize_limiter)
     job = await _start(node, tokens, req, req.limit())
     head = {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-        "object": "chat.completion.chunk",
+        "id": f"{id_prefix}-{uuid.uuid4().hex[:24]}",
+        "object": obj,
         "created": int(time.time()),
         "model": req.model,
     }
+    return req, job, head
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Any:
+    """OpenAI chat completions, streamed (SSE) or not."""
+    req, job, head = await _admit(request, ChatCompletionRequest, "chatcmpl", "chat.completion.chunk")
     if req.stream:
         return _stream(
             job,
@@ -306,35 +315,19 @@ async def chat_completions(request: Request) -> Any:
             req.include_usage(),
         )
     text = await _collect(job)
-    return head | {
-        "object": "chat.completion",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": job.stats.finish_reason,
-                "logprobs": None,
-            }
-        ],
-        "usage": _usage(job),
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "finish_reason": job.stats.finish_reason,
+        "logprobs": None,
     }
+    return head | {"object": "chat.completion", "choices": [choice], "usage": _usage(job)}
 
 
 @router.post("/v1/completions")
 async def completions(request: Request) -> Any:
     """OpenAI (legacy) text completions, streamed (SSE) or not."""
-    _check_auth(request)
-    node = _node(request)
-    req: CompletionRequest = await _parse(request, CompletionRequest)
-    _check_model(node, req.model)
-    tokens = await trio.to_thread.run_sync(node.model.completion_tokens, req.text(), limiter=_tokenize_limiter)
-    job = await _start(node, tokens, req, req.limit())
-    head = {
-        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": req.model,
-    }
+    req, job, head = await _admit(request, CompletionRequest, "cmpl", "text_completion")
     if req.stream:
         return _stream(
             job,
@@ -344,10 +337,8 @@ async def completions(request: Request) -> Any:
             req.include_usage(),
         )
     text = await _collect(job)
-    return head | {
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": job.stats.finish_reason}],
-        "usage": _usage(job),
-    }
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": job.stats.finish_reason}
+    return head | {"choices": [choice], "usage": _usage(job)}
 
 
 def create_app(node: NodeState) -> ASGIApp:

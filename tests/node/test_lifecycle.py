@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from node.models import embedded_model_path
 from tests.daemon_harness import decode_events, free_port, node_env, spawn_daemon, sse_events, start_daemon
 
 STREAM_BODY = {"model": "base", "prompt": "Once upon a time", "max_tokens": 500, "ignore_eos": True, "stream": True}
@@ -46,13 +48,14 @@ def test_sigterm_cuts_a_running_stream_cleanly_and_exits_0(tmp_path: Path) -> No
     assert not (tmp_path / "home" / "run" / "daemon.pid").exists()
 
 
-def test_sigterm_lets_a_short_stream_finish(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_lets_a_short_stream_finish(tmp_path: Path, sig: int) -> None:
     d = start_daemon(tmp_path / "home", {"MIRADOR_API_SHUTDOWN_GRACE_S": "8"})
     body = STREAM_BODY | {"max_tokens": 40}
     with httpx.stream("POST", f"{d.url}/v1/completions", json=body, timeout=60) as resp:
         lines = resp.iter_lines()
         first = [next(lines), next(lines)]
-        d.proc.send_signal(signal.SIGTERM)
+        d.proc.send_signal(sig)
         events = decode_events(sse_events(iter([*first, *lines])))
     assert d.proc.wait(timeout=10) == 0
     assert events[-1]["choices"][0]["finish_reason"] == "length"
@@ -138,6 +141,12 @@ def test_detach_status_stop_with_a_profile(tmp_path: Path) -> None:
         assert as_json["profile"]["slots"] == 1 and as_json["profile"]["n_ctx"] == 1024
         answer = mirador(home, port, "chat", "Say hello", "--max-tokens", "8")
         assert answer.returncode == 0 and answer.stdout.strip()
+        session = subprocess.run([sys.executable, "-m", "node.cli", "chat", "--max-tokens", "6"],
+                                 env=node_env(home, port), input="Hello\nAnd again\n/exit\n", text=True,
+                                 capture_output=True, timeout=90)
+        assert session.returncode == 0, session.stderr
+        replies = [line for line in session.stdout.split("you> ") if line.startswith("node> ")]
+        assert len(replies) == 2 and all(len(r.strip()) > len("node>") for r in replies)
     finally:
         stopped = mirador(home, port, "node", "stop")
     assert stopped.returncode == 0, stopped.stderr
@@ -166,3 +175,28 @@ def test_port_in_use_is_reported(tmp_path: Path) -> None:
         assert "cannot listen on" in clash.log() and "api.port" in clash.log()
     finally:
         first.stop()
+
+
+def test_model_path_points_the_node_at_another_gguf(tmp_path: Path) -> None:
+    # Arrange: another GGUF file (a copy of the embedded one under another name)
+    other = tmp_path / "My-Model.Q4_1.gguf"
+    shutil.copyfile(embedded_model_path(), other)
+    # Act
+    d = start_daemon(tmp_path / "home", {"MIRADOR_MODEL_PATH": str(other)})
+    try:
+        models = httpx.get(f"{d.url}/v1/models").json()["data"]
+        status = httpx.get(f"{d.url}/v1/node/status").json()["model"]
+        # Assert
+        assert [m["id"] for m in models] == ["my-model.q4_1"]
+        assert status["path"] == str(other)
+        assert d.chat(model="my-model.q4_1").status_code == 200
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_file_that_is_not_gguf_is_refused_at_start(tmp_path: Path) -> None:
+    bogus = tmp_path / "model.gguf"
+    bogus.write_bytes(b"GGUF" + b"\0" * 100)
+    d = spawn_daemon(tmp_path / "home", {"MIRADOR_MODEL_PATH": str(bogus)})
+    assert d.proc.wait(timeout=60) == 1
+    assert "cannot load the model" in d.log()
