@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp as ll
+import numpy as np
 from llama_cpp import _logger as ll_logger
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,27 @@ class GenerationStats:
     generate_s: float = 0.0
 
 
+class AdapterLoadError(Exception):
+    """llama.cpp refused a LoRA adapter file."""
+
+
+class LoraAdapter:
+    """A GGUF LoRA adapter loaded against one model; attach it to contexts with `BatchContext.set_adapters`."""
+
+    def __init__(self, model: "LlamaModel", path: Path) -> None:
+        ptr = ll.llama_adapter_lora_init(model.ptr, str(path).encode())
+        if not ptr:
+            raise AdapterLoadError(f"llama.cpp could not load the LoRA adapter {path}")
+        self.path = Path(path)
+        self.ptr = ptr
+
+    def close(self) -> None:
+        """Free the adapter (detach it from every context first)."""
+        if self.ptr:
+            ll.llama_adapter_lora_free(self.ptr)
+            self.ptr = None
+
+
 class DecodeError(RuntimeError):
     """llama_decode failed; the sequences in that batch are reset."""
 
@@ -221,6 +243,23 @@ class BatchContext:
     def sample(self, sampler: "ll.llama_sampler_p", index: int) -> int:
         """Sample the token after batch position `index` (accepting it into the sampler's state)."""
         return int(ll.llama_sampler_sample(sampler, self.ctx, index))
+
+    def set_adapters(self, adapters: list[tuple[LoraAdapter, float]]) -> None:
+        """Attach exactly these adapters with these scales (an empty list detaches all); the KV cache is untouched."""
+        n = len(adapters)
+        if n == 0:
+            rc = ll.llama_set_adapters_lora(self.ctx, None, 0, None)
+        else:
+            ptrs = (ll.llama_adapter_lora_p_ctypes * n)(*[a.ptr for a, _ in adapters])
+            scales = (ctypes.c_float * n)(*[s for _, s in adapters])
+            rc = ll.llama_set_adapters_lora(self.ctx, ptrs, n, scales)
+        if rc != 0:
+            raise AdapterLoadError(f"llama_set_adapters_lora failed with code {rc}")
+
+    def logits(self, index: int) -> "np.ndarray":
+        """A copy of the logits of batch position `index` of the last decode (-1 = the last one)."""
+        ptr = ll.llama_get_logits_ith(self.ctx, index)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
 
     def forget(self, seq: int, from_pos: int = 0) -> None:
         """Drop sequence `seq`'s cached positions from `from_pos` on (all of them by default)."""

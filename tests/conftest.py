@@ -1,4 +1,8 @@
-"""Shared fixtures: one real daemon per module for API tests."""
+"""Shared fixtures: one real daemon per module for API tests, the torch twin of the embedded model."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,3 +17,12 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """A real daemon (balanced profile) on a fresh home, for the tests of one module."""
     home: Path = tmp_path_factory.mktemp("node") / "home"
     yield from running(home)
+
+
+@pytest.fixture(scope="session")
+def torch_base_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded GGUF dequantized once per test session into a torch model folder (~15 s)."""
+    from node.models import embedded_model_path
+    from node.training.base_model import ensure_torch_base
+
+    return ensure_torch_base(tmp_path_factory.mktemp("models"), embedded_model_path())

@@ -141,9 +141,14 @@ def test_detach_status_stop_with_a_profile(tmp_path: Path) -> None:
         assert as_json["profile"]["slots"] == 1 and as_json["profile"]["n_ctx"] == 1024
         answer = mirador(home, port, "chat", "Say hello", "--max-tokens", "8")
         assert answer.returncode == 0 and answer.stdout.strip()
-        session = subprocess.run([sys.executable, "-m", "node.cli", "chat", "--max-tokens", "6"],
-                                 env=node_env(home, port), input="Hello\nAnd again\n/exit\n", text=True,
-                                 capture_output=True, timeout=90)
+        session = subprocess.run(
+            [sys.executable, "-m", "node.cli", "chat", "--max-tokens", "6"],
+            env=node_env(home, port),
+            input="Hello\nAnd again\n/exit\n",
+            text=True,
+            capture_output=True,
+            timeout=90,
+        )
         assert session.returncode == 0, session.stderr
         replies = [line for line in session.stdout.split("you> ") if line.startswith("node> ")]
         assert len(replies) == 2 and all(len(r.strip()) > len("node>") for r in replies)
