@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from node.training.lora_export import GGUF_NAMES
+
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
-_TENSOR = re.compile(r"^blk\.(\d+)\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight\.lora_([ab])$")
+_TENSOR = re.compile(rf"^blk\.(\d+)\.({'|'.join(GGUF_NAMES.values())})\.weight\.lora_([ab])$")
 
 
 class AdapterRejected(ValueError):
