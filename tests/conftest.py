@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from node.llama_backend import LlamaModel
 from tests.daemon_harness import Daemon, running
 
 
@@ -26,3 +27,14 @@ def torch_base_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from node.training.base_model import ensure_torch_base
 
     return ensure_torch_base(tmp_path_factory.mktemp("models"), embedded_model_path())
+
+
+@pytest.fixture(scope="session")
+def llama() -> Iterator[LlamaModel]:
+    """The embedded GGUF loaded once per test session in llama.cpp (shared read-only by in-process tests)."""
+    from node.llama_backend import LlamaModel
+    from node.models import embedded_model_path
+
+    m = LlamaModel(embedded_model_path())
+    yield m
+    m.close()

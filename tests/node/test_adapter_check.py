@@ -1,6 +1,5 @@
 """Bad adapter files are refused with a clear reason before llama.cpp sees them."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +18,6 @@ META_KEYS = [
     "llama.attention.head_count",
     "llama.attention.head_count_kv",
 ]
-
-
-@pytest.fixture(scope="module")
-def llama() -> Iterator[LlamaModel]:
-    m = LlamaModel(embedded_model_path())
-    yield m
-    m.close()
 
 
 @pytest.fixture(scope="module")

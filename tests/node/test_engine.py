@@ -1,23 +1,12 @@
 """The batching engine in-process: batched, reused and fresh decoding give identical greedy text."""
 
-from collections.abc import Iterator
-
-import pytest
 import trio
 
 from node.engine import GenerationRequest, InferenceEngine
 from node.llama_backend import LlamaModel, SamplingParams
-from node.models import embedded_model_path
 from node.profiles import InferenceSettings
 
 PROMPTS = ["The capital of France is", "Once upon a time, a small robot", "def fibonacci(n):", "Water boils at"]
-
-
-@pytest.fixture(scope="module")
-def model() -> Iterator[LlamaModel]:
-    m = LlamaModel(embedded_model_path())
-    yield m
-    m.close()
 
 
 def settings(slots: int) -> InferenceSettings:
@@ -27,16 +16,16 @@ def settings(slots: int) -> InferenceSettings:
 
 
 def generate(
-    model: LlamaModel, slots: int, prompts: list[str], max_tokens: int = 24, sequential: bool = False
+    llama: LlamaModel, slots: int, prompts: list[str], max_tokens: int = 24, sequential: bool = False
 ) -> list[str]:
     """Greedy completions of `prompts` on a fresh engine, submitted together (or one after another)."""
 
     async def main() -> list[str]:
-        engine = InferenceEngine(model, settings(slots))
+        engine = InferenceEngine(llama, settings(slots))
         out: dict[int, str] = {}
 
         async def one(i: int, text: str) -> None:
-            tokens = model.tokenize(text, add_special=True, parse_special=False)
+            tokens = llama.tokenize(text, add_special=True, parse_special=False)
             req = GenerationRequest(
                 prompt_tokens=tokens,
                 sampling=SamplingParams(temperature=0),
@@ -63,26 +52,26 @@ def generate(
     return trio.run(main)
 
 
-def test_batched_sequences_decode_like_single_ones(model: LlamaModel) -> None:
+def test_batched_sequences_decode_like_single_ones(llama: LlamaModel) -> None:
     # Arrange: each prompt alone on a one-slot engine
-    alone = [generate(model, 1, [p])[0] for p in PROMPTS]
+    alone = [generate(llama, 1, [p])[0] for p in PROMPTS]
     # Act: all four decoded together in one batch context
-    together = generate(model, 4, PROMPTS)
+    together = generate(llama, 4, PROMPTS)
     # Assert
     assert together == alone
     assert len(set(alone)) == len(alone)  # the prompts really lead to different text
 
 
-def test_kv_prefix_reuse_gives_the_same_text_as_a_fresh_context(model: LlamaModel) -> None:
+def test_kv_prefix_reuse_gives_the_same_text_as_a_fresh_context(llama: LlamaModel) -> None:
     # Arrange: the second prompt extends the first, so its prefix is reused from the slot's KV cache
     first, second = PROMPTS[1], PROMPTS[1] + " named Pip"
-    fresh = generate(model, 1, [second])[0]
+    fresh = generate(llama, 1, [second])[0]
     # Act
-    reused = generate(model, 1, [first, second], sequential=True)[1]
+    reused = generate(llama, 1, [first, second], sequential=True)[1]
     # Assert
     assert reused == fresh
 
 
-def test_queue_longer_than_slots_completes_every_job(model: LlamaModel) -> None:
-    texts = generate(model, 2, PROMPTS * 2, max_tokens=8)
+def test_queue_longer_than_slots_completes_every_job(llama: LlamaModel) -> None:
+    texts = generate(llama, 2, PROMPTS * 2, max_tokens=8)
     assert texts[:4] == texts[4:]

@@ -1,6 +1,5 @@
 """Parity of the GGUF LoRA exporter: llama.cpp (Q4_1 base + exported adapter) vs torch (base + peft adapter)."""
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +8,6 @@ import pytest
 import torch
 
 from node.llama_backend import BatchContext, LlamaModel, LoraAdapter
-from node.models import embedded_model_path
 from node.training.base_model import load_torch_base
 from node.training.lora_export import LoraShape, write_gguf_lora
 
@@ -31,13 +29,6 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def torch_base(torch_base_folder: Path) -> tuple[Any, Any]:
     return load_torch_base(torch_base_folder)
-
-
-@pytest.fixture(scope="module")
-def llama() -> Iterator[LlamaModel]:
-    m = LlamaModel(embedded_model_path())
-    yield m
-    m.close()
 
 
 def make_adapter(base: Any, targets: list[str], seed: int) -> Any:

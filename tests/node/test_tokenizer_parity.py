@@ -1,6 +1,5 @@
 """The torch tokenizer built from the GGUF must tokenize exactly as llama.cpp does (digits included)."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,6 @@ TEXTS = [
     "   leading spaces, tabs\tand\nnewlines\n\n  ",
     "Version v0.19.0 replaced 0.18.1 on 2026-05-01 at 23:59:59 UTC.",
 ]
-
-
-@pytest.fixture(scope="module")
-def llama() -> Iterator[LlamaModel]:
-    m = LlamaModel(embedded_model_path())
-    yield m
-    m.close()
 
 
 @pytest.mark.parametrize("text", TEXTS)
