@@ -6,6 +6,7 @@ formats at all, a parseable GGUF whose tensors all lie inside the file, `general
 """
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,12 +51,12 @@ class BaseDims:
         }[name]
 
 
-def base_dims(meta: "dict[str, str | None]") -> BaseDims:
-    """BaseDims from a base model's GGUF metadata (as text values)."""
-    arch = meta.get("general.architecture") or ""
+def base_dims(meta: Callable[[str], str | None]) -> BaseDims:
+    """BaseDims from a base model's GGUF metadata lookup (key -> text value or None), e.g. `LlamaModel.meta`."""
+    arch = meta("general.architecture") or ""
 
     def num(key: str) -> int:
-        value = meta.get(f"{arch}.{key}")
+        value = meta(f"{arch}.{key}")
         if value is None:
             raise ValueError(f"the base model has no {arch}.{key}")
         return int(value)
@@ -68,6 +69,14 @@ def base_dims(meta: "dict[str, str | None]") -> BaseDims:
         num("attention.head_count"),
         num("attention.head_count_kv"),
     )
+
+
+def base_dims_of_file(gguf_path: Path) -> BaseDims:
+    """BaseDims read from a base model's GGUF header (no llama.cpp load)."""
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_path)
+    return base_dims(lambda key: _text(reader, key))
 
 
 def _text(reader: object, key: str) -> str | None:

@@ -10,7 +10,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 from fastapi import APIRouter, FastAPI, Request
@@ -20,6 +20,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from node.adapter_cache import AdapterRef
+from node.adapter_store import UnknownAdapterError
 from node.engine import EngineBusy, EngineShuttingDown, GenerationRequest, Job
 from node.openai_schema import (
     ChatCompletionRequest,
@@ -27,9 +29,12 @@ from node.openai_schema import (
     describe_validation_errors,
     error_body,
 )
+from node.personalities import AUTO, Route, UnknownModelError
 from node.state import NodeState
 
 log = logging.getLogger(__name__)
+PERSONALITY_HEADER = "X-Mirador-Personality"
+ADAPTERS_HEADER = "X-Mirador-Adapters"
 _tokenize_limiter = trio.CapacityLimiter(2)
 
 
@@ -132,10 +137,18 @@ async def list_models(request: Request) -> dict[str, Any]:
     _check_auth(request)
     node = _node(request)
     created = int(node.model.path.stat().st_mtime)
-    return {
-        "object": "list",
-        "data": [{"id": node.model.id, "object": "model", "created": created, "owned_by": "mirador"}],
-    }
+    data = [{"id": node.model.id, "object": "model", "created": created, "owned_by": "mirador"}]
+    for p in node.manifest.personalities():
+        data.append(
+            {
+                "id": p.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "mirador",
+                "personality": {"adapters": dict(p.adapters), "load_on": [" ".join(k) for k in p.keywords]},
+            }
+        )
+    return {"object": "list", "data": data}
 
 
 @router.get("/v1/node/status")
@@ -159,18 +172,24 @@ async def _parse(request: Request, schema: type[Any]) -> Any:
         raise ApiError(400, message, param=param) from None
 
 
-def _check_model(node: NodeState, model: str) -> None:
-    if model not in node.model.names():
-        available = ", ".join(node.model.names())
+def _route(node: NodeState, model: str, message: str | None) -> tuple[Route, tuple[AdapterRef, ...]]:
+    try:
+        return node.resolve(model, message)
+    except UnknownModelError:
+        available = ", ".join([*node.model.names(), AUTO, *(p.name for p in node.manifest.personalities())])
         raise ApiError(
             404,
-            f"the model '{model}' does not exist on this node; available: {available}",
+            f"the model '{model}' does not exist on this node; available: {available}, or base:<adapter>",
             param="model",
             code="model_not_found",
-        )
+        ) from None
+    except (UnknownAdapterError, ValueError) as exc:
+        raise ApiError(404, str(exc), param="model", code="adapter_not_found") from None
 
 
-async def _start(node: NodeState, tokens: list[int], req: Any, limit: int | None) -> Job:
+async def _start(
+    node: NodeState, tokens: list[int], req: Any, limit: int | None, adapters: tuple[AdapterRef, ...]
+) -> Job:
     n_ctx = node.engine.n_ctx
     if len(tokens) >= n_ctx:
         raise ApiError(
@@ -188,6 +207,7 @@ async def _start(node: NodeState, tokens: list[int], req: Any, limit: int | None
         stop=req.stop_list(),
         stream=req.stream,
         ignore_eos=req.ignore_eos,
+        adapters=adapters,
     )
     try:
         return await node.engine.submit(gen, node.config.api.queue_timeout_s)
@@ -216,7 +236,7 @@ def _usage(job: Job) -> dict[str, int]:
 
 def _end_error(job: Job) -> dict[str, Any] | None:
     if job.error:
-        return error_body(job.error, "server_error", code="generation_failed")
+        return error_body(job.error, "server_error", code=job.error_code)
     if job.cut_by_shutdown:
         return error_body(
             f"the node shut down; the response was cut after {job.stats.completion_tokens} tokens",
@@ -236,6 +256,7 @@ def _stream(
     delta_key: Callable[[str], dict[str, Any]],
     first: dict[str, Any] | None,
     include_usage: bool,
+    headers: dict[str, str],
 ) -> StreamingResponse:
     """SSE stream: chunks sharing `head`, each choice built by `delta_key`, then finish, usage, [DONE]."""
     prefix = json.dumps(head, separators=(",", ":"))[:-1] + ',"choices":['
@@ -261,7 +282,9 @@ def _stream(
             job.cancel()  # the client may have gone away: stop generating
 
     return StreamingResponse(
-        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"} | headers,
     )
 
 
@@ -281,31 +304,42 @@ async def _collect(job: Job) -> str:
     return "".join(parts)
 
 
-async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) -> tuple[Any, Job, dict[str, Any]]:
-    """Shared front of both generation routes: auth, schema, model, tokens, slot; returns (request, job, head)."""
+class _Admitted(NamedTuple):
+    req: Any
+    job: Job
+    head: dict[str, Any]
+    headers: dict[str, str]
+
+
+async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) -> _Admitted:
+    """Shared front of both generation routes: auth, schema, routing, tokens, slot."""
     _check_auth(request)
     node = _node(request)
     req = await _parse(request, schema)
-    _check_model(node, req.model)
     if isinstance(req, ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        latest = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
+        chosen, adapters = _route(node, req.model, latest)
         tokens = await trio.to_thread.run_sync(node.model.chat_tokens, messages, limiter=_tokenize_limiter)
     else:
+        chosen, adapters = _route(node, req.model, req.text())
         tokens = await trio.to_thread.run_sync(node.model.completion_tokens, req.text(), limiter=_tokenize_limiter)
-    job = await _start(node, tokens, req, req.limit())
+    job = await _start(node, tokens, req, req.limit(), adapters)
     head = {
         "id": f"{id_prefix}-{uuid.uuid4().hex[:24]}",
         "object": obj,
         "created": int(time.time()),
         "model": req.model,
+        "personality": chosen.label,
     }
-    return req, job, head
+    headers = {PERSONALITY_HEADER: chosen.label, ADAPTERS_HEADER: ",".join(a.key for a in adapters) or "none"}
+    return _Admitted(req, job, head, headers)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Any:
     """OpenAI chat completions, streamed (SSE) or not."""
-    req, job, head = await _admit(request, ChatCompletionRequest, "chatcmpl", "chat.completion.chunk")
+    req, job, head, headers = await _admit(request, ChatCompletionRequest, "chatcmpl", "chat.completion.chunk")
     if req.stream:
         return _stream(
             job,
@@ -313,6 +347,7 @@ async def chat_completions(request: Request) -> Any:
             lambda d: {"index": 0, "delta": {"content": d}, "finish_reason": None},
             {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
             req.include_usage(),
+            headers,
         )
     text = await _collect(job)
     choice = {
@@ -321,13 +356,15 @@ async def chat_completions(request: Request) -> Any:
         "finish_reason": job.stats.finish_reason,
         "logprobs": None,
     }
-    return head | {"object": "chat.completion", "choices": [choice], "usage": _usage(job)}
+    return JSONResponse(
+        head | {"object": "chat.completion", "choices": [choice], "usage": _usage(job)}, headers=headers
+    )
 
 
 @router.post("/v1/completions")
 async def completions(request: Request) -> Any:
     """OpenAI (legacy) text completions, streamed (SSE) or not."""
-    req, job, head = await _admit(request, CompletionRequest, "cmpl", "text_completion")
+    req, job, head, headers = await _admit(request, CompletionRequest, "cmpl", "text_completion")
     if req.stream:
         return _stream(
             job,
@@ -335,10 +372,11 @@ async def completions(request: Request) -> Any:
             lambda d: {"index": 0, "text": d, "logprobs": None, "finish_reason": None},
             None,
             req.include_usage(),
+            headers,
         )
     text = await _collect(job)
     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": job.stats.finish_reason}
-    return head | {"choices": [choice], "usage": _usage(job)}
+    return JSONResponse(head | {"choices": [choice], "usage": _usage(job)}, headers=headers)
 
 
 def create_app(node: NodeState) -> ASGIApp:

@@ -146,6 +146,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(_home(args), args)
 
 
+def cmd_adapter(args: argparse.Namespace) -> int:
+    """Dispatch `mirador adapter ...`."""
+    from node.config import ConfigError
+
+    try:
+        code: int = args.adapter_func(_home(args), args)
+    except ConfigError as exc:
+        print(f"mirador: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `mirador`."""
     parser = argparse.ArgumentParser(
@@ -177,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, help="cap on the answer's length in tokens")
     chat.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
     chat.set_defaults(func=cmd_chat)
+
+    from node.adapter_cli import add_parser as add_adapter_parser
+
+    add_adapter_parser(sub).set_defaults(func=cmd_adapter)
     return parser
 
 

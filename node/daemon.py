@@ -16,6 +16,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from node.adapter_store import AdapterStore
 from node.api import create_app
 from node.config import ConfigError, NodeConfig, load_config
 from node.engine import InferenceEngine
@@ -23,6 +24,7 @@ from node.fsutil import atomic_write_text
 from node.home import NodeHome
 from node.identity_file import IdentityFileError, load_or_create_identity
 from node.models import BaseModel, ModelNotFoundError, resolve_model
+from node.personalities import ManifestFile
 from node.profiles import PROFILES_DIR, effective_settings
 from node.runlock import AlreadyRunningError, RunLock
 from node.state import NodeState
@@ -95,7 +97,22 @@ def build_state(home: NodeHome, cfg: NodeConfig, options: StartOptions) -> NodeS
         settings.slots,
         settings.n_ctx,
     )
-    return NodeState(config=cfg, settings=settings, home=home, identity=identity, model=model, engine=engine)
+    manifest = ManifestFile(home.personalities_file, model.names())
+    manifest.personalities()
+    if manifest.error:
+        raise StartupError(
+            f"invalid personality manifest: {manifest.error.removesuffix(' (still serving the previous manifest)')}"
+        )
+    return NodeState(
+        config=cfg,
+        settings=settings,
+        home=home,
+        identity=identity,
+        model=model,
+        engine=engine,
+        adapters=AdapterStore(home.adapters_dir, engine.adapters.dims),
+        manifest=manifest,
+    )
 
 
 def _hypercorn_config(cfg: NodeConfig) -> HypercornConfig:

@@ -22,12 +22,16 @@ from typing import Any
 
 import trio
 
+from node.adapter_cache import AdapterCache, AdapterRef
+from node.adapter_check import AdapterRejected, BaseDims, base_dims
 from node.llama_backend import (
+    AdapterLoadError,
     BatchContext,
     ContextOverflowError,
     DecodeError,
     GenerationStats,
     LlamaModel,
+    LoraAdapter,
     SamplingParams,
     common_prefix_len,
     free_sampler,
@@ -62,6 +66,15 @@ class GenerationRequest:
     stop: Sequence[str] = ()
     stream: bool = True
     ignore_eos: bool = False
+    adapters: tuple[AdapterRef, ...] = ()
+
+    @property
+    def adapter_key(self) -> "AdapterKey":
+        """The exact adapter set (versions and scales) this generation runs with; () = the base alone."""
+        return tuple((a.key, a.scale) for a in self.adapters)
+
+
+AdapterKey = tuple[tuple[str, float], ...]
 
 
 @dataclass
@@ -75,6 +88,7 @@ class Job:
     stats: GenerationStats = field(default_factory=GenerationStats)
     cut_by_shutdown: bool = False
     error: str | None = None
+    error_code: str = "generation_failed"
     done: trio.Event = field(default_factory=trio.Event)
 
     def cancel(self) -> None:
@@ -95,6 +109,11 @@ class InferenceEngine:
         self.model = model
         self.settings = settings
         self.context = BatchContext(model, settings.n_ctx, settings.slots, settings.batch_size, settings.threads)
+        try:
+            dims: BaseDims | None = base_dims(model.meta)
+        except ValueError:
+            dims = None
+        self.adapters = AdapterCache(model, dims, settings.adapter_cache_mb * 1024 * 1024)
         self._seqs = [_Sequence(i) for i in range(settings.slots)]
         self._free_seqs = list(reversed(self._seqs))
         self._sem = trio.Semaphore(settings.slots)
@@ -124,7 +143,7 @@ class InferenceEngine:
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Start the batch worker, serve until cancelled, then stop the worker and free the context."""
-        self._worker = _BatchWorker(self.context, trio.lowlevel.current_trio_token(), self._finished)
+        self._worker = _BatchWorker(self.context, self.adapters, trio.lowlevel.current_trio_token(), self._finished)
         try:
             task_status.started()
             await trio.sleep_forever()
@@ -159,19 +178,27 @@ class InferenceEngine:
         if self._closing or self._worker is None:
             self._sem.release()
             raise EngineShuttingDown("the node is shutting down")
-        seq = self._free_seqs.pop()
+        seq = self._take_sequence(request.adapter_key)
         send, receive = trio.open_memory_channel[str](math.inf)
         job = Job(id=next(self._ids), request=request, receive=receive)
         self._jobs[job.id] = (job, seq, send)
         self._worker.submit(job, seq, _Outbox(send, job, self.stream_interval_s), time.monotonic())
         return job
 
-    def _finished(self, job: Job, stats: GenerationStats | None, error: str | None, began: float) -> None:
+    def _take_sequence(self, key: AdapterKey) -> "_Sequence":
+        """A free sequence, preferably one whose KV cache was built with the same adapters (reusable prefix)."""
+        for i in range(len(self._free_seqs) - 1, -1, -1):
+            if self._free_seqs[i].adapter_key == key:
+                return self._free_seqs.pop(i)
+        return self._free_seqs.pop()
+
+    def _finished(self, job: Job, stats: GenerationStats | None, error: "_Failure | None", began: float) -> None:
         """Called on the loop (via run_sync_soon) after the worker's last delivery for `job`."""
         _, seq, send = self._jobs.pop(job.id)
         if stats is not None:
             job.stats = stats
-        job.error = error
+        if error is not None:
+            job.error, job.error_code = error.message, error.code
         send.close()
         self._free_seqs.append(seq)
         self._sem.release()
@@ -248,14 +275,26 @@ class _Sequence:
 
     id: int
     cached: list[int] = field(default_factory=list)
+    adapter_key: AdapterKey = ()  # the adapters the cached KV was computed with
 
 
 class _Running:
     """Worker-side state of one generation."""
 
-    def __init__(self, job: Job, seq: _Sequence, outbox: _Outbox, began: float, n_ctx: int, n_vocab: int) -> None:
+    def __init__(
+        self,
+        job: Job,
+        seq: _Sequence,
+        outbox: _Outbox,
+        began: float,
+        n_ctx: int,
+        n_vocab: int,
+        loras: list[tuple[LoraAdapter, float]],
+    ) -> None:
         req = job.request
         self.job, self.seq, self.began = job, seq, began
+        self.loras = loras
+        self.key = req.adapter_key
         self.prompt = req.prompt_tokens
         self.sampler = make_sampler(req.sampling, n_vocab)
         self.limit = min(req.max_tokens, n_ctx - len(self.prompt))
@@ -308,18 +347,35 @@ class _Running:
 _STOP = object()
 
 
+@dataclass(frozen=True)
+class _Failure:
+    """Why a generation failed, for the API's error object."""
+
+    code: str
+    message: str
+
+
 class _BatchWorker:
-    """The thread that owns the llama.cpp context and steps every running sequence together."""
+    """The thread that owns the llama.cpp context and steps every running sequence together.
+
+    Sequences are grouped by adapter set: each group is one `llama_decode` with its adapters attached (a switch is
+    one `llama_set_adapters_lora` call, < 0.2 ms). A sequence whose adapter set changes loses its KV cache (it
+    was computed with other weights); no other state is touched.
+    """
 
     def __init__(
         self,
         context: BatchContext,
+        adapters: AdapterCache,
         token: trio.lowlevel.TrioToken,
-        finished: Callable[[Job, GenerationStats | None, str | None, float], None],
+        finished: Callable[[Job, GenerationStats | None, _Failure | None, float], None],
     ) -> None:
         self.ctx = context
+        self.adapters = adapters
+        self.attached: AdapterKey = ()
         self.token = token
         self.finished = finished
+        adapters.detach = self._detach
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._loop, name="mirador-batch", daemon=True)
         self.thread.start()
@@ -335,7 +391,6 @@ class _BatchWorker:
 
     def _loop(self) -> None:
         active: list[_Running] = []
-        model = self.ctx.model
         while True:
             try:
                 item = self.inbox.get(block=not active)
@@ -344,21 +399,57 @@ class _BatchWorker:
                         for r in active:
                             r.job.cut_by_shutdown = True
                             self._done(r, r.finish("stop"))
+                        self.adapters.close()
                         return
-                    job, seq, outbox, began = item
-                    active.append(_Running(job, seq, outbox, began, self.ctx.n_ctx_seq, model.n_vocab))
-                    self.ctx.forget(seq.id, active[-1].pos)
-                    del seq.cached[active[-1].pos :]
+                    admitted = self._admit(*item)
+                    if admitted is not None:
+                        active.append(admitted)
                     item = self.inbox.get_nowait()
             except queue.Empty:
                 pass
-            active = self._step(active, model.piece, model.is_eog)
+            groups: dict[AdapterKey, list[_Running]] = {}
+            for r in active:
+                groups.setdefault(r.key, []).append(r)
+            active = []
+            for key, members in groups.items():
+                if key != self.attached:
+                    self._attach(key, members[0].loras)
+                active.extend(self._step(members))
 
-    def _step(
-        self, active: list[_Running], piece: Callable[[int], bytes], is_eog: Callable[[int], bool]
-    ) -> list[_Running]:
+    def _admit(self, job: Job, seq: _Sequence, outbox: _Outbox, began: float) -> "_Running | None":
+        """Load the job's adapters and set up its sequence; None (job failed) if an adapter cannot be loaded."""
+        refs = job.request.adapters
+        try:
+            loras = self.adapters.acquire(refs)
+        except (AdapterRejected, AdapterLoadError, OSError) as exc:
+            log.error("generation %d: %s", job.id, exc)
+            message = f"adapter {', '.join(r.key for r in refs)} could not be loaded: {exc}"
+            with contextlib.suppress(trio.RunFinishedError):
+                self.token.run_sync_soon(self.finished, job, None, _Failure("adapter_unavailable", message), began)
+            return None
+        key = job.request.adapter_key
+        if seq.adapter_key != key:  # its KV cache holds another personality's state
+            self.ctx.forget(seq.id)
+            seq.cached.clear()
+            seq.adapter_key = key
+        r = _Running(job, seq, outbox, began, self.ctx.n_ctx_seq, self.ctx.model.n_vocab, loras)
+        self.ctx.forget(seq.id, r.pos)
+        del seq.cached[r.pos :]
+        return r
+
+    def _attach(self, key: AdapterKey, loras: list[tuple[LoraAdapter, float]]) -> None:
+        self.ctx.set_adapters(loras)
+        self.attached = key
+        self.adapters.attached = frozenset(k for k, _ in key)
+
+    def _detach(self) -> None:
+        self.ctx.set_adapters([])
+        self.attached = ()
+
+    def _step(self, active: list[_Running]) -> list[_Running]:
         """Decode one batch: next tokens of generating sequences first, then prompt chunks; sample; emit."""
         ctx = self.ctx
+        piece, is_eog = ctx.model.piece, ctx.model.is_eog
         outputs: list[tuple[_Running, int]] = []
         still: list[_Running] = []
         for r in active:
@@ -388,7 +479,7 @@ class _BatchWorker:
             for r in still:
                 ctx.forget(r.seq.id)
                 r.seq.cached.clear()
-                self._done(r, None, str(exc))
+                self._done(r, None, _Failure("generation_failed", str(exc)))
             return []
         ended: set[int] = set()
         for r, index in outputs:
@@ -411,7 +502,8 @@ class _BatchWorker:
                 self._done(r, r.finish(reason))
         return [r for r in still if id(r) not in ended]
 
-    def _done(self, r: _Running, stats: GenerationStats | None, error: str | None = None) -> None:
+    def _done(self, r: _Running, stats: GenerationStats | None, error: _Failure | None = None) -> None:
         free_sampler(r.sampler)
+        self.adapters.release(r.job.request.adapters)
         with contextlib.suppress(trio.RunFinishedError):  # loop gone (abrupt exit): nobody waits any more
             self.token.run_sync_soon(self.finished, r.job, stats, error, r.began)

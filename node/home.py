@@ -59,6 +59,11 @@ class NodeHome:
         """LoRA adapters (GGUF + safetensors)."""
         return self.root / "adapters"
 
+    @property
+    def personalities_file(self) -> Path:
+        """The personality manifest (re-read by a running daemon when it changes)."""
+        return self.root / "personalities.toml"
+
     def ensure(self) -> None:
         """Create the home and its folders (mode 0700) if they are missing."""
         for folder in (self.root, self.run_dir, self.models_dir, self.adapters_dir):

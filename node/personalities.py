@@ -151,3 +151,32 @@ def route(
         if hits > best_hits:
             best, best_hits = p, hits
     return Route(best.name, best.adapters) if best else Route(None)
+
+
+class ManifestFile:
+    """The manifest on disk, re-read when it changes (mtime, size); an invalid edit keeps the last good one."""
+
+    def __init__(self, path: Path, base_ids: tuple[str, ...]) -> None:
+        self.path, self.base_ids = path, base_ids
+        self._stamp: tuple[int, int] | None = None
+        self._personalities: list[Personality] = []
+        self.error: str | None = None
+        self.reloads = 0
+
+    def personalities(self) -> list[Personality]:
+        """The current personalities (a stat per call; parsed again only after a change)."""
+        try:
+            st = self.path.stat()
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp == self._stamp:
+            return self._personalities
+        self._stamp = stamp
+        try:
+            self._personalities = load_manifest(self.path, self.base_ids) if stamp else []
+            self.error = None
+            self.reloads += 1
+        except (ManifestError, OSError, UnicodeDecodeError) as exc:
+            self.error = str(exc)  # the last good manifest keeps serving
+        return self._personalities

@@ -7,10 +7,13 @@ from typing import Any
 
 from crypto.identity import Identity
 from node import __version__
+from node.adapter_cache import AdapterRef
+from node.adapter_store import AdapterStore
 from node.config import NodeConfig
 from node.engine import InferenceEngine
 from node.home import NodeHome
 from node.models import BaseModel
+from node.personalities import ManifestFile, Route, route
 from node.profiles import InferenceSettings
 
 
@@ -24,8 +27,22 @@ class NodeState:
     identity: Identity
     model: BaseModel
     engine: InferenceEngine
+    adapters: AdapterStore
+    manifest: ManifestFile
     started_at: float = field(default_factory=time.time)
     shutting_down: bool = False
+
+    def resolve(self, model: str, latest_user_message: str | None) -> tuple[Route, tuple[AdapterRef, ...]]:
+        """Who answers (see node.personalities) and the current version of each of its adapters.
+
+        Raises UnknownModelError or UnknownAdapterError.
+        """
+        chosen = route(model, latest_user_message, self.manifest.personalities(), self.model.names())
+        refs = []
+        for name, scale in chosen.adapters:
+            version = self.adapters.current(name)
+            refs.append(AdapterRef(version.key, version.gguf, scale))
+        return chosen, tuple(refs)
 
     def status(self) -> dict[str, Any]:
         """The node's status as a JSON-ready dict (served at /v1/node/status, shown by `mirador node status`)."""
@@ -55,6 +72,12 @@ class NodeState:
                 "waiting": engine.waiting,
                 "completed": engine.completed,
             },
+            "personalities": {
+                "manifest": str(self.manifest.path),
+                "names": [p.name for p in self.manifest.personalities()],
+                "error": self.manifest.error,
+            },
+            "adapters": {"installed": self.adapters.names(), "cache": engine.adapters.stats()},
             "api": {
                 "host": self.config.api.host,
                 "port": self.config.api.port,

@@ -1,55 +1,9 @@
 """The batching engine in-process: batched, reused and fresh decoding give identical greedy text."""
 
-import trio
-
-from node.engine import GenerationRequest, InferenceEngine
-from node.llama_backend import LlamaModel, SamplingParams
-from node.profiles import InferenceSettings
+from node.llama_backend import LlamaModel
+from tests.engine_harness import generate
 
 PROMPTS = ["The capital of France is", "Once upon a time, a small robot", "def fibonacci(n):", "Water boils at"]
-
-
-def settings(slots: int) -> InferenceSettings:
-    return InferenceSettings(
-        profile="test", threads=2, n_ctx=512, max_tokens=64, batch_size=64, slots=slots, adapter_cache_mb=1
-    )
-
-
-def generate(
-    llama: LlamaModel, slots: int, prompts: list[str], max_tokens: int = 24, sequential: bool = False
-) -> list[str]:
-    """Greedy completions of `prompts` on a fresh engine, submitted together (or one after another)."""
-
-    async def main() -> list[str]:
-        engine = InferenceEngine(llama, settings(slots))
-        out: dict[int, str] = {}
-
-        async def one(i: int, text: str) -> None:
-            tokens = llama.tokenize(text, add_special=True, parse_special=False)
-            req = GenerationRequest(
-                prompt_tokens=tokens,
-                sampling=SamplingParams(temperature=0),
-                max_tokens=max_tokens,
-                stream=True,
-                ignore_eos=True,
-            )
-            job = await engine.submit(req, 60)
-            out[i] = "".join([d async for d in job.text()])
-            assert job.stats.completion_tokens == max_tokens
-
-        async with trio.open_nursery() as nursery:
-            await nursery.start(engine.run)
-            if sequential:
-                for i, p in enumerate(prompts):
-                    await one(i, p)
-            else:
-                async with trio.open_nursery() as jobs:
-                    for i, p in enumerate(prompts):
-                        jobs.start_soon(one, i, p)
-            nursery.cancel_scope.cancel()
-        return [out[i] for i in range(len(prompts))]
-
-    return trio.run(main)
 
 
 def test_batched_sequences_decode_like_single_ones(llama: LlamaModel) -> None:
