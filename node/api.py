@@ -9,7 +9,8 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import trio
@@ -23,6 +24,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from node.adapter_cache import AdapterRef
 from node.adapter_store import UnknownAdapterError
 from node.engine import EngineBusy, EngineShuttingDown, GenerationRequest, Job
+from node.feedback_db import GOOD_RATING, UnknownCompletionError
+from node.node_schema import FeedbackRequest, TrainRequest
 from node.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -31,11 +34,13 @@ from node.openai_schema import (
 )
 from node.personalities import AUTO, Route, UnknownModelError
 from node.state import NodeState
+from node.training_service import NothingToLearn, TrainingBusy
 
 log = logging.getLogger(__name__)
 PERSONALITY_HEADER = "X-Mirador-Personality"
 ADAPTERS_HEADER = "X-Mirador-Adapters"
 _tokenize_limiter = trio.CapacityLimiter(2)
+_db_limiter = trio.CapacityLimiter(1)
 
 
 class ApiError(Exception):
@@ -257,6 +262,7 @@ def _stream(
     first: dict[str, Any] | None,
     include_usage: bool,
     headers: dict[str, str],
+    record: Callable[[str], Awaitable[None]],
 ) -> StreamingResponse:
     """SSE stream: chunks sharing `head`, each choice built by `delta_key`, then finish, usage, [DONE]."""
     prefix = json.dumps(head, separators=(",", ":"))[:-1] + ',"choices":['
@@ -265,10 +271,12 @@ def _stream(
         return "data: " + prefix + json.dumps(choice, separators=(",", ":"), ensure_ascii=False) + "]}\n\n"
 
     async def body() -> AsyncIterator[str]:
+        parts: list[str] = []
         try:
             if first is not None:
                 yield chunk(first)
             async for delta in job.text():
+                parts.append(delta)
                 yield chunk(delta_key(delta))
             err = _end_error(job)
             if err is not None:
@@ -278,6 +286,7 @@ def _stream(
                 if include_usage:
                     yield _sse(head | {"choices": [], "usage": _usage(job)})
             yield "data: [DONE]\n\n"
+            await record("".join(parts))
         finally:
             job.cancel()  # the client may have gone away: stop generating
 
@@ -309,6 +318,7 @@ class _Admitted(NamedTuple):
     job: Job
     head: dict[str, Any]
     headers: dict[str, str]
+    record: Callable[[str], Awaitable[None]]  # remembers a finished chat answer for feedback
 
 
 async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) -> _Admitted:
@@ -316,6 +326,7 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
     _check_auth(request)
     node = _node(request)
     req = await _parse(request, schema)
+    messages: list[dict[str, str]] | None = None  # only chat answers can get feedback
     if isinstance(req, ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         latest = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
@@ -333,13 +344,22 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
         "personality": chosen.label,
     }
     headers = {PERSONALITY_HEADER: chosen.label, ADAPTERS_HEADER: ",".join(a.key for a in adapters) or "none"}
-    return _Admitted(req, job, head, headers)
+
+    async def record(answer: str) -> None:
+        if messages is None or job.error or job.cut_by_shutdown:
+            return
+        keys = [a.key for a in adapters]
+        await trio.to_thread.run_sync(
+            node.feedback.record_completion, head["id"], chosen.label, keys, messages, answer, limiter=_db_limiter
+        )
+
+    return _Admitted(req, job, head, headers, record)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Any:
     """OpenAI chat completions, streamed (SSE) or not."""
-    req, job, head, headers = await _admit(request, ChatCompletionRequest, "chatcmpl", "chat.completion.chunk")
+    req, job, head, headers, record = await _admit(request, ChatCompletionRequest, "chatcmpl", "chat.completion.chunk")
     if req.stream:
         return _stream(
             job,
@@ -348,8 +368,10 @@ async def chat_completions(request: Request) -> Any:
             {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
             req.include_usage(),
             headers,
+            record,
         )
     text = await _collect(job)
+    await record(text)
     choice = {
         "index": 0,
         "message": {"role": "assistant", "content": text},
@@ -364,7 +386,7 @@ async def chat_completions(request: Request) -> Any:
 @router.post("/v1/completions")
 async def completions(request: Request) -> Any:
     """OpenAI (legacy) text completions, streamed (SSE) or not."""
-    req, job, head, headers = await _admit(request, CompletionRequest, "cmpl", "text_completion")
+    req, job, head, headers, record = await _admit(request, CompletionRequest, "cmpl", "text_completion")
     if req.stream:
         return _stream(
             job,
@@ -373,10 +395,57 @@ async def completions(request: Request) -> Any:
             None,
             req.include_usage(),
             headers,
+            record,
         )
     text = await _collect(job)
     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": job.stats.finish_reason}
     return JSONResponse(head | {"choices": [choice], "usage": _usage(job)}, headers=headers)
+
+
+@router.post("/v1/feedback")
+async def feedback(request: Request) -> Any:
+    """Rate a recent chat answer (1-5) and/or give the answer you wanted; `mirador train --from-feedback` uses it."""
+    _check_auth(request)
+    node = _node(request)
+    req = await _parse(request, FeedbackRequest)
+    try:
+        feedback_id = await trio.to_thread.run_sync(
+            node.feedback.add_feedback, req.completion_id, req.rating, req.correction, limiter=_db_limiter
+        )
+    except UnknownCompletionError as exc:
+        raise ApiError(404, str(exc), param="completion_id", code="completion_not_found") from None
+    learns = req.correction is not None or (req.rating or 0) >= GOOD_RATING
+    return {"object": "feedback", "id": feedback_id, "completion_id": req.completion_id, "used_for_training": learns}
+
+
+@router.post("/v1/train")
+async def start_training(request: Request) -> Any:
+    """Start a training job (202); poll `GET /v1/train/{id}` for progress."""
+    _check_auth(request)
+    node = _node(request)
+    req = await _parse(request, TrainRequest)
+    data = None
+    if req.data is not None:
+        data = Path(req.data).expanduser().resolve()
+        if not data.is_file():
+            raise ApiError(400, f"data file {data} does not exist on the node", param="data", code="data_not_found")
+    try:
+        run = node.training.start(req.adapter, req.config(), data, req.from_feedback)
+    except TrainingBusy as exc:
+        raise ApiError(409, str(exc), code="training_busy") from None
+    except NothingToLearn as exc:
+        raise ApiError(400, str(exc), param="from_feedback", code="no_feedback") from None
+    return JSONResponse(run.to_json(), 202, headers={"Location": f"/v1/train/{run.id}"})
+
+
+@router.get("/v1/train/{run_id}")
+async def training_status(request: Request, run_id: str) -> Any:
+    """Progress (step, loss, ETA) and, once done, the result and the installed version."""
+    _check_auth(request)
+    run = _node(request).training.runs.get(run_id)
+    if run is None:
+        raise ApiError(404, f"no training job {run_id!r} on this node (since it started)", code="not_found")
+    return run.to_json()
 
 
 def create_app(node: NodeState) -> ASGIApp:

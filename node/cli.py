@@ -158,6 +158,18 @@ def cmd_adapter(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Dispatch `mirador train`."""
+    from node.config import ConfigError
+    from node.train_cli import cmd_train as train
+
+    try:
+        return train(_home(args), args)
+    except ConfigError as exc:
+        print(f"mirador: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `mirador`."""
     parser = argparse.ArgumentParser(
@@ -193,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     from node.adapter_cli import add_parser as add_adapter_parser
 
     add_adapter_parser(sub).set_defaults(func=cmd_adapter)
+    from node.train_cli import add_parser as add_train_parser
+
+    add_train_parser(sub).set_defaults(func=cmd_train)
     return parser
 
 

@@ -20,6 +20,7 @@ from node.adapter_store import AdapterStore
 from node.api import create_app
 from node.config import ConfigError, NodeConfig, load_config
 from node.engine import InferenceEngine
+from node.feedback_db import FeedbackDB
 from node.fsutil import atomic_write_text
 from node.home import NodeHome
 from node.identity_file import IdentityFileError, load_or_create_identity
@@ -28,6 +29,7 @@ from node.personalities import ManifestFile
 from node.profiles import PROFILES_DIR, effective_settings
 from node.runlock import AlreadyRunningError, RunLock
 from node.state import NodeState
+from node.training_service import TrainingService
 
 log = logging.getLogger("mirador.daemon")
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -97,6 +99,8 @@ def build_state(home: NodeHome, cfg: NodeConfig, options: StartOptions) -> NodeS
         settings.slots,
         settings.n_ctx,
     )
+    store = AdapterStore(home.adapters_dir, engine.adapters.dims)
+    feedback = FeedbackDB(home.state_db)
     manifest = ManifestFile(home.personalities_file, model.names())
     manifest.personalities()
     if manifest.error:
@@ -110,8 +114,10 @@ def build_state(home: NodeHome, cfg: NodeConfig, options: StartOptions) -> NodeS
         identity=identity,
         model=model,
         engine=engine,
-        adapters=AdapterStore(home.adapters_dir, engine.adapters.dims),
+        adapters=store,
         manifest=manifest,
+        feedback=feedback,
+        training=TrainingService(home, path, store, feedback),
     )
 
 
@@ -133,6 +139,7 @@ async def serve_node(state: NodeState, lock: RunLock) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(state.engine.run)
+            await nursery.start(state.training.run)
             stop_http = trio.Event()
 
             async def http(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -202,6 +209,7 @@ def run_daemon(home: NodeHome, options: StartOptions) -> int:
                 trio.run(serve_node, state, lock)
             finally:
                 state.model.close()
+                state.feedback.close()
         finally:
             lock.release()
     except StartupError as exc:

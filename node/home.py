@@ -64,6 +64,11 @@ class NodeHome:
         """The personality manifest (re-read by a running daemon when it changes)."""
         return self.root / "personalities.toml"
 
+    @property
+    def state_db(self) -> Path:
+        """SQLite: recent completions and the user's feedback on them."""
+        return self.root / "state.db"
+
     def ensure(self) -> None:
         """Create the home and its folders (mode 0700) if they are missing."""
         for folder in (self.root, self.run_dir, self.models_dir, self.adapters_dir):

@@ -11,10 +11,12 @@ from node.adapter_cache import AdapterRef
 from node.adapter_store import AdapterStore
 from node.config import NodeConfig
 from node.engine import InferenceEngine
+from node.feedback_db import FeedbackDB
 from node.home import NodeHome
 from node.models import BaseModel
 from node.personalities import ManifestFile, Route, route
 from node.profiles import InferenceSettings
+from node.training_service import TrainingService
 
 
 @dataclass
@@ -29,6 +31,8 @@ class NodeState:
     engine: InferenceEngine
     adapters: AdapterStore
     manifest: ManifestFile
+    feedback: FeedbackDB
+    training: TrainingService
     started_at: float = field(default_factory=time.time)
     shutting_down: bool = False
 
@@ -78,6 +82,7 @@ class NodeState:
                 "error": self.manifest.error,
             },
             "adapters": {"installed": self.adapters.names(), "cache": engine.adapters.stats()},
+            "training": self.training.status(),
             "api": {
                 "host": self.config.api.host,
                 "port": self.config.api.port,
