@@ -1,0 +1,514 @@
+"""LoRA training of the torch twin of the served GGUF (peft), optionally with DP-SGD (opacus, PRV accounting).
+
+Outputs in `out_dir`: peft's `adapter_model.safetensors` + `adapter_config.json`, the llama.cpp adapter
+`adapter.gguf` and `training.json` (the TrainResult). Every file is written via a temp file and a rename.
+
+Loss: chat examples through the tokenizer's chat template (the GGUF's own, as llama.cpp serves it) with the loss on
+assistant tokens only (each assistant turn's content and its end-of-turn token); text examples as plain text with
+the loss on every token. Each example's loss is the mean over its own tokens, a batch's loss the mean over its
+examples, so that one example's weight never depends on the others (needed for per-example DP clipping).
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.fsutil import atomic_write_text
+from node.training.data import Example
+
+TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    "qv": ("q_proj", "v_proj"),
+    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+IGNORE = -100  # label of tokens without loss
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"  # private-use code points delimiting placeholders in a template
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """DP-SGD target: (epsilon, delta) over the whole run; per-example gradients clipped to max_grad_norm."""
+
+    epsilon: float
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ValueError(f"dp.epsilon must be a positive number, got {self.epsilon!r}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"dp.delta must be in (0, 1), got {self.delta!r}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"dp.max_grad_norm must be a positive number, got {self.max_grad_norm!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What to train and how; `batch_size` is the (expected, under DP) logical batch per optimizer step."""
+
+    targets: str = "qv"
+    steps: int = 30
+    rank: int = 8
+    alpha: float = 16.0
+    learning_rate: float = 2e-3
+    batch_size: int = 4
+    max_length: int = 128
+    seed: int = 0
+    holdout_fraction: float = 0.1
+    dp: DPConfig | None = None
+    threads: int | None = None  # torch threads; None = every core
+    physical_batch_size: int | None = None  # examples per forward pass; None = min(batch_size, 8)
+
+    def __post_init__(self) -> None:
+        if self.targets not in TARGET_MODULES:
+            raise ValueError(f"targets must be one of {', '.join(TARGET_MODULES)}, got {self.targets!r}")
+        for name in ("steps", "rank", "batch_size"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("max_length", self.max_length, 8)
+        _check_int("seed", self.seed, 0)
+        if self.threads is not None:
+            _check_int("threads", self.threads, 1)
+        if self.physical_batch_size is not None:
+            _check_int("physical_batch_size", self.physical_batch_size, 1)
+        for name in ("alpha", "learning_rate"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not (math.isfinite(value) and value > 0)
+            ):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not (isinstance(self.holdout_fraction, int | float) and 0 < self.holdout_fraction <= 0.5):
+            raise ValueError(f"holdout_fraction must be in (0, 0.5], got {self.holdout_fraction!r}")
+        if self.dp is not None and not isinstance(self.dp, DPConfig):
+            raise ValueError(f"dp must be a DPConfig or None, got {self.dp!r}")
+
+    @property
+    def physical_batch(self) -> int:
+        """Examples per forward/backward pass."""
+        return self.physical_batch_size or min(self.batch_size, 8)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass
+class TrainProgress:
+    """One optimizer step done."""
+
+    step: int
+    steps: int
+    loss: float | None  # None when a Poisson-sampled DP batch was empty (a noise-only step)
+    elapsed_s: float
+    eta_s: float
+
+
+@dataclass
+class TrainResult:
+    """What a training run did and measured (also written as training.json)."""
+
+    steps: int
+    examples: int
+    heldout_examples: int
+    train_loss: float
+    heldout_loss_before: float
+    heldout_loss_after: float
+    epsilon: float | None
+    delta: float | None
+    noise_multiplier: float | None
+    sample_rate: float
+    max_grad_norm: float | None
+    seconds: float
+    seconds_per_step: float
+    targets: str
+    rank: int
+    alpha: float
+    trainable_params: int
+    losses: list[float | None] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        """The result as one JSON document."""
+        return json.dumps(_finite(asdict(self)), allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    """`value` with NaN and infinities replaced by None (JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids and labels (IGNORE where there is no loss) of one example."""
+
+    ids: list[int]
+    labels: list[int]
+    where: str
+    chat: bool
+
+    def window(self, max_length: int, rng: random.Random | None) -> tuple[list[int], list[int]]:
+        """At most max_length tokens: text gets a random window (the first one without rng), chat its fixed one."""
+        if len(self.ids) <= max_length:
+            return self.ids, self.labels
+        start = rng.randrange(len(self.ids) - max_length + 1) if (rng is not None and not self.chat) else 0
+        return self.ids[start : start + max_length], self.labels[start : start + max_length]
+
+
+def encode_example(tokenizer: Any, example: Example, max_length: int) -> Encoded:
+    """Tokenize an example as llama.cpp would serve it; chat examples keep the last max_length tokens ending
+    with the last assistant turn, so the loss always has tokens."""
+    if example.text is not None:
+        enc = tokenizer(example.text, add_special_tokens=True, split_special_tokens=True)
+        ids = list(enc["input_ids"])
+        return Encoded(ids, list(ids), example.where, chat=False)
+    assert example.messages is not None
+    text, spans = render_chat(tokenizer, [{"role": m.role, "content": m.content} for m in example.messages])
+    bos = tokenizer.bos_token
+    enc = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)), return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [IGNORE] * len(ids)
+    last = 0
+    for i, (a, b) in enumerate(enc["offset_mapping"]):
+        if b > a and any(s <= a and b <= e for s, e in spans):
+            labels[i] = ids[i]
+            last = i + 1
+    if last == 0:
+        raise ValueError(f"{example.where}: the chat template left no assistant tokens to learn from")
+    start = max(0, last - max_length)
+    return Encoded(ids[start:last], labels[start:last], example.where, chat=True)
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The chat template's text and the character spans of each assistant turn (content + end-of-turn token)."""
+    marked = [{"role": m["role"], "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}"} for i, m in enumerate(messages)]
+    template = tokenizer.apply_chat_template(marked, tokenize=False)
+    pieces, spans, pos = [], [], 0
+    end_token = tokenizer.eos_token or ""
+    for i, m in enumerate(messages):
+        marker = f"{_MARK_OPEN}{i}{_MARK_CLOSE}"
+        at = template.find(marker, pos)
+        if at < 0:
+            raise ValueError("the chat template does not reproduce message contents verbatim; cannot mask the loss")
+        pieces.append(template[pos:at])
+        start = sum(map(len, pieces))
+        pieces.append(m["content"])
+        pos = at + len(marker)
+        if m["role"] == "assistant":
+            end = start + len(m["content"])
+            if end_token and template.startswith(end_token, pos):
+                end += len(end_token)
+            spans.append((start, end))
+    pieces.append(template[pos:])
+    text = "".join(pieces)
+    if text != tokenizer.apply_chat_template(messages, tokenize=False):
+        raise ValueError("the chat template does not reproduce message contents verbatim; cannot mask the loss")
+    return text, spans
+
+
+def split_examples(examples: Sequence[Example], config: TrainConfig) -> tuple[list[Example], list[Example]]:
+    """Deterministic (seeded) split into (train, held-out); at least one example on each side."""
+    if len(examples) < 2:
+        raise ValueError(f"need at least 2 examples (1 held out), got {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(config.seed).shuffle(order)
+    n_hold = min(len(examples) - 1, max(1, round(len(examples) * config.holdout_fraction)))
+    held = sorted(order[:n_hold])
+    train = sorted(order[n_hold:])
+    return [examples[i] for i in train], [examples[i] for i in held]
+
+
+def batch_tensors(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[Any, Any, Any]:
+    """(input_ids, attention_mask, labels), right-padded to the longest row."""
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for r, (row_ids, row_labels) in enumerate(rows):
+        ids[r, : len(row_ids)] = torch.tensor(row_ids)
+        mask[r, : len(row_ids)] = 1
+        labels[r, : len(row_labels)] = torch.tensor(row_labels)
+    return ids, mask, labels
+
+
+def per_example_loss(model: Any, ids: Any, mask: Any, labels: Any) -> Any:
+    """Mean next-token cross-entropy of each row over its labelled tokens (shape: batch)."""
+    import torch
+
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    target = labels[:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view(target.shape)
+    counts = (target != IGNORE).sum(dim=1).clamp(min=1)
+    return token_loss.sum(dim=1) / counts
+
+
+def evaluate_loss(model: Any, encoded: Sequence[Encoded], config: TrainConfig, pad_id: int) -> float:
+    """Mean per-example loss over `encoded` (first window of long texts), without gradients."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(encoded), config.physical_batch):
+            chunk = encoded[i : i + config.physical_batch]
+            rows = [e.window(config.max_length, None) for e in chunk]
+            total += float(per_example_loss(model, *batch_tensors(rows, pad_id)).sum())
+    model.train(was_training)
+    return total / len(encoded)
+
+
+def train_adapter(
+    base_folder: Path,
+    examples: list[Example],
+    config: TrainConfig,
+    out_dir: Path,
+    on_progress: Callable[[TrainProgress], None] | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter on `examples` and write it (peft safetensors, GGUF, training.json) into out_dir."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from node.training.base_model import load_torch_base
+
+    began = time.monotonic()
+    train, held = split_examples(examples, config)
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    torch.manual_seed(config.seed)
+    base, tokenizer = load_torch_base(base_folder)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_enc = [encode_example(tokenizer, e, config.max_length) for e in train]
+    held_enc = [encode_example(tokenizer, e, config.max_length) for e in held]
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,  # type: ignore[arg-type]  # peft scales by alpha / r; a float works
+        lora_dropout=0.0,
+        target_modules=list(TARGET_MODULES[config.targets]),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    before = evaluate_loss(model, held_enc, config, pad_id)
+    run = _Run(model, train_enc, config, pad_id, on_progress)
+    privacy = run.train_private() if config.dp is not None else run.train_plain()
+    after = evaluate_loss(model, held_enc, config, pad_id)
+    tail = [x for x in run.losses[-5:] if x is not None]
+    result = TrainResult(
+        steps=config.steps,
+        examples=len(train),
+        heldout_examples=len(held),
+        train_loss=sum(tail) / len(tail) if tail else float("nan"),
+        heldout_loss_before=before,
+        heldout_loss_after=after,
+        epsilon=privacy.get("epsilon"),
+        delta=config.dp.delta if config.dp else None,
+        noise_multiplier=privacy.get("noise_multiplier"),
+        sample_rate=privacy.get("sample_rate", min(1.0, config.batch_size / len(train))),
+        max_grad_norm=config.dp.max_grad_norm if config.dp else None,
+        seconds=0.0,
+        seconds_per_step=run.step_seconds / config.steps,
+        targets=config.targets,
+        rank=config.rank,
+        alpha=config.alpha,
+        trainable_params=trainable,
+        losses=[None if x is None else round(x, 5) for x in run.losses],
+    )
+    save_adapter(model, base.config, config, out_dir)
+    result.seconds = round(time.monotonic() - began, 3)
+    atomic_write_text(out_dir / "training.json", result.to_json() + "\n")
+    return result
+
+
+class _Run:
+    """The optimizer loop, shared by plain and DP training."""
+
+    def __init__(
+        self,
+        model: Any,
+        encoded: list[Encoded],
+        config: TrainConfig,
+        pad_id: int,
+        on_progress: Callable[[TrainProgress], None] | None,
+    ) -> None:
+        self.model = model
+        self.encoded = encoded
+        self.config = config
+        self.pad_id = pad_id
+        self.on_progress = on_progress
+        self.rng = random.Random(config.seed)
+        self.losses: list[float | None] = []
+        self.step_seconds = 0.0
+
+    def _params(self) -> list[Any]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _rows(self, indices: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+        return [self.encoded[i].window(self.config.max_length, self.rng) for i in indices]
+
+    def _chunks(self, indices: Sequence[int]) -> list[Sequence[int]]:
+        size = self.config.physical_batch
+        return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+    def _report(self, step: int, loss: float | None, started: float) -> None:
+        self.losses.append(loss)
+        self.step_seconds = time.monotonic() - started
+        if self.on_progress is not None:
+            mean = self.step_seconds / step
+            self.on_progress(
+                TrainProgress(
+                    step,
+                    self.config.steps,
+                    loss,
+                    round(self.step_seconds, 3),
+                    round(mean * (self.config.steps - step), 3),
+                )
+            )
+
+    def train_plain(self) -> dict[str, Any]:
+        """Shuffled epochs of batch_size examples per step (gradient accumulation over physical chunks)."""
+        import torch
+
+        cfg = self.config
+        opt = torch.optim.AdamW(self._params(), lr=cfg.learning_rate, weight_decay=0.0)
+        self.model.train()
+        order: list[int] = []
+        started = time.monotonic()
+        for step in range(1, cfg.steps + 1):
+            batch: list[int] = []
+            while len(batch) < min(cfg.batch_size, len(self.encoded)):
+                if not order:
+                    order = list(range(len(self.encoded)))
+                    self.rng.shuffle(order)
+                batch.append(order.pop())
+            total = 0.0
+            for chunk in self._chunks(batch):
+                losses = per_example_loss(self.model, *batch_tensors(self._rows(chunk), self.pad_id))
+                (losses.sum() / len(batch)).backward()
+                total += float(losses.detach().sum())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            self._report(step, total / len(batch), started)
+        return {}
+
+    def train_private(self) -> dict[str, Any]:
+        """DP-SGD: Poisson-sampled logical batches, per-example clipping and Gaussian noise (opacus, PRV)."""
+        import torch
+        from opacus import PrivacyEngine
+        from opacus.accountants.utils import get_noise_multiplier
+        from torch.utils.data import DataLoader, TensorDataset
+
+        cfg = self.config
+        dp = cfg.dp
+        assert dp is not None
+        n = len(self.encoded)
+        loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=min(cfg.batch_size, n))
+        sample_rate = 1 / len(loader)  # what opacus derives from the loader for Poisson sampling
+        sigma = get_noise_multiplier(
+            target_epsilon=dp.epsilon,
+            target_delta=dp.delta,
+            sample_rate=sample_rate,
+            steps=cfg.steps,
+            accountant="prv",
+            epsilon_tolerance=0.01,
+        )
+        self.model.train()
+        opt = torch.optim.AdamW(self._params(), lr=cfg.learning_rate, weight_decay=0.0)
+        engine = PrivacyEngine(accountant="prv")
+        gsm, dp_opt, dp_loader = engine.make_private(
+            module=self.model,
+            optimizer=opt,
+            data_loader=loader,
+            noise_multiplier=sigma,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode="hooks",
+        )
+        sampler = dp_loader.batch_sampler
+        started = time.monotonic()
+        step = 0
+        try:
+            while step < cfg.steps:
+                for indices in sampler:
+                    step += 1
+                    total = self._private_step(gsm, dp_opt, list(indices))
+                    self._report(step, total / len(indices) if indices else None, started)
+                    if step == cfg.steps:
+                        break
+        finally:
+            unwrapped = gsm.to_standard_module()  # hooks and grad_sample attributes removed
+        # opacus issue #820: the trained weights must live in the peft model that is evaluated and saved
+        if unwrapped is not self.model or not any(
+            bool(p.detach().abs().sum() > 0) for n, p in self.model.named_parameters() if "lora_B" in n
+        ):
+            raise RuntimeError("after DP training the peft model does not hold trained LoRA weights (opacus #820)")
+        return {
+            "epsilon": float(engine.get_epsilon(dp.delta)),
+            "noise_multiplier": float(sigma),
+            "sample_rate": float(sample_rate),
+        }
+
+    def _private_step(self, gsm: Any, dp_opt: Any, indices: list[int]) -> float:
+        """One logical DP step over physical chunks; an empty Poisson batch still takes a noise-only step."""
+        import torch
+
+        total = 0.0
+        if not indices:
+            for p in self._params():
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            dp_opt.step()
+            dp_opt.zero_grad(set_to_none=True)
+            return total
+        chunks = self._chunks(indices)
+        for k, chunk in enumerate(chunks):
+            losses = per_example_loss(gsm, *batch_tensors(self._rows(chunk), self.pad_id))
+            losses.mean().backward()  # opacus "mean" reduction: per-sample grads rescaled by the chunk size
+            total += float(losses.detach().sum())
+            dp_opt.signal_skip_step(do_skip=k < len(chunks) - 1)
+            dp_opt.step()
+            dp_opt.zero_grad(set_to_none=True)
+        return total
+
+
+def save_adapter(model: Any, model_config: Any, config: TrainConfig, out_dir: Path) -> None:
+    """Write peft's safetensors + config and the GGUF adapter into out_dir, checking the saved tensors."""
+    from peft import get_peft_model_state_dict
+    from safetensors.numpy import load_file
+
+    from node.training.lora_export import LoraShape, write_gguf_lora
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".peft-"))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        saved = load_file(str(tmp / "adapter_model.safetensors"))
+        if saved.keys() != state.keys() or any(not (saved[k] == state[k]).all() for k in state):
+            raise RuntimeError("the saved adapter differs from the trained weights (opacus issue #820?)")
+        for name in ADAPTER_FILES:
+            with open(tmp / name, "rb+") as f:
+                os.fchmod(f.fileno(), 0o644)
+                os.fsync(f.fileno())
+            os.replace(tmp / name, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shape = LoraShape(model_config.num_attention_heads, model_config.num_key_value_heads, alpha=config.alpha)
+    write_gguf_lora(out_dir / "adapter.gguf", state, shape, permute_qk=True)
