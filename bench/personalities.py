@@ -187,6 +187,44 @@ def m_generate(args: argparse.Namespace, folder: Path, targets: str | None) -> d
     return {"tok_s": trio.run(main)}
 
 
+def m_generate_beside_training(args: argparse.Namespace, folder: Path, nice: int) -> dict[str, Any]:
+    """Generation tok/s while a training job (the node's own subprocess) runs at the given nice level."""
+    from node.training.base_model import ensure_torch_base
+
+    ensure_torch_base(Path(args.models_dir), _gguf())
+    data = folder / "data.txt"
+    data.write_text("\n\n".join(_train_texts(64)))
+    spec = folder / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "gguf": str(_gguf()),
+                "models_dir": args.models_dir,
+                "data": str(data),
+                "config": {"steps": 1000},
+                "out_dir": str(folder / "out"),
+            }
+        )
+    )
+    job = subprocess.Popen(
+        [sys.executable, "-m", "node.training.job", str(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
+    os.setpriority(os.PRIO_PROCESS, job.pid, nice)
+    try:
+        assert job.stdout is not None
+        for line in job.stdout:  # wait until it is really training
+            if json.loads(line)["event"] == "progress":
+                break
+        return m_generate(args, folder, None)
+    finally:
+        job.terminate()
+        job.wait(timeout=30)
+
+
 def m_train(args: argparse.Namespace, folder: Path, kind: str) -> dict[str, Any]:
     """Seconds per optimizer step: the project's trainer (plain or DP) vs a plain peft loop, same batch."""
     from node.training.base_model import ensure_torch_base
@@ -274,6 +312,8 @@ def one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             return m_rss_adapters(args, folder)
         if kind == "rss_models":
             return m_rss_models(args, folder)
+        if kind.startswith("gen_beside_training_nice"):
+            return m_generate_beside_training(args, folder, int(kind.rsplit("nice", 1)[1]))
         if kind.startswith("gen_"):
             return m_generate(args, folder, None if kind == "gen_base" else kind[4:])
         if kind.startswith("train_"):
@@ -311,6 +351,7 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--train-steps", type=int, default=8)
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--only", help="comma-separated measurement kinds (for quick checks; no table)")
     ap.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "mirador-bench-models"))
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "personalities.json")
@@ -320,12 +361,16 @@ def main() -> None:
         return
     kinds = ["swap", "rss_adapters", "rss_models", "gen_base", "gen_qv", "gen_all"]
     if not args.skip_training:
-        kinds += ["train_peft", "train_ours", "train_dp"]
+        kinds += ["train_peft", "train_ours", "train_dp", "gen_beside_training_nice19", "gen_beside_training_nice0"]
+    if args.only:
+        kinds = args.only.split(",")
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
     for rep in range(args.reps):
         for kind in kinds:
             runs[kind].append(isolated(kind, args))
             print(f"rep {rep + 1}/{args.reps} {kind}: {runs[kind][-1]}", file=sys.stderr)
+    if args.only:
+        return
 
     def med(kind: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[kind])
@@ -354,6 +399,11 @@ def main() -> None:
         tps = med(f"gen_{t}", "tok_s")
         rows.append((f"generation, {t} adapter attached", f"{tps:.1f} tok/s", f"{tps / base_tps:.3f}"))
     if not args.skip_training:
+        for nice in (19, 0):
+            tps = med(f"gen_beside_training_nice{nice}", "tok_s")
+            rows.append(
+                (f"generation, base, beside a training job at nice {nice}", f"{tps:.1f} tok/s", f"{tps / base_tps:.3f}")
+            )
         peft_s, ours_s, dp_s = (med(f"train_{k}", "s_per_step") for k in ("peft", "ours", "dp"))
         rows.append(("training step, plain peft loop (reference)", f"{peft_s:.2f} s", "1.00"))
         rows.append(("training step, Mirador trainer (speed ratio)", f"{ours_s:.2f} s", f"{peft_s / ours_s:.3f}"))

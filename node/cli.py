@@ -125,6 +125,7 @@ def cmd_node_status(args: argparse.Namespace) -> int:
 
 def _format_status(s: dict[str, Any]) -> str:
     n, p, m, e, a = s["node"], s["profile"], s["model"], s["engine"], s["api"]
+    cache = s["adapters"]["cache"]
     return "\n".join(
         [
             f"running      pid {n['pid']}, up {n['uptime_s']:.0f} s, version {n['version']}",
@@ -134,6 +135,12 @@ def _format_status(s: dict[str, Any]) -> str:
             f"batch {p['batch_size']}, {p['slots']} slots, adapter cache {p['adapter_cache_mb']} MB",
             f"model        {m['id']} ({m['description']}, {m['n_params'] / 1e6:.0f}M params) {m['path']}",
             f"engine       {e['active']} generating, {e['waiting']} waiting, {e['completed']} done",
+            f"personalities {', '.join(s['personalities']['names']) or '(none)'}"
+            + (f"  MANIFEST ERROR: {s['personalities']['error']}" if s["personalities"]["error"] else ""),
+            f"adapters     {len(s['adapters']['installed'])} installed, {len(cache['loaded'])} loaded "
+            f"({cache['used_bytes'] / 1e6:.1f} of {cache['budget_bytes'] / 1e6:.0f} MB), {cache['loads']} loads, "
+            f"{cache['evictions']} evictions",
+            f"training     {s['training']['running'] or 'idle'}",
             f"api          http://{a['host']}:{a['port']}  auth: {'bearer token' if a['auth'] else 'none (loopback)'}",
         ]
     )

@@ -251,10 +251,11 @@ def per_example_loss(model: Any, ids: Any, mask: Any, labels: Any) -> Any:
     """Mean next-token cross-entropy of each row over its labelled tokens (shape: batch)."""
     import torch
 
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    target = labels[:, 1:]
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    # shift the labels, not the logits: slicing the (batch x tokens x vocab) logits would copy them
+    target = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
     token_loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="none"
+        logits.view(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="none"
     ).view(target.shape)
     counts = (target != IGNORE).sum(dim=1).clamp(min=1)
     return token_loss.sum(dim=1) / counts
