@@ -1,10 +1,22 @@
-"""Ed25519 identity: sign, verify, round-trip, refuse foreign key types."""
+"""Ed25519 identity: sign, verify, round-trip, encrypted backups, public key export, refuse foreign key types."""
+
+import base64
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from crypto.identity import Identity, IdentityFormatError, verify_signature
+from crypto.identity import (
+    Identity,
+    IdentityFormatError,
+    KeyFormatError,
+    PassphraseError,
+    PublicKey,
+    fingerprint_of,
+    is_encrypted_pem,
+    is_fingerprint,
+    verify_signature,
+)
 
 
 def test_sign_and_verify() -> None:
@@ -33,3 +45,85 @@ def test_non_ed25519_key_is_refused() -> None:
 def test_garbage_is_refused() -> None:
     with pytest.raises(IdentityFormatError):
         Identity.from_pem(b"not a key")
+
+
+def test_encrypted_pem_round_trip_keeps_the_key() -> None:
+    ident = Identity.generate()
+
+    pem = ident.to_encrypted_pem("correct horse")
+    again = Identity.from_encrypted_pem(pem, b"correct horse")
+
+    assert is_encrypted_pem(pem) and not is_encrypted_pem(ident.to_pem())
+    assert again.fingerprint == ident.fingerprint
+    assert b"ENCRYPTED PRIVATE KEY" in pem
+
+
+@pytest.mark.parametrize(
+    ("passphrase", "message"),
+    [("wrong", "wrong passphrase"), ("", "passphrase is empty")],
+)
+def test_encrypted_pem_refuses_a_bad_passphrase(passphrase: str, message: str) -> None:
+    pem = Identity.generate().to_encrypted_pem("right")
+
+    with pytest.raises(PassphraseError, match=message):
+        Identity.from_encrypted_pem(pem, passphrase)
+
+
+def test_plain_and_encrypted_loaders_name_the_other_format() -> None:
+    ident = Identity.generate()
+
+    with pytest.raises(PassphraseError, match="passphrase is needed"):
+        Identity.from_pem(ident.to_encrypted_pem("pw"))
+    with pytest.raises(IdentityFormatError, match="not an encrypted"):
+        Identity.from_encrypted_pem(ident.to_pem(), "pw")
+    with pytest.raises(PassphraseError, match="empty"):
+        ident.to_encrypted_pem(b"")
+
+
+def test_public_key_exports_round_trip_with_the_same_fingerprint() -> None:
+    ident = Identity.generate()
+
+    from_b64 = PublicKey.from_b64(ident.public_key_b64())
+    from_pem = PublicKey.from_pem(ident.public_key.to_pem())
+
+    assert from_b64 == from_pem == ident.public_key
+    assert from_b64.fingerprint == ident.fingerprint == fingerprint_of(ident.public_key_bytes)
+    assert len(ident.public_key_b64()) == 44
+    assert from_b64.verify(ident.sign(b"x"), b"x") and not from_b64.verify(ident.sign(b"x"), b"y")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("AAAA", "32 bytes"),
+        ("not base64!", "not standard base64"),
+        (base64.urlsafe_b64encode(b"\xfb" * 32).decode(), "not standard base64"),
+        (base64.b64encode(b"\x01" * 32).decode().rstrip("="), "base64"),
+    ],
+    ids=["short", "garbage", "urlsafe", "unpadded"],
+)
+def test_public_key_from_b64_refuses_malformed_text(text: str, message: str) -> None:
+    with pytest.raises(KeyFormatError, match=message):
+        PublicKey.from_b64(text)
+
+
+def test_public_key_from_pem_refuses_other_key_types() -> None:
+    pem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+    with pytest.raises(KeyFormatError, match="expected an Ed25519 public key"):
+        PublicKey.from_pem(pem)
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        ("ed25519:" + "0a" * 16, True),
+        ("ed25519:" + "0A" * 16, False),
+        ("ed25519:" + "0a" * 15, False),
+        ("rsa:" + "0a" * 16, False),
+    ],
+)
+def test_is_fingerprint(text: str, ok: bool) -> None:
+    assert is_fingerprint(text) is ok

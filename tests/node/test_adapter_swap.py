@@ -11,7 +11,7 @@ from node.adapter_check import BaseDims, base_dims
 from node.engine import InferenceEngine
 from node.llama_backend import BatchContext, LlamaModel, LoraAdapter
 from tests.engine_harness import generate, settings
-from tests.lora_files import write_adapter
+from tests.lora_files import strong_adapters
 
 PROMPT = "The capital of France is"
 
@@ -23,12 +23,7 @@ def dims(llama: LlamaModel) -> BaseDims:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory, dims: BaseDims) -> dict[str, Path]:
-    """Three strong random q,v adapters (r=8, 1.85 MB each): their greedy text differs from the base's."""
-    folder = tmp_path_factory.mktemp("adapters")
-    return {
-        name: write_adapter(folder / f"{name}.gguf", dims, r=8, seed=seed, std=0.1)
-        for name, seed in (("a", 1), ("b", 2), ("c", 3))
-    }
+    return strong_adapters(tmp_path_factory.mktemp("adapters"), dims, ["a", "b", "c"])
 
 
 def ref(files: dict[str, Path], name: str, version: str = "v1", scale: float = 1.0) -> tuple[AdapterRef, ...]:

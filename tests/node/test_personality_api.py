@@ -14,7 +14,7 @@ from node.adapter_check import BaseDims, base_dims_of_file
 from node.adapter_store import AdapterStore
 from node.models import embedded_model_path
 from tests.daemon_harness import Daemon, node_env, running
-from tests.lora_files import write_adapter
+from tests.lora_files import strong_adapters, write_adapter
 
 MANIFEST = """
 [personalities.financial_expert]
@@ -36,11 +36,7 @@ def dims() -> BaseDims:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory, dims: BaseDims) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("adapter-files")
-    return {
-        name: write_adapter(folder / f"{name}.gguf", dims, r=8, seed=seed, std=0.1)
-        for name, seed in (("finance", 1), ("cooking", 2), ("finance2", 3))
-    }
+    return strong_adapters(tmp_path_factory.mktemp("adapter-files"), dims, ["finance", "cooking", "finance2"])
 
 
 @pytest.fixture(scope="module")
