@@ -1,14 +1,122 @@
-"""The node identity: one Ed25519 key that signs everything the node publishes."""
+"""The node identity: one Ed25519 key that signs everything the node publishes.
 
+Key export/import for `mirador keys show|export|import`:
+- the public key travels as raw 32 bytes in standard base64 (44 characters) or as SubjectPublicKeyInfo PEM
+  (what openssl, cosign and model_signing read);
+- its fingerprint is 'ed25519:' + the first 16 bytes of sha256(raw public key), hex (32 characters);
+- the private key is PKCS#8 PEM, unencrypted for identity.key (0600) or encrypted with a passphrase
+  (BestAvailableEncryption) for backups.
+"""
+
+import base64
+import binascii
 import hashlib
+from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+FINGERPRINT_PREFIX = "ed25519:"
+PUBLIC_KEY_SIZE = 32
+_ENCRYPTED_PEM_HEADER = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
 
-class IdentityFormatError(ValueError):
-    """The bytes given are not an unencrypted PKCS#8 PEM Ed25519 private key."""
+
+class KeyFormatError(ValueError):
+    """Bytes or text that are not a usable Ed25519 key."""
+
+
+class IdentityFormatError(KeyFormatError):
+    """The bytes given are not a usable PKCS#8 PEM Ed25519 private key."""
+
+
+class PassphraseError(IdentityFormatError):
+    """An encrypted private key with a missing or wrong passphrase."""
+
+
+def fingerprint_of(public_key_bytes: bytes) -> str:
+    """'ed25519:' + 16 bytes of sha256 of the raw public key, hex: the printable name of a publisher."""
+    return FINGERPRINT_PREFIX + hashlib.sha256(public_key_bytes).hexdigest()[:32]
+
+
+def is_fingerprint(text: str) -> bool:
+    """True if `text` has the shape of a fingerprint ('ed25519:' + 32 lowercase hex digits)."""
+    digits = text.removeprefix(FINGERPRINT_PREFIX)
+    return text.startswith(FINGERPRINT_PREFIX) and len(digits) == 32 and all(c in "0123456789abcdef" for c in digits)
+
+
+def strict_b64decode(text: str) -> bytes:
+    """Decode standard, padded, canonical base64 (one encoding per value); raise ValueError for anything else."""
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise ValueError(f"not standard base64: {exc}") from exc
+    if base64.b64encode(raw).decode("ascii") != text:
+        raise ValueError("not canonical base64 (standard alphabet, with padding)")
+    return raw
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """An Ed25519 public key (raw 32 bytes) with its fingerprint; what a verifier needs of a publisher."""
+
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.raw) != PUBLIC_KEY_SIZE:
+            raise KeyFormatError(f"an Ed25519 public key is {PUBLIC_KEY_SIZE} bytes, got {len(self.raw)}")
+
+    @classmethod
+    def from_b64(cls, text: str) -> "PublicKey":
+        """Load a public key from standard base64 of its raw 32 bytes."""
+        try:
+            raw = strict_b64decode(text)
+        except ValueError as exc:
+            raise KeyFormatError(f"public key: {exc}") from exc
+        return cls(raw)
+
+    @classmethod
+    def from_pem(cls, data: bytes) -> "PublicKey":
+        """Load a public key from SubjectPublicKeyInfo PEM; refuse any other key type."""
+        try:
+            key = serialization.load_pem_public_key(data)
+        except (ValueError, TypeError) as exc:
+            raise KeyFormatError(f"not a PEM public key: {exc}") from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise KeyFormatError(f"expected an Ed25519 public key, found {type(key).__name__}")
+        return cls(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+    def to_b64(self) -> str:
+        """Standard base64 of the raw 32 bytes (44 characters)."""
+        return base64.b64encode(self.raw).decode("ascii")
+
+    def to_pem(self) -> bytes:
+        """SubjectPublicKeyInfo PEM, for openssl and other tools."""
+        return Ed25519PublicKey.from_public_bytes(self.raw).public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        """'ed25519:' + 16 bytes of sha256 of the raw key, hex."""
+        return fingerprint_of(self.raw)
+
+    def verify(self, signature: bytes, data: bytes) -> bool:
+        """Return True only if `signature` is a valid signature of `data` by this key."""
+        return verify_signature(self.raw, signature, data)
+
+
+def _passphrase_bytes(passphrase: str | bytes) -> bytes:
+    """The passphrase as bytes (UTF-8 for text); refuse an empty one."""
+    data = passphrase.encode("utf-8") if isinstance(passphrase, str) else passphrase
+    if not data:
+        raise PassphraseError("the passphrase is empty")
+    return data
+
+
+def is_encrypted_pem(data: bytes) -> bool:
+    """True if `data` is an encrypted PKCS#8 PEM private key (ask for a passphrase before loading it)."""
+    return data.lstrip().startswith(_ENCRYPTED_PEM_HEADER)
 
 
 class Identity:
@@ -28,10 +136,30 @@ class Identity:
     @classmethod
     def from_pem(cls, data: bytes) -> "Identity":
         """Load an identity from unencrypted PKCS#8 PEM bytes; refuse any other key type."""
+        if is_encrypted_pem(data):
+            raise PassphraseError("the private key is encrypted: a passphrase is needed")
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError) as exc:
             raise IdentityFormatError(f"not an unencrypted PEM private key: {exc}") from exc
+        return cls._checked(key)
+
+    @classmethod
+    def from_encrypted_pem(cls, data: bytes, passphrase: str | bytes) -> "Identity":
+        """Load an identity from passphrase-encrypted PKCS#8 PEM bytes (a backup made by `to_encrypted_pem`)."""
+        if not is_encrypted_pem(data):
+            raise IdentityFormatError("not an encrypted PKCS#8 PEM private key (BEGIN ENCRYPTED PRIVATE KEY)")
+        try:
+            key = serialization.load_pem_private_key(data, password=_passphrase_bytes(passphrase))
+        except ValueError as exc:
+            raise PassphraseError(f"cannot decrypt the private key (wrong passphrase?): {exc}") from exc
+        except TypeError as exc:
+            raise IdentityFormatError(f"not an encrypted PEM private key: {exc}") from exc
+        return cls._checked(key)
+
+    @classmethod
+    def _checked(cls, key: object) -> "Identity":
+        """Wrap `key` if it is an Ed25519 private key."""
         if not isinstance(key, Ed25519PrivateKey):
             raise IdentityFormatError(f"expected an Ed25519 key, found {type(key).__name__}")
         return cls(key)
@@ -42,10 +170,27 @@ class Identity:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
 
+    def to_encrypted_pem(self, passphrase: str | bytes) -> bytes:
+        """Serialize the private key as PKCS#8 PEM encrypted with `passphrase` (a backup of the node key)."""
+        return self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(_passphrase_bytes(passphrase)),
+        )
+
+    @property
+    def public_key(self) -> PublicKey:
+        """The public half, for export and for verifiers."""
+        return PublicKey(self.public_key_bytes)
+
+    def public_key_b64(self) -> str:
+        """Standard base64 of the raw 32-byte public key (what `mirador keys show` prints)."""
+        return self.public_key.to_b64()
+
     @property
     def fingerprint(self) -> str:
         """Short, stable, printable name of the public key: 'ed25519:' + 16 bytes of its sha256, hex."""
-        return "ed25519:" + hashlib.sha256(self.public_key_bytes).hexdigest()[:32]
+        return fingerprint_of(self.public_key_bytes)
 
     def sign(self, data: bytes) -> bytes:
         """Sign `data`; the signature is 64 bytes."""

@@ -12,8 +12,8 @@ from crypto.dsse import (
     MAX_PAYLOAD_BYTES,
     MAX_SIGNATURES,
     EnvelopeError,
-    parse_envelope,
     pae,
+    parse_envelope,
     sign_envelope,
     signature_is_valid,
 )

@@ -108,8 +108,10 @@ def test_public_key_from_b64_refuses_malformed_text(text: str, message: str) -> 
 
 
 def test_public_key_from_pem_refuses_other_key_types() -> None:
-    pem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
 
     with pytest.raises(KeyFormatError, match="expected an Ed25519 public key"):

@@ -65,7 +65,7 @@ def test_sign_statement_makes_an_in_toto_envelope() -> None:
 def test_sign_statement_refuses_another_identity() -> None:
     statement = build_statement({"f": A}, MANIFEST, Identity.generate().public_key)
 
-    with pytest.raises(StatementError, match="names publisher .* but the signing identity"):
+    with pytest.raises(StatementError, match=r"names publisher .* but the signing identity"):
         sign_statement(Identity.generate(), statement)
 
 
@@ -210,5 +210,5 @@ def test_folder_digests_refuse_symlinks(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_bytes(b"a")
     (tmp_path / "link").symlink_to("/etc/hostname")
 
-    with pytest.raises(StatementError, match="link .* is a symlink or special file"):
+    with pytest.raises(StatementError, match=r"link .* is a symlink or special file"):
         folder_digests(tmp_path)
