@@ -19,7 +19,7 @@ Name = Annotated[str, msgspec.Meta(pattern=NAME_RE)]
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
-SAFE_SUFFIXES = frozenset({".gguf", ".safetensors", ".json", ".yaml", ".yml", ".txt", ".md"})
+SAFE_SUFFIXES = frozenset({".gguf", ".safetensors", ".json", ".yaml", ".yml", ".toml", ".txt", ".md"})
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
 
 
@@ -54,10 +54,11 @@ class AdapterInfo(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class ArtifactRef(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """An artifact a chain uses: name@version and the sha256 of its signed envelope."""
+    """An artifact a chain uses: name@version, and the CID and sha256 of its signed envelope."""
 
     name: Name
     version: Annotated[str, msgspec.Meta(max_length=64)]
+    envelope_cid: Annotated[str, msgspec.Meta(min_length=2, max_length=128)]
     envelope_sha256: Sha256
 
 

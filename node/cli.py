@@ -177,6 +177,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_market(args: argparse.Namespace) -> int:
+    """Dispatch the marketplace commands (model, chain, trust, audit, keys)."""
+    from node.config import ConfigError
+    from node.market_cli import run
+
+    try:
+        return run(_home(args), args.market_func, args)
+    except ConfigError as exc:
+        print(f"mirador: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `mirador`."""
     parser = argparse.ArgumentParser(
@@ -215,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     from node.train_cli import add_parser as add_train_parser
 
     add_train_parser(sub).set_defaults(func=cmd_train)
+    from node.market_cli import add_parsers as add_market_parsers
+
+    for market_parser in add_market_parsers(sub):
+        market_parser.set_defaults(func=cmd_market)
     return parser
 
 

@@ -57,6 +57,13 @@ class InferenceSection(_Section, frozen=True):
     adapter_cache_mb: PositiveInt | None = None
 
 
+class StoreSection(_Section, frozen=True):
+    """[store]: where published and pulled content lives: the embedded block store, or an IPFS daemon's RPC API."""
+
+    backend: Literal["embedded", "ipfs"] = "embedded"
+    ipfs_api: str = "/ip4/127.0.0.1/tcp/5001/http"
+
+
 class NodeConfig(_Section, frozen=True):
     """The whole validated `node.toml`."""
 
@@ -64,6 +71,7 @@ class NodeConfig(_Section, frozen=True):
     api: ApiSection = ApiSection()
     model: ModelSection = ModelSection()
     inference: InferenceSection = InferenceSection()
+    store: StoreSection = StoreSection()
 
 
 class ConfigError(Exception):

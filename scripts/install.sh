@@ -10,6 +10,10 @@ extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 
 apt_packages=(build-essential cmake pkg-config git python3-dev python3-venv libgmp-dev)
+# the tests also start a real IPFS daemon (js-ipfs, from npm): Node.js and npm, unless already on the machine
+if [ -n "$extras" ] && ! { command -v node >/dev/null && command -v npm >/dev/null; }; then
+  apt_packages+=(nodejs npm)
+fi
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -39,3 +43,6 @@ export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
 echo "==> mirador${extras} and its pinned dependencies"
 "${pip[@]}" install -q -e ".${extras}"
 echo "==> installed: $(.venv/bin/mirador --version)"
+if [ -n "$extras" ]; then
+  bash scripts/ipfs/install.sh
+fi
