@@ -136,6 +136,37 @@ def cmd_pull(home: NodeHome, args: argparse.Namespace) -> int:
         done = _market(home).pull(args.target, trust_publisher=args.trust_publisher, progress=bar)
     trust = "trusted publisher" if done.publisher_trusted else "UNTRUSTED publisher, allowed by --trust-publisher"
     print(f"pulled {done.manifest.name}@{done.manifest.version} from {done.publisher} ({trust}) into {done.folder}")
+    if done.manifest.kind == "adapter" and not args.no_install:
+        return _install_adapter(home, done)
+    return 0
+
+
+def _install_adapter(home: NodeHome, done: Any) -> int:
+    """Install a pulled adapter into the adapter store (a running node serves it at once) if it fits the base."""
+    from node.adapter_check import AdapterRejected
+    from node.adapter_cli import open_store
+    from node.adapter_store import EXTRA_FILES
+    from node.config import load_config
+    from node.models import resolve_model
+    from node.training.base_model import file_digest
+
+    manifest = done.manifest
+    _, gguf = resolve_model(load_config(home.config_file).model)
+    if manifest.adapter.base_sha256 != file_digest(gguf):
+        raise CliError(
+            f"{manifest.name}@{manifest.version} was trained for {manifest.adapter.base_name} "
+            f"(sha256 {manifest.adapter.base_sha256[:16]}...), not the model this node serves ({gguf.name}); "
+            f"it stays in {done.folder} but is not installed as an adapter"
+        )
+    ggufs = [f.name for f in manifest.files if f.name.endswith(".gguf")]
+    if len(ggufs) != 1:
+        raise CliError(f"{manifest.name}@{manifest.version} has {len(ggufs)} GGUF files; an adapter needs exactly one")
+    extras = [done.folder / f.name for f in manifest.files if f.name in EXTRA_FILES]
+    try:
+        installed = open_store(home).install(manifest.name, done.folder / ggufs[0], extras)
+    except AdapterRejected as exc:
+        raise CliError(f"the pulled adapter is refused: {exc}") from None
+    print(f"installed as adapter {installed.key}: use model 'base:{manifest.name}' or name it in personalities.toml")
     return 0
 
 
@@ -271,6 +302,7 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> l
         pull = s.add_parser("pull", help="fetch and verify NAME[@VERSION] or a CID")
         pull.add_argument("target")
         pull.add_argument("--trust-publisher", action="store_true", help="accept a publisher you do not trust yet")
+        pull.add_argument("--no-install", action="store_true", help="adapters: do not install into the adapter store")
         pull.set_defaults(market_func=cmd_pull)
         ver = s.add_parser("verify", help="verify an installed artifact again")
         ver.add_argument("target", help="NAME[@VERSION]")

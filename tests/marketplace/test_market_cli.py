@@ -94,3 +94,38 @@ def test_publish_trust_pull_verify_and_chain_across_two_homes(
     assert allowed.returncode == 0 and "UNTRUSTED publisher" in allowed.stdout
     assert (bob / "artifacts" / "brief" / "1.0.0" / "brief.yaml").is_file()
     assert re.search(r"pull\s+refused", audit) and re.search(r"trust-add\s+ok", audit)
+
+
+def test_an_adapter_published_by_one_home_is_pulled_and_served_by_another(tmp_path: Path, ipfs: IpfsDaemon) -> None:
+    # Arrange: alice publishes a strong adapter (its greedy answers differ from the base's)
+    import httpx
+
+    from tests.daemon_harness import running
+
+    alice, bob = tmp_path / "alice", tmp_path / "bob"
+    folder = tmp_path / "tutor"
+    folder.mkdir()
+    write_adapter(folder / "adapter.gguf", base_dims_of_file(embedded_model_path()), r=8, seed=1, std=0.1)
+    cid = published_cid(
+        cli(alice, ipfs, "model", "publish", str(folder), "--name", "tutor", "--version", "1.0.0", "--kind", "adapter")
+    )
+    cli(alice, ipfs, "keys", "export", "--public", str(tmp_path / "alice.pem"))
+    cli(bob, ipfs, "trust", "add", str(tmp_path / "alice.pem"))
+    # Act
+    pulled = cli(bob, ipfs, "model", "pull", cid)
+    answers = {}
+    for daemon in running(bob):
+        for model in ("base", "base:tutor"):
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": "Hello"}],
+                "max_tokens": 8,
+                "temperature": 0,
+            }
+            reply = httpx.post(f"{daemon.url}/v1/chat/completions", json=body, timeout=60)
+            answers[model] = (reply.headers["x-mirador-adapters"], reply.json()["choices"][0]["message"]["content"])
+    # Assert
+    assert pulled.returncode == 0, pulled.stderr
+    assert "installed as adapter tutor@v1" in pulled.stdout
+    assert answers["base:tutor"][0] == "tutor@v1" and answers["base"][0] == "none"
+    assert answers["base:tutor"][1] != answers["base"][1]
