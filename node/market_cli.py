@@ -86,6 +86,14 @@ def cmd_publish(home: NodeHome, args: argparse.Namespace) -> int:
     """Sign and publish a model or adapter (file or folder)."""
     path = Path(args.path).resolve()
     adapter = _adapter_info(path, home) if args.kind == "adapter" else None
+    benchmarks: dict[str, float] = {}
+    if not args.no_bench:
+        from node.config import load_config
+        from node.models import resolve_model
+        from node.publish_bench import publish_benchmarks
+
+        _, base = resolve_model(load_config(home.config_file).model)
+        benchmarks = publish_benchmarks(path, args.kind, base)
     with _progress_bar() as bar:
         done = _market(home).publish(
             path,
@@ -95,8 +103,11 @@ def cmd_publish(home: NodeHome, args: argparse.Namespace) -> int:
             license=args.license,
             description=args.description,
             adapter=adapter,
+            benchmarks=benchmarks,
             progress=bar,
         )
+    figures = ", ".join(f"{k} {v:g}" for k, v in benchmarks.items())
+    print(f"measured at publish: {figures}" if figures else "no benchmark figures measured")
     print(f"published {done.manifest.name}@{done.manifest.version} ({done.manifest.kind}) as {done.envelope_cid}")
     return 0
 
@@ -297,6 +308,7 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> l
             pub.add_argument("--version", required=True, help="semantic version, e.g. 1.0.0")
             pub.add_argument("--kind", choices=["model", "adapter"], default="model")
             pub.add_argument("--description", default="")
+            pub.add_argument("--no-bench", action="store_true", help="skip measuring generation speed for the manifest")
         pub.add_argument("--license", default="Apache-2.0")
         pub.set_defaults(market_func=cmd_publish if kind == "model" else cmd_chain_publish)
         pull = s.add_parser("pull", help="fetch and verify NAME[@VERSION] or a CID")

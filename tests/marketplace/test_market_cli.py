@@ -90,6 +90,7 @@ def test_publish_trust_pull_verify_and_chain_across_two_homes(
     assert listed[0]["root_cid"] == adapter_cid
     assert verified.returncode == 0 and "2 files" in verified.stdout
     assert inspected["manifest"]["adapter"]["lora"] == {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "v_proj"]}
+    assert inspected["manifest"]["benchmarks"]["generation_tok_s"] > 0  # measured with the adapter at publish
     assert untrusted.returncode == 1 and "is not trusted" in untrusted.stderr
     assert allowed.returncode == 0 and "UNTRUSTED publisher" in allowed.stdout
     assert (bob / "artifacts" / "brief" / "1.0.0" / "brief.yaml").is_file()
