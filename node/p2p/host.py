@@ -1,0 +1,252 @@
+"""The node's libp2p host: the node's Ed25519 key as identity, TCP, Noise only, Yamux, Kademlia DHT, gossipsub.
+
+py-libp2p 0.8.1 is trio-only and its `new_host()` also offers plaintext, secio and TLS unless `sec_opt` is given, so
+the host is always built with Noise alone. The DHT and pubsub are created and started before any dial (pubsub ignores
+connections made before it ran; a late DHT keeps an empty routing table).
+"""
+
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import multiaddr
+import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from libp2p import new_host
+from libp2p.abc import IHost, INetStream
+from libp2p.crypto.ed25519 import create_new_key_pair as ed25519_key_pair
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig
+from libp2p.network.stream.exceptions import StreamEOF, StreamError, StreamReset
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+
+from crypto.identity import Identity
+
+_CLOSE_TIMEOUT = 5.0
+
+
+class P2PError(Exception):
+    """The P2P host could not start or could not reach a peer."""
+
+
+@dataclass(frozen=True)
+class P2PConfig:
+    """How the host listens and how long it waits; port 0 picks any free port."""
+
+    listen_host: str = "127.0.0.1"
+    port: int = 0
+    dial_timeout: float = 10.0
+    negotiate_timeout: int = 10
+    max_connections: int = 256
+    max_connections_per_peer: int = 1
+    dht: bool = True
+    pubsub: bool = True
+
+
+def libp2p_key_pair(identity: Identity) -> KeyPair:
+    """The libp2p Ed25519 key pair of the node's identity (same key, so the PeerID is stable across restarts)."""
+    key = serialization.load_pem_private_key(identity.to_pem(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise P2PError(f"the node identity is not an Ed25519 key ({type(key).__name__})")
+    seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    pair = ed25519_key_pair(seed)
+    if pair.public_key.to_bytes() != identity.public_key_bytes:
+        raise P2PError("the libp2p key derived from the node identity has a different public key")
+    return pair
+
+
+def peer_id_of(identity: Identity) -> ID:
+    """The PeerID other nodes see for this identity (identity multihash of the protobuf Ed25519 public key)."""
+    return ID.from_pubkey(libp2p_key_pair(identity).public_key)
+
+
+def build_host(key_pair: KeyPair, config: P2PConfig) -> IHost:
+    """A libp2p host that speaks Noise only (no plaintext, secio or TLS) and Yamux only, over TCP only."""
+    noise = NoiseTransport(key_pair, noise_privkey=x25519_key_pair().private_key)
+    high = max(1, config.max_connections * 2 // 3)
+    connection_config = ConnectionConfig(
+        max_connections=config.max_connections,
+        high_watermark=high,
+        low_watermark=high // 2,
+        min_connections=high // 4,
+        max_connections_per_peer=config.max_connections_per_peer,
+        dial_timeout=config.dial_timeout,
+        inbound_upgrade_timeout=config.negotiate_timeout,
+        outbound_upgrade_timeout=config.negotiate_timeout,
+        inbound_stream_protocol_negotiation_timeout=config.negotiate_timeout,
+        outbound_stream_protocol_negotiation_timeout=config.negotiate_timeout,
+    )
+    return new_host(
+        key_pair=key_pair,
+        sec_opt={NOISE_PROTOCOL_ID: noise},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        listen_addrs=[tcp_multiaddr(config.listen_host, config.port)],
+        enable_tcp=True,
+        negotiate_timeout=config.negotiate_timeout,
+        connection_config=connection_config,
+    )
+
+
+def tcp_multiaddr(host: str, port: int) -> multiaddr.Multiaddr:
+    """/ip4/HOST/tcp/PORT."""
+    return multiaddr.Multiaddr(f"/ip4/{host}/tcp/{port}")
+
+
+class Libp2pStream:
+    """A libp2p stream as framing's ByteStream: end of stream (StreamEOF, or a reset) reads as b""."""
+
+    def __init__(self, stream: INetStream) -> None:
+        self.stream = stream
+
+    async def read(self, n: int) -> bytes:
+        """Read up to `n` bytes; b"" once the peer's side is finished or gone."""
+        try:
+            return await self.stream.read(n)
+        except (StreamEOF, StreamReset):
+            return b""
+
+    async def write(self, data: bytes) -> None:
+        """Write all of `data`; ConnectionResetError if the stream is closed or reset."""
+        try:
+            await self.stream.write(data)
+        except StreamError as exc:
+            raise ConnectionResetError(f"libp2p stream: {exc or type(exc).__name__}") from exc
+
+    async def close(self) -> None:
+        """Close the stream."""
+        await self.stream.close()
+
+    async def reset(self) -> None:
+        """Abort the stream in both directions."""
+        await self.stream.reset()
+
+
+class P2PNode:
+    """The running libp2p side of a node: host, DHT (server mode) and gossipsub in the caller's trio loop.
+
+    Use `async with P2PNode(identity) as node:` or `await nursery.start(node.run)` (then `node.stop()`).
+    """
+
+    def __init__(self, identity: Identity, config: P2PConfig | None = None) -> None:
+        self.config = config or P2PConfig()
+        self.key_pair = libp2p_key_pair(identity)
+        self.host: IHost = build_host(self.key_pair, self.config)
+        # Created before the host listens, so that no connection is made before they see it.
+        self.dht = KadDHT(self.host, DHTMode.SERVER) if self.config.dht else None
+        self.gossipsub = _gossipsub() if self.config.pubsub else None
+        self.pubsub = Pubsub(self.host, self.gossipsub) if self.gossipsub is not None else None
+        self._stack: AsyncExitStack | None = None
+        self._stop = trio.Event()
+        self._used = False
+
+    @property
+    def peer_id(self) -> ID:
+        """This node's PeerID."""
+        return self.host.get_id()
+
+    @property
+    def listen_addrs(self) -> list[multiaddr.Multiaddr]:
+        """Full listen multiaddrs (/ip4/…/tcp/…/p2p/ID), once running."""
+        suffix = multiaddr.Multiaddr(f"/p2p/{self.peer_id}")
+        return [addr.encapsulate(suffix) for addr in self.host.get_transport_addrs()]
+
+    async def __aenter__(self) -> "P2PNode":
+        """Listen, then start the DHT and pubsub; ready to dial when this returns."""
+        if self._stack is not None or self._used:
+            raise P2PError("a P2PNode runs once; make a new one to restart")
+        self._used = True
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(self.host.run(listen_addrs=[self._listen_addr()]))
+            if self.dht is not None:
+                await stack.enter_async_context(background_trio_service(self.dht))
+            if self.pubsub is not None and self.gossipsub is not None:
+                await stack.enter_async_context(background_trio_service(self.pubsub))
+                await stack.enter_async_context(background_trio_service(self.gossipsub))
+                with trio.fail_after(self.config.negotiate_timeout):
+                    await self.pubsub.wait_until_ready()
+            if not self.host.get_transport_addrs():
+                raise P2PError(f"the host is not listening on {self._listen_addr()}")
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Stop pubsub, the DHT and the host (closing every connection and listener)."""
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+                await self.host.close()
+            await stack.aclose()
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run inside a nursery (`await nursery.start(node.run)`): started once ready to dial, until `stop()`."""
+        async with self:
+            task_status.started(self)
+            await self._stop.wait()
+
+    def stop(self) -> None:
+        """Ask `run()` to return."""
+        self._stop.set()
+
+    async def connect(self, addr: multiaddr.Multiaddr | str) -> ID:
+        """Dial a full multiaddr (…/p2p/ID) within the dial timeout; return the peer's ID."""
+        info = info_from_p2p_addr(multiaddr.Multiaddr(str(addr)))
+        try:
+            with trio.fail_after(self.config.dial_timeout):
+                await self.host.connect(info)
+        except trio.TooSlowError:
+            raise P2PError(f"could not connect to {addr} within {self.config.dial_timeout:g} s") from None
+        except Exception as exc:
+            raise P2PError(f"could not connect to {addr}: {exc}") from exc
+        if self.dht is not None:
+            await self.dht.add_peer(info.peer_id)
+        return info.peer_id
+
+    def peers(self) -> list[ID]:
+        """The peers this node is connected to now."""
+        return list(self.host.get_connected_peers())
+
+    async def open_stream(self, peer_id: ID, protocol: str) -> Libp2pStream:
+        """Open a stream to a connected peer for `protocol`, negotiated within the negotiation timeout."""
+        try:
+            with trio.fail_after(self.config.negotiate_timeout):
+                stream = await self.host.new_stream(peer_id, [TProtocol(protocol)])
+        except trio.TooSlowError:
+            raise P2PError(f"{protocol}: no stream to {peer_id} within {self.config.negotiate_timeout} s") from None
+        return Libp2pStream(stream)
+
+    def set_stream_handler(self, protocol: str, handler: Callable[[Libp2pStream], Awaitable[None]]) -> None:
+        """Serve `protocol`: `handler(Libp2pStream)` runs for each inbound stream (the stream is closed after)."""
+
+        async def wrapped(stream: INetStream) -> None:
+            try:
+                await handler(Libp2pStream(stream))
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await stream.close()
+
+        self.host.set_stream_handler(TProtocol(protocol), wrapped)
+
+    def _listen_addr(self) -> multiaddr.Multiaddr:
+        """The TCP address to listen on."""
+        return tcp_multiaddr(self.config.listen_host, self.config.port)
+
+
+def _gossipsub() -> GossipSub:
+    """A gossipsub router with the library's usual mesh degrees."""
+    return GossipSub(protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11], degree=6, degree_low=4, degree_high=12)
