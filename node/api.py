@@ -13,10 +13,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import multiaddr
 import trio
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from libp2p.peer.peerinfo import info_from_p2p_addr
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,13 +27,14 @@ from node.adapter_cache import AdapterRef
 from node.adapter_store import UnknownAdapterError
 from node.engine import EngineBusy, EngineShuttingDown, GenerationRequest, Job
 from node.feedback_db import GOOD_RATING, UnknownCompletionError
-from node.node_schema import FeedbackRequest, TrainRequest
+from node.node_schema import ConnectRequest, FeedbackRequest, TrainRequest
 from node.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
     describe_validation_errors,
     error_body,
 )
+from node.p2p.host import P2PError, P2PNode
 from node.personalities import AUTO, Route, UnknownModelError
 from node.state import NodeState
 from node.training_service import NothingToLearn, TrainingBusy
@@ -400,6 +403,39 @@ async def completions(request: Request) -> Any:
     text = await _collect(job)
     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": job.stats.finish_reason}
     return JSONResponse(head | {"choices": [choice], "usage": _usage(job)}, headers=headers)
+
+
+def _p2p(node: NodeState) -> P2PNode:
+    if node.p2p is None:
+        raise ApiError(409, "the P2P host is disabled on this node ([p2p] enabled = false)", code="p2p_disabled")
+    return node.p2p
+
+
+@router.get("/v1/node/peers")
+async def node_peers(request: Request) -> dict[str, Any]:
+    """This node's peer id, listen addresses and connected peers."""
+    _check_auth(request)
+    node = _node(request)
+    _p2p(node)
+    return node.p2p_status()
+
+
+@router.post("/v1/node/connect")
+async def node_connect(request: Request) -> dict[str, Any]:
+    """Dial a peer (full multiaddr with /p2p/ID) over Noise."""
+    _check_auth(request)
+    node = _node(request)
+    p2p = _p2p(node)
+    req = await _parse(request, ConnectRequest)
+    try:
+        info_from_p2p_addr(multiaddr.Multiaddr(req.addr))
+    except Exception as exc:  # multiaddr raises several types for malformed text
+        raise ApiError(400, f"'addr' is not a full multiaddr with /p2p/PEER_ID: {exc}", param="addr") from None
+    try:
+        peer = await p2p.connect(req.addr)
+    except P2PError as exc:
+        raise ApiError(502, str(exc), param="addr", code="peer_unreachable", type_="server_error") from None
+    return {"peer_id": str(peer), "peers": node.p2p_status()["peers"]}
 
 
 @router.post("/v1/feedback")

@@ -123,6 +123,38 @@ def cmd_node_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node_peers(args: argparse.Namespace) -> int:
+    """This node's peer id and addresses, and the peers it is connected to."""
+    return _p2p_call(args, lambda c: c.get("/v1/node/peers"))
+
+
+def cmd_node_connect(args: argparse.Namespace) -> int:
+    """Dial a peer by its full multiaddr."""
+    return _p2p_call(args, lambda c: c.post("/v1/node/connect", {"addr": args.multiaddr}))
+
+
+def _p2p_call(args: argparse.Namespace, call: Any) -> int:
+    from node.client import DaemonClient, NotRunningError
+
+    try:
+        doc = call(DaemonClient(_home(args), timeout_s=30))
+    except NotRunningError as exc:
+        print(f"mirador: {exc}")
+        return EXIT_NOT_RUNNING
+    except Exception as exc:
+        print(f"mirador: {exc}", file=sys.stderr)
+        return 1
+    if "listen_addrs" in doc:
+        print(f"peer id   {doc['peer_id']}")
+        for addr in doc["listen_addrs"]:
+            print(f"listening {addr}")
+    else:
+        print(f"connected to {doc['peer_id']}")
+    peers = doc.get("peers", [])
+    print(f"{len(peers)} peer(s) connected" + "".join(f"\n  {p}" for p in peers))
+    return 0
+
+
 def _format_status(s: dict[str, Any]) -> str:
     n, p, m, e, a = s["node"], s["profile"], s["model"], s["engine"], s["api"]
     cache = s["adapters"]["cache"]
@@ -141,6 +173,7 @@ def _format_status(s: dict[str, Any]) -> str:
             f"({cache['used_bytes'] / 1e6:.1f} of {cache['budget_bytes'] / 1e6:.0f} MB), {cache['loads']} loads, "
             f"{cache['evictions']} evictions",
             f"training     {s['training']['running'] or 'idle'}",
+            f"p2p          {s['p2p'].get('peer_id', 'disabled')}, {len(s['p2p'].get('peers', []))} peers",
             f"api          http://{a['host']}:{a['port']}  auth: {'bearer token' if a['auth'] else 'none (loopback)'}",
         ]
     )
@@ -212,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = node_sub.add_parser("status", help="is the daemon running, with which profile and model")
     status.add_argument("--json", action="store_true", help="print the raw status document")
     status.set_defaults(func=cmd_node_status)
+    peers = node_sub.add_parser("peers", help="this node's peer id and addresses, and its connected peers")
+    peers.set_defaults(func=cmd_node_peers)
+    connect = node_sub.add_parser("connect", help="connect to a peer (full multiaddr with /p2p/PEER_ID)")
+    connect.add_argument("multiaddr")
+    connect.set_defaults(func=cmd_node_connect)
 
     chat = sub.add_parser("chat", help="chat with the running node (interactive without a question)")
     chat.add_argument("question", nargs="?", help="ask one question and stream the answer")

@@ -31,6 +31,10 @@ class DaemonClient:
         """GET a JSON document; raise on HTTP errors with the server's message."""
         return _json_or_raise(self.http.get(path))
 
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        """POST JSON; raise on HTTP errors with the server's message."""
+        return _json_or_raise(self.http.post(path, json=body))
+
     def stream_chat(self, body: dict[str, Any]) -> Iterator[str]:
         """POST a streamed chat completion and yield its text deltas."""
         with self.http.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as resp:

@@ -64,6 +64,15 @@ class StoreSection(_Section, frozen=True):
     ipfs_api: str = "/ip4/127.0.0.1/tcp/5001/http"
 
 
+class P2PSection(_Section, frozen=True):
+    """[p2p]: the libp2p host (Noise only): where it listens and which peers it dials at start."""
+
+    enabled: bool = True
+    listen_host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 4485
+    bootstrap: list[str] = []
+
+
 class NodeConfig(_Section, frozen=True):
     """The whole validated `node.toml`."""
 
@@ -72,6 +81,7 @@ class NodeConfig(_Section, frozen=True):
     model: ModelSection = ModelSection()
     inference: InferenceSection = InferenceSection()
     store: StoreSection = StoreSection()
+    p2p: P2PSection = P2PSection()
 
 
 class ConfigError(Exception):
@@ -141,8 +151,9 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, An
         for key, raw in values.items():
             field_type = struct.__annotations__[key]
             var = f"{ENV_PREFIX}{section}_{key}".upper()
+            value: Any = [part.strip() for part in raw.split(",") if part.strip()] if field_type == list[str] else raw
             try:
-                target[key] = msgspec.convert(raw, field_type, strict=False)
+                target[key] = msgspec.convert(value, field_type, strict=False)
             except msgspec.ValidationError as exc:
                 raise ConfigError(f"environment: {var}={raw!r} is invalid for {section}.{key}: {exc}") from None
         data[section] = target

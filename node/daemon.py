@@ -7,6 +7,7 @@ then cut with a final error event and `[DONE]`; then hypercorn closes and the pr
 
 import logging
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from node.fsutil import atomic_write_text
 from node.home import NodeHome
 from node.identity_file import IdentityFileError, load_or_create_identity
 from node.models import BaseModel, ModelNotFoundError, resolve_model
+from node.p2p.host import P2PConfig, P2PError, P2PNode  # before logging: importing libp2p resets its logger
 from node.personalities import ManifestFile
 from node.profiles import PROFILES_DIR, effective_settings
 from node.runlock import AlreadyRunningError, RunLock
@@ -107,7 +109,9 @@ def build_state(home: NodeHome, cfg: NodeConfig, options: StartOptions) -> NodeS
         raise StartupError(
             f"invalid personality manifest: {manifest.error.removesuffix(' (still serving the previous manifest)')}"
         )
+    p2p = P2PNode(identity, P2PConfig(listen_host=cfg.p2p.listen_host, port=cfg.p2p.port)) if cfg.p2p.enabled else None
     return NodeState(
+        p2p=p2p,
         config=cfg,
         settings=settings,
         home=home,
@@ -133,46 +137,99 @@ def _hypercorn_config(cfg: NodeConfig) -> HypercornConfig:
 
 async def serve_node(state: NodeState, lock: RunLock) -> None:
     """Run the node until SIGINT/SIGTERM, then shut down gracefully."""
-    cfg = state.config
-    hc = _hypercorn_config(cfg)
-    bind_error: OSError | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(state.engine.run)
-            await nursery.start(state.training.run)
-            stop_http = trio.Event()
+            failure = await _serve_in(nursery, state, lock, signals)
+    if failure is not None:
+        raise failure
 
-            async def http(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-                try:
-                    app: Any = create_app(state)
-                    await serve(app, hc, shutdown_trigger=stop_http.wait, task_status=task_status)
-                finally:
-                    nursery.cancel_scope.cancel()
 
-            try:
-                await nursery.start(http)
-            except (OSError, BaseExceptionGroup) as exc:
-                bind_error = _os_error(exc)
-                if bind_error is None:
-                    raise
-                nursery.cancel_scope.cancel()
-            else:
-                lock.write_pid_file(cfg.api.host, cfg.api.port)
-                log.info("serving the OpenAI-compatible API on http://%s", hc.bind[0])
-                async for signum in signals:
-                    log.info("received %s: shutting down", signal.Signals(signum).name)
-                    break
-                state.shutting_down = True
-                nursery.start_soon(_second_signal, signals, nursery.cancel_scope)
-                await state.engine.drain(cfg.api.shutdown_grace_s)
-                await trio.sleep(0.05)  # let the final SSE events reach their clients
-                stop_http.set()
-    if bind_error is not None:
-        raise StartupError(
+async def _serve_in(
+    nursery: trio.Nursery, state: NodeState, lock: RunLock, signals: AsyncIterator[int]
+) -> StartupError | None:
+    """Start P2P, engine, training and HTTP in `nursery`; serve until a signal; returns a startup failure."""
+    cfg = state.config
+    hc = _hypercorn_config(cfg)
+    try:
+        await _start_p2p(state, nursery)
+    except StartupError as exc:
+        nursery.cancel_scope.cancel()
+        return exc
+    await nursery.start(state.engine.run)
+    await nursery.start(state.training.run)
+    stop_http = trio.Event()
+
+    async def http(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            app: Any = create_app(state)
+            await serve(app, hc, shutdown_trigger=stop_http.wait, task_status=task_status)
+        finally:
+            nursery.cancel_scope.cancel()
+
+    try:
+        await nursery.start(http)
+    except (OSError, BaseExceptionGroup) as exc:
+        bind_error = _os_error(exc)
+        if bind_error is None:
+            raise
+        nursery.cancel_scope.cancel()
+        return StartupError(
             f"cannot listen on {hc.bind[0]}: {bind_error.strerror or bind_error}; "
             "choose another api.port (or set MIRADOR_API_PORT)",
             EXIT_FAILED,
         )
+    lock.write_pid_file(cfg.api.host, cfg.api.port)
+    log.info("serving the OpenAI-compatible API on http://%s", hc.bind[0])
+    async for signum in signals:
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        break
+    state.shutting_down = True
+    nursery.start_soon(_second_signal, signals, nursery.cancel_scope)
+    await state.engine.drain(cfg.api.shutdown_grace_s)
+    await trio.sleep(0.05)  # let the final SSE events reach their clients
+    stop_http.set()
+    return None
+
+
+async def _start_p2p(state: NodeState, nursery: trio.Nursery) -> None:
+    """Start the libp2p host (Noise only) with its DHT and gossipsub, then dial the bootstrap peers."""
+    if state.p2p is None:
+        return
+    p2p = state.p2p
+    try:
+        _check_port_free(p2p.config.listen_host, p2p.config.port)
+        await nursery.start(p2p.run)
+    except (OSError, P2PError, BaseExceptionGroup) as exc:
+        reason = _os_error(exc) or exc
+        raise StartupError(
+            f"cannot start the P2P host on {p2p.config.listen_host}:{p2p.config.port}: {reason}; "
+            "choose another p2p.port (or set MIRADOR_P2P_PORT)",
+            EXIT_FAILED,
+        ) from None
+    log.info("libp2p peer %s listening on %s", p2p.peer_id, ", ".join(str(a) for a in p2p.listen_addrs))
+    nursery.start_soon(_bootstrap, p2p, list(state.config.p2p.bootstrap))
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Raise OSError if another process listens on host:port.
+
+    py-libp2p binds with SO_REUSEPORT, so a second node on the same port would start silently and share the
+    port's connections with the first; a plain bind (without it) tells.
+    """
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, port))
+
+
+async def _bootstrap(p2p: P2PNode, addrs: list[str]) -> None:
+    """Dial each bootstrap peer once; failures are logged, never fatal."""
+    for addr in addrs:
+        try:
+            peer = await p2p.connect(addr)
+            log.info("connected to bootstrap peer %s", peer)
+        except (P2PError, ValueError) as exc:
+            log.warning("bootstrap peer %s: %s", addr, exc)
 
 
 def _os_error(exc: BaseException) -> OSError | None:

@@ -60,3 +60,9 @@ class TrainRequest(_Closed):
         if self.dp is not None:
             out["dp"] = self.dp.model_dump()
         return out
+
+
+class ConnectRequest(_Closed):
+    """`POST /v1/node/connect`: dial a peer by its full multiaddr (…/p2p/PEER_ID)."""
+
+    addr: str = Field(min_length=8, max_length=512)

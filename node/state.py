@@ -14,6 +14,7 @@ from node.engine import InferenceEngine
 from node.feedback_db import FeedbackDB
 from node.home import NodeHome
 from node.models import BaseModel
+from node.p2p.host import P2PNode
 from node.personalities import ManifestFile, Route, route
 from node.profiles import InferenceSettings
 from node.training_service import TrainingService
@@ -33,6 +34,7 @@ class NodeState:
     manifest: ManifestFile
     feedback: FeedbackDB
     training: TrainingService
+    p2p: P2PNode | None = None
     started_at: float = field(default_factory=time.time)
     shutting_down: bool = False
 
@@ -47,6 +49,17 @@ class NodeState:
             version = self.adapters.current(name)
             refs.append(AdapterRef(version.key, version.gguf, scale))
         return chosen, tuple(refs)
+
+    def p2p_status(self) -> dict[str, Any]:
+        """The libp2p side: peer id, listen addresses, connected peers."""
+        if self.p2p is None:
+            return {"enabled": False}
+        return {
+            "enabled": True,
+            "peer_id": str(self.p2p.peer_id),
+            "listen_addrs": [str(a) for a in self.p2p.listen_addrs],
+            "peers": sorted(str(p) for p in self.p2p.peers()),
+        }
 
     def status(self) -> dict[str, Any]:
         """The node's status as a JSON-ready dict (served at /v1/node/status, shown by `mirador node status`)."""
@@ -83,6 +96,7 @@ class NodeState:
             },
             "adapters": {"installed": self.adapters.names(), "cache": engine.adapters.stats()},
             "training": self.training.status(),
+            "p2p": self.p2p_status(),
             "api": {
                 "host": self.config.api.host,
                 "port": self.config.api.port,

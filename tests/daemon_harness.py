@@ -64,7 +64,7 @@ class Daemon:
 def node_env(home: Path, port: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a daemon or CLI call on `home`, listening on `port`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIRADOR_")}
-    env |= {"MIRADOR_HOME": str(home), "MIRADOR_API_PORT": str(port)}
+    env |= {"MIRADOR_HOME": str(home), "MIRADOR_API_PORT": str(port), "MIRADOR_P2P_PORT": "0"}
     return env | (extra or {})
 
 
