@@ -59,6 +59,7 @@ class NodeState:
             "peer_id": str(self.p2p.peer_id),
             "listen_addrs": [str(a) for a in self.p2p.listen_addrs],
             "peers": sorted(str(p) for p in self.p2p.peers()),
+            "known_peers": sorted(str(p) for p in self.p2p.known_peers()),
         }
 
     def status(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ the host is always built with Noise alone. The DHT and pubsub are created and st
 connections made before it ran; a late DHT keeps an empty routing table).
 """
 
+import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from crypto.identity import Identity
 
 _CLOSE_TIMEOUT = 5.0
+log = logging.getLogger(__name__)
 
 
 class P2PError(Exception):
@@ -55,6 +57,7 @@ class P2PConfig:
     max_connections_per_peer: int = 1
     dht: bool = True
     pubsub: bool = True
+    refresh_max_interval_s: float = 60.0  # DHT refresh: 1, 2, 4 ... s after start and after each connect, capped
 
 
 def libp2p_key_pair(identity: Identity) -> KeyPair:
@@ -151,6 +154,7 @@ class P2PNode:
         self.pubsub = Pubsub(self.host, self.gossipsub) if self.gossipsub is not None else None
         self._stack: AsyncExitStack | None = None
         self._stop = trio.Event()
+        self._refresh_now = trio.Event()
         self._used = False
 
     @property
@@ -194,10 +198,43 @@ class P2PNode:
             await stack.aclose()
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Run inside a nursery (`await nursery.start(node.run)`): started once ready to dial, until `stop()`."""
-        async with self:
+        """Run inside a nursery (`await nursery.start(node.run)`): started once ready to dial, until `stop()`.
+
+        While running, the DHT routing table is refreshed (a lookup walk through the peers known so far) on a
+        backoff schedule that restarts after every `connect()`: that is how nodes that know one bootstrap peer
+        discover the rest of the network.
+        """
+        async with self, trio.open_nursery() as nursery:
+            if self.dht is not None:
+                nursery.start_soon(self._refresh_loop)
             task_status.started(self)
             await self._stop.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _refresh_loop(self) -> None:
+        interval = 1.0
+        while True:
+            with trio.move_on_after(interval):
+                await self._refresh_now.wait()
+                interval = 1.0
+            self._refresh_now = trio.Event()
+            await self.discover()
+            interval = min(interval * 2, self.config.refresh_max_interval_s)
+
+    async def discover(self) -> int:
+        """Refresh the DHT routing table now (bounded in time); returns how many peers it holds."""
+        if self.dht is None:
+            return 0
+        with trio.move_on_after(self.config.dial_timeout):
+            try:
+                await self.dht.refresh_routing_table()
+            except Exception as exc:  # a peer that vanished mid-walk; the next refresh tries again
+                log.debug("DHT refresh failed: %s", exc)
+        return int(self.dht.get_routing_table_size())
+
+    def known_peers(self) -> list[ID]:
+        """Peers in the DHT routing table (known, not necessarily connected)."""
+        return list(self.dht.routing_table.get_peer_ids()) if self.dht is not None else []
 
     def stop(self) -> None:
         """Ask `run()` to return."""
@@ -215,6 +252,7 @@ class P2PNode:
             raise P2PError(f"could not connect to {addr}: {exc}") from exc
         if self.dht is not None:
             await self.dht.add_peer(info.peer_id)
+            self._refresh_now.set()
         return info.peer_id
 
     def peers(self) -> list[ID]:
