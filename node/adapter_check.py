@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from marketplace.manifest import PICKLE_SUFFIXES
 from node.training.lora_export import GGUF_NAMES
 
-PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 _TENSOR = re.compile(rf"^blk\.(\d+)\.({'|'.join(GGUF_NAMES.values())})\.weight\.lora_([ab])$")
 
 
