@@ -219,6 +219,12 @@ def sha256_of(f: io.BufferedReader) -> str:
     return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def sha256_file(path: Path) -> str:
+    """sha256 hex of the file at `path`, streamed."""
+    with open(path, "rb") as f:
+        return sha256_of(f)
+
+
 def walk_files(folder: Path) -> Iterator[tuple[str, bool]]:
     """Every non-folder entry under `folder` as (relative POSIX name, is a regular file); symlinks not followed."""
     stack = [(folder, "")]

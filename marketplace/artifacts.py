@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from crypto.identity import Identity
-from crypto.statement import build_statement, folder_digests, sign_statement
+from crypto.statement import build_statement, folder_digests, sha256_file, sign_statement
 from crypto.verification import EmptyTrustPolicyError, TrustPolicy, VerifiedArtifact, verify_artifact, verify_files
 from marketplace.cid import Cid, CidError
 from marketplace.content_store import ContentStore, ContentStoreError
@@ -331,21 +331,13 @@ def _looks_like_cid(text: str) -> bool:
 def _artifact_files(path: Path) -> tuple[dict[str, Path], dict[str, str]]:
     """(name -> path, name -> sha256) of the files to publish: one file, or every file of a folder (no symlinks)."""
     if path.is_file():
-        return {path.name: path}, {path.name: _sha256(path)}
+        return {path.name: path}, {path.name: sha256_file(path)}
     if not path.is_dir():
         raise ValueError(f"{path}: no such file or folder")
     digests = folder_digests(path, ignore=frozenset({ENVELOPE_FILE}))  # refuses symlinks and special files
     if not digests:
         raise ValueError(f"{path}: the folder is empty")
     return {n: path / n for n in digests}, digests
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _per_file(progress: Progress | None, name: str) -> Callable[[int, int], None] | None:

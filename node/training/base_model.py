@@ -1,22 +1,19 @@
 """The torch twin of the served GGUF: dequantized once, cached as a model folder, tokenizing like llama.cpp."""
 
-import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from crypto.statement import sha256_file
+
 CACHE_MARKER = "mirador-base.json"
 
 
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def file_digest(path: Path) -> str:
+    """sha256 of a file, streamed (the GGUF's identity for caches and adapter manifests)."""
+    return sha256_file(path)
 
 
 def fix_digit_splitting(tokenizer: Any) -> None:
