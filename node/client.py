@@ -35,6 +35,16 @@ class DaemonClient:
         """POST JSON; raise on HTTP errors with the server's message."""
         return _json_or_raise(self.http.post(path, json=body))
 
+    def stream_lines(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """POST JSON and yield each JSON line of the streamed answer."""
+        with self.http.stream("POST", path, json=body) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                _json_or_raise(resp)
+            for line in resp.iter_lines():
+                if line.strip():
+                    yield json.loads(line)
+
     def stream_chat(self, body: dict[str, Any]) -> Iterator[str]:
         """POST a streamed chat completion and yield its text deltas."""
         with self.http.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as resp:

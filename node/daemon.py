@@ -17,6 +17,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from crypto.identity import Identity
 from node.adapter_store import AdapterStore
 from node.api import create_app
 from node.config import ConfigError, NodeConfig, load_config
@@ -25,8 +26,10 @@ from node.feedback_db import FeedbackDB
 from node.fsutil import atomic_write_text
 from node.home import NodeHome
 from node.identity_file import IdentityFileError, load_or_create_identity
+from node.market_service import MarketService
 from node.models import BaseModel, ModelNotFoundError, resolve_model
 from node.p2p.host import P2PConfig, P2PError, P2PNode  # before logging: importing libp2p resets its logger
+from node.p2p.registry_dht import registry_node
 from node.personalities import ManifestFile
 from node.profiles import PROFILES_DIR, effective_settings
 from node.runlock import AlreadyRunningError, RunLock
@@ -109,9 +112,10 @@ def build_state(home: NodeHome, cfg: NodeConfig, options: StartOptions) -> NodeS
         raise StartupError(
             f"invalid personality manifest: {manifest.error.removesuffix(' (still serving the previous manifest)')}"
         )
-    p2p = P2PNode(identity, P2PConfig(listen_host=cfg.p2p.listen_host, port=cfg.p2p.port)) if cfg.p2p.enabled else None
+    p2p, market = _network(home, identity, cfg)
     return NodeState(
         p2p=p2p,
+        market=market,
         config=cfg,
         settings=settings,
         home=home,
@@ -123,6 +127,16 @@ def build_state(home: NodeHome, cfg: NodeConfig, options: StartOptions) -> NodeS
         feedback=feedback,
         training=TrainingService(home, path, store, feedback),
     )
+
+
+def _network(home: NodeHome, identity: Identity, cfg: NodeConfig) -> tuple[P2PNode | None, MarketService | None]:
+    """The libp2p host (DHT validating registry records) and, with the embedded store, the network marketplace."""
+    if not cfg.p2p.enabled:
+        return None, None
+    p2p_config = P2PConfig(listen_host=cfg.p2p.listen_host, port=cfg.p2p.port, peers_file=home.run_dir / "peers.json")
+    p2p, registry = registry_node(identity, p2p_config)
+    market = MarketService(home, identity, p2p, registry) if cfg.store.backend == "embedded" else None
+    return p2p, market
 
 
 def _hypercorn_config(cfg: NodeConfig) -> HypercornConfig:
@@ -208,6 +222,8 @@ async def _start_p2p(state: NodeState, nursery: trio.Nursery) -> None:
         ) from None
     log.info("libp2p peer %s listening on %s", p2p.peer_id, ", ".join(str(a) for a in p2p.listen_addrs))
     nursery.start_soon(_bootstrap, p2p, list(state.config.p2p.bootstrap))
+    if state.market is not None:
+        await nursery.start(state.market.run)
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -109,7 +109,22 @@ def cmd_publish(home: NodeHome, args: argparse.Namespace) -> int:
     figures = ", ".join(f"{k} {v:g}" for k, v in benchmarks.items())
     print(f"measured at publish: {figures}" if figures else "no benchmark figures measured")
     print(f"published {done.manifest.name}@{done.manifest.version} ({done.manifest.kind}) as {done.envelope_cid}")
+    _announce(home, done.manifest.name)
     return 0
+
+
+def _announce(home: NodeHome, name: str) -> None:
+    """Tell the running node to announce `name` in the DHT (it also re-announces everything when it starts)."""
+    client = _daemon(home)
+    if client is None:
+        print("the node is not running: it announces this artifact on the network when it starts")
+        return
+    try:
+        doc = client.post("/v1/market/announce", {"name": name})
+    except RuntimeError as exc:
+        print(f"mirador: published locally, but announcing on the network failed: {exc}", file=sys.stderr)
+        return
+    print(f"announced {name} ({', '.join(doc['versions'])}) on the network ({doc['peers']} peers connected)")
 
 
 def cmd_chain_publish(home: NodeHome, args: argparse.Namespace) -> int:
@@ -138,11 +153,19 @@ def cmd_chain_publish(home: NodeHome, args: argparse.Namespace) -> int:
             progress=bar,
         )
     print(f"published chain {chain.name}@{chain.version} ({len(refs)} references) as {done.envelope_cid}")
+    _announce(home, chain.name)
     return 0
 
 
 def cmd_pull(home: NodeHome, args: argparse.Namespace) -> int:
-    """Pull and verify NAME[@VERSION] or a CID (a chain brings what it references)."""
+    """Pull and verify NAME[@VERSION] or a CID (a chain brings what it references).
+
+    With the node running, the node pulls: it finds publishers and providers in the DHT and fetches from peers.
+    Without it, only this machine's content store is used.
+    """
+    client = _daemon(home)
+    if client is not None:
+        return _pull_through_node(client, args)
     with _progress_bar() as bar:
         done = _market(home).pull(args.target, trust_publisher=args.trust_publisher, progress=bar)
     trust = "trusted publisher" if done.publisher_trusted else "UNTRUSTED publisher, allowed by --trust-publisher"
@@ -152,32 +175,65 @@ def cmd_pull(home: NodeHome, args: argparse.Namespace) -> int:
     return 0
 
 
+def _daemon(home: NodeHome) -> Any:
+    """A client of the node running on `home`, or None."""
+    from node.client import DaemonClient, NotRunningError
+
+    try:
+        return DaemonClient(home, timeout_s=3600)
+    except NotRunningError:
+        return None
+
+
+def _pull_through_node(client: Any, args: argparse.Namespace) -> int:
+    """Ask the running node to pull from the network; show its progress events."""
+    body = {"target": args.target, "trust_publisher": args.trust_publisher, "install": not args.no_install}
+    result: dict[str, Any] = {}
+    with _progress_bar() as bar:
+        for event in client.stream_lines("/v1/market/pull", body):
+            if event["event"] == "progress":
+                bar(event["file"], event["done"], event["total"])
+            else:
+                result = event
+    if result.get("event") != "done":
+        raise CliError(f"refused: {result.get('reason', 'the node ended the pull without a result')}")
+    trust = "trusted publisher" if result["publisher_trusted"] else "UNTRUSTED publisher, allowed by --trust-publisher"
+    print(f"pulled {result['name']}@{result['version']} from {result['publisher']} ({trust}) into {result['folder']}")
+    if result.get("install_error"):
+        raise CliError(result["install_error"])
+    if result.get("install"):
+        print(result["install"])
+    return 0
+
+
+def cmd_search(home: NodeHome, args: argparse.Namespace) -> int:
+    """Versions of NAME announced in the DHT by any publisher (needs the running node)."""
+    client = _daemon(home)
+    if client is None:
+        raise CliError("searching the network needs the running node: mirador node start")
+    from urllib.parse import quote
+
+    rows = client.get(f"/v1/market/search?name={quote(args.name)}")["results"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no publisher announces {args.name!r} on the network (yet)")
+        return 1
+    for row in rows:
+        mark = "trusted  " if row["trusted"] else "untrusted"
+        print(f"{row['name']}@{row['version']:<12} {mark} {row['publisher']}  {row['envelope_cid']}")
+    return 0
+
+
 def _install_adapter(home: NodeHome, done: Any) -> int:
     """Install a pulled adapter into the adapter store (a running node serves it at once) if it fits the base."""
-    from node.adapter_check import AdapterRejected
-    from node.adapter_cli import open_store
-    from node.adapter_store import EXTRA_FILES
-    from node.config import load_config
-    from node.models import resolve_model
-    from node.training.base_model import file_digest
+    from node.market_install import InstallRefused, install_pulled_adapter
 
-    manifest = done.manifest
-    _, gguf = resolve_model(load_config(home.config_file).model)
-    if manifest.adapter.base_sha256 != file_digest(gguf):
-        raise CliError(
-            f"{manifest.name}@{manifest.version} was trained for {manifest.adapter.base_name} "
-            f"(sha256 {manifest.adapter.base_sha256[:16]}...), not the model this node serves ({gguf.name}); "
-            f"it stays in {done.folder} but is not installed as an adapter"
-        )
-    ggufs = [f.name for f in manifest.files if f.name.endswith(".gguf")]
-    if len(ggufs) != 1:
-        raise CliError(f"{manifest.name}@{manifest.version} has {len(ggufs)} GGUF files; an adapter needs exactly one")
-    extras = [done.folder / f.name for f in manifest.files if f.name in EXTRA_FILES]
     try:
-        installed = open_store(home).install(manifest.name, done.folder / ggufs[0], extras)
-    except AdapterRejected as exc:
-        raise CliError(f"the pulled adapter is refused: {exc}") from None
-    print(f"installed as adapter {installed.key}: use model 'base:{manifest.name}' or name it in personalities.toml")
+        print(install_pulled_adapter(home, done))
+    except InstallRefused as exc:
+        raise CliError(str(exc)) from None
     return 0
 
 
@@ -290,7 +346,7 @@ def run(home: NodeHome, func: Callable[[NodeHome, argparse.Namespace], int], arg
         return func(home, args)
     except ArtifactRefused as exc:
         print(f"mirador: refused: {exc.reason}", file=sys.stderr)
-    except (CliError, ChainError, VersionError, KeyFormatError, ContentStoreError, OSError) as exc:
+    except (CliError, ChainError, VersionError, KeyFormatError, ContentStoreError, OSError, RuntimeError) as exc:
         print(f"mirador: {exc}", file=sys.stderr)
     return 1
 
@@ -316,6 +372,10 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> l
         pull.add_argument("--trust-publisher", action="store_true", help="accept a publisher you do not trust yet")
         pull.add_argument("--no-install", action="store_true", help="adapters: do not install into the adapter store")
         pull.set_defaults(market_func=cmd_pull)
+        search = s.add_parser("search", help="versions of NAME announced on the network, by any publisher")
+        search.add_argument("name")
+        search.add_argument("--json", action="store_true")
+        search.set_defaults(market_func=cmd_search)
         ver = s.add_parser("verify", help="verify an installed artifact again")
         ver.add_argument("target", help="NAME[@VERSION]")
         ver.add_argument("--trust-publisher", action="store_true")

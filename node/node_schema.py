@@ -4,6 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from marketplace.manifest import NAME_RE as ARTIFACT_NAME_RE
 from node.personalities import NAME_RE
 
 
@@ -66,3 +67,17 @@ class ConnectRequest(_Closed):
     """`POST /v1/node/connect`: dial a peer by its full multiaddr (…/p2p/PEER_ID)."""
 
     addr: str = Field(min_length=8, max_length=512)
+
+
+class AnnounceRequest(_Closed):
+    """`POST /v1/market/announce`: put this node's signed record of `name` into the DHT."""
+
+    name: str = Field(pattern=ARTIFACT_NAME_RE)
+
+
+class PullRequest(_Closed):
+    """`POST /v1/market/pull`: fetch NAME[@VERSION] or an envelope CID from peers, verify it, install it."""
+
+    target: str = Field(min_length=1, max_length=256)
+    trust_publisher: bool = False
+    install: bool = True

@@ -3,7 +3,7 @@
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crypto.identity import Identity
 from node import __version__
@@ -15,6 +15,9 @@ from node.feedback_db import FeedbackDB
 from node.home import NodeHome
 from node.models import BaseModel
 from node.p2p.host import P2PNode
+
+if TYPE_CHECKING:
+    from node.market_service import MarketService
 from node.personalities import ManifestFile, Route, route
 from node.profiles import InferenceSettings
 from node.training_service import TrainingService
@@ -35,6 +38,7 @@ class NodeState:
     feedback: FeedbackDB
     training: TrainingService
     p2p: P2PNode | None = None
+    market: "MarketService | None" = None
     started_at: float = field(default_factory=time.time)
     shutting_down: bool = False
 

@@ -5,10 +5,12 @@ the host is always built with Noise alone. The DHT and pubsub are created and st
 connections made before it ran; a late DHT keeps an empty routing table).
 """
 
+import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -26,9 +28,11 @@ from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamEOF, StreamError, StreamReset
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.records.pubkey import PublicKeyValidator
+from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -36,6 +40,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 from crypto.identity import Identity
+from node.fsutil import atomic_write_bytes
 
 _CLOSE_TIMEOUT = 5.0
 log = logging.getLogger(__name__)
@@ -53,11 +58,13 @@ class P2PConfig:
     port: int = 0
     dial_timeout: float = 10.0
     negotiate_timeout: int = 10
-    max_connections: int = 256
+    max_connections: int = 64
     max_connections_per_peer: int = 1
     dht: bool = True
     pubsub: bool = True
     refresh_max_interval_s: float = 60.0  # DHT refresh: 1, 2, 4 ... s after start and after each connect, capped
+    peers_file: Path | None = None  # the routing table, saved after each refresh and redialled at start
+    max_saved_peers: int = 64
 
 
 def libp2p_key_pair(identity: Identity) -> KeyPair:
@@ -80,12 +87,14 @@ def peer_id_of(identity: Identity) -> ID:
 def build_host(key_pair: KeyPair, config: P2PConfig) -> IHost:
     """A libp2p host that speaks Noise only (no plaintext, secio or TLS) and Yamux only, over TCP only."""
     noise = NoiseTransport(key_pair, noise_privkey=x25519_key_pair().private_key)
-    high = max(1, config.max_connections * 2 // 3)
+    # py-libp2p's auto-connector dials peers from the peerstore until (low + high) / 2 connections: keep that modest
+    # for a personal node (64 max -> it aims at 32) rather than the library's hundreds.
+    high = max(1, config.max_connections * 3 // 4)
     connection_config = ConnectionConfig(
         max_connections=config.max_connections,
         high_watermark=high,
-        low_watermark=high // 2,
-        min_connections=high // 4,
+        low_watermark=high // 3,
+        min_connections=high // 12,
         max_connections_per_peer=config.max_connections_per_peer,
         dial_timeout=config.dial_timeout,
         inbound_upgrade_timeout=config.negotiate_timeout,
@@ -144,12 +153,14 @@ class P2PNode:
     Use `async with P2PNode(identity) as node:` or `await nursery.start(node.run)` (then `node.stop()`).
     """
 
-    def __init__(self, identity: Identity, config: P2PConfig | None = None) -> None:
+    def __init__(
+        self, identity: Identity, config: P2PConfig | None = None, validators: Mapping[str, Validator] | None = None
+    ) -> None:
         self.config = config or P2PConfig()
         self.key_pair = libp2p_key_pair(identity)
         self.host: IHost = build_host(self.key_pair, self.config)
         # Created before the host listens, so that no connection is made before they see it.
-        self.dht = KadDHT(self.host, DHTMode.SERVER) if self.config.dht else None
+        self.dht = _dht(self.host, validators or {}) if self.config.dht else None
         self.gossipsub = _gossipsub() if self.config.pubsub else None
         self.pubsub = Pubsub(self.host, self.gossipsub) if self.gossipsub is not None else None
         self._stack: AsyncExitStack | None = None
@@ -207,9 +218,11 @@ class P2PNode:
         async with self, trio.open_nursery() as nursery:
             if self.dht is not None:
                 nursery.start_soon(self._refresh_loop)
+                nursery.start_soon(self._redial_saved_peers)
             task_status.started(self)
             await self._stop.wait()
             nursery.cancel_scope.cancel()
+        self._save_peers()
 
     async def _refresh_loop(self) -> None:
         interval = 1.0
@@ -219,7 +232,45 @@ class P2PNode:
                 interval = 1.0
             self._refresh_now = trio.Event()
             await self.discover()
+            self._save_peers()
             interval = min(interval * 2, self.config.refresh_max_interval_s)
+
+    def _save_peers(self) -> None:
+        """Write the routing table's peers with their addresses (the persisted routing table)."""
+        if self.config.peers_file is None or self.dht is None:
+            return
+        saved = []
+        for peer in self.known_peers()[: self.config.max_saved_peers]:
+            addrs = [str(a) for a in self.host.get_peerstore().addrs(peer) if str(a).startswith("/ip4/")]
+            if addrs:
+                saved.append({"peer_id": str(peer), "addrs": addrs})
+        try:
+            atomic_write_bytes(self.config.peers_file, json.dumps({"peers": saved}, indent=1).encode())
+        except OSError as exc:
+            log.warning("could not save the routing table to %s: %s", self.config.peers_file, exc)
+
+    def saved_peers(self) -> list[str]:
+        """Full multiaddrs of the peers saved by the last run (unreadable or malformed entries are skipped)."""
+        path = self.config.peers_file
+        if path is None or not path.is_file():
+            return []
+        try:
+            doc = json.loads(path.read_bytes()[: 1 << 20])
+            entries = doc["peers"][: self.config.max_saved_peers]
+            addrs = [f"{a}/p2p/{ID.from_base58(e['peer_id'])}" for e in entries for a in e["addrs"][:4]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring the saved routing table %s: %s", path, exc)
+            return []
+        return [a for a in addrs if a.startswith("/ip4/")]
+
+    async def _redial_saved_peers(self) -> None:
+        """Dial the peers of the last run (quietly: many may be gone)."""
+        for addr in self.saved_peers():
+            with trio.move_on_after(self.config.dial_timeout):
+                try:
+                    await self.connect(addr)
+                except (P2PError, ValueError) as exc:
+                    log.debug("saved peer %s: %s", addr, exc)
 
     async def discover(self) -> int:
         """Refresh the DHT routing table now (bounded in time); returns how many peers it holds."""
@@ -242,14 +293,19 @@ class P2PNode:
 
     async def connect(self, addr: multiaddr.Multiaddr | str) -> ID:
         """Dial a full multiaddr (…/p2p/ID) within the dial timeout; return the peer's ID."""
-        info = info_from_p2p_addr(multiaddr.Multiaddr(str(addr)))
+        return await self.connect_peer(info_from_p2p_addr(multiaddr.Multiaddr(str(addr))))
+
+    async def connect_peer(self, info: PeerInfo) -> ID:
+        """Dial a peer by its ID and addresses within the dial timeout (at once if already connected)."""
+        if info.peer_id in self.host.get_connected_peers():
+            return info.peer_id
         try:
             with trio.fail_after(self.config.dial_timeout):
                 await self.host.connect(info)
         except trio.TooSlowError:
-            raise P2PError(f"could not connect to {addr} within {self.config.dial_timeout:g} s") from None
+            raise P2PError(f"could not connect to {info.peer_id} within {self.config.dial_timeout:g} s") from None
         except Exception as exc:
-            raise P2PError(f"could not connect to {addr}: {exc}") from exc
+            raise P2PError(f"could not connect to {info.peer_id}: {exc}") from exc
         if self.dht is not None:
             await self.dht.add_peer(info.peer_id)
             self._refresh_now.set()
@@ -283,6 +339,12 @@ class P2PNode:
     def _listen_addr(self) -> multiaddr.Multiaddr:
         """The TCP address to listen on."""
         return tcp_multiaddr(self.config.listen_host, self.config.port)
+
+
+def _dht(host: IHost, validators: Mapping[str, Validator]) -> KadDHT:
+    """A DHT server that stores only records of the namespaces given (plus libp2p's public keys): strict mode."""
+    namespaced = NamespacedValidator({"pk": PublicKeyValidator(), **validators}, strict_validation=True)
+    return KadDHT(host, DHTMode.SERVER, validator=namespaced, validator_changed=True, strict_validation=True)
 
 
 def _gossipsub() -> GossipSub:

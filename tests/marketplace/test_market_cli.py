@@ -29,7 +29,7 @@ def cli(home: Path, ipfs: IpfsDaemon, *args: str) -> subprocess.CompletedProcess
 
 def published_cid(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 0, result.stderr
-    match = re.search(r" as (\S+)$", result.stdout.strip())
+    match = re.search(r"^published .* as (\S+)$", result.stdout, re.MULTILINE)
     assert match, result.stdout
     return match.group(1)
 

@@ -170,7 +170,11 @@ def test_dht_and_gossipsub_run_before_the_first_dial() -> None:
                 with trio.fail_after(5):
                     message = await inbox.get()
                 assert message.data == b"round 1 open"
-                await a.dht.put_value("mirador-test", b"value")
-                assert await b.dht.get_value("mirador-test") == b"value"
+                # the DHT is strict: only namespaces with a validator are stored (libp2p's own public keys here)
+                key = f"/pk/{a.peer_id.to_bytes().hex()}"
+                with pytest.raises(Exception, match=r"namespace|validator"):
+                    await a.dht.put_value("mirador-test", b"value")
+                await a.dht.put_value(key, a.key_pair.public_key.serialize())
+                assert await b.dht.get_value(key) == a.key_pair.public_key.serialize()
 
     trio.run(main)

@@ -1,0 +1,182 @@
+"""The marketplace registry over the Kademlia DHT: signed records stored under /mirador/<name>/<publisher>.
+
+A publisher puts its signed record (marketplace.registry_record) into the DHT and announces itself as a provider of
+the name's key, so that any node can find every publisher of a name: the providers' PeerIDs embed their Ed25519 keys,
+which give their fingerprints, which give the record keys. A content holder announces itself as a provider of each
+envelope CID it can serve.
+
+Every DHT node validates records before storing them (`RecordValidator`, registered for the `mirador` namespace in a
+strict NamespacedValidator): unsigned, forged, expired, replayed and rolled-back records are refused.
+
+py-libp2p 0.8.1 answers `get_value` and `find_providers` from the local store alone when it holds anything, so a node
+would never see a newer record once it cached one; lookups here always ask the closest peers as well
+(`value_store._get_from_peer`, `provider_store._get_providers_from_peer_with_closers`, pinned version).
+"""
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+
+import trio
+from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.records.validator import Validator
+
+from crypto.identity import Identity, fingerprint_of
+from marketplace.cid import Cid
+from marketplace.registry_record import (
+    RecordRejected,
+    ValidRecord,
+    parse_record,
+    record_key,
+    select_record,
+    sign_record,
+    validate_record,
+)
+from node.p2p.host import P2PConfig, P2PError, P2PNode
+
+NAMESPACE = "mirador"
+QUERY_TIMEOUT = 5.0
+MAX_PROVIDERS = 32
+log = logging.getLogger(__name__)
+
+
+class RecordValidator(Validator):
+    """The DHT's check of /mirador/ records: `validate_record` against the record this node already stores."""
+
+    def __init__(self) -> None:
+        self._stored: Callable[[str], bytes | None] = lambda key: None
+
+    def bind(self, dht: KadDHT) -> None:
+        """Compare new records with the ones in `dht`'s value store (replay and rollback checks)."""
+
+        def stored(key: str) -> bytes | None:
+            record = dht.value_store.get(key.encode())
+            return record.value if record is not None else None
+
+        self._stored = stored
+
+    def validate(self, key: str, value: bytes) -> None:
+        """Raise RecordRejected unless `value` is a valid record for `key` that may replace the stored one."""
+        old = self._stored(key)
+        validate_record(key, value, None if old == value else old)
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        """The newest valid record (highest sequence); 0 if none is valid, which keeps the stored one."""
+        return max(select_record(key, values), 0)
+
+
+def name_key(name: str) -> bytes:
+    """The provider key of a name: a sha2-256 multihash of '/mirador/name/<name>'."""
+    return bytes([0x12, 0x20]) + hashlib.sha256(f"/mirador/name/{name}".encode()).digest()
+
+
+def fingerprint_of_peer(peer: ID) -> str | None:
+    """The node fingerprint behind a PeerID (Ed25519 keys are embedded in the ID); None for other keys."""
+    try:
+        key = peer.extract_public_key()
+    except Exception:
+        return None
+    raw = key.to_bytes() if key is not None else b""
+    return fingerprint_of(raw) if len(raw) == 32 else None
+
+
+class DhtRegistry:
+    """Announce and look up registry records and content providers through a running node's DHT."""
+
+    def __init__(self, dht: KadDHT, identity: Identity) -> None:
+        self.dht, self.identity = dht, identity
+
+    async def announce(self, name: str, versions: dict[str, str]) -> bytes:
+        """Sign and store the record of our `versions` (version -> envelope CID) of `name`; provide the name key."""
+        key = record_key(name, self.identity.fingerprint)
+        stored = self.dht.value_store.get(key.encode())
+        last_seq = parse_record(stored.value).seq if stored is not None else -1
+        value = sign_record(self.identity, name, versions, seq=max(time.time_ns() // 1000, last_seq + 1))
+        await self.dht.put_value(key, value)
+        await self.dht.provider_store.provide(name_key(name))
+        return value
+
+    async def provide(self, cid: str) -> None:
+        """Announce that this node serves the content `cid` (its multihash is the provider key)."""
+        await self.dht.provider_store.provide(Cid.parse(cid).multihash)
+
+    async def providers(self, key: bytes) -> list[PeerInfo]:
+        """Providers of `key`: the local provider store and the closest peers' answers, deduplicated."""
+        found: dict[ID, PeerInfo] = {p.peer_id: p for p in self.dht.provider_store.get_providers(key)}
+
+        async def ask(peer: ID) -> None:
+            with trio.move_on_after(QUERY_TIMEOUT):
+                try:
+                    answer, _ = await self.dht.provider_store._get_providers_from_peer_with_closers(peer, key)
+                except Exception as exc:
+                    log.debug("providers from %s: %s", peer, exc)
+                    return
+                for info in answer[:MAX_PROVIDERS]:
+                    found.setdefault(info.peer_id, info)
+
+        async with trio.open_nursery() as nursery:
+            for peer in await self._closest(key):
+                nursery.start_soon(ask, peer)
+        return list(found.values())[:MAX_PROVIDERS]
+
+    async def values(self, key: str) -> list[bytes]:
+        """Every valid value for `key` held locally or by the closest peers (each one validated here)."""
+        key_bytes = key.encode()
+        local = self.dht.value_store.get(key_bytes)
+        found = [local.value] if local is not None else []
+
+        async def ask(peer: ID) -> None:
+            with trio.move_on_after(QUERY_TIMEOUT):
+                try:
+                    value = await self.dht.value_store._get_from_peer(peer, key_bytes)
+                except Exception as exc:
+                    log.debug("value from %s: %s", peer, exc)
+                    return
+                if isinstance(value, bytes):
+                    try:
+                        validate_record(key, value)
+                    except RecordRejected as rejected:
+                        log.info("refused a record for %s from %s: %s", key, peer, rejected)
+                        return
+                    found.append(value)
+
+        async with trio.open_nursery() as nursery:
+            for peer in await self._closest(key_bytes):
+                nursery.start_soon(ask, peer)
+        return found
+
+    async def lookup(self, name: str) -> list[ValidRecord]:
+        """The newest valid record of every publisher of `name` that the network knows (ours included)."""
+        publishers = {self.identity.fingerprint}
+        for info in await self.providers(name_key(name)):
+            fingerprint = fingerprint_of_peer(info.peer_id)
+            if fingerprint is not None:
+                publishers.add(fingerprint)
+        records: list[ValidRecord] = []
+        for publisher in sorted(publishers):
+            key = record_key(name, publisher)
+            values = await self.values(key)
+            best = select_record(key, values)
+            if best >= 0:
+                records.append(validate_record(key, values[best]))
+        return records
+
+    async def _closest(self, key: bytes) -> list[ID]:
+        """The closest peers to `key` found by a network walk (bounded in time), without ourselves."""
+        with trio.move_on_after(QUERY_TIMEOUT * 2):
+            peers = await self.dht.peer_routing.find_closest_peers_network(key)
+            return [p for p in peers if p != self.dht.local_peer_id]
+        return []
+
+
+def registry_node(identity: Identity, config: P2PConfig | None = None) -> tuple[P2PNode, DhtRegistry]:
+    """A P2PNode whose DHT stores /mirador/ records only after `RecordValidator` accepts them, and its registry."""
+    validator = RecordValidator()
+    node = P2PNode(identity, config, {NAMESPACE: validator})
+    if node.dht is None:
+        raise P2PError("the registry needs the DHT (P2PConfig.dht)")
+    validator.bind(node.dht)
+    return node, DhtRegistry(node.dht, identity)

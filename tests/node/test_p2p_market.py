@@ -1,0 +1,185 @@
+"""The marketplace between real daemons over libp2p: DHT records, search, pull from peers, resume after a provider dies.
+
+No IPFS daemon here: every node uses its embedded block store, and blocks travel over the nodes' own protocol.
+"""
+
+import hashlib
+import json
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from node.adapter_check import base_dims_of_file
+from node.models import embedded_model_path
+from tests.daemon_harness import Daemon, node_env, start_daemon
+from tests.lora_files import write_adapter
+
+DISCOVERY_TIMEOUT_S = 60
+
+
+def peers(d: Daemon) -> dict:
+    return httpx.get(f"{d.url}/v1/node/peers", timeout=10).json()
+
+
+def cli(d: Daemon, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """`mirador ARGS` against the home of `d` (so model pull/search go through the running daemon)."""
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", *args],
+        env=node_env(d.home, d.port),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def chain_of_daemons(tmp_path: Path, n: int, prefix: str) -> list[Daemon]:
+    """`n` daemons, each started with only the previous one's address as its bootstrap peer."""
+    nodes: list[Daemon] = []
+    try:
+        for i in range(n):
+            extra = {"MIRADOR_P2P_BOOTSTRAP": peers(nodes[-1])["listen_addrs"][0]} if nodes else {}
+            nodes.append(start_daemon(tmp_path / f"{prefix}{i}", extra))
+    except BaseException:
+        stop_all(nodes)
+        raise
+    return nodes
+
+
+def stop_all(nodes: list[Daemon]) -> None:
+    for d in nodes:
+        if d.proc.poll() is None:
+            d.stop()
+
+
+def wait_until_all_known(nodes: list[Daemon]) -> list[set[str]]:
+    """Poll (bounded) until every routing table holds every other node; returns the last view."""
+    ids = [peers(d)["peer_id"] for d in nodes]
+    deadline = time.monotonic() + DISCOVERY_TIMEOUT_S
+    while True:
+        known = [set(peers(d)["known_peers"]) for d in nodes]
+        if all(k >= set(ids) - {ids[i]} for i, k in enumerate(known)) or time.monotonic() > deadline:
+            return known
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def five(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Daemon]]:
+    nodes = chain_of_daemons(tmp_path_factory.mktemp("five"), 5, "n")
+    try:
+        yield nodes
+    finally:
+        stop_all(nodes)
+
+
+def test_five_daemons_with_one_bootstrap_address_each_discover_each_other(five: list[Daemon]) -> None:
+    # Act
+    known = wait_until_all_known(five)
+    # Assert
+    ids = [peers(d)["peer_id"] for d in five]
+    for i, k in enumerate(known):
+        assert k >= set(ids) - {ids[i]}, f"node {i} knows {len(k)} of 4 peers"
+
+
+def test_an_adapter_published_on_a_is_found_pulled_verified_and_served_by_e(five: list[Daemon], tmp_path: Path) -> None:
+    # Arrange: A publishes a strong adapter; E trusts A's key but was never connected to A at start
+    a, e = five[0], five[-1]
+    wait_until_all_known(five)
+    folder = tmp_path / "tutor"
+    folder.mkdir()
+    write_adapter(folder / "adapter.gguf", base_dims_of_file(embedded_model_path()), r=8, seed=1, std=0.1)
+    published = cli(a, "model", "publish", str(folder), "--name", "tutor", "--version", "1.0.0", "--kind", "adapter")
+    assert published.returncode == 0, published.stderr
+    assert "announced tutor (1.0.0) on the network" in published.stdout
+    cli(a, "keys", "export", "--public", str(tmp_path / "a.pem"))
+    assert cli(e, "trust", "add", str(tmp_path / "a.pem")).returncode == 0
+    # Act
+    search = cli(e, "model", "search", "tutor", "--json")
+    pulled = cli(e, "model", "pull", "tutor")
+    body = {"model": "base:tutor", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}
+    served = httpx.post(f"{e.url}/v1/chat/completions", json=body | {"temperature": 0}, timeout=60)
+    base = httpx.post(f"{e.url}/v1/chat/completions", json=body | {"model": "base", "temperature": 0}, timeout=60)
+    verify = cli(e, "model", "verify", "tutor")
+    # Assert
+    assert search.returncode == 0, search.stderr
+    rows = json.loads(search.stdout)
+    assert [(r["name"], r["version"], r["trusted"]) for r in rows] == [("tutor", "1.0.0", True)]
+    assert pulled.returncode == 0, pulled.stderr + pulled.stdout
+    assert "installed as adapter tutor@v1" in pulled.stdout
+    assert served.headers["x-mirador-adapters"] == "tutor@v1"
+    assert served.json()["choices"][0]["message"]["content"] != base.json()["choices"][0]["message"]["content"]
+    assert verify.returncode == 0, verify.stderr
+
+
+def test_search_and_pull_of_an_unknown_name_say_so(five: list[Daemon]) -> None:
+    # Act
+    search = cli(five[2], "model", "search", "nobody-published-this")
+    pulled = cli(five[2], "model", "pull", "nobody-published-this")
+    # Assert
+    assert search.returncode == 1 and "no publisher announces" in search.stdout
+    assert pulled.returncode == 1 and "no published artifact named" in pulled.stderr
+
+
+def write_safetensors(path: Path, size: int, seed: int) -> None:
+    """A valid safetensors file with one u8 tensor of `size` random bytes (a stand-in for model weights)."""
+    header = json.dumps({"weights": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}).encode()
+    header += b" " * (-len(header) % 8)
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        for _ in range(size // 2**20):
+            f.write(rng.randbytes(2**20))
+        f.write(rng.randbytes(size % 2**20))
+
+
+def test_provider_killed_mid_transfer_of_a_50mb_model_the_pull_resumes_from_another(tmp_path: Path) -> None:
+    # Arrange: A publishes a 50 MB model, B pulls it (so B provides it too), then C pulls from both
+    a, b, c = nodes = chain_of_daemons(tmp_path, 3, "m")
+    try:
+        wait_until_all_known(nodes)
+        folder = tmp_path / "big"
+        folder.mkdir()
+        write_safetensors(folder / "model.safetensors", 50 * 2**20, seed=7)
+        want = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+        published = cli(a, "model", "publish", str(folder), "--name", "big", "--version", "1.0.0", "--no-bench")
+        assert published.returncode == 0, published.stderr
+        assert cli(b, "model", "pull", "big", "--trust-publisher").returncode == 0
+        # Act: C pulls through its API; A is killed once C has part of the file
+        events: list[dict] = []
+        killed_at = -1
+        body = {"target": "big@1.0.0", "trust_publisher": True}
+        with httpx.stream("POST", f"{c.url}/v1/market/pull", json=body, timeout=300) as resp:
+            for line in resp.iter_lines():
+                event = json.loads(line)
+                events.append(event)
+                if event["event"] == "progress" and killed_at < 0 and 0 < event["done"] < event["total"]:
+                    a.proc.send_signal(signal.SIGKILL)
+                    a.proc.wait(10)
+                    killed_at = event["done"]
+        done = events[-1]
+        got = hashlib.sha256((Path(done["folder"]) / "model.safetensors").read_bytes()).hexdigest()
+        # Assert: A died mid-transfer, C still has a verified, complete copy; both providers had served blocks
+        assert done["event"] == "done", done
+        assert 0 < killed_at < 50 * 2**20
+        assert got == want
+        assert set(done["providers"]) == {peers(b)["peer_id"], a_peer(a)}, done["providers"]
+        assert a_peer(a) in done["provider_failures"], done
+        assert cli(c, "model", "verify", "big", "--trust-publisher").returncode == 0
+        print(done["providers"], done["provider_failures"], killed_at)
+    finally:
+        stop_all(nodes)
+
+
+def a_peer(d: Daemon) -> str:
+    """The peer id of a (possibly dead) daemon, from its log."""
+    for line in d.log().splitlines():
+        if "libp2p peer " in line:
+            return line.split("libp2p peer ")[1].split()[0]
+    raise AssertionError("no peer id in the log")

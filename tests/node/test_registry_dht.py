@@ -1,0 +1,130 @@
+"""Signed registry records in a real libp2p Kademlia DHT of in-process hosts on 127.0.0.1."""
+
+from contextlib import AsyncExitStack
+
+import msgspec
+import trio
+
+from crypto.identity import Identity
+from marketplace.registry_record import RecordRejected, parse_record, record_key, sign_record
+from node.p2p.host import P2PConfig, P2PNode
+from node.p2p.registry_dht import DhtRegistry, fingerprint_of_peer, name_key, registry_node
+
+DEADLINE = 60
+CID_A = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
+CID_B = "bafkreifjjcie6lypi6ny7amxnfftagclbuxndqonfipmb64f2km2devei4"
+CONFIG = P2PConfig(dial_timeout=5, negotiate_timeout=5)
+
+
+async def start_line(stack: AsyncExitStack, nursery: trio.Nursery, n: int) -> list[tuple[P2PNode, DhtRegistry]]:
+    """`n` registry nodes, each dialling the previous one; returns once every routing table holds all others."""
+    nodes: list[tuple[P2PNode, DhtRegistry]] = []
+    for _ in range(n):
+        node, registry = registry_node(Identity.generate(), CONFIG)
+        await nursery.start(node.run)
+        stack.callback(node.stop)
+        if nodes:
+            await node.connect(nodes[-1][0].listen_addrs[0])
+        nodes.append((node, registry))
+    while any(len(node.known_peers()) < n - 1 for node, _ in nodes):
+        for node, _ in nodes:
+            await node.discover()
+    return nodes
+
+
+def test_a_record_published_at_one_end_is_found_at_the_other() -> None:
+    found: list[str] = []
+    stored_before: list[int] = []
+
+    async def main() -> None:
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+                nodes = await start_line(stack, nursery, 4)
+                (first, publisher), (_, searcher) = nodes[0], nodes[-1]
+                # Act
+                await publisher.announce("tiny-model", {"1.0.0": CID_A})
+                records = await searcher.lookup("tiny-model")
+                await publisher.announce("tiny-model", {"1.0.0": CID_A, "1.1.0": CID_B})
+                newer = await searcher.lookup("tiny-model")
+                stored_before.append(sum(n.dht.value_store.size() for n, _ in nodes if n.dht))
+                found.extend(f"{v.version}={v.envelope_cid}" for r in records + newer for v in r.record.versions)
+                assert fingerprint_of_peer(first.peer_id) == publisher.identity.fingerprint
+                assert {r.record.publisher for r in records} == {publisher.identity.fingerprint}
+                assert newer[0].record.seq > records[0].record.seq
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    # Assert: the first lookup saw 1.0.0, the second both versions (a newer record replaced the cached one)
+    assert found == [f"1.0.0={CID_A}", f"1.1.0={CID_B}", f"1.0.0={CID_A}"]
+    assert stored_before[0] >= 2
+
+
+def test_dht_peers_refuse_unsigned_forged_replayed_and_rolled_back_records() -> None:
+    outcomes: dict[str, bool] = {}
+    publisher_id, attacker_id = Identity.generate(), Identity.generate()
+
+    async def main() -> None:
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+                (victim, _), (attacker, _) = await start_line(stack, nursery, 2)
+                assert victim.dht is not None and attacker.dht is not None
+                key = record_key("tiny-model", publisher_id.fingerprint)
+                v1 = sign_record(publisher_id, "tiny-model", {"1.0.0": CID_A}, seq=1)
+                v2 = sign_record(publisher_id, "tiny-model", {"1.0.0": CID_A, "2.0.0": CID_B}, seq=2)
+                rollback = sign_record(publisher_id, "tiny-model", {"1.0.0": CID_A}, seq=3)
+                record = parse_record(v1)
+                unsigned = msgspec.json.encode(msgspec.structs.replace(record, signature=""))
+                forged = sign_record(attacker_id, "tiny-model", {"9.0.0": CID_B}, seq=9)
+                store = attacker.dht.value_store._store_at_peer
+                # Act: the attacker's raw PUT_VALUEs, bypassing its own validator
+                for label, value, as_key in [
+                    ("unsigned", unsigned, key),
+                    ("forged", forged, key),  # signed by the attacker, stored under the publisher's key
+                    ("v2", v2, key),
+                    ("replayed v1", v1, key),
+                    ("rollback", rollback, key),
+                    ("garbage", b"\xff" * 100, key),
+                    ("other namespace", b"x", "/elsewhere/key"),
+                ]:
+                    outcomes[label] = bool(await store(victim.peer_id, as_key.encode(), value))
+                held = victim.dht.value_store.get(key.encode())
+                outcomes["victim keeps v2"] = held is not None and held.value == v2
+                outcomes["nothing else stored"] = victim.dht.value_store.size() == 1
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert outcomes == {
+        "unsigned": False,
+        "forged": False,
+        "v2": True,
+        "replayed v1": False,
+        "rollback": False,
+        "garbage": False,
+        "other namespace": False,
+        "victim keeps v2": True,
+        "nothing else stored": True,
+    }
+
+
+def test_local_validator_refuses_a_replay_before_sending() -> None:
+    identity = Identity.generate()
+    errors: list[str] = []
+
+    async def main() -> None:
+        node, _ = registry_node(identity, CONFIG)
+        async with node:
+            assert node.dht is not None
+            key = record_key("m", identity.fingerprint)
+            await node.dht.put_value(key, sign_record(identity, "m", {"1.0.0": CID_A}, seq=5))
+            try:
+                await node.dht.put_value(key, sign_record(identity, "m", {"1.0.0": CID_A}, seq=4))
+            except RecordRejected as exc:
+                errors.append(str(exc))
+
+    trio.run(main)
+    assert errors and "replay refused" in errors[0]
+
+
+def test_name_key_is_a_sha256_multihash() -> None:
+    key = name_key("tiny-model")
+    assert key[:2] == b"\x12\x20" and len(key) == 34 and key != name_key("tiny-model2")
