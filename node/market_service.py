@@ -65,6 +65,21 @@ class MarketService:
         self.server.attach(p2p)
         self._pull_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
+        self.pulls_done = 0
+        self.pulls_failed = 0
+        self.last_announce: float | None = None
+
+    def status(self) -> dict[str, Any]:
+        """What the network marketplace has done (for /v1/node/status)."""
+        return {
+            "enabled": True,
+            "pulls_done": self.pulls_done,
+            "pulls_failed": self.pulls_failed,
+            "last_announce": self.last_announce,
+            "block_streams_served": self.server.streams_served,
+            "blocks_served": self.server.blocks_served,
+            "block_streams_refused": self.server.streams_refused,
+        }
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve blocks, re-announce what this node holds every few hours, run pulls; until cancelled."""
@@ -101,6 +116,7 @@ class MarketService:
             await self.registry.announce(name, versions)
             for cid in versions.values():
                 await self.registry.provide(cid)
+        self.last_announce = time.time()
         return {"name": name, "versions": sorted(versions), "peers": len(self.p2p.peers())}
 
     async def reannounce_forever(self) -> None:
@@ -161,7 +177,12 @@ class MarketService:
     ) -> PullOutcome:
         """Resolve `target` through the DHT, fetch from providers, verify, install; then provide it ourselves."""
         async with self._pull_lock:
-            outcome = await trio.to_thread.run_sync(self._pull_sync, target, trust_publisher, install, progress)
+            try:
+                outcome = await trio.to_thread.run_sync(self._pull_sync, target, trust_publisher, install, progress)
+            except BaseException:
+                self.pulls_failed += 1
+                raise
+            self.pulls_done += 1
         with trio.move_on_after(ANNOUNCE_TIMEOUT_S):
             await self.registry.provide(outcome.installed.envelope_cid)
         return outcome

@@ -64,6 +64,8 @@ class NodeState:
             "listen_addrs": [str(a) for a in self.p2p.listen_addrs],
             "peers": sorted(str(p) for p in self.p2p.peers()),
             "known_peers": sorted(str(p) for p in self.p2p.known_peers()),
+            "dht": self.p2p.dht_stats(),
+            "market": self.market.status() if self.market is not None else {"enabled": False},
         }
 
     def status(self) -> dict[str, Any]:

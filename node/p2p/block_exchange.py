@@ -27,7 +27,7 @@ from libp2p.peer.id import ID
 from marketplace.blockstore import BlockNotFoundError, BlockStore, CorruptBlockError
 from marketplace.cid import DAG_PB, RAW, SHA2_256, Cid, CidError
 from marketplace.unixfs import UnixfsError, decode_pbnode, decode_unixfs, root_size
-from node.p2p.framing import ByteStream, FrameError, receive_frame, send_frame
+from node.p2p.framing import ByteStream, FrameError, FrameTimeout, FrameTruncated, receive_frame, send_frame
 from node.p2p.host import P2PNode
 
 PROTOCOL = "/mirador/blocks/1.0.0"
@@ -97,6 +97,9 @@ class BlockServer:
         self.read_timeout = read_timeout
         self.slot_timeout = slot_timeout
         self.limiter = trio.CapacityLimiter(max_streams)
+        self.streams_served = 0
+        self.blocks_served = 0
+        self.streams_refused = 0  # malformed wants or frames
 
     def attach(self, node: P2PNode) -> None:
         """Serve PROTOCOL on `node`."""
@@ -109,11 +112,14 @@ class BlockServer:
         if waiting.cancelled_caught:
             log.debug("block server: %d streams already served, refusing another", self.limiter.total_tokens)
             return
+        self.streams_served += 1
         try:
             await self._serve(stream)
         except (FrameError, IOException) as exc:
+            self.streams_refused += not isinstance(exc, FrameTruncated | FrameTimeout | IOException)
             log.debug("block server: stream ended: %s: %s", type(exc).__name__, exc)
         except WantError as exc:
+            self.streams_refused += 1
             log.debug("block server: refused a malformed want: %s", exc)
         except Exception:  # a libp2p error or a bug: it must not reach libp2p's handler task
             log.warning("block server: unexpected error, stream dropped", exc_info=True)
@@ -133,6 +139,7 @@ class BlockServer:
                 data = await trio.to_thread.run_sync(self._read, cid)
                 answer = (BLOCK, data) if data is not None else (BLOCK_NONE, b"")
                 await send_frame(stream, *answer, write_timeout=self.read_timeout, ack_timeout=self.read_timeout)
+                self.blocks_served += data is not None
 
     def _read(self, cid: Cid) -> bytes | None:
         """The verified block, or None if it is not here (a corrupt one is removed by the store)."""

@@ -287,6 +287,16 @@ class P2PNode:
         """Peers in the DHT routing table (known, not necessarily connected)."""
         return list(self.dht.routing_table.get_peer_ids()) if self.dht is not None else []
 
+    def dht_stats(self) -> dict[str, int]:
+        """Sizes of the DHT's routing table, value store and provider store."""
+        if self.dht is None:
+            return {}
+        return {
+            "routing_table": int(self.dht.get_routing_table_size()),
+            "records": int(self.dht.get_value_store_size()),
+            "provider_keys": int(self.dht.provider_store.size()),
+        }
+
     def stop(self) -> None:
         """Ask `run()` to return."""
         self._stop.set()

@@ -1,5 +1,6 @@
 """The libp2p host inside real daemons: peer ids, connect by multiaddr, bootstrap at start, port conflicts."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,31 @@ def test_a_taken_p2p_port_is_reported(tmp_path: Path) -> None:
         assert code == 1 and "p2p.port" in second.log(), second.log()
     finally:
         first.stop()
+
+
+def test_a_restarted_node_redials_the_peers_it_knew_without_bootstrap(tmp_path: Path) -> None:
+    # Arrange: b knows a through its bootstrap setting, then stops (saving its routing table)
+    import time
+
+    a = start_daemon(tmp_path / "a")
+    b = start_daemon(tmp_path / "b", {"MIRADOR_P2P_BOOTSTRAP": peers(a)["listen_addrs"][0]})
+    restarted = None
+    try:
+        a_id = peers(a)["peer_id"]
+        deadline = time.monotonic() + 30
+        while a_id not in peers(b)["known_peers"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert b.stop() == 0
+        saved = json.loads((tmp_path / "b" / "run" / "peers.json").read_text())
+        # Act: b starts again with no bootstrap peer at all
+        restarted = start_daemon(tmp_path / "b")
+        deadline = time.monotonic() + 30
+        while a_id not in peers(restarted)["peers"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        # Assert
+        assert [p["peer_id"] for p in saved["peers"]] == [a_id]
+        assert a_id in peers(restarted)["peers"]
+    finally:
+        for d in (a, b, restarted):
+            if d is not None and d.proc.poll() is None:
+                d.stop()
