@@ -29,6 +29,7 @@ from node.identity_file import IdentityFileError, load_or_create_identity
 from node.market_service import MarketService
 from node.models import BaseModel, ModelNotFoundError, resolve_model
 from node.p2p.host import P2PConfig, P2PError, P2PNode  # before logging: importing libp2p resets its logger
+from node.p2p.notices import NoticeBoard
 from node.p2p.registry_dht import registry_node
 from node.personalities import ManifestFile
 from node.profiles import PROFILES_DIR, effective_settings
@@ -63,6 +64,9 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
         force=True,
     )
+    # py-libp2p warns once per message a flooding peer sends beyond gossipsub's limit; the notice board counts
+    # and scores those peers itself.
+    logging.getLogger("libp2p.pubsub.gossipsub").setLevel(max(logging.ERROR, logging.root.level))
 
 
 def prepare_home(home: NodeHome) -> NodeConfig:
@@ -112,9 +116,10 @@ def build_state(home: NodeHome, cfg: NodeConfig, options: StartOptions) -> NodeS
         raise StartupError(
             f"invalid personality manifest: {manifest.error.removesuffix(' (still serving the previous manifest)')}"
         )
-    p2p, market = _network(home, identity, cfg)
+    p2p, notices, market = _network(home, identity, cfg)
     return NodeState(
         p2p=p2p,
+        notices=notices,
         market=market,
         config=cfg,
         settings=settings,
@@ -129,14 +134,18 @@ def build_state(home: NodeHome, cfg: NodeConfig, options: StartOptions) -> NodeS
     )
 
 
-def _network(home: NodeHome, identity: Identity, cfg: NodeConfig) -> tuple[P2PNode | None, MarketService | None]:
-    """The libp2p host (DHT validating registry records) and, with the embedded store, the network marketplace."""
+def _network(
+    home: NodeHome, identity: Identity, cfg: NodeConfig
+) -> tuple[P2PNode | None, NoticeBoard | None, MarketService | None]:
+    """The libp2p host (DHT validating registry records), its gossip notices and, with the embedded store, the
+    network marketplace."""
     if not cfg.p2p.enabled:
-        return None, None
+        return None, None, None
     p2p_config = P2PConfig(listen_host=cfg.p2p.listen_host, port=cfg.p2p.port, peers_file=home.run_dir / "peers.json")
     p2p, registry = registry_node(identity, p2p_config)
-    market = MarketService(home, identity, p2p, registry) if cfg.store.backend == "embedded" else None
-    return p2p, market
+    notices = NoticeBoard()
+    market = MarketService(home, identity, p2p, registry, notices) if cfg.store.backend == "embedded" else None
+    return p2p, notices, market
 
 
 def _hypercorn_config(cfg: NodeConfig) -> HypercornConfig:
@@ -222,6 +231,9 @@ async def _start_p2p(state: NodeState, nursery: trio.Nursery) -> None:
         ) from None
     log.info("libp2p peer %s listening on %s", p2p.peer_id, ", ".join(str(a) for a in p2p.listen_addrs))
     nursery.start_soon(_bootstrap, p2p, list(state.config.p2p.bootstrap))
+    if state.notices is not None:
+        await state.notices.attach(p2p)
+        await nursery.start(state.notices.run)
     if state.market is not None:
         await nursery.start(state.market.run)
 

@@ -17,11 +17,13 @@ from crypto.identity import Identity
 from marketplace.artifacts import ArtifactRefused, Installed, LocalResolver, Marketplace, describe
 from marketplace.content_store import EmbeddedStore
 from marketplace.registry import Registry
+from marketplace.semver import SemVer
 from node.home import NodeHome
 from node.market_install import InstallRefused, install_pulled_adapter
 from node.p2p.block_exchange import BlockServer
 from node.p2p.host import P2PNode
 from node.p2p.network_store import DhtResolver, NetworkStore
+from node.p2p.notices import ArtifactPublished, NoticeBacklog, NoticeBoard, NoticeError
 from node.p2p.registry_dht import DhtRegistry
 
 log = logging.getLogger(__name__)
@@ -58,8 +60,10 @@ class PullOutcome:
 class MarketService:
     """Announce, search and pull over the node's DHT and block exchange."""
 
-    def __init__(self, home: NodeHome, identity: Identity, p2p: P2PNode, registry: DhtRegistry) -> None:
-        self.home, self.identity, self.p2p, self.registry = home, identity, p2p, registry
+    def __init__(
+        self, home: NodeHome, identity: Identity, p2p: P2PNode, registry: DhtRegistry, notices: NoticeBoard | None
+    ) -> None:
+        self.home, self.identity, self.p2p, self.registry, self.notices = home, identity, p2p, registry, notices
         self.local = EmbeddedStore(home.root / "blocks")
         self.server = BlockServer(self.local.blocks)
         self.server.attach(p2p)
@@ -117,7 +121,28 @@ class MarketService:
             for cid in versions.values():
                 await self.registry.provide(cid)
         self.last_announce = time.time()
+        await self._notify(name, versions)
         return {"name": name, "versions": sorted(versions), "peers": len(self.p2p.peers())}
+
+    async def _notify(self, name: str, versions: dict[str, str]) -> None:
+        """Tell peers by gossip that the newest of `versions` is out (best effort: the DHT holds the truth)."""
+        if self.notices is None:
+            return
+        version = max(versions, key=SemVer.parse)
+        db = Registry(self.home.state_db)
+        try:
+            record = db.find(name, version)
+        finally:
+            db.close()
+        kind: Any = record.kind if record is not None else "model"  # validated by the notice's own check
+        notice = ArtifactPublished(
+            name=name, version=version, kind=kind, publisher=self.identity.fingerprint, envelope_cid=versions[version]
+        )
+        try:
+            with trio.move_on_after(ANNOUNCE_TIMEOUT_S):
+                await self.notices.publish(notice)
+        except (NoticeBacklog, NoticeError) as exc:
+            log.warning("no gossip notice for %s@%s: %s", name, version, exc)
 
     async def reannounce_forever(self) -> None:
         """Announce every published name and provide every installed artifact, now and every few hours."""

@@ -5,6 +5,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from crypto.identity import Identity
 from node import __version__
 from node.adapter_cache import AdapterRef
@@ -15,6 +17,7 @@ from node.feedback_db import FeedbackDB
 from node.home import NodeHome
 from node.models import BaseModel
 from node.p2p.host import P2PNode
+from node.p2p.notices import ArtifactPublished, NoticeBoard
 
 if TYPE_CHECKING:
     from node.market_service import MarketService
@@ -38,6 +41,7 @@ class NodeState:
     feedback: FeedbackDB
     training: TrainingService
     p2p: P2PNode | None = None
+    notices: NoticeBoard | None = None
     market: "MarketService | None" = None
     started_at: float = field(default_factory=time.time)
     shutting_down: bool = False
@@ -66,6 +70,24 @@ class NodeState:
             "known_peers": sorted(str(p) for p in self.p2p.known_peers()),
             "dht": self.p2p.dht_stats(),
             "market": self.market.status() if self.market is not None else {"enabled": False},
+            "notices": self.notices_status(),
+        }
+
+    def notices_status(self) -> dict[str, Any]:
+        """Gossip notices: counters, peers scored down or blacklisted, the last artifacts announced."""
+        if self.notices is None:
+            return {}
+        stats = self.notices.stats()
+        return {
+            "accepted": stats.accepted,
+            "refused": stats.refused,
+            "published": stats.published,
+            "scores": {peer: score for peer, score in self.notices.scores().items() if score < 0},
+            "blacklisted": self.notices.blacklisted(),
+            "recent_artifacts": [
+                {"origin": r.origin, "received_at": r.received_at} | msgspec.to_builtins(r.notice)
+                for r in self.notices.recent(ArtifactPublished)[-10:]
+            ],
         }
 
     def status(self) -> dict[str, Any]:

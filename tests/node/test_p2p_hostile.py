@@ -3,10 +3,12 @@
 Each fault is refused, nothing is stored, and the daemon keeps serving chat and blocks afterwards.
 """
 
+import contextlib
 import enum
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from marketplace.registry_record import parse_record, record_key, sign_record
 from node.p2p.block_exchange import PROTOCOL, encode_want, fetch_dag
 from node.p2p.framing import HEADER_SIZE, ByteStream, FrameError, Kind, decode_header, encode_header, send_frame
 from node.p2p.host import P2PConfig, P2PNode, tcp_multiaddr
+from node.p2p.notices import TOPIC
 from node.p2p.registry_dht import registry_node
 from tests.daemon_harness import Daemon, node_env, start_daemon
 
@@ -232,3 +235,76 @@ def test_a_plaintext_only_dialer_cannot_connect_to_a_daemon(victim: tuple[Daemon
     trio.run(main)
     assert errors, "the plaintext dialer connected"
     assert d.chat("Hello").status_code == 200
+
+
+def test_a_gossip_flood_is_refused_and_the_flooder_blacklisted_while_the_node_keeps_serving(
+    victim: tuple[Daemon, dict[str, bytes]], tmp_path: Path
+) -> None:
+    # Arrange
+    d, records = victim
+    outcome: dict[str, object] = {}
+
+    def notices() -> dict:
+        return httpx.get(f"{d.url}/v1/node/status", timeout=10).json()["p2p"]["notices"]
+
+    async def main() -> None:
+        with trio.fail_after(DEADLINE):
+            hostile = P2PNode(Identity.generate(), P2PConfig(dht=False, dial_timeout=5, negotiate_timeout=5))
+            async with hostile:
+                assert hostile.pubsub is not None and hostile.gossipsub is not None
+                peer = await hostile.connect(daemon_addr(d))
+                await hostile.pubsub.subscribe(TOPIC)
+                while peer not in hostile.pubsub.peer_topics.get(TOPIC, set()):
+                    await trio.sleep(0.05)
+                hostile.gossipsub.spam_protection_enabled = False  # a real attacker does not rate-limit itself
+                # Act: 500 messages as fast as the daemon takes them: valid-looking hellos and garbage
+                hostile_id = str(hostile.peer_id)
+                for i in range(500):
+                    data = (
+                        b"\xff garbage"
+                        if i % 5 == 0
+                        else msgspec.json.encode(
+                            {"type": "node.hello", "v": 1, "sent_at": int(time.time()), "agent": f"flood {i}"}
+                        )
+                    )
+                    with contextlib.suppress(Exception):  # once blacklisted, the daemon drops us
+                        await hostile.pubsub.publish(TOPIC, data)
+                    with trio.move_on_after(0.5):
+                        while len(hostile.pubsub.peer_queues.get(peer, ())) > 8:
+                            await trio.sleep(0.001)
+                    if i % 50 == 49 and hostile_id in (await trio.to_thread.run_sync(notices))["blacklisted"]:
+                        break
+                deadline = trio.current_time() + 20
+                while hostile_id not in (await trio.to_thread.run_sync(notices))["blacklisted"]:
+                    assert trio.current_time() < deadline, "the flooder was not blacklisted"
+                    await trio.sleep(0.2)
+                outcome["dropped"] = peer not in hostile.peers() or not await still_connected(hostile, peer)
+        # Then an honest peer still fetches the daemon's blocks
+        async with registry_node(Identity.generate(), CONFIG)[0] as honest:
+            peer = await honest.connect(daemon_addr(d))
+            store = BlockStore(tmp_path / "blocks")
+            root = Cid.parse(parse_record(records["v2"]).versions[0].envelope_cid)
+
+            async def open_stream(p: ID) -> ByteStream:
+                return await honest.open_stream(p, PROTOCOL)
+
+            await fetch_dag(root, [peer], open_stream, store)
+            outcome["fetched"] = b"".join(store.cat(root))
+
+    trio.run(main)
+    status = notices()
+    # Assert
+    assert outcome["dropped"]
+    assert status["refused"].get("rate_limited", 0) + status["refused"].get("undecodable", 0) > 0, status
+    assert status["accepted"] <= 100, status  # at most the burst plus what the rate allowed during the flood
+    assert outcome["fetched"] == (d.home / "artifacts" / "notes" / "2.0.0" / "envelope.json").read_bytes()
+    assert d.chat("Hello").status_code == 200
+
+
+async def still_connected(node: P2PNode, peer: ID) -> bool:
+    """Whether `peer` is still connected a moment later (the daemon closes a blacklisted peer's connection)."""
+    with trio.move_on_after(5):
+        while peer in node.peers():
+            await trio.sleep(0.1)
+        return False
+    return True

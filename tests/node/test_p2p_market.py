@@ -107,6 +107,7 @@ def test_an_adapter_published_on_a_is_found_pulled_verified_and_served_by_e(five
     served = httpx.post(f"{e.url}/v1/chat/completions", json=body | {"temperature": 0}, timeout=60)
     base = httpx.post(f"{e.url}/v1/chat/completions", json=body | {"model": "base", "temperature": 0}, timeout=60)
     verify = cli(e, "model", "verify", "tutor")
+    gossip = recent_artifacts(e, "tutor")
     # Assert
     assert search.returncode == 0, search.stderr
     rows = json.loads(search.stdout)
@@ -116,6 +117,18 @@ def test_an_adapter_published_on_a_is_found_pulled_verified_and_served_by_e(five
     assert served.headers["x-mirador-adapters"] == "tutor@v1"
     assert served.json()["choices"][0]["message"]["content"] != base.json()["choices"][0]["message"]["content"]
     assert verify.returncode == 0, verify.stderr
+    assert [(g["version"], g["kind"], g["publisher"]) for g in gossip] == [("1.0.0", "adapter", rows[0]["publisher"])]
+
+
+def recent_artifacts(d: Daemon, name: str, timeout: float = 15) -> list[dict]:
+    """The artifact.published notices about `name` that reached `d` by gossip (polled, bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = httpx.get(f"{d.url}/v1/node/status", timeout=10).json()["p2p"]["notices"]
+        found = [n for n in status["recent_artifacts"] if n["name"] == name]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
 
 
 def test_search_and_pull_of_an_unknown_name_say_so(five: list[Daemon]) -> None:
