@@ -173,9 +173,23 @@ def _format_status(s: dict[str, Any]) -> str:
             f"({cache['used_bytes'] / 1e6:.1f} of {cache['budget_bytes'] / 1e6:.0f} MB), {cache['loads']} loads, "
             f"{cache['evictions']} evictions",
             f"training     {s['training']['running'] or 'idle'}",
-            f"p2p          {s['p2p'].get('peer_id', 'disabled')}, {len(s['p2p'].get('peers', []))} peers",
+            f"p2p          {s['p2p'].get('peer_id', 'disabled')}, {len(s['p2p'].get('peers', []))} peers"
+            + _p2p_details(s["p2p"]),
             f"api          http://{a['host']}:{a['port']}  auth: {'bearer token' if a['auth'] else 'none (loopback)'}",
         ]
+    )
+
+
+def _p2p_details(p2p: dict[str, Any]) -> str:
+    """DHT and gossip figures for the status line (empty when P2P is off)."""
+    if not p2p.get("enabled"):
+        return ""
+    dht, notices = p2p.get("dht", {}), p2p.get("notices", {})
+    refused = sum(notices.get("refused", {}).values())
+    return (
+        f", {dht.get('routing_table', 0)} in the DHT routing table, {dht.get('records', 0)} records held; "
+        f"notices {notices.get('accepted', 0)} accepted, {refused} refused, "
+        f"{len(notices.get('blacklisted', {}))} peers blacklisted"
     )
 
 

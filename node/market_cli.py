@@ -160,11 +160,11 @@ def cmd_chain_publish(home: NodeHome, args: argparse.Namespace) -> int:
 def cmd_pull(home: NodeHome, args: argparse.Namespace) -> int:
     """Pull and verify NAME[@VERSION] or a CID (a chain brings what it references).
 
-    With the node running, the node pulls: it finds publishers and providers in the DHT and fetches from peers.
-    Without it, only this machine's content store is used.
+    With the node running (and its network marketplace on: P2P enabled, embedded store), the node pulls: it finds
+    publishers and providers in the DHT and fetches from peers. Otherwise this machine's content store is used.
     """
     client = _daemon(home)
-    if client is not None:
+    if client is not None and client.get("/v1/node/status")["p2p"].get("market", {}).get("enabled"):
         return _pull_through_node(client, args)
     with _progress_bar() as bar:
         done = _market(home).pull(args.target, trust_publisher=args.trust_publisher, progress=bar)
