@@ -1,14 +1,15 @@
 """Signed registry records for the DHT: name → versions → envelope CID, one record per name and publisher.
 
-DHT key: `/mirador/<name>/<publisher fingerprint>`. The value is a JSON record signed with the publisher's
-Ed25519 key over its canonical encoding (sorted keys, no signature field). A DHT node stores a record only if
-`validate_record` accepts it: schema and size, key consistent with name and publisher, publisher key matching
-its fingerprint, a valid signature, not expired, and — against the record it already holds — a higher sequence
+DHT key: `/mirador/<hash of name and publisher fingerprint>` (record_key). The value is a JSON record signed with
+the publisher's Ed25519 key over its canonical encoding (sorted keys, no signature field). A DHT node stores a
+record only if `validate_record` accepts it: schema and size, key consistent with name and publisher, publisher key
+matching its fingerprint, a valid signature, not expired, and — against the record it already holds — a higher sequence
 number that keeps every version the stored one listed at or above its highest (no rollback).
 """
 
 import base64
 import binascii
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Annotated
@@ -61,8 +62,14 @@ class RegistryRecord(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw
 
 
 def record_key(name: str, publisher: str) -> str:
-    """The DHT key of `name` published by `publisher`."""
-    return f"{KEY_PREFIX}{name}/{publisher}"
+    """The DHT key of `name` published by `publisher`: '/mirador/' + 40 hex digits of sha256('<name>/<publisher>').
+
+    Hashed to 49 bytes because py-libp2p 0.8.1 refuses FIND_NODE targets longer than 50 bytes that are not
+    multihashes: a longer key would never be walked to its closest peers (the network lookup would silently fall
+    back to the local routing table). The record itself names its name and publisher; validation recomputes this.
+    """
+    digest = hashlib.sha256(f"{name}/{publisher}".encode()).hexdigest()[:40]
+    return f"{KEY_PREFIX}{digest}"
 
 
 def sign_record(identity: Identity, name: str, versions: dict[str, str], seq: int, ttl_s: int = DEFAULT_TTL_S) -> bytes:

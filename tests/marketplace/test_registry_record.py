@@ -115,3 +115,13 @@ def test_a_newer_record_replaces_the_stored_one_and_select_prefers_it(alice: Ide
     assert select_record(key, [old, forged, new, b"junk"]) == 2
     assert select_record(key, [b"junk"]) == -1
     assert validate_record(key, old, now=time.time()).record.seq == 1
+
+
+def test_record_keys_are_short_enough_for_py_libp2p_to_walk_to_them(alice: Identity) -> None:
+    # py-libp2p 0.8.1 refuses FIND_NODE targets over 50 bytes that are not multihashes
+    longest = "a" * 64
+    keys = {
+        record_key(n, p) for n in ("finance", longest) for p in (alice.fingerprint, Identity.generate().fingerprint)
+    }
+    assert len(keys) == 4
+    assert all(k.startswith("/mirador/") and len(k.encode()) <= 50 for k in keys)
