@@ -196,3 +196,30 @@ def a_peer(d: Daemon) -> str:
         if "libp2p peer " in line:
             return line.split("libp2p peer ")[1].split()[0]
     raise AssertionError("no peer id in the log")
+
+
+def test_market_api_errors_name_what_was_wrong(five: list[Daemon]) -> None:
+    # Arrange
+    url = five[1].url
+    # Act
+    bad_name = httpx.get(f"{url}/v1/market/search", params={"name": "Not A Name!"}, timeout=30)
+    unknown = httpx.post(f"{url}/v1/market/announce", json={"name": "never-published"}, timeout=30)
+    extra_field = httpx.post(f"{url}/v1/market/pull", json={"target": "x", "mirror": True}, timeout=30)
+    # Assert
+    assert bad_name.status_code == 400 and bad_name.json()["error"]["param"] == "name"
+    assert unknown.status_code == 404 and "published nothing named" in unknown.json()["error"]["message"]
+    assert extra_field.status_code == 400 and "mirror" in extra_field.json()["error"]["message"]
+
+
+def test_without_p2p_the_market_api_says_so_and_pull_stays_local(tmp_path: Path) -> None:
+    # Arrange
+    d = start_daemon(tmp_path / "solo", {"MIRADOR_P2P_ENABLED": "false"})
+    try:
+        # Act
+        search = httpx.get(f"{d.url}/v1/market/search", params={"name": "tutor"}, timeout=30)
+        pulled = cli(d, "model", "pull", "tutor")
+        # Assert
+        assert search.status_code == 409 and search.json()["error"]["code"] == "market_unavailable"
+        assert pulled.returncode == 1 and "no published artifact named 'tutor' is known" in pulled.stderr
+    finally:
+        d.stop()
