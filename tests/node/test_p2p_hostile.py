@@ -147,6 +147,18 @@ async def inflict(fault: Fault, node: P2PNode, peer: ID, records: dict[str, byte
     return decode_header(answer).kind.name if len(answer) == HEADER_SIZE else "closed"
 
 
+async def fetch_envelope(node: P2PNode, peer: ID, records: dict[str, bytes], tmp_path: Path) -> bytes:
+    """The current (2.0.0) envelope fetched from the daemon over the block exchange into a fresh store."""
+    store = BlockStore(tmp_path / "blocks")
+    root = Cid.parse(parse_record(records["v2"]).versions[0].envelope_cid)
+
+    async def open_stream(p: ID) -> ByteStream:
+        return await node.open_stream(p, PROTOCOL)
+
+    await fetch_dag(root, [peer], open_stream, store)
+    return b"".join(store.cat(root))
+
+
 def records_cid(records: dict[str, bytes]) -> str:
     return parse_record(records["v1"]).versions[0].envelope_cid
 
@@ -191,14 +203,7 @@ def test_hostile_input_is_refused_nothing_is_stored_and_the_node_keeps_serving(
                 # Act
                 outcome["answer"] = await inflict(fault, node, peer, records, fp)
                 # Then, as an honest peer: the daemon still serves its blocks and its current record
-                store = BlockStore(tmp_path / "blocks")
-                root = Cid.parse(parse_record(records["v2"]).versions[0].envelope_cid)
-
-                async def open_stream(p: ID) -> ByteStream:
-                    return await node.open_stream(p, PROTOCOL)
-
-                await fetch_dag(root, [peer], open_stream, store)
-                outcome["fetched"] = b"".join(store.cat(root))
+                outcome["fetched"] = await fetch_envelope(node, peer, records, tmp_path)
                 assert node.dht is not None
                 outcome["record"] = await node.dht.value_store._get_from_peer(peer, record_key("notes", fp).encode())
 
@@ -282,14 +287,7 @@ def test_a_gossip_flood_is_refused_and_the_flooder_blacklisted_while_the_node_ke
         # Then an honest peer still fetches the daemon's blocks
         async with registry_node(Identity.generate(), CONFIG)[0] as honest:
             peer = await honest.connect(daemon_addr(d))
-            store = BlockStore(tmp_path / "blocks")
-            root = Cid.parse(parse_record(records["v2"]).versions[0].envelope_cid)
-
-            async def open_stream(p: ID) -> ByteStream:
-                return await honest.open_stream(p, PROTOCOL)
-
-            await fetch_dag(root, [peer], open_stream, store)
-            outcome["fetched"] = b"".join(store.cat(root))
+            outcome["fetched"] = await fetch_envelope(honest, peer, records, tmp_path)
 
     trio.run(main)
     status = notices()
