@@ -48,6 +48,7 @@ class _ConfigSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     dp: _DPSpec | msgspec.UnsetType | None = msgspec.UNSET
     threads: int | msgspec.UnsetType | None = msgspec.UNSET
     physical_batch_size: int | msgspec.UnsetType | None = msgspec.UNSET
+    init_adapter: str | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class JobSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

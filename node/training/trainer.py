@@ -66,6 +66,7 @@ class TrainConfig:
     dp: DPConfig | None = None
     threads: int | None = None  # torch threads; None = every core
     physical_batch_size: int | None = None  # examples per forward pass; None = min(batch_size, 8)
+    init_adapter: str | None = None  # peft adapter_model.safetensors to start from (a federation's global adapter)
 
     def __post_init__(self) -> None:
         if self.targets not in TARGET_MODULES:
@@ -307,6 +308,8 @@ def train_adapter(
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(base, lora)
+    if config.init_adapter is not None:
+        load_initial_adapter(model, Path(config.init_adapter))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     before = evaluate_loss(model, held_enc, config, pad_id)
     run = _Run(model, train_enc, config, pad_id, on_progress)
@@ -337,6 +340,25 @@ def train_adapter(
     result.seconds = round(time.monotonic() - began, 3)
     atomic_write_text(out_dir / "training.json", result.to_json() + "\n")
     return result
+
+
+def load_initial_adapter(model: Any, path: Path) -> None:
+    """Start from the LoRA weights in `path` (peft safetensors); every tensor must match the model's name and shape."""
+    import torch
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.numpy import load_file
+
+    wanted = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    given = load_file(str(path))
+    got = {k: tuple(v.shape) for k, v in given.items()}
+    if got != wanted:
+        missing, extra = sorted(set(wanted) - set(got)), sorted(set(got) - set(wanted))
+        wrong = sorted(k for k in set(wanted) & set(got) if wanted[k] != got[k])
+        raise ValueError(
+            f"init_adapter {path.name} does not fit this LoRA config: missing {missing[:3]}, extra {extra[:3]}, "
+            f"wrong shape {wrong[:3]}"
+        )
+    set_peft_model_state_dict(model, {k: torch.from_numpy(v.astype("float32")) for k, v in given.items()})
 
 
 class _Run:

@@ -6,6 +6,7 @@ import math
 import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -307,3 +308,18 @@ def test_job_with_a_bad_spec_exits_2(tmp_path: Path, config: dict[str, Any], mes
     code, events, _ = run_job(spec, tmp_path / "spec.json")
     # Assert
     assert code == 2 and len(events) == 1 and message in events[0]["message"], events
+
+
+def test_training_can_start_from_a_given_adapter(torch_base_folder: Path, tmp_path: Path) -> None:
+    # Arrange: a first adapter, trained a few steps (a federation's global adapter, say)
+    examples = [Example(text=t) for t in beekeeping_texts(40, seed=2)]
+    config = TrainConfig(steps=6, batch_size=4, max_length=48, seed=0)
+    first = train_adapter(torch_base_folder, examples, config, tmp_path / "global")
+    init = str(tmp_path / "global" / "adapter_model.safetensors")
+    # Act: continue from it; and try to start a rank-4 run from the rank-8 adapter
+    second = train_adapter(torch_base_folder, examples, replace(config, steps=1, init_adapter=init), tmp_path / "next")
+    with pytest.raises(ValueError, match="does not fit this LoRA config") as misfit:
+        train_adapter(torch_base_folder, examples, replace(config, rank=4, init_adapter=init), tmp_path / "bad")
+    # Assert: the second run started exactly where the first ended (same held-out split, same weights)
+    assert second.heldout_loss_before == pytest.approx(first.heldout_loss_after, rel=1e-5)
+    assert "wrong shape" in str(misfit.value) and not (tmp_path / "bad").exists()
