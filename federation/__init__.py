@@ -1,4 +1,5 @@
-"""Federated rounds, membership, aggregation strategies and privacy modes (built in a later issue).
+"""Federated rounds, membership, aggregation strategies and privacy modes.
 
-Imports only `crypto`; what it needs from the outside (transport, DHT, trainer) it declares as Protocols.
+Imports `crypto` and `marketplace` (names, CIDs), never `node`; what it needs from the outside (transport, DHT,
+trainer) it declares as Protocols.
 """

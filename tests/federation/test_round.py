@@ -1,0 +1,414 @@
+"""The aggregator's round state machine, the aggregator choice and the round notices.
+
+Hivemind-style: every way an update can be bad is one `Fault`; each is rejected with exactly its reason and leaves
+the accepted set as it was."""
+
+import enum
+import hashlib
+import json
+import random
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from crypto.identity import Identity
+from federation.messages import (
+    Kind,
+    MessageError,
+    MessageFault,
+    members_digest,
+    sign_aggregate_statement,
+    sign_round_done,
+    sign_round_open,
+    sign_update_header,
+    verify_aggregate_statement,
+    verify_round_done,
+    verify_round_open,
+    verify_update_header,
+)
+from federation.round import Accepted, CkksCheck, Decision, Rejected, RejectReason, RoundState, choose_aggregator
+from federation.update import Layout, UpdateError, UpdateFault, encode_tensors
+
+NOW = 1_800_000_000.0
+DEADLINE = NOW + 300
+FID = hashlib.sha256(b"finance-club").hexdigest()
+CID = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
+
+
+def adapter(seed: int = 0, rows: int = 6) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "q_proj.lora_A.weight": rng.standard_normal((2, 5)).astype(np.float32),
+        "q_proj.lora_B.weight": rng.standard_normal((rows, 2)).astype(np.float32),
+    }
+
+
+LAYOUT = Layout.of(adapter())
+PAYLOAD_LIMIT = len(encode_tensors(adapter())) + 256
+
+
+@pytest.fixture(scope="module")
+def nodes() -> list[Identity]:
+    return sorted((Identity.generate() for _ in range(4)), key=lambda i: i.fingerprint)
+
+
+@pytest.fixture(scope="module")
+def members(nodes: list[Identity]) -> dict[str, str]:
+    return {n.fingerprint: n.public_key_b64() for n in nodes}
+
+
+def new_state(
+    members: dict[str, str], quorum: int = 2, kind: Kind = "plain", ckks_check: CkksCheck | None = None
+) -> RoundState:
+    return RoundState(FID, 3, members, quorum, DEADLINE, LAYOUT, kind, PAYLOAD_LIMIT, ckks_check, clock=lambda: NOW)
+
+
+def update(
+    node: Identity,
+    payload: bytes | None = None,
+    *,
+    round: int = 3,
+    fid: str = FID,
+    kind: Kind = "plain",
+    layout: str | None = None,
+    header_payload: bytes | None = None,
+) -> tuple[bytes, bytes]:
+    """A signed header and its payload (by default a good plain update)."""
+    payload = encode_tensors(adapter(7)) if payload is None else payload
+    header = sign_update_header(
+        node,
+        federation_id=fid,
+        round=round,
+        layout_digest=LAYOUT.digest() if layout is None else layout,
+        kind=kind,
+        payload=payload if header_payload is None else header_payload,
+        num_examples=12,
+    )
+    return header, payload
+
+
+class Fault(enum.Enum):
+    """Ways an update offered to the aggregator can be bad."""
+
+    LATE = enum.auto()
+    DUPLICATE = enum.auto()
+    WRONG_ROUND = enum.auto()
+    WRONG_FEDERATION = enum.auto()
+    NOT_A_MEMBER = enum.auto()
+    WRONG_LAYOUT = enum.auto()
+    WRONG_TENSOR_SHAPE = enum.auto()
+    NAN = enum.auto()
+    INF = enum.auto()
+    OVERSIZED = enum.auto()
+    BAD_DIGEST = enum.auto()
+    BAD_SIGNATURE = enum.auto()
+    FORGED_MEMBER = enum.auto()
+    WRONG_KIND = enum.auto()
+    GARBAGE_PAYLOAD = enum.auto()
+    GARBAGE_HEADER = enum.auto()
+
+
+REASON = {
+    Fault.LATE: RejectReason.LATE,
+    Fault.DUPLICATE: RejectReason.DUPLICATE,
+    Fault.WRONG_ROUND: RejectReason.WRONG_ROUND,
+    Fault.WRONG_FEDERATION: RejectReason.WRONG_FEDERATION,
+    Fault.NOT_A_MEMBER: RejectReason.NOT_A_MEMBER,
+    Fault.WRONG_LAYOUT: RejectReason.WRONG_SHAPE,
+    Fault.WRONG_TENSOR_SHAPE: RejectReason.WRONG_SHAPE,
+    Fault.NAN: RejectReason.NON_FINITE,
+    Fault.INF: RejectReason.NON_FINITE,
+    Fault.OVERSIZED: RejectReason.OVERSIZED,
+    Fault.BAD_DIGEST: RejectReason.BAD_DIGEST,
+    Fault.BAD_SIGNATURE: RejectReason.BAD_SIGNATURE,
+    Fault.FORGED_MEMBER: RejectReason.BAD_SIGNATURE,
+    Fault.WRONG_KIND: RejectReason.WRONG_KIND,
+    Fault.GARBAGE_PAYLOAD: RejectReason.MALFORMED,
+    Fault.GARBAGE_HEADER: RejectReason.MALFORMED,
+}
+
+
+def non_finite(value: float) -> bytes:
+    tensors = adapter(7)
+    tensors["q_proj.lora_B.weight"][2, 1] = value
+    return safetensors.numpy.save(tensors)
+
+
+def faulty(fault: Fault, sender: Identity, first: Identity) -> tuple[bytes, bytes, float]:
+    """Header bytes, payload and arrival time of an update with `fault` (`first` has already sent a good one)."""
+    match fault:
+        case Fault.LATE:
+            return (*update(sender), DEADLINE + 0.5)
+        case Fault.DUPLICATE:
+            return (*update(first, encode_tensors(adapter(8))), NOW)
+        case Fault.WRONG_ROUND:
+            return (*update(sender, round=2), NOW)
+        case Fault.WRONG_FEDERATION:
+            return (*update(sender, fid="e" * 64), NOW)
+        case Fault.NOT_A_MEMBER:
+            return (*update(Identity.generate()), NOW)
+        case Fault.WRONG_LAYOUT:
+            return (*update(sender, encode_tensors(adapter(rows=7)), layout=Layout.of(adapter(rows=7)).digest()), NOW)
+        case Fault.WRONG_TENSOR_SHAPE:  # the header claims the round's layout; the tensors do not have it
+            return (*update(sender, encode_tensors(adapter(rows=5))), NOW)
+        case Fault.NAN | Fault.INF:
+            return (*update(sender, non_finite(np.nan if fault is Fault.NAN else np.inf)), NOW)
+        case Fault.OVERSIZED:
+            return (*update(sender, encode_tensors(adapter(7)) + b" " * PAYLOAD_LIMIT), NOW)
+        case Fault.BAD_DIGEST:  # same length, other bytes
+            return (*update(sender, encode_tensors(adapter(9)), header_payload=encode_tensors(adapter(7))), NOW)
+        case Fault.BAD_SIGNATURE:
+            header, payload = update(sender)
+            return json.dumps(json.loads(header) | {"num_examples": 10_000}).encode(), payload, NOW
+        case Fault.FORGED_MEMBER:  # an outsider signs a header naming a member
+            header, payload = update(Identity.generate())
+            return json.dumps(json.loads(header) | {"member": sender.fingerprint}).encode(), payload, NOW
+        case Fault.WRONG_KIND:
+            return (*update(sender, kind="ckks"), NOW)
+        case Fault.GARBAGE_PAYLOAD:
+            return (*update(sender, b"\x80\x04garbage, not safetensors"), NOW)
+        case Fault.GARBAGE_HEADER:
+            return b'{"schema": "mirador.fed-update/v1"}', encode_tensors(adapter(7)), NOW
+    raise AssertionError(fault)
+
+
+@pytest.mark.parametrize("fault", list(Fault), ids=lambda f: f.name.lower())
+def test_a_bad_update_is_rejected_with_exactly_its_reason(
+    nodes: list[Identity], members: dict[str, str], fault: Fault
+) -> None:
+    # Arrange
+    state = new_state(members)
+    first, sender = nodes[0], nodes[1]
+    assert isinstance(state.receive(*update(first)), Accepted)
+    header, payload, when = faulty(fault, sender, first)
+    # Act
+    outcome = state.receive(header, payload, now=when)
+    # Assert
+    assert isinstance(outcome, Rejected), outcome
+    assert outcome.reason is REASON[fault], outcome
+    assert [u.member for u in state.updates()] == [first.fingerprint]
+    assert state.rejections == {REASON[fault]: 1}
+    assert str(outcome).startswith(f"{REASON[fault].value}: round 3")
+
+
+@pytest.mark.parametrize("fault", [f for f in Fault if f not in (Fault.LATE, Fault.DUPLICATE)], ids=lambda f: f.name)
+def test_a_member_may_resend_a_good_update_after_a_rejected_one(
+    nodes: list[Identity], members: dict[str, str], fault: Fault
+) -> None:
+    state = new_state(members)
+    state.receive(*update(nodes[0]))
+    state.receive(*faulty(fault, nodes[1], nodes[0])[:2])
+    assert isinstance(state.receive(*update(nodes[1])), Accepted)
+    assert state.contributors() == sorted([nodes[0].fingerprint, nodes[1].fingerprint])
+
+
+def test_an_accepted_plain_update_carries_its_header_and_tensors(
+    nodes: list[Identity], members: dict[str, str]
+) -> None:
+    state = new_state(members)
+    header, payload = update(nodes[2])
+    outcome = state.receive(header, payload)
+    assert isinstance(outcome, Accepted)
+    assert outcome.header == verify_update_header(header, members) and outcome.payload == payload
+    assert outcome.tensors is not None
+    np.testing.assert_array_equal(outcome.tensors["q_proj.lora_B.weight"], adapter(7)["q_proj.lora_B.weight"])
+
+
+def test_the_header_alone_is_enough_to_refuse_an_oversized_update(
+    nodes: list[Identity], members: dict[str, str]
+) -> None:
+    state = new_state(members)
+    header, _ = update(nodes[1], b"x" * (PAYLOAD_LIMIT + 1))
+    rejected = state.admit_header(verify_update_header(header, members))
+    assert rejected is not None and rejected.reason is RejectReason.OVERSIZED
+    assert state.admit_header(verify_update_header(update(nodes[1])[0], members)) is None
+
+
+def test_ckks_updates_are_checked_by_kind_size_digest_and_the_callback(
+    nodes: list[Identity], members: dict[str, str]
+) -> None:
+    def ckks_check(payload: bytes) -> None:
+        if payload.startswith(b"short"):
+            raise UpdateError(UpdateFault.WRONG_SHAPE, "2 ciphertexts, expected 3")
+        if payload.startswith(b"boom"):
+            raise RuntimeError("the parser fell over")
+        if not payload.startswith(b"CKKS"):
+            raise ValueError("not a serialized ciphertext")
+
+    state = new_state(members, kind="ckks", ckks_check=ckks_check)
+    accepted = state.receive(*update(nodes[0], b"CKKS" + bytes(64), kind="ckks"))
+    assert isinstance(accepted, Accepted) and accepted.tensors is None
+    outcomes = [state.receive(*update(nodes[1], p, kind="ckks")) for p in (b"short", b"boom", b"junk")]
+    assert [o.reason for o in outcomes if isinstance(o, Rejected)] == [
+        RejectReason.WRONG_SHAPE,
+        RejectReason.MALFORMED,
+        RejectReason.MALFORMED,
+    ]
+    plain = state.receive(*update(nodes[1]))
+    assert isinstance(plain, Rejected) and plain.reason is RejectReason.WRONG_KIND
+
+
+# --- decisions -----------------------------------------------------------------------------------------------------
+
+
+def send(state: RoundState, nodes: list[Identity], count: int) -> None:
+    for node in nodes[:count]:
+        assert isinstance(state.receive(*update(node)), Accepted)
+
+
+@pytest.mark.parametrize(
+    "quorum, sent, when, decision",
+    [
+        (2, 0, NOW, Decision.WAIT),
+        (2, 2, NOW, Decision.WAIT),  # quorum reached: wait for the others until the deadline
+        (2, 4, NOW, Decision.AGGREGATE),  # everyone sent: no need to wait
+        (2, 2, DEADLINE, Decision.WAIT),  # the deadline itself still accepts updates
+        (2, 2, DEADLINE + 1, Decision.AGGREGATE),
+        (3, 2, DEADLINE + 1, Decision.ABANDON),
+        (2, 0, DEADLINE + 1, Decision.ABANDON),
+    ],
+)
+def test_quorum_and_deadline_decide(
+    nodes: list[Identity], members: dict[str, str], quorum: int, sent: int, when: float, decision: Decision
+) -> None:
+    state = new_state(members, quorum=quorum)
+    send(state, nodes, sent)
+    assert state.ready(when) is decision
+
+
+def test_every_member_sending_below_quorum_abandons_at_once(nodes: list[Identity], members: dict[str, str]) -> None:
+    two = dict(list(members.items())[:2])
+    state = new_state(two, quorum=3)
+    send(state, nodes, 2)
+    assert state.ready(NOW) is Decision.ABANDON
+
+
+def test_the_injected_clock_is_the_default_time(nodes: list[Identity], members: dict[str, str]) -> None:
+    clock = [NOW]
+    state = RoundState(FID, 3, members, 2, DEADLINE, LAYOUT, "plain", PAYLOAD_LIMIT, clock=lambda: clock[0])
+    send(state, nodes, 2)
+    assert state.ready() is Decision.WAIT
+    clock[0] = DEADLINE + 1
+    assert state.ready() is Decision.AGGREGATE
+    late = state.receive(*update(nodes[3]))
+    assert isinstance(late, Rejected) and late.reason is RejectReason.LATE
+
+
+def test_a_round_needs_a_quorum_of_two_and_members(members: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="quorum"):
+        new_state(members, quorum=1)
+    with pytest.raises(ValueError, match="members"):
+        new_state({})
+
+
+# --- aggregator choice ---------------------------------------------------------------------------------------------
+
+
+def test_the_aggregator_choice_is_deterministic_and_ignores_member_order(members: dict[str, str]) -> None:
+    names = list(members)
+    shuffled = random.Random(5).sample(names, len(names))
+    for round in range(1, 20):
+        chosen = choose_aggregator(FID, round, names)
+        assert chosen in names
+        assert chosen == choose_aggregator(FID, round, shuffled) == choose_aggregator(FID, round, names + names[:1])
+
+
+def test_the_aggregator_rotates_over_rounds(members: dict[str, str]) -> None:
+    chosen = [choose_aggregator(FID, round, list(members)) for round in range(1, 41)]
+    assert set(chosen) == set(members)
+    other = [choose_aggregator("0" * 64, round, list(members)) for round in range(1, 41)]
+    assert other != chosen
+    with pytest.raises(ValueError):
+        choose_aggregator(FID, 1, [])
+
+
+# --- round notices and the aggregate statement ---------------------------------------------------------------------
+
+
+def aggregator_of(round: int, nodes: list[Identity]) -> Identity:
+    chosen = choose_aggregator(FID, round, [n.fingerprint for n in nodes])
+    return next(n for n in nodes if n.fingerprint == chosen)
+
+
+def test_round_open_verifies_from_the_rounds_aggregator(nodes: list[Identity], members: dict[str, str]) -> None:
+    agg = aggregator_of(3, nodes)
+    data = sign_round_open(agg, federation_id=FID, round=3, deadline=int(DEADLINE), global_cid=CID, members=members)
+    notice = verify_round_open(data, FID, members)
+    assert (notice.aggregator, notice.deadline, notice.global_cid) == (agg.fingerprint, DEADLINE, CID)
+    assert notice.members == members_digest(reversed(list(members)))
+    first = sign_round_open(
+        aggregator_of(1, nodes), federation_id=FID, round=1, deadline=1, global_cid="", members=members
+    )
+    assert verify_round_open(first, FID, members).global_cid == ""
+
+
+def round_open_fault(fault: str, nodes: list[Identity], members: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+    agg = aggregator_of(3, nodes)
+    other = next(n for n in nodes if n is not agg)
+    kwargs = {"federation_id": FID, "round": 3, "deadline": int(DEADLINE), "global_cid": CID, "members": members}
+    good = sign_round_open(agg, **kwargs)  # type: ignore[arg-type]
+    if fault == "wrong aggregator":
+        return sign_round_open(other, **kwargs), members  # type: ignore[arg-type]
+    if fault == "members differ":
+        return good, dict(list(members.items())[:3]) | {Identity.generate().fingerprint: agg.public_key_b64()}
+    if fault == "edited":
+        return json.dumps(json.loads(good) | {"deadline": int(DEADLINE) + 3600}).encode(), members
+    if fault == "other federation":
+        return good, members
+    if fault == "bad cid":
+        return json.dumps(json.loads(good) | {"global_cid": "not-a-cid"}).encode(), members
+    return good + b" " * 4096, members
+
+
+ROUND_OPEN_FAULTS = {
+    "wrong aggregator": MessageFault.WRONG_AGGREGATOR,
+    "members differ": MessageFault.MEMBERS_DIFFER,
+    "edited": MessageFault.BAD_SIGNATURE,
+    "other federation": MessageFault.WRONG_FEDERATION,
+    "bad cid": MessageFault.MALFORMED,
+    "oversized": MessageFault.OVERSIZED,
+}
+
+
+@pytest.mark.parametrize("fault", list(ROUND_OPEN_FAULTS))
+def test_a_bad_round_open_is_refused(nodes: list[Identity], members: dict[str, str], fault: str) -> None:
+    data, view = round_open_fault(fault, nodes, members)
+    with pytest.raises(MessageError) as info:
+        verify_round_open(data, "d" * 64 if fault == "other federation" else FID, view)
+    assert info.value.reason is ROUND_OPEN_FAULTS[fault]
+
+
+def test_round_done_and_statement_verify_and_refuse_tampering(nodes: list[Identity], members: dict[str, str]) -> None:
+    agg = aggregator_of(3, nodes)
+    contributors = [n.fingerprint for n in nodes[:3]]
+    done = sign_round_done(agg, federation_id=FID, round=3, aggregate_cid=CID, contributors=reversed(contributors))
+    assert verify_round_done(done, FID, members).contributors == tuple(contributors)
+    statement = sign_aggregate_statement(
+        agg,
+        federation_id=FID,
+        round=3,
+        strategy="fedavg",
+        contributors=contributors,
+        aggregate=b"agg",
+        kind="plain",
+        count=36,
+    )
+    verified = verify_aggregate_statement(statement, FID, members)
+    assert verified.aggregate_sha256 == hashlib.sha256(b"agg").hexdigest() and verified.count == 36
+    outsider = Identity.generate().fingerprint
+    for data, verify in [(done, verify_round_done), (statement, verify_aggregate_statement)]:
+        tampered = json.dumps(json.loads(data) | {"contributors": sorted([*contributors[:2], nodes[3].fingerprint])})
+        with pytest.raises(MessageError) as info:
+            verify(tampered.encode(), FID, members)
+        assert info.value.reason is MessageFault.BAD_SIGNATURE
+    forged = sign_round_done(agg, federation_id=FID, round=3, aggregate_cid=CID, contributors=[outsider])
+    with pytest.raises(MessageError) as info:
+        verify_round_done(forged, FID, members)
+    assert info.value.reason is MessageFault.NOT_A_MEMBER
+    many = [f"ed25519:{i:032x}" for i in range(65)]
+    done_64 = sign_round_done(agg, federation_id=FID, round=3, aggregate_cid=CID, contributors=many[:64])
+    assert len(done_64) <= 3584  # fits a 4 KiB node notice with its envelope
+    with pytest.raises(MessageError) as info:
+        sign_round_done(agg, federation_id=FID, round=3, aggregate_cid=CID, contributors=many)
+    assert info.value.reason is MessageFault.MALFORMED
