@@ -1,0 +1,160 @@
+"""What leaves a member, what the aggregator makes of it, and how members apply it, per privacy mode.
+
+- `dp`: the member clips its update (the change of the adapter over the round) to C and adds N(0, (z·C)²): every
+  released update is the output of an accounted Gaussian mechanism (one spend (z, q=1, T=1) per round: the unit
+  is the member's whole update, so the guarantee is per member, not per example). The aggregator may use any
+  strategy, robust ones included.
+- `he`: the member clips to C (bounding any one member's influence) and encrypts under the federation's CKKS key;
+  the aggregator adds ciphertexts without a secret key; members decrypt the sum and divide by the count.
+- `he+dp`: like `he`, but each member also adds its share 1/quorum of the noise variance, so whenever at least a
+  quorum of members contribute, the decrypted sum carries at least N(0, (z·C)²): the released aggregate is DP
+  (spend (z, 1, 1) per round) while no single update is seen in clear by anyone.
+
+Encrypted aggregation is an unweighted mean (each contributor counts once); plain aggregation follows the strategy.
+"""
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from crypto.dp import Spend, clip_l2, default_rng, privatize
+from crypto.he import EncryptedVector, HEContext, SecretContext, add_encrypted, decrypt_vector, encrypt_vector
+from federation.descriptor import FederationDescriptor
+from federation.messages import Kind
+from federation.strategies import make_strategy
+from federation.strategies.base import Update
+from federation.update import Layout, decode_tensors, encode_tensors, flatten, unflatten
+
+MAX_PLAIN_BYTES = 256 * 1024 * 1024
+
+
+class PrivacyError(ValueError):
+    """A release or an aggregate that this mode cannot produce or accept; the message says why."""
+
+
+@dataclass(frozen=True)
+class Release:
+    """One member's update as it leaves the node: its kind, its bytes, and the DP spend it costs (None: none)."""
+
+    kind: Kind
+    payload: bytes
+    spend: Spend | None
+
+
+def round_spend(descriptor: FederationDescriptor) -> Spend | None:
+    """The privacy cost of releasing one round's update under this federation (None in `he` mode: no DP claim)."""
+    return Spend(descriptor.privacy.dp.noise_multiplier, 1.0, 1) if descriptor.uses_dp else None
+
+
+def release(
+    delta: Mapping[str, np.ndarray],
+    layout: Layout,
+    descriptor: FederationDescriptor,
+    he: HEContext | None = None,
+    rng: np.random.Generator | None = None,
+) -> Release:
+    """Privatize (and encrypt, under HE) one member's update `delta` = local adapter − global adapter."""
+    dp = descriptor.privacy.dp
+    vector = flatten(dict(delta), layout)
+    rng = rng or default_rng()
+    if descriptor.uses_dp:
+        share = 1.0 / descriptor.quorum if descriptor.uses_he else 1.0
+        vector = privatize(vector, dp.clip_norm, dp.noise_multiplier, rng, share=share)
+    else:
+        vector, _ = clip_l2(vector, dp.clip_norm)
+    if not descriptor.uses_he:
+        return Release("plain", encode_tensors(unflatten(vector.astype(np.float32), layout)), round_spend(descriptor))
+    if he is None:
+        raise PrivacyError(f"mode {descriptor.privacy.mode!r} needs the federation's CKKS context to release")
+    return Release("ckks", encrypt_vector(he, vector).serialize(), round_spend(descriptor))
+
+
+@dataclass(frozen=True)
+class Combined:
+    """The aggregator's output: payload (safetensors mean update, or the CKKS sum), contributors and count."""
+
+    kind: Kind
+    payload: bytes
+    contributors: list[str]
+    count: int
+    strategy: str
+
+
+def combine(
+    updates: Sequence[tuple[str, bytes, int]],
+    layout: Layout,
+    descriptor: FederationDescriptor,
+    he: HEContext | None = None,
+) -> Combined:
+    """Aggregate accepted (member, payload, num_examples) updates: the strategy on plain ones, a blind sum on CKKS."""
+    if not updates:
+        raise PrivacyError("nothing to aggregate: no accepted updates")
+    members = [member for member, _, _ in updates]
+    if descriptor.uses_he:
+        if he is None:
+            raise PrivacyError("summing ciphertexts needs the federation's public CKKS context")
+        vectors = [EncryptedVector.deserialize(he, payload) for _, payload, _ in updates]
+        total = add_encrypted(vectors).serialize()
+        return Combined("ckks", total, members, len(updates), "fedavg")
+    spec = descriptor.strategy
+    strategy = make_strategy(spec.name, **spec.params)
+    parsed = [
+        Update(member, flatten(decode_tensors(payload, layout, MAX_PLAIN_BYTES), layout), max(1, examples))
+        for member, payload, examples in updates
+    ]
+    result = strategy.aggregate(parsed)
+    mean = encode_tensors(unflatten(result.vector.astype(np.float32), layout))
+    return Combined("plain", mean, list(result.members), len(result.members), strategy.name)
+
+
+def mean_update(
+    kind: Kind,
+    payload: bytes,
+    count: int,
+    layout: Layout,
+    secret: SecretContext | None = None,
+) -> dict[str, np.ndarray]:
+    """The aggregate's mean update as tensors: decoded (plain) or decrypted and divided by `count` (CKKS)."""
+    if kind == "plain":
+        return decode_tensors(payload, layout, MAX_PLAIN_BYTES)
+    if secret is None:
+        raise PrivacyError("decrypting the aggregate needs the federation's secret CKKS context")
+    if count < 1:
+        raise PrivacyError(f"an encrypted aggregate needs a positive contributor count, got {count}")
+    summed = decrypt_vector(secret, EncryptedVector.deserialize(secret, payload))
+    if summed.shape != (layout.size,):
+        raise PrivacyError(f"the aggregate holds {summed.shape[0]} values; the adapter has {layout.size}")
+    mean = summed / count
+    if not np.all(np.isfinite(mean)):
+        raise PrivacyError("the decrypted aggregate is not finite")
+    return unflatten(mean.astype(np.float32), layout)
+
+
+def apply_update(global_tensors: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The next global adapter: global + mean update, tensor by tensor (same names and shapes required)."""
+    if set(global_tensors) != set(mean):
+        raise PrivacyError("the aggregate's tensors are not the global adapter's")
+    out = {}
+    for name, value in global_tensors.items():
+        if value.shape != mean[name].shape:
+            raise PrivacyError(f"{name}: aggregate shape {mean[name].shape}, global {value.shape}")
+        out[name] = (value.astype(np.float32) + mean[name].astype(np.float32)).astype(np.float32)
+    return out
+
+
+def delta_of(local: Mapping[str, np.ndarray], global_tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """local − global, tensor by tensor (the member's update over the round)."""
+    if set(local) != set(global_tensors):
+        raise PrivacyError("the locally trained adapter's tensors are not the global adapter's")
+    return {k: (local[k].astype(np.float32) - global_tensors[k].astype(np.float32)) for k in global_tensors}
+
+
+def noise_std_of_sum(descriptor: FederationDescriptor, contributors: int) -> float:
+    """Std of the Gaussian noise in the sum of `contributors` released updates (for reports and tests)."""
+    if not descriptor.uses_dp:
+        return 0.0
+    dp = descriptor.privacy.dp
+    share = 1.0 / descriptor.quorum if descriptor.uses_he else 1.0
+    return dp.noise_multiplier * dp.clip_norm * math.sqrt(share * contributors)

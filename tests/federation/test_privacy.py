@@ -1,0 +1,137 @@
+"""Member releases, blind aggregation and application of the aggregate in each privacy mode (real CKKS ciphertexts)."""
+
+import numpy as np
+import pytest
+
+from crypto.he import HEKeyError, SecretContext
+from crypto.identity import Identity
+from federation.descriptor import (
+    AdapterConfig,
+    DpParams,
+    FederationDescriptor,
+    HeParams,
+    Privacy,
+    StrategySpec,
+    sign_descriptor,
+    verify_descriptor,
+)
+from federation.privacy import (
+    PrivacyError,
+    apply_update,
+    combine,
+    delta_of,
+    mean_update,
+    noise_std_of_sum,
+    release,
+    round_spend,
+)
+from federation.update import Layout
+
+SHAPES = {"layers.0.q_proj.lora_A.weight": (4, 96), "layers.0.q_proj.lora_B.weight": (96, 4)}
+
+
+def descriptor(mode: str, noise: float = 0.0, clip: float = 100.0, strategy: str = "fedavg") -> FederationDescriptor:
+    privacy = Privacy(
+        mode=mode,  # type: ignore[arg-type]
+        dp=DpParams(clip_norm=clip, noise_multiplier=noise),
+        he=HeParams() if "he" in mode else None,
+    )
+    signed = sign_descriptor(
+        Identity.generate(),
+        name="fed-test",
+        base_sha256="ab" * 32,
+        adapter=AdapterConfig(rank=4, alpha=8.0, targets=("q_proj",)),
+        privacy=privacy,
+        strategy=StrategySpec(name=strategy),
+        quorum=3,
+        min_members=4,
+    )
+    return verify_descriptor(signed)
+
+
+def deltas(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{k: rng.normal(0, 0.01, s).astype(np.float32) for k, s in SHAPES.items()} for _ in range(n)]
+
+
+def test_he_aggregate_equals_plaintext_fedavg_and_the_aggregator_cannot_decrypt() -> None:
+    # Arrange: 4 members, the creator's secret context, the aggregator's public one
+    fed = descriptor("he")
+    secret = SecretContext.generate()
+    public = secret.public()
+    updates = deltas(4)
+    layout = Layout.of(updates[0])
+    # Act
+    released = [release(d, layout, fed, public) for d in updates]
+    combined = combine([(f"m{i}", r.payload, 10) for i, r in enumerate(released)], layout, fed, public)
+    mean = mean_update(combined.kind, combined.payload, combined.count, layout, secret)
+    # Assert
+    assert {r.kind for r in released} == {"ckks"} and {r.spend for r in released} == {None}
+    assert combined.kind == "ckks" and combined.count == 4 and combined.contributors == ["m0", "m1", "m2", "m3"]
+    for name in SHAPES:
+        plain = np.mean([d[name] for d in updates], axis=0)
+        np.testing.assert_allclose(mean[name], plain, rtol=1e-5, atol=1e-5 * np.abs(plain).max())
+    with pytest.raises((PrivacyError, HEKeyError)):
+        mean_update(combined.kind, combined.payload, combined.count, layout, public)  # type: ignore[arg-type]
+    assert not public.has_secret_key
+
+
+def test_dp_release_is_clipped_and_noised_with_std_z_times_c() -> None:
+    # Arrange: an update far larger than C
+    fed = descriptor("dp", noise=0.5, clip=1.0)
+    big = {k: np.full(s, 3.0, np.float32) for k, s in SHAPES.items()}
+    layout = Layout.of(big)
+    # Act
+    out = release(big, layout, fed, rng=np.random.default_rng(1))
+    combined = combine([("m0", out.payload, 1), ("m1", out.payload, 1)], layout, fed)
+    mean = mean_update(combined.kind, combined.payload, combined.count, layout)
+    vector = np.concatenate([mean[k].ravel() for k in sorted(SHAPES)])
+    # Assert: the clipped signal has norm 1 spread over every coordinate; what is left is noise of std z·C
+    signal = np.full(vector.size, 1.0 / np.sqrt(vector.size))
+    assert out.kind == "plain" and out.spend == round_spend(fed) and out.spend == (0.5, 1.0, 1)
+    assert np.std(vector - signal) == pytest.approx(0.5, rel=0.05)
+
+
+def test_he_dp_members_add_a_quorum_share_of_the_noise() -> None:
+    # Arrange: zero updates, so the decrypted sum is pure noise
+    fed = descriptor("he+dp", noise=1.0, clip=1.0)
+    secret = SecretContext.generate()
+    zeros = [{k: np.zeros(s, np.float32) for k, s in SHAPES.items()} for _ in range(4)]
+    layout = Layout.of(zeros[0])
+    # Act
+    released = [release(z, layout, fed, secret.public()) for z in zeros]
+    combined = combine([(f"m{i}", r.payload, 1) for i, r in enumerate(released)], layout, fed, secret.public())
+    mean = mean_update(combined.kind, combined.payload, combined.count, layout, secret)
+    total = np.concatenate([mean[k].ravel() for k in sorted(SHAPES)]) * combined.count
+    # Assert: the sum's noise is z·C·sqrt(4/3) (each of 4 adds 1/quorum of the variance)
+    assert np.std(total) == pytest.approx(noise_std_of_sum(fed, 4), rel=0.06)
+    assert noise_std_of_sum(fed, 3) == pytest.approx(1.0)
+
+
+def test_robust_strategy_is_used_on_plain_updates() -> None:
+    # Arrange: 3 honest updates (a shared direction + 5 % noise) and one scaled x100
+    direction, noise = deltas(1, seed=3)[0], deltas(4, seed=4)
+    updates = [{k: direction[k] + 0.05 * noise[i][k] for k in SHAPES} for i in range(4)]
+    updates[3] = {k: v * 100 for k, v in updates[3].items()}
+    layout = Layout.of(updates[0])
+    honest = np.concatenate([np.mean([d[k] for d in updates[:3]], axis=0).ravel() for k in sorted(SHAPES)])
+    distance = {}
+    for strategy in ("fedmedian", "fedavg"):
+        fed = descriptor("dp", noise=1e-9, clip=1e6, strategy=strategy)
+        # Act
+        released = [release(d, layout, fed) for d in updates]
+        combined = combine([(f"m{i}", r.payload, 1) for i, r in enumerate(released)], layout, fed)
+        mean = mean_update(combined.kind, combined.payload, combined.count, layout)
+        got = np.concatenate([mean[k].ravel() for k in sorted(SHAPES)])
+        distance[combined.strategy] = np.linalg.norm(got - honest) / np.linalg.norm(honest)
+    # Assert: the median stays within the honest spread; the mean is dragged ~25x the honest norm away
+    assert distance["fedmedian"] < 0.1 and distance["fedavg"] > 10
+
+
+def test_global_plus_delta_round_trip_and_mismatches_are_refused() -> None:
+    base, local = deltas(2, seed=5)
+    assert all(np.allclose(apply_update(base, delta_of(local, base))[k], local[k], atol=1e-7) for k in SHAPES)
+    with pytest.raises(PrivacyError, match="not the global adapter"):
+        delta_of({"other": np.zeros(3, np.float32)}, base)
+    with pytest.raises(PrivacyError, match="needs the federation's CKKS context"):
+        release(base, Layout.of(base), descriptor("he"))
