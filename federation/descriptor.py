@@ -410,6 +410,9 @@ def check_invite(
 # --- join requests ----------------------------------------------------------------------------------------------
 
 
+Role = Literal["member", "aggregator"]
+
+
 class JoinRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """A node asks to join: its Ed25519 identity, its X25519 key (for sealed secrets), an optional invite token."""
 
@@ -418,6 +421,7 @@ class JoinRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     joiner: Fingerprint
     key: KeyB64
     x25519: KeyB64
+    role: Role = "member"
     invite: Annotated[str, msgspec.Meta(max_length=(MAX_INVITE_BYTES + 2) // 3 * 4)] = ""
     time: UnixTime
     signature: SignatureB64 = ""
@@ -430,19 +434,29 @@ class Member(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     key: KeyB64
     x25519: KeyB64
     joined: UnixTime
+    role: Role = "member"
     invite_nonce: Annotated[str, msgspec.Meta(max_length=32)] = ""
 
 
 def sign_join(
-    identity: Identity, federation_id: str, x25519_b64: str, invite: bytes | None = None, now: float | None = None
+    identity: Identity,
+    federation_id: str,
+    x25519_b64: str,
+    invite: bytes | None = None,
+    now: float | None = None,
+    role: str = "member",
 ) -> bytes:
-    """A join request (JSON bytes) signed by `identity`, carrying its X25519 public key and an optional invite."""
+    """A join request (JSON bytes) signed by `identity`, carrying its X25519 public key and an optional invite.
+
+    `role` "aggregator" asks to aggregate only: under HE such a node gets the public context, never the secret one.
+    """
     request = JoinRequest(
         schema=JOIN_SCHEMA,
         federation_id=federation_id,
         joiner=identity.fingerprint,
         key=identity.public_key_b64(),
         x25519=x25519_b64,
+        role=role,  # type: ignore[arg-type]  # checked by the strict round trip in sign_struct
         invite=base64.b64encode(invite).decode("ascii") if invite else "",
         time=int(time.time() if now is None else now),
     )
@@ -470,8 +484,19 @@ def verify_join(
         raise JoinError(Refusal.STALE, f"the request was made at {request.time}, {clock - request.time:+.0f} s off")
     nonce = _admit(descriptor, request, clock)
     return Member(
-        fingerprint=request.joiner, key=request.key, x25519=request.x25519, joined=request.time, invite_nonce=nonce
+        fingerprint=request.joiner,
+        key=request.key,
+        x25519=request.x25519,
+        joined=request.time,
+        role=request.role,
+        invite_nonce=nonce,
     )
+
+
+def verify_admitted(descriptor: FederationDescriptor, data: bytes) -> Member:
+    """A member admitted earlier: `verify_join` judged at the time the request was made (for member lists)."""
+    request = decode_strict(data, JoinRequest, MAX_JOIN_BYTES, JOIN_SCHEMA, JoinError)
+    return verify_join(descriptor, data, now=request.time)
 
 
 def _check_x25519(text: str) -> None:

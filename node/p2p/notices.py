@@ -25,6 +25,8 @@ py-libp2p 0.8.1 behaviour this relies on or works around:
 - local delivery goes through a 32-message channel: handlers that fall behind lose notices (logged by libp2p).
 """
 
+import base64
+import binascii
 import functools
 import logging
 import time
@@ -146,6 +148,25 @@ class NodeHello(Notice, tag="node.hello", frozen=True, kw_only=True):
     """A node says hello; `agent` is optional free text (no control characters)."""
 
     agent: Agent = ""
+
+
+@notice_type
+class FederationNotice(Notice, tag="federation", frozen=True, kw_only=True):
+    """A federation's signed message (a member admitted, a round opened or done), carried as base64 bytes.
+
+    The notice only routes it: the federation layer verifies the signed bytes against the federation's members.
+    """
+
+    federation_id: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+    kind: Literal["member", "round.open", "round.done"]
+    data: Annotated[str, msgspec.Meta(min_length=4, max_length=3000)]
+
+    def check(self) -> None:
+        """`data` is standard base64."""
+        try:
+            base64.b64decode(self.data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("data: not base64") from None
 
 
 class _Header(msgspec.Struct):

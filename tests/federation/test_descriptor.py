@@ -432,3 +432,24 @@ def test_a_bad_join_request_is_refused_with_its_reason(
     with pytest.raises(JoinError) as info:
         verify_join(descriptor, data, now=NOW)
     assert info.value.reason is JOIN_FAULTS[fault], info.value
+
+
+def test_a_join_request_carries_the_role_and_stays_verifiable_in_member_lists(
+    creator: Identity, joiner: Identity, descriptor: FederationDescriptor
+) -> None:
+    # Arrange: an invited aggregator-only joiner; the member list is read again after its invite expired
+    from federation.descriptor import verify_admitted
+
+    fid = descriptor.federation_id
+    invite = issue_invite(creator, fid, joiner.fingerprint, ttl_s=600, now=NOW)
+    aggregator = sign_join(joiner, fid, X25519, invite=invite, now=NOW, role="aggregator")
+    # Act
+    now_member = verify_join(descriptor, aggregator, now=NOW + 5)
+    later = verify_admitted(descriptor, aggregator)
+    # Assert
+    assert now_member.role == later.role == "aggregator"
+    with pytest.raises(JoinError) as stale:
+        verify_join(descriptor, aggregator, now=NOW + 3600)
+    assert stale.value.reason is Refusal.STALE  # a fresh join must be recent; an admitted member stays valid
+    with pytest.raises(JoinError):
+        sign_join(joiner, fid, X25519, now=NOW, role="boss")
