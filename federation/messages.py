@@ -283,14 +283,19 @@ def _check_round_open(notice: RoundOpen) -> None:
         _check_cid(notice.global_cid, "global_cid")
 
 
-def verify_round_open(data: bytes, federation_id: str, members: Mapping[str, str]) -> RoundOpen:
-    """Decode a RoundOpen and check it: this federation, our member set, the right aggregator, its signature."""
+def verify_round_open(
+    data: bytes, federation_id: str, members: Mapping[str, str], candidates: Mapping[str, str] | None = None
+) -> RoundOpen:
+    """Decode a RoundOpen and check it: this federation, our member set, the right aggregator, its signature.
+
+    `candidates` are the nodes that may aggregate (default: every member; under HE, the aggregator-only nodes).
+    """
     notice = _decode(data, RoundOpen, MAX_ROUND_OPEN_BYTES, ROUND_OPEN_SCHEMA)
     _check_federation(notice.federation_id, federation_id)
     _check_round_open(notice)
     if notice.members != members_digest(members):
         raise MessageError(MessageFault.MEMBERS_DIFFER, "the announcer's member set differs from ours")
-    _check_aggregator(notice.federation_id, notice.round, notice.aggregator, members)
+    _check_aggregator(notice.federation_id, notice.round, notice.aggregator, candidates or members)
     _check_signed(notice, notice.aggregator, notice.signature, members)
     return notice
 
@@ -322,12 +327,14 @@ def sign_round_done(
     return data
 
 
-def verify_round_done(data: bytes, federation_id: str, members: Mapping[str, str]) -> RoundDone:
+def verify_round_done(
+    data: bytes, federation_id: str, members: Mapping[str, str], candidates: Mapping[str, str] | None = None
+) -> RoundDone:
     """Decode a RoundDone and check it: this federation, the round's aggregator, member contributors, signature."""
     notice = _decode(data, RoundDone, MAX_ROUND_DONE_BYTES, ROUND_DONE_SCHEMA)
     _check_federation(notice.federation_id, federation_id)
     _check_cid(notice.aggregate_cid, "aggregate_cid")
-    _check_aggregator(notice.federation_id, notice.round, notice.aggregator, members)
+    _check_aggregator(notice.federation_id, notice.round, notice.aggregator, candidates or members)
     _check_signed(notice, notice.aggregator, notice.signature, members)
     _check_contributors(notice.contributors, members)
     return notice

@@ -16,7 +16,7 @@ would never see a newer record once it cached one; lookups here always ask the c
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import trio
 from libp2p.kad_dht.kad_dht import KadDHT
@@ -27,7 +27,6 @@ from libp2p.records.validator import Validator
 from crypto.identity import Identity, fingerprint_of
 from marketplace.cid import Cid
 from marketplace.registry_record import (
-    RecordRejected,
     ValidRecord,
     parse_record,
     record_key,
@@ -132,34 +131,7 @@ class DhtRegistry:
 
     async def values(self, key: str) -> list[bytes]:
         """Every valid value for `key` held locally or by the closest peers (each one validated here)."""
-        key_bytes = key.encode()
-        local = self.dht.value_store.get(key_bytes)
-        found = [local.value] if local is not None else []
-        limiter = trio.CapacityLimiter(ALPHA)
-
-        async def ask(peer: ID) -> None:
-            async with limiter:
-                await _ask_value(peer)
-
-        async def _ask_value(peer: ID) -> None:
-            with trio.move_on_after(QUERY_TIMEOUT):
-                try:
-                    value = await self.dht.value_store._get_from_peer(peer, key_bytes)
-                except Exception as exc:
-                    log.debug("value from %s: %s", peer, exc)
-                    return
-                if isinstance(value, bytes):
-                    try:
-                        validate_record(key, value)
-                    except RecordRejected as rejected:
-                        log.info("refused a record for %s from %s: %s", key, peer, rejected)
-                        return
-                    found.append(value)
-
-        async with trio.open_nursery() as nursery:
-            for peer in await self._closest(key_bytes):
-                nursery.start_soon(ask, peer)
-        return found
+        return await dht_values(self.dht, key, lambda value: validate_record(key, value))
 
     async def lookup(self, name: str) -> list[ValidRecord]:
         """The newest valid record of every publisher of `name` that the network knows (ours included)."""
@@ -178,18 +150,67 @@ class DhtRegistry:
         return records
 
     async def _closest(self, key: bytes) -> list[ID]:
-        """The closest peers to `key` found by a network walk (bounded in time), without ourselves."""
-        with trio.move_on_after(QUERY_TIMEOUT * 2):
-            peers = await self.dht.peer_routing.find_closest_peers_network(key)
-            return [p for p in peers if p != self.dht.local_peer_id]
-        return []
+        """The closest peers to `key` (see closest_peers)."""
+        return await closest_peers(self.dht, key)
 
 
-def registry_node(identity: Identity, config: P2PConfig | None = None) -> tuple[P2PNode, DhtRegistry]:
-    """A P2PNode whose DHT stores /mirador/ records only after `RecordValidator` accepts them, and its registry."""
+def registry_node(
+    identity: Identity, config: P2PConfig | None = None, extra: Mapping[str, Validator] | None = None
+) -> tuple[P2PNode, DhtRegistry]:
+    """A P2PNode whose DHT stores /mirador/ records only after `RecordValidator` accepts them (and the `extra`
+    namespaces only after their validators do), and its registry."""
     validator = RecordValidator()
-    node = P2PNode(identity, config, {NAMESPACE: validator})
+    validators: dict[str, Validator] = {**(extra or {}), NAMESPACE: validator}
+    node = P2PNode(identity, config, validators)
     if node.dht is None:
         raise P2PError("the registry needs the DHT (P2PConfig.dht)")
-    validator.bind(node.dht)
+    for each in validators.values():
+        bind = getattr(each, "bind", None)
+        if callable(bind):
+            bind(node.dht)
     return node, DhtRegistry(node.dht, identity)
+
+
+async def dht_values(dht: KadDHT, key: str, check: Callable[[bytes], object]) -> list[bytes]:
+    """The value held locally for `key`, then the distinct ones the closest peers answer that `check` accepts.
+
+    `check` refuses a value by raising ValueError (logged); the local value is not checked again (the DHT's
+    validator accepted it).
+    """
+    key_bytes = key.encode()
+    local = dht.value_store.get(key_bytes)
+    found = [local.value] if local is not None else []
+    limiter = trio.CapacityLimiter(ALPHA)
+
+    async def ask(peer: ID) -> None:
+        async with limiter:
+            with trio.move_on_after(QUERY_TIMEOUT):
+                try:
+                    value = await dht.value_store._get_from_peer(peer, key_bytes)
+                except Exception as exc:
+                    log.debug("value from %s: %s", peer, exc)
+                    return
+                keep(peer, value)
+
+    def keep(peer: ID, value: object) -> None:
+        if not isinstance(value, bytes) or value in found:
+            return
+        try:
+            check(value)
+        except ValueError as refused:
+            log.info("refused a value for %s from %s: %s", key, peer, refused)
+            return
+        found.append(value)
+
+    async with trio.open_nursery() as nursery:
+        for peer in await closest_peers(dht, key_bytes):
+            nursery.start_soon(ask, peer)
+    return found
+
+
+async def closest_peers(dht: KadDHT, key: bytes) -> list[ID]:
+    """The closest peers to `key` found by a network walk (bounded in time), without the DHT's own peer."""
+    with trio.move_on_after(QUERY_TIMEOUT * 2):
+        peers = await dht.peer_routing.find_closest_peers_network(key)
+        return [p for p in peers if p != dht.local_peer_id]
+    return []
