@@ -47,7 +47,7 @@ from federation.descriptor import (
 from node.fsutil import atomic_write_bytes
 from node.home import NodeHome
 
-Role = Literal["creator", "member"]
+Role = Literal["creator", "member", "aggregator"]
 RoundStatus = Literal["open", "aggregated", "applied", "abandoned", "refused"]
 ROLES: tuple[str, ...] = get_args(Role)
 ROUND_STATUSES: tuple[str, ...] = get_args(RoundStatus)
@@ -71,7 +71,7 @@ CREATE TABLE IF NOT EXISTS fed_federations (
     name TEXT NOT NULL,
     creator TEXT NOT NULL,
     descriptor BLOB NOT NULL,
-    role TEXT NOT NULL CHECK (role IN ('creator', 'member')),
+    role TEXT NOT NULL CHECK (role IN ('creator', 'member', 'aggregator')),
     joined_at REAL NOT NULL,
     left_at REAL,
     global_round INTEGER NOT NULL DEFAULT 0 CHECK (global_round >= 0),
