@@ -489,9 +489,11 @@ def create_app(node: NodeState) -> ASGIApp:
     app = FastAPI(title="Mirador node", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.node = node
     app.include_router(router)
-    from node.market_api import router as market_router  # it imports this module's helpers
+    from node.fed_api import router as fed_router  # these import this module's helpers
+    from node.market_api import router as market_router
 
     app.include_router(market_router)
+    app.include_router(fed_router)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:

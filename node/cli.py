@@ -236,6 +236,13 @@ def cmd_market(args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_federation(args: argparse.Namespace) -> int:
+    """Dispatch `mirador federation ...`."""
+    from node.fed_cli import run
+
+    return run(_home(args), args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `mirador`."""
     parser = argparse.ArgumentParser(
@@ -283,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for market_parser in add_market_parsers(sub):
         market_parser.set_defaults(func=cmd_market)
+    from node.fed_cli import add_parser as add_fed_parser
+
+    add_fed_parser(sub).set_defaults(func=cmd_federation)
     return parser
 
 

@@ -22,12 +22,14 @@ from node.adapter_store import AdapterStore
 from node.api import create_app
 from node.config import ConfigError, NodeConfig, load_config
 from node.engine import InferenceEngine
+from node.fed_node import FederationNode
 from node.feedback_db import FeedbackDB
 from node.fsutil import atomic_write_text
 from node.home import NodeHome
 from node.identity_file import IdentityFileError, load_or_create_identity
 from node.market_service import MarketService
 from node.models import BaseModel, ModelNotFoundError, resolve_model
+from node.p2p.fed_dht import federation_validators
 from node.p2p.host import P2PConfig, P2PError, P2PNode  # before logging: importing libp2p resets its logger
 from node.p2p.notices import NoticeBoard
 from node.p2p.registry_dht import registry_node
@@ -117,10 +119,16 @@ def build_state(home: NodeHome, cfg: NodeConfig, options: StartOptions) -> NodeS
             f"invalid personality manifest: {manifest.error.removesuffix(' (still serving the previous manifest)')}"
         )
     p2p, notices, market = _network(home, identity, cfg)
+    federations = (
+        FederationNode(home, identity, path, store, p2p, notices, market.registry, market.local)
+        if p2p is not None and notices is not None and market is not None
+        else None
+    )
     return NodeState(
         p2p=p2p,
         notices=notices,
         market=market,
+        federations=federations,
         config=cfg,
         settings=settings,
         home=home,
@@ -142,7 +150,7 @@ def _network(
     if not cfg.p2p.enabled:
         return None, None, None
     p2p_config = P2PConfig(listen_host=cfg.p2p.listen_host, port=cfg.p2p.port, peers_file=home.run_dir / "peers.json")
-    p2p, registry = registry_node(identity, p2p_config)
+    p2p, registry = registry_node(identity, p2p_config, federation_validators())
     notices = NoticeBoard()
     market = MarketService(home, identity, p2p, registry, notices) if cfg.store.backend == "embedded" else None
     return p2p, notices, market
@@ -236,6 +244,8 @@ async def _start_p2p(state: NodeState, nursery: trio.Nursery) -> None:
         await nursery.start(state.notices.run)
     if state.market is not None:
         await nursery.start(state.market.run)
+    if state.federations is not None:
+        await nursery.start(state.federations.service.run)
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -20,6 +20,7 @@ from node.p2p.host import P2PNode
 from node.p2p.notices import ArtifactPublished, NoticeBoard
 
 if TYPE_CHECKING:
+    from node.fed_node import FederationNode
     from node.market_service import MarketService
 from node.personalities import ManifestFile, Route, route
 from node.profiles import InferenceSettings
@@ -43,6 +44,7 @@ class NodeState:
     p2p: P2PNode | None = None
     notices: NoticeBoard | None = None
     market: "MarketService | None" = None
+    federations: "FederationNode | None" = None
     started_at: float = field(default_factory=time.time)
     shutting_down: bool = False
 
