@@ -36,11 +36,13 @@ class PrivacyError(ValueError):
 
 @dataclass(frozen=True)
 class Release:
-    """One member's update as it leaves the node: its kind, its bytes, and the DP spend it costs (None: none)."""
+    """One member's update as it leaves the node: its kind, its bytes, the DP spend it costs (None: none), and the
+    released values in clear (what was encoded or encrypted; kept only on this node, for audit)."""
 
     kind: Kind
     payload: bytes
     spend: Spend | None
+    vector: np.ndarray
 
 
 def round_spend(descriptor: FederationDescriptor) -> Spend | None:
@@ -64,11 +66,12 @@ def release(
         vector = privatize(vector, dp.clip_norm, dp.noise_multiplier, rng, share=share)
     else:
         vector, _ = clip_l2(vector, dp.clip_norm)
+    vector = vector.astype(np.float32)
     if not descriptor.uses_he:
-        return Release("plain", encode_tensors(unflatten(vector.astype(np.float32), layout)), round_spend(descriptor))
+        return Release("plain", encode_tensors(unflatten(vector, layout)), round_spend(descriptor), vector)
     if he is None:
         raise PrivacyError(f"mode {descriptor.privacy.mode!r} needs the federation's CKKS context to release")
-    return Release("ckks", encrypt_vector(he, vector).serialize(), round_spend(descriptor))
+    return Release("ckks", encrypt_vector(he, vector).serialize(), round_spend(descriptor), vector)
 
 
 @dataclass(frozen=True)

@@ -73,12 +73,19 @@ class P2PSection(_Section, frozen=True):
     bootstrap: list[str] = []
 
 
+class FederationSection(_Section, frozen=True):
+    """[federation]: this node's side of federated rounds."""
+
+    keep_released: bool = False  # keep a copy of every update this node released (federations/<id>/released/)
+
+
 class NodeConfig(_Section, frozen=True):
     """The whole validated `node.toml`."""
 
     node: NodeSection = NodeSection()
     api: ApiSection = ApiSection()
     model: ModelSection = ModelSection()
+    federation: FederationSection = FederationSection()
     inference: InferenceSection = InferenceSection()
     store: StoreSection = StoreSection()
     p2p: P2PSection = P2PSection()

@@ -120,7 +120,9 @@ def build_state(home: NodeHome, cfg: NodeConfig, options: StartOptions) -> NodeS
         )
     p2p, notices, market = _network(home, identity, cfg)
     federations = (
-        FederationNode(home, identity, path, store, p2p, notices, market.registry, market.local)
+        FederationNode(
+            home, identity, path, store, p2p, notices, market.registry, market.local, cfg.federation.keep_released
+        )
         if p2p is not None and notices is not None and market is not None
         else None
     )

@@ -59,6 +59,7 @@ class FederationNode:
         notices: NoticeBoard,
         registry: DhtRegistry,
         local: Any,  # marketplace.content_store.EmbeddedStore
+        keep_released: bool = False,
     ) -> None:
         if p2p.dht is None:
             raise FederationError("federations need the DHT")
@@ -79,6 +80,7 @@ class FederationNode:
             self._train,
             self._install,
             self._initial_global,
+            keep_released,
         )
 
     # the service's hooks ---------------------------------------------------------------------------------------------

@@ -131,7 +131,9 @@ class FederationService:
         trainer: Trainer,
         install_global: Callable[[FederationDescriptor, Mapping[str, np.ndarray]], str],
         initial_global: Callable[[FederationDescriptor], dict[str, np.ndarray]],
+        keep_released: bool = False,
     ) -> None:
+        self.keep_released = keep_released
         self.root, self.identity, self.p2p, self.notices = root, identity, p2p, notices
         self.registry, self.local, self.state, self.ledger_path = registry, local, state, ledger_path
         self.trainer, self.install_global, self.initial_global = trainer, install_global, initial_global
@@ -394,8 +396,13 @@ class FederationService:
 
     async def _aggregate_round(self, descriptor: FederationDescriptor, r: int, global_cid: str) -> None:
         fid = descriptor.federation_id
-        global_tensors, cid = await trio.to_thread.run_sync(self._global, descriptor)
-        await self.registry.provide(cid)
+        if descriptor.uses_he:
+            # An HE aggregator never sees the global adapter (it cannot decrypt the aggregates that make it):
+            # members train from the global they applied themselves, all from the same signed aggregates.
+            global_tensors, cid = await trio.to_thread.run_sync(self.initial_global, descriptor), ""
+        else:
+            global_tensors, cid = await trio.to_thread.run_sync(self._global, descriptor)
+            await self.registry.provide(cid)
         deadline = int(time.time() + descriptor.round_deadline_s)
         opened = sign_round_open(
             self.identity, federation_id=fid, round=r, deadline=deadline, global_cid=cid, members=self._keys(fid)
@@ -439,7 +446,10 @@ class FederationService:
         self.inboxes[fid].dones[r] = verify_round_done(done, fid, self._keys(fid), self._candidates(descriptor))
         self.inboxes[fid].poke()
         if self.identity.fingerprint not in self._keys(fid, "member"):
-            self.state.set_global(fid, r, cid)  # an aggregator-only node moves on (it cannot decrypt anyway)
+            if descriptor.uses_he:
+                self.state.set_global(fid, r, aggregate_cid)  # it cannot decrypt: it only records the round
+            else:
+                await self._apply(descriptor, r, self.inboxes[fid].dones[r], global_tensors)
         with trio.move_on_after(descriptor.round_deadline_s):
             await own_done.wait()  # our own copy of the new global is applied before the next round
 
@@ -465,7 +475,7 @@ class FederationService:
         if opened is None:
             raise FederationError(f"no round {r} was opened in time (aggregator offline?)")
         global_tensors, cid = await trio.to_thread.run_sync(self._global, descriptor)
-        if opened.global_cid != cid:
+        if opened.global_cid and opened.global_cid != cid:
             raise FederationError(f"round {r} starts from {opened.global_cid}, this node holds {cid}")
         await self._train_and_send(descriptor, r, opened, global_tensors)
         done = await self._wait(inbox, inbox.dones, r, opened.deadline + descriptor.round_deadline_s)
@@ -490,6 +500,8 @@ class FederationService:
         )
         if out.spend is not None:
             self._spend(descriptor, r, out.spend)
+        if self.keep_released:
+            await trio.to_thread.run_sync(self._keep, fid, r, out.vector, layout)
         header = sign_update_header(
             self.identity,
             federation_id=fid,
@@ -511,6 +523,15 @@ class FederationService:
                 await stream.close()
         if not verdict.accepted:
             raise FederationError(f"the aggregator refused our update: {verdict.reason}: {verdict.detail}")
+
+    def _keep(self, fid: str, r: int, vector: np.ndarray, layout: Layout) -> None:
+        """Keep our released update (in clear) for audit: federations/<id>/released/r<N>.safetensors, 0600."""
+        from federation.update import unflatten
+        from node.fsutil import atomic_write_bytes
+
+        folder = self.state.federation_dir(fid) / "released"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        atomic_write_bytes(folder / f"r{r}.safetensors", encode_tensors(unflatten(vector, layout)), 0o600)
 
     def _spend(self, descriptor: FederationDescriptor, r: int, spend: Spend) -> None:
         """Check the budget, then record the spend, before anything is released (refuse past the budget)."""

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.daemon_harness import Daemon, node_env, start_daemon
@@ -73,7 +74,9 @@ def four(tmp_path: Path, torch_base_folder: Path) -> Iterator[list[Daemon]]:
     nodes: list[Daemon] = []
     try:
         for i in range(4):
-            extra = {"MIRADOR_P2P_BOOTSTRAP": peers(nodes[0])["listen_addrs"][0]} if nodes else {}
+            extra = {"MIRADOR_FEDERATION_KEEP_RELEASED": "true"}
+            if nodes:
+                extra["MIRADOR_P2P_BOOTSTRAP"] = peers(nodes[0])["listen_addrs"][0]
             seed_torch_twin(tmp_path / f"f{i}", torch_base_folder)
             nodes.append(start_daemon(tmp_path / f"f{i}", extra))
         yield nodes
@@ -83,10 +86,21 @@ def four(tmp_path: Path, torch_base_folder: Path) -> Iterator[list[Daemon]]:
                 d.stop()
 
 
-def test_four_daemons_complete_rounds_in_dp_mode(four: list[Daemon], tmp_path: Path) -> None:
-    # Arrange: A creates a dp federation; B, C, D join with their own data
-    a = four[0]
+def tensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return {k: v.astype(np.float64) for k, v in load_file(str(path)).items()}
+
+
+@pytest.mark.parametrize("mode", ["dp", "he", "he+dp"])
+def test_four_daemons_complete_three_rounds(mode: str, four: list[Daemon], tmp_path: Path) -> None:
+    # Arrange: A creates the federation; B and C join as members; D as a member (dp) or aggregator-only (he modes)
+    a, d = four[0], four[3]
+    rounds_wanted = 3
     data = [write_data(tmp_path / f"{t}.txt", t, i) for i, t in enumerate(TOPICS)]
+    he = mode != "dp"
+    trainers = four[:3] if he else four
+    noise = ["--noise-multiplier", "1.0"] if mode != "he" else []
     created = cli(
         a,
         "federation",
@@ -95,35 +109,62 @@ def test_four_daemons_complete_rounds_in_dp_mode(four: list[Daemon], tmp_path: P
         "--data",
         str(data[0]),
         "--mode",
-        "dp",
+        mode,
         "--quorum",
         "3",
         "--min-members",
-        "4",
+        str(len(trainers)),
         "--deadline",
         str(ROUND_DEADLINE_S),
         "--local-steps",
         "2",
-        "--noise-multiplier",
-        "1.0",
         "--clip-norm",
         "1.0",
         "--epsilon-budget",
-        "50",
+        "100",
+        *noise,
         *TRAIN,
     )
     assert created.returncode == 0, created.stderr
     creator = federations(a)[0]["creator"]
-    for d, f in zip(four[1:], data[1:], strict=True):
-        joined = cli(d, "federation", "join", "club", "--creator", creator, "--data", str(f), *TRAIN)
+    for node, f in zip(four[1:], data[1:], strict=True):
+        role = ["--role", "aggregator"] if he and node is d else ["--data", str(f), *TRAIN]
+        joined = cli(node, "federation", "join", "club", "--creator", creator, *role)
         assert joined.returncode == 0, joined.stderr + joined.stdout
-    # Act: wait until every node applied 2 rounds
-    wait_for(lambda: all(federations(d)[0]["global_round"] >= 2 for d in four), 8 * ROUND_DEADLINE_S, "2 rounds")
-    # Assert: everyone applied the same rounds, each with every member's update, and spent privacy for each
-    views = [federations(d)[0] for d in four]
-    rounds = [httpx.get(f"{d.url}/v1/federations/{views[0]['federation_id']}/rounds", timeout=10).json() for d in four]
-    applied = [{r["round"]: (r["aggregate_cid"], len(r["contributors"])) for r in doc["rounds"]} for doc in rounds]
-    assert all(a[1] == applied[0][1] and a[2] == applied[0][2] for a in applied), json.dumps(rounds, indent=1)
-    assert applied[0][1][1] >= 3 and applied[0][2][1] >= 3
-    for v in views:
-        assert len(v["members"]) == 4 and v["epsilon_spent"] > 0 and v["adapter"] == "fed-club"
+    # Act
+    wait_for(
+        lambda: all(federations(n)[0]["global_round"] >= rounds_wanted for n in four),
+        (rounds_wanted + 2) * ROUND_DEADLINE_S,
+        f"{rounds_wanted} rounds",
+    )
+    # Assert: every node saw the same aggregates, each made of every trainer's update
+    views = [federations(n)[0] for n in four]
+    fid = views[0]["federation_id"]
+    docs = [httpx.get(f"{n.url}/v1/federations/{fid}/rounds", timeout=10).json() for n in four]
+    done = [{r["round"]: (r["aggregate_cid"], len(r["contributors"])) for r in doc["rounds"]} for doc in docs]
+    for r in range(1, rounds_wanted + 1):
+        assert {x[r] for x in done} == {done[0][r]} and done[0][r][1] == len(trainers), json.dumps(docs, indent=1)
+    for v, node in zip(views, four, strict=True):
+        assert len(v["members"]) == 4
+        assert (v["epsilon_spent"] > 0) == (mode != "he" and node in trainers)  # only released updates cost ε
+    if he:
+        # The aggregator-only node aggregated every round and never held the secret key
+        aggregator = views[3]
+        assert not aggregator["he_secret_here"] and not list((d.home / "federations").rglob("he_secret.bin"))
+        assert {r["aggregator"] for r in docs[0]["rounds"]} == {creator_of(d)}
+        assert all(v["he_secret_here"] for v in views[:3])
+    # The applied global moved by the mean of what the trainers released (decrypted CKKS sum / n under HE)
+    from node.fed_adapter import initial_adapter
+    from node.models import embedded_model_path
+
+    start = initial_adapter(embedded_model_path(), 4, 8.0, ["q_proj", "v_proj"], seed=fid)
+    first = tensors(a.home / "adapters" / "fed-club" / "v1" / "adapter_model.safetensors")
+    released = [tensors(n.home / "federations" / fid / "released" / "r1.safetensors") for n in trainers]
+    for name, value in first.items():
+        mean = np.mean([rel[name] for rel in released], axis=0)
+        scale = max(np.abs(mean).max(), 1e-12)
+        assert np.abs((value - start[name]) - mean).max() <= 1e-5 * scale, name
+
+
+def creator_of(d: Daemon) -> str:
+    return str(httpx.get(f"{d.url}/v1/node/status", timeout=10).json()["node"]["identity"])
