@@ -175,9 +175,22 @@ def _format_status(s: dict[str, Any]) -> str:
             f"training     {s['training']['running'] or 'idle'}",
             f"p2p          {s['p2p'].get('peer_id', 'disabled')}, {len(s['p2p'].get('peers', []))} peers"
             + _p2p_details(s["p2p"]),
+            f"federations  {_federations_line(s.get('federations', []))}",
             f"api          http://{a['host']}:{a['port']}  auth: {'bearer token' if a['auth'] else 'none (loopback)'}",
         ]
     )
+
+
+def _federations_line(feds: list[dict[str, Any]]) -> str:
+    """Each federation's round and ε spent, for the status."""
+    if not feds:
+        return "(none)"
+    parts = []
+    for f in feds:
+        spent = f.get("epsilon_spent")
+        eps = f", ε {spent:g} of {f['epsilon_budget']:g}" if spent is not None else ""
+        parts.append(f"{f['name']} ({f['mode']}, round {f['global_round']}{eps})")
+    return "; ".join(parts)
 
 
 def _p2p_details(p2p: dict[str, Any]) -> str:

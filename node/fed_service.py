@@ -541,6 +541,9 @@ class FederationService:
             if not decision.allowed:
                 raise FederationError(f"privacy budget: {decision.reason}")
             ledger.record(fid, r, spend, delta, budget=descriptor.epsilon_budget)
+        self.status_of.setdefault(fid, {}).update(
+            epsilon_spent=round(decision.epsilon_after, 4), epsilon_budget=descriptor.epsilon_budget, delta=delta
+        )
 
     def _offer_local(self, fid: str, r: int, header: bytes, payload: bytes) -> fed_wire.Verdict:
         state = self.rounds.get((fid, r))

@@ -75,6 +75,26 @@ class NodeState:
             "notices": self.notices_status(),
         }
 
+    def federations_status(self) -> list[dict[str, Any]]:
+        """Each federation's phase, round and privacy spent (as of its last release; cheap: no accounting here)."""
+        if self.federations is None:
+            return []
+        out = []
+        for row in self.federations.state.federations(active_only=False):
+            live = self.federations.service.status_of.get(row.id, {})
+            out.append(
+                {
+                    "name": row.name,
+                    "federation_id": row.id,
+                    "mode": row.descriptor.privacy.mode,
+                    "active": row.left_at is None,
+                    "global_round": row.global_round,
+                    "epsilon_budget": row.descriptor.epsilon_budget,
+                }
+                | live
+            )
+        return out
+
     def notices_status(self) -> dict[str, Any]:
         """Gossip notices: counters, peers scored down or blacklisted, the last artifacts announced."""
         if self.notices is None:
@@ -128,6 +148,7 @@ class NodeState:
             "adapters": {"installed": self.adapters.names(), "cache": engine.adapters.stats()},
             "training": self.training.status(),
             "p2p": self.p2p_status(),
+            "federations": self.federations_status(),
             "api": {
                 "host": self.config.api.host,
                 "port": self.config.api.port,

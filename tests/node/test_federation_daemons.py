@@ -147,6 +147,10 @@ def test_four_daemons_complete_three_rounds(mode: str, four: list[Daemon], tmp_p
     for v, node in zip(views, four, strict=True):
         assert len(v["members"]) == 4
         assert (v["epsilon_spent"] > 0) == (mode != "he" and node in trainers)  # only released updates cost ε
+        status = httpx.get(f"{node.url}/v1/node/status", timeout=10).json()["federations"][0]
+        assert status["global_round"] >= rounds_wanted
+        if v["epsilon_spent"] > 0:  # the status shows the ledger's ε as of the last release
+            assert status["epsilon_spent"] == pytest.approx(v["epsilon_spent"], rel=1e-3)
     if he:
         # The aggregator-only node aggregated every round and never held the secret key
         aggregator = views[3]
