@@ -51,6 +51,7 @@ from federation.messages import (
     RoundDone,
     RoundOpen,
     choose_aggregator,
+    decode_update_header,
     sign_round_done,
     sign_round_open,
     sign_update_header,
@@ -553,22 +554,31 @@ class FederationService:
         return _verdict(verdict)
 
     async def _serve_update(self, stream: Libp2pStream) -> None:
-        """Receive one member's update for an open round; answer with the verdict (and log a rejection)."""
+        """Receive one member's update for an open round: the header is judged first (a refused update's payload is
+        never read), then the payload, at most the size the signed header declared; answer with the verdict."""
         try:
             header_bytes = await fed_wire.read_header(stream)
-            header = msgspec.json.decode(header_bytes)
-            key = (header.get("federation_id", ""), header.get("round", 0)) if isinstance(header, dict) else ("", 0)
-            state = self.rounds.get(key)
+            try:
+                header = decode_update_header(header_bytes)
+            except MessageError as exc:
+                verdict = fed_wire.Verdict(accepted=False, reason="malformed", detail=str(exc)[:1000])
+                await fed_wire.send_verdict(stream, verdict)
+                return
+            state = self.rounds.get((header.federation_id, header.round))
             if state is None:
                 await fed_wire.send_verdict(stream, fed_wire.Verdict(accepted=False, reason="round_closed"))
                 return
-            payload = await fed_wire.ask_payload(stream, fed_wire.MAX_PAYLOAD)
-            result = await trio.to_thread.run_sync(state.receive, header_bytes, payload)
+            refused = state.admit_header(header)
+            if refused is None:
+                payload = await fed_wire.ask_payload(stream, header.payload_len)
+                result: Accepted | Rejected = await trio.to_thread.run_sync(state.offer, header, payload)
+            else:
+                result = refused
             if isinstance(result, Rejected):
-                self.state.reject(key[0], key[1], header.get("member", "?"), str(result.reason), result.detail)
-                log.info("round %s: rejected an update: %s", key[1], result)
+                self.state.reject(header.federation_id, header.round, header.member, str(result.reason), result.detail)
+                log.info("round %s: rejected an update: %s", header.round, result)
             await fed_wire.send_verdict(stream, _verdict(result))
-        except (FrameError, msgspec.DecodeError, fed_wire.WireError) as exc:
+        except (FrameError, fed_wire.WireError) as exc:
             log.info("update stream refused: %s", exc)
 
     async def _apply(
