@@ -87,7 +87,7 @@ def _check_budget_value(budget: float) -> None:
         raise LedgerError(f"budget must be a finite ε >= 0, got {budget!r}")
 
 
-def _private_file(path: Path) -> None:
+def private_file(path: Path) -> None:
     """Create `path` with mode 0600 if missing; remove group/other permissions if present."""
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
     try:
@@ -102,7 +102,7 @@ class PrivacyLedger:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        _private_file(self.path)
+        private_file(self.path)
         self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=_BUSY_TIMEOUT_S)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")

@@ -19,7 +19,6 @@ off event loops. The database file is created 0600 (tightened if group/world acc
 
 import json
 import logging
-import os
 import re
 import sqlite3
 import stat
@@ -44,6 +43,7 @@ from federation.descriptor import (
     signature_valid,
     verify_descriptor,
 )
+from federation.ledger import private_file
 from node.fsutil import atomic_write_bytes
 from node.home import NodeHome
 
@@ -215,16 +215,6 @@ def _check_round(round: int) -> None:
         raise FederationStoreError(f"a round is an integer in [1, {MAX_ROUND}], got {round!r}")
 
 
-def _private_file(path: Path) -> None:
-    """Create `path` with mode 0600 if missing; remove group/other permissions if present."""
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-
-
 class FederationStore:
     """This node's federations, members, rounds and refused updates (SQLite), and their HE key files."""
 
@@ -232,7 +222,7 @@ class FederationStore:
         self.path = Path(db_path)
         self.secrets_dir = Path(secrets_dir)
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _private_file(self.path)
+        private_file(self.path)
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=_BUSY_TIMEOUT_S)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")

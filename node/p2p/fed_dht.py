@@ -11,13 +11,11 @@ every answer.
 """
 
 import logging
-from collections.abc import Callable
 
 from libp2p.kad_dht.kad_dht import KadDHT
-from libp2p.records.validator import Validator
 
 from federation.descriptor import DescriptorError, FederationDescriptor, descriptor_key, verify_descriptor
-from node.p2p.registry_dht import dht_values
+from node.p2p.registry_dht import StoredValueValidator, dht_values
 
 FED_NAMESPACE = "mirador-fed"
 log = logging.getLogger(__name__)
@@ -27,20 +25,8 @@ class DescriptorConflict(ValueError):
     """Another descriptor is already stored under that key (descriptors are immutable)."""
 
 
-class DescriptorValidator(Validator):
+class DescriptorValidator(StoredValueValidator):
     """The DHT's check of /mirador-fed/ values: a verified descriptor under its own key, never replacing another."""
-
-    def __init__(self) -> None:
-        self._stored: Callable[[str], bytes | None] = lambda key: None
-
-    def bind(self, dht: KadDHT) -> None:
-        """Compare new descriptors with the one `dht`'s value store holds under the same key."""
-
-        def stored(key: str) -> bytes | None:
-            record = dht.value_store.get(key.encode())
-            return record.value if record is not None else None
-
-        self._stored = stored
 
     def validate(self, key: str, value: bytes) -> None:
         """Raise DescriptorError or DescriptorConflict unless `value` may be stored under `key`."""

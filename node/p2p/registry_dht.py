@@ -45,20 +45,24 @@ ALPHA = 3
 log = logging.getLogger(__name__)
 
 
-class RecordValidator(Validator):
-    """The DHT's check of /mirador/ records: `validate_record` against the record this node already stores."""
+class StoredValueValidator(Validator):
+    """A validator that can compare a new value with the one its DHT already stores under the same key."""
 
     def __init__(self) -> None:
         self._stored: Callable[[str], bytes | None] = lambda key: None
 
     def bind(self, dht: KadDHT) -> None:
-        """Compare new records with the ones in `dht`'s value store (replay and rollback checks)."""
+        """Read stored values from `dht`'s value store."""
 
         def stored(key: str) -> bytes | None:
             record = dht.value_store.get(key.encode())
             return record.value if record is not None else None
 
         self._stored = stored
+
+
+class RecordValidator(StoredValueValidator):
+    """The DHT's check of /mirador/ records: `validate_record` against the record this node already stores."""
 
     def validate(self, key: str, value: bytes) -> None:
         """Raise RecordRejected unless `value` is a valid record for `key` that may replace the stored one."""
