@@ -4,6 +4,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -81,9 +82,12 @@ def four(tmp_path: Path, torch_base_folder: Path) -> Iterator[list[Daemon]]:
             nodes.append(start_daemon(tmp_path / f"f{i}", extra))
         yield nodes
     finally:
-        for d in nodes:
+        for d in nodes:  # every one is stopped, even if another did not stop in time
             if d.proc.poll() is None:
-                d.stop()
+                try:
+                    d.stop()
+                except subprocess.TimeoutExpired:
+                    d.stop(signal.SIGKILL)
 
 
 def tensors(path: Path) -> dict[str, np.ndarray]:

@@ -54,9 +54,13 @@ def chain_of_daemons(tmp_path: Path, n: int, prefix: str) -> list[Daemon]:
 
 
 def stop_all(nodes: list[Daemon]) -> None:
+    """Stop every daemon (SIGKILL for one that does not stop in time), whatever happens to the others."""
     for d in nodes:
         if d.proc.poll() is None:
-            d.stop()
+            try:
+                d.stop()
+            except subprocess.TimeoutExpired:
+                d.stop(signal.SIGKILL)
 
 
 def wait_until_all_known(nodes: list[Daemon]) -> list[set[str]]:
