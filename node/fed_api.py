@@ -1,5 +1,6 @@
 """HTTP routes of federations: create, join, leave, list with status, rounds."""
 
+import base64
 from typing import Any, Literal
 
 import trio
@@ -83,14 +84,15 @@ async def create(request: Request) -> dict[str, Any]:
 @router.post("/v1/federations/join")
 async def join(request: Request) -> dict[str, Any]:
     """Join a federation found in the DHT, through its creator."""
-    import base64
-
     _check_auth(request)
     fed = _federations(request)
     req = await _parse(request, JoinRequestBody)
     if req.role == "member" and not req.data:
         raise ApiError(400, "a member trains on local data: give 'data'", param="data")
-    invite = base64.b64decode(req.invite) if req.invite else None
+    try:
+        invite = base64.b64decode(req.invite, validate=True) if req.invite else None
+    except ValueError:
+        raise ApiError(400, "'invite' is not base64 (give the token as issued)", param="invite") from None
     try:
         with trio.fail_after(60):
             return await fed.join(req.name, req.creator, req.data, req.role, invite, req.train_options)

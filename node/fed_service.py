@@ -17,7 +17,6 @@ Per federation, every node runs the same loop for round r = (last finished round
    files written atomically and installed through the adapter store.
 """
 
-import json
 import logging
 import tempfile
 import threading
@@ -61,7 +60,6 @@ from federation.messages import (
 from federation.privacy import apply_update, combine, delta_of, mean_update, release
 from federation.round import Accepted, Decision, Rejected, RoundState
 from federation.update import Layout, decode_tensors, encode_tensors
-from marketplace.cid import Cid
 from marketplace.content_store import EmbeddedStore
 from node import fed_wire
 from node.p2p.framing import FrameError
@@ -285,11 +283,8 @@ class FederationService:
             if secret:
                 self.state.save_he_secret(fid, secret)
 
-    def _on_notice(self, notice: FederationNotice, origin: str) -> Any:
-        """Route a federation notice (verified later, against the federation's members)."""
-        return self._route(notice)
-
-    async def _route(self, notice: FederationNotice) -> None:
+    async def _on_notice(self, notice: FederationNotice, origin: str) -> None:
+        """Route a federation notice, verified against the federation's members before use."""
         row = self.state.federation(notice.federation_id)
         if row is None:
             return
@@ -631,6 +626,3 @@ def _verdict(result: Accepted | Rejected) -> fed_wire.Verdict:
 def _seal_context(fid: str, member: Any) -> bytes:
     """Associated data of a sealed HE secret: the federation and the recipient (no replay elsewhere)."""
     return f"mirador he secret v1 {fid} {member.fingerprint}".encode()
-
-
-__all__ = ["Cid", "FederationError", "FederationService", "Trained", "json"]

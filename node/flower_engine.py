@@ -358,7 +358,7 @@ def start_superlink(
 
 def _dial_address(host: str, port: int) -> str:
     """Where a local client reaches a server bound to host:port (loopback for a wildcard bind)."""
-    if host in ("0.0.0.0", ""):
+    if host in ("0.0.0.0", ""):  # only maps an explicit wildcard bind to a loopback dial; defaults are 127.0.0.1
         return f"127.0.0.1:{port}"
     if host in ("::", "[::]"):
         return f"[::1]:{port}"
