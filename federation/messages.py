@@ -111,13 +111,16 @@ class UpdateHeader(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
 
 
 class RoundOpen(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    """Round `round` is open: send updates to `aggregator` before `deadline` (unix), starting from `global_cid`."""
+    """Round `round` is open: send updates to `aggregator` before `deadline` (unix), starting from the global adapter
+    applied after round `global_round` (0: the initial adapter), whose CID is `global_cid` ('' under HE, where the
+    aggregator never sees the global)."""
 
     schema: str
     federation_id: Sha256Hex
     round: Round
     aggregator: Fingerprint
     deadline: UnixTime
+    global_round: Annotated[int, msgspec.Meta(ge=0, le=MAX_ROUND)] = 0
     global_cid: CidText = ""
     members: Sha256Hex
     signature: SignatureB64 = ""
@@ -262,6 +265,7 @@ def sign_round_open(
     deadline: int,
     global_cid: str,
     members: Iterable[str],
+    global_round: int = 0,
 ) -> bytes:
     """The RoundOpen notice (JSON bytes) of `round`, signed by `identity` as its aggregator."""
     notice = RoundOpen(
@@ -270,6 +274,7 @@ def sign_round_open(
         round=round,
         aggregator=identity.fingerprint,
         deadline=deadline,
+        global_round=global_round,
         global_cid=global_cid,
         members=members_digest(members),
     )
@@ -278,7 +283,11 @@ def sign_round_open(
 
 
 def _check_round_open(notice: RoundOpen) -> None:
-    """The global adapter's CID, if any, parses ('' when there is none yet: round 1, or only abandoned rounds)."""
+    """The global adapter's CID, if any, parses ('' when there is none yet: round 1, or only abandoned rounds); the
+    global comes from an earlier round."""
+    if notice.global_round >= notice.round:
+        detail = f"round {notice.round} cannot start from the global of round {notice.global_round}"
+        raise MessageError(MessageFault.MALFORMED, detail)
     if notice.global_cid:
         _check_cid(notice.global_cid, "global_cid")
 

@@ -10,6 +10,7 @@ refuse an update before reading its payload from the stream.
 """
 
 import hashlib
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -147,6 +148,9 @@ class RoundState:
         self.rejections: Counter[RejectReason] = Counter()
         self._layout_digest = layout.digest()
         self._accepted: dict[str, Accepted] = {}
+        self._closed = False
+        # offer() runs in worker threads, one per incoming stream: the accepted set and the counter change under it
+        self._lock = threading.RLock()
 
     @property
     def aggregator(self) -> str:
@@ -172,7 +176,7 @@ class RoundState:
             check_update_header(header, self.members)
         except MessageError as exc:
             return self._reject(_MESSAGE_REASONS.get(exc.reason, RejectReason.MALFORMED), exc.detail, header)
-        if now > self.deadline:
+        if now > self.deadline or self._closed:
             return self._reject(RejectReason.LATE, f"{now - self.deadline:.1f} s after the deadline", header)
         if header.member in self._accepted:
             return self._reject(RejectReason.DUPLICATE, f"round {self.round} already has this member's update", header)
@@ -203,8 +207,20 @@ class RoundState:
         except Exception as exc:  # ckks_check parses hostile bytes: whatever it raises is a refusal, not a crash
             return self._reject(RejectReason.MALFORMED, f"ciphertext: {type(exc).__name__}: {exc}", header)
         accepted = Accepted(header, payload, tensors)
-        self._accepted[header.member] = accepted
+        with self._lock:  # checked again: another stream of the same member, or the close, may have come first
+            if self._closed:
+                return self._reject(RejectReason.LATE, "the round closed while this update was checked", header)
+            if header.member in self._accepted:
+                detail = f"round {self.round} already has this member's update"
+                return self._reject(RejectReason.DUPLICATE, detail, header)
+            self._accepted[header.member] = accepted
         return accepted
+
+    def close(self) -> list[Accepted]:
+        """Stop accepting (later offers are LATE) and return the accepted updates, in member order."""
+        with self._lock:
+            self._closed = True
+            return self.updates()
 
     def _check_payload(self, payload: bytes) -> dict[str, np.ndarray] | None:
         if self.expected_kind == "plain":
@@ -224,13 +240,16 @@ class RoundState:
 
     def updates(self) -> list[Accepted]:
         """The accepted updates, in member order."""
-        return [self._accepted[member] for member in sorted(self._accepted)]
+        with self._lock:
+            return [self._accepted[member] for member in sorted(self._accepted)]
 
     def contributors(self) -> list[str]:
         """The members whose updates were accepted, sorted."""
-        return sorted(self._accepted)
+        with self._lock:
+            return sorted(self._accepted)
 
     def _reject(self, reason: RejectReason, detail: str, header: UpdateHeader | str) -> Rejected:
-        self.rejections[reason] += 1
+        with self._lock:
+            self.rejections[reason] += 1
         member = header if isinstance(header, str) else header.member
         return Rejected(reason, f"round {self.round}: {detail}", member)

@@ -47,6 +47,7 @@ _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 # settings train_locally fixes itself; the rest of TrainConfig (batch_size, max_length, ...) may be given as options
 _FIXED_OPTIONS = frozenset({"targets", "steps", "rank", "alpha", "seed", "dp", "init_adapter"})
 _LOG_TAIL_LINES = 20
+RUN_PREFIX = "fed-"  # run ids (and scratch folders under train/) of federation rounds; user runs never start so
 
 
 class LocalTrainingError(RuntimeError):
@@ -269,6 +270,14 @@ class _CapturingStore(AdapterStore):
         return AdapterVersion(name, "local", folder)
 
 
+def sweep_local_runs(home: NodeHome) -> int:
+    """Remove the scratch folders of federation training runs a killed node left behind; returns how many."""
+    stale = list((home.root / "train").glob(f"{RUN_PREFIX}*"))
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return len(stale)
+
+
 def train_locally(
     home: NodeHome,
     gguf: Path,
@@ -310,7 +319,7 @@ def train_locally(
             "delta": float(dp_sgd.delta),
             "max_grad_norm": float(dp_sgd.max_grad_norm),
         }
-    run = TrainRun(id=f"fed-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}", adapter="federation")
+    run = TrainRun(id=f"{RUN_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}", adapter="federation")
     folder = run_folder(home, run)
     folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     folder.mkdir(mode=0o700)

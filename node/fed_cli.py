@@ -121,12 +121,42 @@ def cmd_rounds(home: NodeHome, args: argparse.Namespace) -> int:
 
 def cmd_serve(home: NodeHome, args: argparse.Namespace) -> int:
     """Run a federation on Flower's deployment engine: a SuperLink and Mirador's ServerApp."""
-    from node.flower_engine import serve
+    from node.flower_engine import TlsFiles, serve
 
+    tls_files = [args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile]
+    if args.insecure and any(tls_files):
+        raise ValueError("give either --insecure or the --ssl-* files, not both")
+    if not args.insecure and not all(tls_files):
+        raise ValueError(
+            "the SuperLink serves TLS: give --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile "
+            "(or --insecure for plain HTTP on a loopback address)"
+        )
+    if args.insecure and not _loopback(args.host):
+        raise ValueError(f"--insecure serves plain HTTP: only on a loopback address, not {args.host}")
+    if (args.enable_supernode_auth or args.supernode_public_key) and args.insecure:
+        raise ValueError("SuperNode authentication needs TLS (Flower refuses it with --insecure)")
+    tls = None if args.insecure else TlsFiles(*(Path(f).resolve() for f in tls_files))
     config = {"num-rounds": args.rounds, "local-steps": args.local_steps, "out": str(Path(args.out).resolve())}
-    summary = serve(Path(args.workdir).resolve(), config, host=args.host, port=args.port)
+    summary = serve(
+        Path(args.workdir).resolve(),
+        config,
+        host=args.host,
+        port=args.port,
+        tls=tls,
+        enable_supernode_auth=args.enable_supernode_auth or bool(args.supernode_public_key),
+        supernode_public_keys=[Path(k).resolve() for k in args.supernode_public_key],
+    )
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _flower_join(home: NodeHome, args: argparse.Namespace) -> int:
@@ -135,8 +165,19 @@ def _flower_join(home: NodeHome, args: argparse.Namespace) -> int:
 
     if not args.data:
         raise ValueError("a SuperNode trains on local data: give --data FILE")
+    if args.insecure and args.root_certificates:
+        raise ValueError("give either --insecure or --root-certificates, not both")
     node_config = {"data": str(Path(args.data).resolve()), "models": str(home.models_dir)}
-    return int(join(Path(args.workdir).resolve(), args.name, node_config, insecure=args.insecure) or 0)
+    code = join(
+        Path(args.workdir).resolve(),
+        args.name,
+        node_config,
+        root_certificates=Path(args.root_certificates).resolve() if args.root_certificates else None,
+        insecure=bool(args.insecure),  # False: TLS, verified against --root-certificates or the system CAs
+        auth_private_key=Path(args.auth_supernode_private_key).resolve() if args.auth_supernode_private_key else None,
+        port=args.port,
+    )
+    return int(code or 0)
 
 
 def run(home: NodeHome, args: argparse.Namespace) -> int:
@@ -183,6 +224,9 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> ar
     join.add_argument("--engine", choices=["p2p", "flower"], default="p2p")
     join.add_argument("--workdir", default=".", help="flower: where logs go")
     join.add_argument("--insecure", action="store_true", help="flower: no TLS (loopback tests only)")
+    join.add_argument("--root-certificates", help="flower: the CA (PEM) of the SuperLink (default: system CAs)")
+    join.add_argument("--auth-supernode-private-key", help="flower: this SuperNode's key (the SuperLink authenticates)")
+    join.add_argument("--port", type=int, help="flower: this SuperNode's ClientAppIo port (one per SuperNode)")
     join.set_defaults(fed_func=cmd_join)
     leave = s.add_parser("leave", help="stop taking part in a federation")
     leave.add_argument("name")
@@ -202,5 +246,13 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> ar
     serve.add_argument("--rounds", type=int, default=3)
     serve.add_argument("--local-steps", type=int, default=20)
     serve.add_argument("--out", default="federated-adapter")
+    serve.add_argument("--ssl-ca-certfile", help="TLS: the CA (PEM) that signed the SuperLink's certificate")
+    serve.add_argument("--ssl-certfile", help="TLS: the SuperLink's certificate (PEM)")
+    serve.add_argument("--ssl-keyfile", help="TLS: the SuperLink's private key (PEM)")
+    serve.add_argument("--insecure", action="store_true", help="plain HTTP (loopback addresses only)")
+    serve.add_argument("--enable-supernode-auth", action="store_true", help="only registered SuperNodes may join")
+    serve.add_argument(
+        "--supernode-public-key", action="append", default=[], help="a SuperNode's public key to register (repeat)"
+    )
     serve.set_defaults(fed_func=cmd_serve)
     return top

@@ -31,7 +31,7 @@ from federation.descriptor import (
 from federation.ledger import PrivacyLedger
 from node import fed_wire
 from node.adapter_store import AdapterStore
-from node.fed_adapter import initial_adapter, install_global, train_locally
+from node.fed_adapter import initial_adapter, install_global, sweep_local_runs, train_locally
 from node.fed_service import FederationError, FederationService, Trained
 from node.fed_store import FederationStore
 from node.fsutil import atomic_write_text
@@ -68,6 +68,8 @@ class FederationNode:
         self.dht = DhtFederations(p2p.dht)
         self.ledger_path = home.state_db
         self._initial: dict[str, dict[str, np.ndarray]] = {}
+        if swept := sweep_local_runs(home):
+            log.info("removed %d federation training folder(s) left by a previous run", swept)
         self.service = FederationService(
             home.root,
             identity,

@@ -18,6 +18,7 @@ Per federation, every node runs the same loop for round r = (last finished round
 """
 
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -70,6 +71,9 @@ from node.p2p.registry_dht import DhtRegistry
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5
+SCRATCH_PREFIX = ".fed-scratch-"
+ROUND_CLOSED = "round_closed"  # an update's verdict when no round is open here for its (federation, round)
+SUPERSEDED_GRACE_S = 5.0  # a round still unseen this long after a later round opened is over for this node
 MAX_GLOBAL_BYTES = 256 * 1024 * 1024
 
 
@@ -99,6 +103,16 @@ class Inbox:
         """Wake whoever waits for a notice."""
         self.changed.set()
         self.changed = trio.Event()
+
+    def prune(self, current: int, keep: int = 8) -> None:
+        """Forget notices of rounds long before `current`."""
+        for box in (self.opens, self.dones):
+            for old in [k for k in box if k < current - keep]:
+                del box[old]
+
+    def newer_open(self, r: int) -> bool:
+        """Whether a round after `r` has been opened."""
+        return any(k > r for k in self.opens)
 
 
 @dataclass(frozen=True)
@@ -145,8 +159,17 @@ class FederationService:
         self._member_cache: dict[str, tuple[int, dict[str, Member]]] = {}
 
     # lifecycle -----------------------------------------------------------------------------------------------------
+    def _scratch(self) -> "tempfile.TemporaryDirectory[str]":
+        """A scratch folder in the node's home (removed after use; by the next start if the node was killed)."""
+        return tempfile.TemporaryDirectory(dir=self.root, prefix=SCRATCH_PREFIX)
+
+    def _sweep_scratch(self) -> None:
+        for stale in self.root.glob(f"{SCRATCH_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the join and update protocols, listen to federation notices, run each active federation."""
+        self._sweep_scratch()
         self.p2p.set_stream_handler(fed_wire.JOIN_PROTOCOL, self._serve_join)
         self.p2p.set_stream_handler(fed_wire.UPDATE_PROTOCOL, self._serve_update)
         self.notices.on(FederationNotice, self._on_notice)
@@ -332,12 +355,15 @@ class FederationService:
         fid = descriptor.federation_id
         inbox = self.inboxes[fid]
         status = self.status_of.setdefault(fid, {"name": descriptor.name, "phase": "starting"})
+        self._recover(fid)
         while not self._stop.is_set():
             row = self.state.federation(fid)
             if row is None or row.left_at is not None:
                 return
             last = self.state.last_round(fid)
             r = max(row.global_round, last.round if last is not None else 0) + 1
+            r = max(r, max(inbox.opens, default=0))  # a later round is open: this node missed some, it joins that one
+            inbox.prune(r)
             trainers = self._keys(fid, "member")
             if len(trainers) < descriptor.min_members or not self._candidates(descriptor):
                 status["phase"] = f"waiting for members ({len(trainers)} of {descriptor.min_members})"
@@ -348,12 +374,18 @@ class FederationService:
             status.update(phase="round", round=r, aggregator=aggregator)
             try:
                 if aggregator == self.identity.fingerprint:
-                    await self._aggregate_round(descriptor, r, row.global_cid)
+                    await self._aggregate_round(descriptor, r, row.global_round)
                 else:
-                    await self._member_round(descriptor, r)
+                    await self._member_round(descriptor, r, train=self.identity.fingerprint in trainers)
             except Exception as exc:  # one failed round must never stop the node: it is recorded and skipped
                 log.warning("federation %s round %d abandoned here: %s", descriptor.name, r, _describe(exc))
                 self._abandon(fid, r, _describe(exc))
+
+    def _recover(self, fid: str) -> None:
+        """Rounds left open by a previous run of this node are over for it: record them as abandoned."""
+        for row in self.state.rounds(fid, 20):
+            if row.status == "open":
+                self._abandon(fid, row.round, "this node stopped during the round")
 
     def _abandon(self, fid: str, r: int, reason: str) -> None:
         """Record round r as abandoned on this node (unless it was finished meanwhile)."""
@@ -366,8 +398,15 @@ class FederationService:
             log.info("round %d: %s", r, exc)
 
     async def _wait(self, inbox: Inbox, box: dict[int, Any], r: int, until: float) -> Any:
+        """box[r] once it arrives; None at `until`, or SUPERSEDED_GRACE_S after a later round opened (r is over)."""
+        newer_since: float | None = None
         while r not in box:
-            left = until - time.time()
+            now = time.time()
+            if newer_since is None and inbox.newer_open(r):
+                newer_since = now
+            if newer_since is not None:
+                until = min(until, newer_since + SUPERSEDED_GRACE_S)
+            left = until - now
             if left <= 0:
                 return None
             with trio.move_on_after(min(left, 5)):
@@ -385,12 +424,12 @@ class FederationService:
         return tensors, self._store_tensors(tensors)
 
     def _store_tensors(self, tensors: Mapping[str, np.ndarray]) -> str:
-        with tempfile.TemporaryDirectory(dir=self.root) as tmp:
+        with self._scratch() as tmp:
             path = Path(tmp) / "adapter.safetensors"
             path.write_bytes(encode_tensors(dict(tensors)))
             return self.local.add(path).cid
 
-    async def _aggregate_round(self, descriptor: FederationDescriptor, r: int, global_cid: str) -> None:
+    async def _aggregate_round(self, descriptor: FederationDescriptor, r: int, global_round: int) -> None:
         fid = descriptor.federation_id
         if descriptor.uses_he:
             # An HE aggregator never sees the global adapter (it cannot decrypt the aggregates that make it):
@@ -401,7 +440,13 @@ class FederationService:
             await self.registry.provide(cid)
         deadline = int(time.time() + descriptor.round_deadline_s)
         opened = sign_round_open(
-            self.identity, federation_id=fid, round=r, deadline=deadline, global_cid=cid, members=self._keys(fid)
+            self.identity,
+            federation_id=fid,
+            round=r,
+            deadline=deadline,
+            global_round=global_round,
+            global_cid=cid,
+            members=self._keys(fid),
         )
         layout = Layout.of(global_tensors)
         he_public = self.state.he_public(fid) if descriptor.uses_he else None
@@ -425,12 +470,15 @@ class FederationService:
             self._nursery.start_soon(self._own_update, descriptor, r, own_done)  # type: ignore[union-attr]
         else:
             own_done.set()
-        while state.ready() is Decision.WAIT:
-            await trio.sleep(POLL_S)
+        inbox = self.inboxes[fid]
+        while state.ready() is Decision.WAIT:  # woken by each accepted update; the poll catches the deadline
+            with trio.move_on_after(max(0.01, min(POLL_S, deadline - time.time() + 0.01))):
+                await inbox.changed.wait()
         del self.rounds[(fid, r)]
-        if state.ready() is Decision.ABANDON:
-            raise FederationError(f"only {len(state.updates())} of quorum {descriptor.quorum} updates by the deadline")
-        updates = [(a.member, a.payload, a.header.num_examples) for a in state.updates()]
+        accepted = state.close()
+        if len(accepted) < descriptor.quorum:
+            raise FederationError(f"only {len(accepted)} of quorum {descriptor.quorum} updates by the deadline")
+        updates = [(a.member, a.payload, a.header.num_examples) for a in accepted]
         combined = await trio.to_thread.run_sync(lambda: combine(updates, layout, descriptor, context))
         aggregate_cid = await trio.to_thread.run_sync(self._store_payload, combined.payload)
         await self.registry.provide(aggregate_cid)
@@ -450,7 +498,7 @@ class FederationService:
             await own_done.wait()  # our own copy of the new global is applied before the next round
 
     def _store_payload(self, payload: bytes) -> str:
-        with tempfile.TemporaryDirectory(dir=self.root) as tmp:
+        with self._scratch() as tmp:
             path = Path(tmp) / "aggregate.bin"
             path.write_bytes(payload)
             return self.local.add(path).cid
@@ -464,20 +512,85 @@ class FederationService:
         finally:
             done.set()
 
-    async def _member_round(self, descriptor: FederationDescriptor, r: int) -> None:
+    async def _member_round(self, descriptor: FederationDescriptor, r: int, train: bool = True) -> None:
+        """Take part in round r: train and send our update (if `train`), then apply (or, without the HE secret,
+        record) the aggregate."""
         fid = descriptor.federation_id
         inbox = self.inboxes[fid]
         opened = await self._wait(inbox, inbox.opens, r, time.time() + 2 * descriptor.round_deadline_s)
         if opened is None:
-            raise FederationError(f"no round {r} was opened in time (aggregator offline?)")
+            raise FederationError(f"no round {r} was opened in time (aggregator offline, or a later round began)")
+        global_tensors = await self._base(descriptor, opened)
+        if train:
+            if global_tensors is None:
+                raise FederationError("this member has no HE secret context (it joined as an aggregator?)")
+            if time.time() >= opened.deadline:
+                raise FederationError(f"round {r} closed before this node could take part")
+            await self._train_and_send(descriptor, r, opened, global_tensors)
+        done = await self._wait(inbox, inbox.dones, r, opened.deadline + descriptor.round_deadline_s / 2)
+        if done is None:
+            raise FederationError(f"round {r} was not aggregated in time (aggregator offline?)")
+        if global_tensors is None:  # an aggregator-only node under HE cannot decrypt: it records the round
+            self.state.finish_round(
+                fid,
+                r,
+                "aggregated",
+                aggregate_cid=done.aggregate_cid,
+                contributors=list(done.contributors),
+                aggregator=done.aggregator,
+            )
+            self.state.set_global(fid, r, done.aggregate_cid)
+            return
+        await self._apply(descriptor, r, done, global_tensors)
+
+    async def _base(self, descriptor: FederationDescriptor, opened: RoundOpen) -> dict[str, np.ndarray] | None:
+        """The global adapter round `opened` starts from, fetched first if this node missed rounds (None: an HE node
+        without the secret, which never holds the global). A node that cannot start from it raises."""
+        fid, r = descriptor.federation_id, opened.round
+        if descriptor.uses_he and self.state.he_secret(fid) is None:
+            return None
+        row = self.state.federation(fid)
+        held = row.global_round if row is not None else 0
+        if opened.global_round < held:
+            raise FederationError(
+                f"round {r} starts from the global of round {opened.global_round}, this node applied round {held}"
+            )
+        if opened.global_round > held:
+            if not opened.global_cid:
+                raise FederationError(
+                    f"this node missed rounds {held + 1}..{opened.global_round} and under HE their global cannot be "
+                    "fetched (only members can decrypt it); it sits out until it rejoins"
+                )
+            await self._catch_up(descriptor, opened, held)
         global_tensors, cid = await trio.to_thread.run_sync(self._global, descriptor)
         if opened.global_cid and opened.global_cid != cid:
             raise FederationError(f"round {r} starts from {opened.global_cid}, this node holds {cid}")
-        await self._train_and_send(descriptor, r, opened, global_tensors)
-        done = await self._wait(inbox, inbox.dones, r, opened.deadline + descriptor.round_deadline_s)
-        if done is None:
-            raise FederationError(f"round {r} was not aggregated in time")
-        await self._apply(descriptor, r, done, global_tensors)
+        return global_tensors
+
+    async def _catch_up(self, descriptor: FederationDescriptor, opened: RoundOpen, held: int) -> None:
+        """Fetch the global adapter a round starts from (every block verified against its CID), install it."""
+        fid = descriptor.federation_id
+        store = NetworkStore(self.local, self.p2p, self.registry)
+
+        def fetch() -> dict[str, np.ndarray]:
+            with self._scratch() as tmp:
+                path = Path(tmp) / "global.safetensors"
+                store.fetch(opened.global_cid, path, first=[peer_of(self._keys(fid)[opened.aggregator])])
+                data = path.read_bytes()
+            return decode_tensors(data, Layout.of(self.initial_global(descriptor)), MAX_GLOBAL_BYTES)
+
+        tensors = await trio.to_thread.run_sync(fetch)
+        version = await trio.to_thread.run_sync(self.install_global, descriptor, tensors)
+        self.state.set_global(fid, opened.global_round, opened.global_cid)
+        self.status_of[fid].update(adapter=version, caught_up=opened.global_round)
+        log.info(
+            "federation %s: missed rounds %d..%d, caught up to the global of round %d (%s)",
+            descriptor.name,
+            held + 1,
+            opened.global_round,
+            opened.global_round,
+            version,
+        )
 
     async def _train_and_send(
         self, descriptor: FederationDescriptor, r: int, opened: RoundOpen, global_tensors: dict[str, np.ndarray]
@@ -494,8 +607,8 @@ class FederationService:
         out = await trio.to_thread.run_sync(
             lambda: release(delta_of(trained.tensors, global_tensors), layout, descriptor, he)
         )
-        if out.spend is not None:
-            self._spend(descriptor, r, out.spend)
+        if out.spend is not None:  # in a worker thread: the first ε computation imports opacus (seconds)
+            await trio.to_thread.run_sync(self._spend, descriptor, r, out.spend)
         if self.keep_released:
             await trio.to_thread.run_sync(self._keep, fid, r, out.vector, layout)
         header = sign_update_header(
@@ -544,8 +657,10 @@ class FederationService:
     def _offer_local(self, fid: str, r: int, header: bytes, payload: bytes) -> fed_wire.Verdict:
         state = self.rounds.get((fid, r))
         if state is None:
-            return fed_wire.Verdict(accepted=False, reason="round_closed")
+            return fed_wire.Verdict(accepted=False, reason=ROUND_CLOSED)
         verdict = state.receive(header, payload)
+        if isinstance(verdict, Accepted):
+            self.inboxes[fid].poke()  # called on the loop: wake the aggregating task
         return _verdict(verdict)
 
     async def _serve_update(self, stream: Libp2pStream) -> None:
@@ -561,7 +676,15 @@ class FederationService:
                 return
             state = self.rounds.get((header.federation_id, header.round))
             if state is None:
-                await fed_wire.send_verdict(stream, fed_wire.Verdict(accepted=False, reason="round_closed"))
+                detail = f"round {header.round}: no such round of federation {header.federation_id[:16]}… is open"
+                if self.state.federation(header.federation_id) is not None:  # a round of ours: worth a record
+                    await trio.to_thread.run_sync(
+                        self.state.reject, header.federation_id, header.round, header.member, ROUND_CLOSED, detail
+                    )
+                log.info("round %s: rejected an update: %s: %s", header.round, ROUND_CLOSED, detail)
+                await fed_wire.send_verdict(
+                    stream, fed_wire.Verdict(accepted=False, reason=ROUND_CLOSED, detail=detail)
+                )
                 return
             refused = state.admit_header(header)
             if refused is None:
@@ -570,8 +693,13 @@ class FederationService:
             else:
                 result = refused
             if isinstance(result, Rejected):
-                self.state.reject(header.federation_id, header.round, header.member, str(result.reason), result.detail)
+                reason, detail = str(result.reason), result.detail
+                await trio.to_thread.run_sync(
+                    self.state.reject, header.federation_id, header.round, header.member, reason, detail
+                )
                 log.info("round %s: rejected an update: %s", header.round, result)
+            elif header.federation_id in self.inboxes:
+                self.inboxes[header.federation_id].poke()  # the aggregator may have all it waits for
             await fed_wire.send_verdict(stream, _verdict(result))
         except (FrameError, fed_wire.WireError) as exc:
             log.info("update stream refused: %s", exc)
@@ -581,11 +709,12 @@ class FederationService:
     ) -> None:
         fid = descriptor.federation_id
         store = NetworkStore(self.local, self.p2p, self.registry)
+        aggregator = peer_of(self._keys(fid)[done.aggregator])  # it signed the result and serves it
 
         def fetch_and_apply() -> tuple[dict[str, np.ndarray], str]:
-            with tempfile.TemporaryDirectory(dir=self.root) as tmp:
+            with self._scratch() as tmp:
                 path = Path(tmp) / "aggregate.bin"
-                store.fetch(done.aggregate_cid, path)
+                store.fetch(done.aggregate_cid, path, first=[aggregator])
                 payload = path.read_bytes()
             layout = Layout.of(global_tensors)
             secret = self.state.he_secret(fid)

@@ -27,6 +27,7 @@ import msgspec
 from node.training.data import DataError, Example, load_examples
 
 log = logging.getLogger("mirador.training.job")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class _DPSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -168,6 +169,20 @@ def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def die_with_parent() -> None:
+    """On Linux, get SIGTERM when the node that started this job dies (a killed node leaves no orphan training)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d); this job outlives a killed node", ctypes.get_errno())
+    elif parent == 1 or os.getppid() != parent:  # the node died before the request took effect
+        raise SystemExit(128 + signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 done, 2 bad spec or data, 1 other failure)."""
     events = _Events()
@@ -193,4 +208,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    die_with_parent()
     sys.exit(main())

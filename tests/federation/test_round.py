@@ -7,6 +7,7 @@ import enum
 import hashlib
 import json
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -295,6 +296,37 @@ def test_the_injected_clock_is_the_default_time(nodes: list[Identity], members: 
     assert isinstance(late, Rejected) and late.reason is RejectReason.LATE
 
 
+def test_a_closed_round_keeps_what_it_had_and_refuses_the_rest(nodes: list[Identity], members: dict[str, str]) -> None:
+    # Arrange
+    state = new_state(members)
+    send(state, nodes, 2)
+    # Act
+    closed = state.close()
+    late = state.receive(*update(nodes[3]))
+    # Assert
+    assert [a.member for a in closed] == state.contributors() == sorted(n.fingerprint for n in nodes[:2])
+    assert isinstance(late, Rejected) and late.reason is RejectReason.LATE
+
+
+def test_concurrent_copies_of_one_update_are_accepted_once(nodes: list[Identity], members: dict[str, str]) -> None:
+    # Arrange: the same member's update on 8 streams at once (offer runs in worker threads); the payload check
+    # holds every copy until all 8 passed the header checks, so each would be taken without the final re-check
+    from concurrent.futures import ThreadPoolExecutor
+
+    copies = 8
+    barrier = threading.Barrier(copies, timeout=10)
+    state = new_state(members, kind="ckks", ckks_check=lambda _: barrier.wait() and None)
+    header_bytes, payload = update(nodes[1], b"CKKS" + bytes(64), kind="ckks")
+    header = verify_update_header(header_bytes, members)
+    # Act
+    with ThreadPoolExecutor(copies) as pool:
+        outcomes = list(pool.map(lambda _: state.offer(header, payload), range(copies)))
+    # Assert
+    assert sum(isinstance(o, Accepted) for o in outcomes) == 1
+    assert all(o.reason is RejectReason.DUPLICATE for o in outcomes if isinstance(o, Rejected))
+    assert state.rejections == {RejectReason.DUPLICATE: copies - 1}
+
+
 def test_a_round_needs_a_quorum_of_two_and_members(members: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="quorum"):
         new_state(members, quorum=1)
@@ -333,14 +365,18 @@ def aggregator_of(round: int, nodes: list[Identity]) -> Identity:
 
 def test_round_open_verifies_from_the_rounds_aggregator(nodes: list[Identity], members: dict[str, str]) -> None:
     agg = aggregator_of(3, nodes)
-    data = sign_round_open(agg, federation_id=FID, round=3, deadline=int(DEADLINE), global_cid=CID, members=members)
+    data = sign_round_open(
+        agg, federation_id=FID, round=3, deadline=int(DEADLINE), global_round=2, global_cid=CID, members=members
+    )
     notice = verify_round_open(data, FID, members)
     assert (notice.aggregator, notice.deadline, notice.global_cid) == (agg.fingerprint, DEADLINE, CID)
+    assert notice.global_round == 2
     assert notice.members == members_digest(reversed(list(members)))
     first = sign_round_open(
         aggregator_of(1, nodes), federation_id=FID, round=1, deadline=1, global_cid="", members=members
     )
     assert verify_round_open(first, FID, members).global_cid == ""
+    assert verify_round_open(first, FID, members).global_round == 0
 
 
 def round_open_fault(fault: str, nodes: list[Identity], members: dict[str, str]) -> tuple[bytes, dict[str, str]]:
@@ -358,6 +394,8 @@ def round_open_fault(fault: str, nodes: list[Identity], members: dict[str, str])
         return good, members
     if fault == "bad cid":
         return json.dumps(json.loads(good) | {"global_cid": "not-a-cid"}).encode(), members
+    if fault == "global from the future":
+        return json.dumps(json.loads(good) | {"global_round": 3}).encode(), members
     return good + b" " * 4096, members
 
 
@@ -367,6 +405,7 @@ ROUND_OPEN_FAULTS = {
     "edited": MessageFault.BAD_SIGNATURE,
     "other federation": MessageFault.WRONG_FEDERATION,
     "bad cid": MessageFault.MALFORMED,
+    "global from the future": MessageFault.MALFORMED,
     "oversized": MessageFault.OVERSIZED,
 }
 
