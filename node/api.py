@@ -112,13 +112,15 @@ def _too_large(limit: int) -> JSONResponse:
 router = APIRouter()
 
 
-def _node(request: Request) -> NodeState:
+def node_of(request: Request) -> NodeState:
+    """The node state behind the app serving `request`."""
     node: NodeState = request.app.state.node
     return node
 
 
-def _check_auth(request: Request) -> None:
-    token = _node(request).config.api.token
+def check_auth(request: Request) -> None:
+    """Refuse the request (401) unless it carries the configured bearer token (none configured: every request)."""
+    token = node_of(request).config.api.token
     if not token:
         return
     header = request.headers.get("authorization", "")
@@ -135,15 +137,15 @@ def _check_auth(request: Request) -> None:
 @router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
     """Liveness: answers as soon as the API is up."""
-    node = _node(request)
+    node = node_of(request)
     return {"status": "stopping" if node.shutting_down else "ok", "model": node.model.id}
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     """The models this node serves."""
-    _check_auth(request)
-    node = _node(request)
+    check_auth(request)
+    node = node_of(request)
     created = int(node.model.path.stat().st_mtime)
     data = [{"id": node.model.id, "object": "model", "created": created, "owned_by": "mirador"}]
     for p in node.manifest.personalities():
@@ -162,11 +164,12 @@ async def list_models(request: Request) -> dict[str, Any]:
 @router.get("/v1/node/status")
 async def node_status(request: Request) -> dict[str, Any]:
     """Node, profile, model and engine status."""
-    _check_auth(request)
-    return _node(request).status()
+    check_auth(request)
+    return node_of(request).status()
 
 
-async def _parse(request: Request, schema: type[Any]) -> Any:
+async def parse_body(request: Request, schema: type[Any]) -> Any:
+    """The request's JSON body validated by the pydantic `schema`; a 400 naming the bad field otherwise."""
     raw = await request.body()
     if not raw.strip():
         raise ApiError(400, "the request body is empty; send a JSON object")
@@ -326,9 +329,9 @@ class _Admitted(NamedTuple):
 
 async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) -> _Admitted:
     """Shared front of both generation routes: auth, schema, routing, tokens, slot."""
-    _check_auth(request)
-    node = _node(request)
-    req = await _parse(request, schema)
+    check_auth(request)
+    node = node_of(request)
+    req = await parse_body(request, schema)
     messages: list[dict[str, str]] | None = None  # only chat answers can get feedback
     if isinstance(req, ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
@@ -414,8 +417,8 @@ def _p2p(node: NodeState) -> P2PNode:
 @router.get("/v1/node/peers")
 async def node_peers(request: Request) -> dict[str, Any]:
     """This node's peer id, listen addresses and connected peers."""
-    _check_auth(request)
-    node = _node(request)
+    check_auth(request)
+    node = node_of(request)
     _p2p(node)
     return node.p2p_status()
 
@@ -423,10 +426,10 @@ async def node_peers(request: Request) -> dict[str, Any]:
 @router.post("/v1/node/connect")
 async def node_connect(request: Request) -> dict[str, Any]:
     """Dial a peer (full multiaddr with /p2p/ID) over Noise."""
-    _check_auth(request)
-    node = _node(request)
+    check_auth(request)
+    node = node_of(request)
     p2p = _p2p(node)
-    req = await _parse(request, ConnectRequest)
+    req = await parse_body(request, ConnectRequest)
     try:
         info_from_p2p_addr(multiaddr.Multiaddr(req.addr))
     except Exception as exc:  # multiaddr raises several types for malformed text
@@ -441,9 +444,9 @@ async def node_connect(request: Request) -> dict[str, Any]:
 @router.post("/v1/feedback")
 async def feedback(request: Request) -> Any:
     """Rate a recent chat answer (1-5) and/or give the answer you wanted; `mirador train --from-feedback` uses it."""
-    _check_auth(request)
-    node = _node(request)
-    req = await _parse(request, FeedbackRequest)
+    check_auth(request)
+    node = node_of(request)
+    req = await parse_body(request, FeedbackRequest)
     try:
         feedback_id = await trio.to_thread.run_sync(
             node.feedback.add_feedback, req.completion_id, req.rating, req.correction, limiter=_db_limiter
@@ -457,9 +460,9 @@ async def feedback(request: Request) -> Any:
 @router.post("/v1/train")
 async def start_training(request: Request) -> Any:
     """Start a training job (202); poll `GET /v1/train/{id}` for progress."""
-    _check_auth(request)
-    node = _node(request)
-    req = await _parse(request, TrainRequest)
+    check_auth(request)
+    node = node_of(request)
+    req = await parse_body(request, TrainRequest)
     data = None
     if req.data is not None:
         data = Path(req.data).expanduser().resolve()
@@ -477,8 +480,8 @@ async def start_training(request: Request) -> Any:
 @router.get("/v1/train/{run_id}")
 async def training_status(request: Request, run_id: str) -> Any:
     """Progress (step, loss, ETA) and, once done, the result and the installed version."""
-    _check_auth(request)
-    run = _node(request).training.runs.get(run_id)
+    check_auth(request)
+    run = node_of(request).training.runs.get(run_id)
     if run is None:
         raise ApiError(404, f"no training job {run_id!r} on this node (since it started)", code="not_found")
     return run.to_json()

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from federation.descriptor import FederationRefused
-from node.api import ApiError, _check_auth, _node, _parse
+from node.api import ApiError, check_auth, node_of, parse_body
 from node.fed_node import FederationNode
 from node.fed_service import FederationError
 from node.fed_wire import WireError
@@ -54,7 +54,7 @@ class JoinRequestBody(_Closed):
 
 
 def _federations(request: Request) -> FederationNode:
-    fed: FederationNode | None = _node(request).federations
+    fed: FederationNode | None = node_of(request).federations
     if fed is None:
         raise ApiError(409, "federations need the P2P host and the embedded store", code="federations_unavailable")
     return fed
@@ -69,9 +69,9 @@ def _refused(exc: Exception) -> ApiError:
 @router.post("/v1/federations")
 async def create(request: Request) -> dict[str, Any]:
     """Create a federation (signed descriptor into the DHT); this node is its creator and first member."""
-    _check_auth(request)
+    check_auth(request)
     fed = _federations(request)
-    req = await _parse(request, CreateRequest)
+    req = await parse_body(request, CreateRequest)
     spec = req.model_dump()
     if spec["noise_multiplier"] is None:
         spec.pop("noise_multiplier")
@@ -84,9 +84,9 @@ async def create(request: Request) -> dict[str, Any]:
 @router.post("/v1/federations/join")
 async def join(request: Request) -> dict[str, Any]:
     """Join a federation found in the DHT, through its creator."""
-    _check_auth(request)
+    check_auth(request)
     fed = _federations(request)
-    req = await _parse(request, JoinRequestBody)
+    req = await parse_body(request, JoinRequestBody)
     if req.role == "member" and not req.data:
         raise ApiError(400, "a member trains on local data: give 'data'", param="data")
     try:
@@ -103,7 +103,7 @@ async def join(request: Request) -> dict[str, Any]:
 @router.get("/v1/federations")
 async def federations(request: Request) -> dict[str, Any]:
     """Every federation this node is in, with its status and privacy spent."""
-    _check_auth(request)
+    check_auth(request)
     fed = _federations(request)
     rows = await trio.to_thread.run_sync(lambda: [fed.summary(r.id) for r in fed.state.federations(False)])
     return {"federations": rows, "epsilon_total": await trio.to_thread.run_sync(fed.privacy_total)}
@@ -112,7 +112,7 @@ async def federations(request: Request) -> dict[str, Any]:
 @router.get("/v1/federations/{fid}/rounds")
 async def rounds(request: Request, fid: str) -> dict[str, Any]:
     """A federation's rounds (newest first) and the updates it refused."""
-    _check_auth(request)
+    check_auth(request)
     fed = _federations(request)
     if fed.state.federation(fid) is None:
         raise ApiError(404, f"unknown federation {fid}", code="unknown_federation")
@@ -126,7 +126,7 @@ async def rounds(request: Request, fid: str) -> dict[str, Any]:
 @router.post("/v1/federations/{fid}/leave")
 async def leave(request: Request, fid: str) -> dict[str, Any]:
     """Stop taking part in a federation."""
-    _check_auth(request)
+    check_auth(request)
     fed = _federations(request)
     if not fed.leave(fid):
         raise ApiError(404, f"not an active federation: {fid}", code="unknown_federation")

@@ -204,15 +204,10 @@ class FederationNode:
         return self.summary(descriptor.federation_id)
 
     async def _descriptor_bytes(self, name: str, creator: str) -> bytes:
-        from federation.descriptor import descriptor_key
-        from node.p2p.registry_dht import dht_values
-
-        assert self.service.p2p.dht is not None
-        key = descriptor_key(name, creator)
-        values = await dht_values(self.service.p2p.dht, key, lambda v: verify_descriptor(v, key))
-        if not values:
+        found = await self.dht.fetch_bytes(name, creator)
+        if found is None:
             raise FederationError(f"no federation {name!r} by {creator} was found in the DHT")
-        return values[0]
+        return found
 
     def leave(self, fid: str) -> bool:
         """Stop taking part in a federation (its state is kept)."""

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from marketplace.artifacts import ArtifactRefused
 from marketplace.manifest import NAME_RE
-from node.api import ApiError, _check_auth, _node, _parse
+from node.api import ApiError, check_auth, node_of, parse_body
 from node.market_service import MarketService
 from node.node_schema import AnnounceRequest, PullRequest
 
@@ -24,7 +24,7 @@ PROGRESS_EVERY_S = 0.25
 
 
 def _service(request: Request) -> MarketService:
-    service: MarketService | None = _node(request).market
+    service: MarketService | None = node_of(request).market
     if service is None:
         raise ApiError(
             409,
@@ -38,9 +38,9 @@ def _service(request: Request) -> MarketService:
 @router.post("/v1/market/announce")
 async def announce(request: Request) -> dict[str, Any]:
     """Announce this node's published versions of a name in the DHT."""
-    _check_auth(request)
+    check_auth(request)
     service = _service(request)
-    req = await _parse(request, AnnounceRequest)
+    req = await parse_body(request, AnnounceRequest)
     try:
         return await service.announce(req.name)
     except ArtifactRefused as exc:
@@ -52,7 +52,7 @@ async def announce(request: Request) -> dict[str, Any]:
 @router.get("/v1/market/search")
 async def search(request: Request, name: str) -> dict[str, Any]:
     """Every version of `name` announced in the DHT, by any publisher."""
-    _check_auth(request)
+    check_auth(request)
     service = _service(request)
     if not re.fullmatch(NAME_RE, name):
         raise ApiError(400, f"'name' {name!r} is not an artifact name", param="name")
@@ -62,9 +62,9 @@ async def search(request: Request, name: str) -> dict[str, Any]:
 @router.post("/v1/market/pull")
 async def pull(request: Request) -> StreamingResponse:
     """Pull from peers; the answer is a stream of JSON lines: progress events, then `done` or `error`."""
-    _check_auth(request)
+    check_auth(request)
     service = _service(request)
-    req = await _parse(request, PullRequest)
+    req = await parse_body(request, PullRequest)
     send, receive = trio.open_memory_channel[dict[str, Any]](256)
     token = trio.lowlevel.current_trio_token()
     last: dict[str, float] = {}

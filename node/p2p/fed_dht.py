@@ -79,12 +79,15 @@ class DhtFederations:
 
     async def descriptors(self, name: str, creator: str) -> list[FederationDescriptor]:
         """Every distinct valid descriptor of (`name`, `creator`) held locally or by the closest peers."""
+        return [descriptor for descriptor, _ in await self._signed(name, creator)]
+
+    async def _signed(self, name: str, creator: str) -> list[tuple[FederationDescriptor, bytes]]:
         key = descriptor_key(name, creator)
-        found: dict[str, FederationDescriptor] = {}
+        found: dict[str, tuple[FederationDescriptor, bytes]] = {}
         for value in await dht_values(self.dht, key, lambda value: verify_descriptor(value, key)):
             descriptor = verify_descriptor(value, key)
             if (descriptor.name, descriptor.creator) == (name, creator):
-                found.setdefault(descriptor.federation_id, descriptor)
+                found.setdefault(descriptor.federation_id, (descriptor, value))
         return list(found.values())
 
     async def fetch(self, name: str, creator: str, federation_id: str | None = None) -> FederationDescriptor | None:
@@ -93,9 +96,20 @@ class DhtFederations:
         Should the creator have signed several under one name (different nodes then hold different ones), the
         earliest `created` wins, then the lowest federation id, so that every node picks the same.
         """
-        candidates = await self.descriptors(name, creator)
+        chosen = await self._choose(name, creator, federation_id)
+        return None if chosen is None else chosen[0]
+
+    async def fetch_bytes(self, name: str, creator: str, federation_id: str | None = None) -> bytes | None:
+        """The signed bytes of the descriptor `fetch` chooses (what a joiner hands on), None if none is found."""
+        chosen = await self._choose(name, creator, federation_id)
+        return None if chosen is None else chosen[1]
+
+    async def _choose(
+        self, name: str, creator: str, federation_id: str | None
+    ) -> tuple[FederationDescriptor, bytes] | None:
+        candidates = await self._signed(name, creator)
         if federation_id is not None:
-            candidates = [d for d in candidates if d.federation_id == federation_id]
+            candidates = [c for c in candidates if c[0].federation_id == federation_id]
         if len(candidates) > 1:
             log.warning("creator %s signed %d descriptors named %r", creator, len(candidates), name)
-        return min(candidates, key=lambda d: (d.created, d.federation_id), default=None)
+        return min(candidates, key=lambda c: (c[0].created, c[0].federation_id), default=None)

@@ -91,6 +91,7 @@ def test_a_descriptor_published_at_one_end_is_fetched_at_the_other(creator: Iden
                 # Act
                 results["published"] = await publisher.publish(descriptor)
                 results["fetched"] = await searcher.fetch("finance-club", creator.fingerprint)
+                results["bytes"] = await searcher.fetch_bytes("finance-club", creator.fingerprint)
                 results["by id"] = await searcher.fetch("finance-club", creator.fingerprint, "00" * 32)
                 results["unknown"] = await searcher.fetch("no-such-club", creator.fingerprint)
                 await publisher.publish(descriptor)  # republishing the same bytes is fine
@@ -101,6 +102,7 @@ def test_a_descriptor_published_at_one_end_is_fetched_at_the_other(creator: Iden
     trio.run(main)
     expected = verify_descriptor(descriptor)
     assert results["published"] == expected and results["fetched"] == expected
+    assert results["bytes"] == descriptor  # the creator's signed bytes, as a joiner hands them on
     assert results["by id"] is None and results["unknown"] is None
     assert results["holders"] == 4
 
@@ -174,6 +176,7 @@ def test_every_node_picks_the_same_of_two_descriptors_under_one_name(creator: Id
                 assert await store(b.peer_id, key, later) and await store(c.peer_id, key, descriptor)
                 found["all"] = await federations.descriptors("finance-club", creator.fingerprint)
                 found["chosen"] = await federations.fetch("finance-club", creator.fingerprint)
+                found["chosen bytes"] = await federations.fetch_bytes("finance-club", creator.fingerprint)
                 later_id = verify_descriptor(later).federation_id
                 found["by id"] = await federations.fetch("finance-club", creator.fingerprint, later_id)
                 nursery.cancel_scope.cancel()
@@ -181,6 +184,7 @@ def test_every_node_picks_the_same_of_two_descriptors_under_one_name(creator: Id
     trio.run(main)
     assert len(found["all"]) == 2
     assert found["chosen"] == verify_descriptor(descriptor) and found["by id"] == verify_descriptor(later)
+    assert found["chosen bytes"] == descriptor  # the same choice as fetch, whichever peer answered first
 
 
 def test_publishing_refuses_bad_and_replacing_descriptors_before_sending(creator: Identity, descriptor: bytes) -> None:
