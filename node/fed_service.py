@@ -387,6 +387,17 @@ class FederationService:
             if row.status == "open":
                 self._abandon(fid, row.round, "this node stopped during the round")
 
+    def _finish(self, fid: str, done: RoundDone, status: str) -> None:
+        """Record the round `done` announced, as `status` ('aggregated' where the aggregate cannot be applied)."""
+        self.state.finish_round(
+            fid,
+            done.round,
+            status,
+            aggregate_cid=done.aggregate_cid,
+            contributors=list(done.contributors),
+            aggregator=done.aggregator,
+        )
+
     def _abandon(self, fid: str, r: int, reason: str) -> None:
         """Record round r as abandoned on this node (unless it was finished meanwhile)."""
         last = self.state.last_round(fid)
@@ -531,14 +542,7 @@ class FederationService:
         if done is None:
             raise FederationError(f"round {r} was not aggregated in time (aggregator offline?)")
         if global_tensors is None:  # an aggregator-only node under HE cannot decrypt: it records the round
-            self.state.finish_round(
-                fid,
-                r,
-                "aggregated",
-                aggregate_cid=done.aggregate_cid,
-                contributors=list(done.contributors),
-                aggregator=done.aggregator,
-            )
+            self._finish(fid, done, "aggregated")
             self.state.set_global(fid, r, done.aggregate_cid)
             return
         await self._apply(descriptor, r, done, global_tensors)
@@ -727,14 +731,7 @@ class FederationService:
         new_global, cid = await trio.to_thread.run_sync(fetch_and_apply)
         version = await trio.to_thread.run_sync(self.install_global, descriptor, new_global)
         self.state.set_global(fid, r, cid)
-        self.state.finish_round(
-            fid,
-            r,
-            "applied",
-            aggregate_cid=done.aggregate_cid,
-            contributors=list(done.contributors),
-            aggregator=done.aggregator,
-        )
+        self._finish(fid, done, "applied")
         self.status_of[fid].update(last_applied=r, adapter=version)
         log.info("federation %s: round %d applied (%s)", descriptor.name, r, version)
 

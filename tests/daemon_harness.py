@@ -119,6 +119,16 @@ def running(home: Path, extra_env: dict[str, str] | None = None) -> Iterator[Dae
                 d.stop()
 
 
+def stop_all(nodes: list[Daemon]) -> None:
+    """Stop every daemon (SIGKILL for one that does not stop in time), whatever happens to the others."""
+    for d in nodes:
+        if d.proc.poll() is None:
+            try:
+                d.stop()
+            except subprocess.TimeoutExpired:
+                d.stop(signal.SIGKILL)
+
+
 def sse_events(lines: Iterator[str]) -> list[str]:
     """Parse an SSE body strictly: each event is one 'data: ' line followed by a blank line."""
     events: list[str] = []

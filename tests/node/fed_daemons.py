@@ -3,7 +3,6 @@
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from tests.daemon_harness import Daemon, node_env, spawn_daemon, wait_ready
+from tests.daemon_harness import Daemon, node_env, spawn_daemon, stop_all, wait_ready
 
 # one torch thread per training job (4 daemons train at once on CI's 2 cores), short sequences
 TRAIN = ["--train-option", "max_length=32", "--train-option", "batch_size=2", "--train-option", "threads=1"]
@@ -97,12 +96,7 @@ def daemons(tmp_path: Path, twin: Path, n: int, env: dict[str, str] | None = Non
             wait_ready(d)
         yield nodes
     finally:
-        for d in nodes:
-            if d.proc.poll() is None:
-                try:
-                    d.stop()
-                except subprocess.TimeoutExpired:
-                    d.stop(signal.SIGKILL)
+        stop_all(nodes)
 
 
 def restart(d: Daemon) -> Daemon:

@@ -19,7 +19,7 @@ import pytest
 
 from node.adapter_check import base_dims_of_file
 from node.models import embedded_model_path
-from tests.daemon_harness import Daemon, node_env, start_daemon
+from tests.daemon_harness import Daemon, node_env, start_daemon, stop_all
 from tests.lora_files import write_adapter
 
 DISCOVERY_TIMEOUT_S = 60
@@ -51,16 +51,6 @@ def chain_of_daemons(tmp_path: Path, n: int, prefix: str) -> list[Daemon]:
         stop_all(nodes)
         raise
     return nodes
-
-
-def stop_all(nodes: list[Daemon]) -> None:
-    """Stop every daemon (SIGKILL for one that does not stop in time), whatever happens to the others."""
-    for d in nodes:
-        if d.proc.poll() is None:
-            try:
-                d.stop()
-            except subprocess.TimeoutExpired:
-                d.stop(signal.SIGKILL)
 
 
 def wait_until_all_known(nodes: list[Daemon]) -> list[set[str]]:
