@@ -811,7 +811,7 @@ def flower_run(
     work.mkdir(parents=True)
     data = [write_topic_data(work / f"data-{i}.txt", i) for i in range(n)]
     out = work / "result"
-    run_config = {
+    run_config: dict[str, str | int | float | bool] = {
         "num-rounds": rounds,
         "min-nodes": n,
         "local-steps": 1,

@@ -158,13 +158,17 @@ def _epsilon_of_merged(merged: tuple[Spend, ...], delta: float) -> float:
     """ε of a validated, merged history (cached: a budget check asks for the same history again and again)."""
     from opacus.accountants import RDPAccountant
 
-    # opacus' PRV evaluates log(1 - q) and exp of large values: harmless -inf/overflow warnings when q = 1.
-    with np.errstate(divide="ignore", over="ignore"):
+    # opacus' PRV evaluates log(1 - q) and exp of large values: harmless -inf/overflow/nan warnings when q = 1.
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         prv = _bounded_prv_accountant()()
         prv.history = list(merged)
         try:
-            return float(prv.get_epsilon(delta=delta, eps_error=EPS_ERROR))
+            found = float(prv.get_epsilon(delta=delta, eps_error=EPS_ERROR))
         except _GridTooLargeError:
-            rdp = RDPAccountant()
-            rdp.history = list(merged)
-            return float(rdp.get_epsilon(delta=delta))
+            found = math.nan
+        if math.isfinite(found):
+            return found
+        # PRV's grid overflows for weak noise (small z, large ε): RDP still gives a finite, valid upper bound
+        rdp = RDPAccountant()
+        rdp.history = list(merged)
+        return float(rdp.get_epsilon(delta=delta))

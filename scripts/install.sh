@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install Mirador into ./.venv on a Debian machine: apt packages, the CPU build of torch, the project itself,
-# and with --test the test tools. Safe to run again: it only installs what is missing.
+# with --test (first argument) the test tools, and with --bench (any position) what bench/ needs beyond that: Debian's
+# fortunes package (the text corpus of bench/federated_quality.py). Safe to run again: it only installs what is
+# missing.
 # The first run builds llama.cpp from source (llama-cpp-python): about 5-10 minutes on 2 cores. pip caches the
 # built wheel, so later installs on the same machine take seconds.
 set -euo pipefail
@@ -8,11 +10,19 @@ cd "$(dirname "$0")/.."
 
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
+bench=""
+for arg in "$@"; do
+  case "$arg" in --bench) bench=1 ;; esac
+done
 
 apt_packages=(build-essential cmake pkg-config git python3-dev python3-venv libgmp-dev)
 # the tests also start a real IPFS daemon (js-ipfs, from npm): Node.js and npm, unless already on the machine
 if [ -n "$extras" ] && ! { command -v node >/dev/null && command -v npm >/dev/null; }; then
   apt_packages+=(nodejs npm)
+fi
+# bench/federated_quality.py trains on categories of fortune cookies (/usr/share/games/fortunes)
+if [ -n "$bench" ]; then
+  apt_packages+=(fortunes)
 fi
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -107,6 +107,20 @@ def test_huge_epsilon_regimes_fall_back_to_rdp() -> None:
     assert eps > 1000
 
 
+@pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha:UserWarning")
+@pytest.mark.parametrize("z", [0.03, 0.05])
+def test_weak_noise_gives_rdps_finite_bound_where_prv_overflows(z: float) -> None:
+    # Arrange: full-batch releases with weak noise, where PRV's grid overflows to inf
+    from opacus.accountants import RDPAccountant
+
+    rdp = RDPAccountant()
+    rdp.history = [(z, 1.0, 4)]
+    # Act
+    eps = epsilon([(z, 1.0, 4)], DELTA)
+    # Assert: a finite spend is never booked as infinite
+    assert math.isfinite(eps) and eps == pytest.approx(rdp.get_epsilon(delta=DELTA))
+
+
 def test_epsilon_refuses_bad_history() -> None:
     with pytest.raises(DPError, match="delta"):
         epsilon([(1.0, 0.1, 1)], 0.0)

@@ -1,0 +1,670 @@
+"""Federated learning quality: held-out loss of local-only, FedAvg, dp, he and he+dp adapters on non-IID nodes.
+
+Data: one category of Debian's `fortunes` package per node (`bash scripts/install.sh --bench` installs it; the files
+live in /usr/share/games/fortunes, entries separated by lines holding only `%`). Each category is cleaned
+(overstrike backspaces and control characters removed, blank lines inside an entry dropped so that the trainer's
+`.txt` format keeps one entry per paragraph, duplicates removed), shuffled with a fixed seed and cut into a held-out
+split (a fraction, capped) and a training split of the same size on every node; the training split is written as
+the `.txt` file the trainer reads (paragraphs separated by blank lines).
+
+Training runs through the project's own code paths: `node.fed_adapter.initial_adapter` gives the round-0 adapter
+(seeded; lora_B zero, so it is the base model), `node.fed_adapter.train_locally` runs the real training subprocess
+(`python -m node.training.job`, torch + peft, nice 19) from a global adapter and returns the trained tensors. Rows:
+
+- base: the base model, no adapter.
+- local-only: each node trains its own adapter from the round-0 adapter for rounds x steps steps in one run.
+- fedavg: R rounds; each node trains `steps` steps from the global adapter, its update (local - global,
+  `federation.privacy.delta_of`) is neither clipped nor noised, and `federation.strategies` FedAvg (example-weighted
+  mean; every node has the same number of examples, so a plain mean) is added to the global adapter. A federation
+  descriptor cannot express this (mode `dp` refuses a noise multiplier of 0), so the descriptor machinery is bypassed
+  for this row only.
+- dp, he, he+dp: the same rounds through `federation.privacy` (`release`, `combine`, `mean_update`,
+  `apply_update`) with a real signed `FederationDescriptor` of that mode and, for the he modes, a real CKKS key set
+  (`crypto.he.SecretContext.generate()`; members encrypt under its public context, the aggregator sums with the
+  public context only, members decrypt). dp: every update clipped to C and noised with N(0, (z*C)^2); he: clipped
+  to C, encrypted, unweighted mean; he+dp: clipped to C, each member adds 1/quorum of the noise variance (quorum = the
+  number of nodes), encrypted. The noise comes from a seeded numpy generator (reproducible runs; the node itself
+  seeds from `secrets`). epsilon is `crypto.dp.epsilon` (opacus PRV accountant) of the released history
+  [(z, q=1, T=rounds)] at the descriptor's delta; the unit of privacy is a node's whole update, not one example.
+
+Evaluation: the trainer's own held-out metric (`node.training.trainer.evaluate_loss`: mean over examples of each
+example's mean next-token cross-entropy, first `max_length` tokens of each entry, no gradients) on every domain's
+held-out split, with the torch twin of the embedded GGUF and the adapter loaded by
+`node.training.trainer.load_initial_adapter`. "own" is the mean over nodes of the loss on that node's domain (for
+local-only: each node's adapter on its own domain; for federated rows: the one global adapter on each domain);
+"other" is the mean over nodes of the mean loss on the other domains (for one global adapter both are the mean over
+all domains). The global adapter is evaluated after the last round, and after every round with --eval-every-round.
+
+Cost: every local training is its own subprocess (torch import, model load, the trainer's held-out evaluation), so
+--parallel jobs of --threads torch threads run side by side; on a loaded 2-core machine one thread per process was
+~4x faster than two. Defaults (4 nodes, 4 rounds x 10 steps, 5 rows) took ~35 min on 2 shared cores.
+
+Prints a progress line per step and a table; writes bench/results/federated_quality.json.
+
+    nice -n 10 .venv/bin/python bench/federated_quality.py [--quick] [--rounds 4] [--steps 10] [--clip 10]
+        [--noise 1.0] [--modes local,fedavg,dp,he,he+dp] [--domains computers,definitions,songs-poems,startrek]
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ROOT = Path(__file__).resolve().parent.parent
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+INSTALL_HINT = "`bash scripts/install.sh --bench` (which runs `apt-get install -y fortunes`)"
+DEFAULT_DOMAINS = "computers,definitions,songs-poems,startrek"
+MODES = ("local", "fedavg", "dp", "he", "he+dp")
+_OVERSTRIKE = re.compile(r".\x08")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+Tensors = dict[str, np.ndarray]
+
+
+@dataclass
+class Row:
+    """One line of the table: what was evaluated, its mean held-out losses, and the per-domain numbers."""
+
+    name: str
+    own: float
+    other: float
+    notes: str = ""
+    per_domain: dict[str, dict[str, float]] = field(default_factory=dict)  # evaluated model -> {domain: loss}
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One node's data: its fortunes category, training entries (written to `train_file`) and held-out entries."""
+
+    name: str
+    train: list[str]
+    heldout: list[str]
+    train_file: Path
+    available: int
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+
+def read_fortunes(path: Path) -> list[str]:
+    """The cleaned, de-duplicated entries of one fortunes file (one string per entry, no blank lines inside)."""
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    entries: list[str] = []
+    seen: set[str] = set()
+    for raw in re.split(r"^%$", text, flags=re.MULTILINE):
+        cleaned = _CONTROL.sub("", _OVERSTRIKE.sub("", raw))
+        lines = [line.rstrip() for line in cleaned.split("\n") if line.strip()]
+        entry = "\n".join(lines)
+        if entry and entry not in seen:
+            seen.add(entry)
+            entries.append(entry)
+    return entries
+
+
+def load_domains(
+    names: Sequence[str],
+    folder: Path,
+    work: Path,
+    train_size: int,
+    heldout_fraction: float,
+    heldout_cap: int,
+    seed: int,
+) -> list[Domain]:
+    """Read, shuffle (seeded) and split each category; every node gets the same train and held-out sizes."""
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        sys.exit(
+            f"fortunes categories {', '.join(missing)} not found in {folder}: install Debian's fortunes package "
+            f"with {INSTALL_HINT}"
+        )
+    entries = {n: read_fortunes(folder / n) for n in names}
+    smallest = min(len(e) for e in entries.values())
+    total = min(smallest, train_size + heldout_cap)
+    n_held = min(heldout_cap, max(1, round(total * heldout_fraction)))
+    n_train = min(train_size, total - n_held)
+    if n_train < 8:
+        sys.exit(f"too few entries: the smallest category has {smallest}")
+    domains = []
+    for name in names:
+        order = list(entries[name])
+        random.Random(f"{seed}/{name}").shuffle(order)
+        held, train = order[:n_held], order[n_held : n_held + n_train]
+        path = work / "data" / f"{name}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n\n".join(train) + "\n", encoding="utf-8")
+        domains.append(Domain(name, train, held, path, len(entries[name])))
+    return domains
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------------
+
+
+class Evaluator:
+    """The torch twin with a peft LoRA of the experiment's shape: any adapter's loss on every held-out domain."""
+
+    def __init__(
+        self,
+        base_folder: Path,
+        domains: Sequence[Domain],
+        rank: int,
+        alpha: float,
+        targets: str,
+        max_length: int,
+        threads: int,
+    ) -> None:
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        from node.training.base_model import load_torch_base
+        from node.training.data import Example
+        from node.training.trainer import TARGET_MODULES, TrainConfig, encode_example
+
+        torch.set_num_threads(threads)
+        base, tokenizer = load_torch_base(base_folder)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.config = TrainConfig(targets=targets, rank=rank, alpha=alpha, max_length=max_length)
+        lora = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,  # type: ignore[arg-type]  # as the trainer builds it
+            lora_dropout=0.0,
+            target_modules=list(TARGET_MODULES[targets]),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        self.model = get_peft_model(base, lora)
+        self.model.eval()
+        self.encoded = {
+            d.name: [
+                encode_example(tokenizer, Example(text=t, where=f"{d.name}:{i}"), max_length)
+                for i, t in enumerate(d.heldout)
+            ]
+            for d in domains
+        }
+        self.tokens = {name: sum(min(len(e.ids), max_length) for e in enc) for name, enc in self.encoded.items()}
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-fedq-eval-"))
+
+    def losses(self, tensors: Mapping[str, np.ndarray] | None) -> dict[str, float]:
+        """{domain: held-out loss} of the base model with `tensors` as its LoRA (None: the adapter disabled)."""
+        import safetensors.numpy
+
+        from node.training.trainer import evaluate_loss, load_initial_adapter
+
+        if tensors is None:
+            with self.model.disable_adapter():
+                return {n: evaluate_loss(self.model, e, self.config, self.pad_id) for n, e in self.encoded.items()}
+        path = self.tmp / "adapter.safetensors"
+        safetensors.numpy.save_file(
+            {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(path)
+        )
+        load_initial_adapter(self.model, path)
+        return {n: evaluate_loss(self.model, e, self.config, self.pad_id) for n, e in self.encoded.items()}
+
+    def close(self) -> None:
+        """Remove the temp folder."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def own_other(per_node: Mapping[str, Mapping[str, float]]) -> tuple[float, float]:
+    """(mean over nodes of the loss on the node's own domain, mean over nodes of its mean loss on the other domains).
+
+    `per_node` maps a node's domain to the {domain: loss} of the model evaluated for that node.
+    """
+    own = [losses[node] for node, losses in per_node.items()]
+    other = [float(np.mean([v for d, v in losses.items() if d != node])) for node, losses in per_node.items()]
+    return float(np.mean(own)), float(np.mean(other))
+
+
+# --- the experiment ---------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """Numbered progress lines on stderr with elapsed time."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.began = total, 0, time.monotonic()
+
+    def step(self, what: str) -> None:
+        """Count one step of the experiment and print it."""
+        self.done += 1
+        elapsed = time.monotonic() - self.began
+        eta = elapsed / self.done * (self.total - self.done)
+        print(f"[{self.done:3d}/{self.total}] {elapsed:6.0f} s (eta {eta:4.0f} s)  {what}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Setup:
+    """Everything the training runs share."""
+
+    home: Any  # NodeHome
+    gguf: Path
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    steps: int
+    options: dict[str, Any]
+    parallel: int
+
+
+def train_nodes(
+    setup: Setup,
+    domains: Sequence[Domain],
+    start: Mapping[str, np.ndarray],
+    steps: int,
+    seed: int,
+    label: str,
+    progress: Progress,
+) -> list[Any]:
+    """Train every node from `start` for `steps` steps (`parallel` jobs at a time); their LocalResults in node order."""
+    from node.fed_adapter import train_locally
+
+    def one(d: Domain) -> Any:
+        result = train_locally(
+            setup.home,
+            setup.gguf,
+            start,
+            setup.rank,
+            setup.alpha,
+            setup.targets,
+            d.train_file,
+            steps,
+            seed=seed,
+            dp_sgd=None,
+            options=setup.options,
+        )
+        progress.step(
+            f"{label} {d.name}: {result.steps} steps in {result.seconds:.0f} s, trainer held-out loss "
+            f"{result.heldout_loss_before:.3f} -> {result.heldout_loss_after:.3f}"
+        )
+        return result
+
+    with ThreadPoolExecutor(max_workers=setup.parallel) as pool:
+        return list(pool.map(one, domains))
+
+
+def make_descriptor(mode: str, setup: Setup, clip: float, z: float, delta: float, quorum: int, budget: float) -> Any:
+    """A real signed and verified FederationDescriptor of `mode` for this experiment."""
+    from crypto.identity import Identity
+    from federation.descriptor import (
+        AdapterConfig,
+        DpParams,
+        HeParams,
+        Privacy,
+        sign_descriptor,
+        verify_descriptor,
+    )
+    from node.training.base_model import file_digest
+
+    privacy = Privacy(
+        mode=mode,  # type: ignore[arg-type]  # one of the PrivacyMode literals
+        dp=DpParams(clip_norm=clip, noise_multiplier=z if "dp" in mode else 0.0, delta=delta),
+        he=HeParams() if "he" in mode else None,
+    )
+    data = sign_descriptor(
+        Identity.generate(),
+        name=f"bench-{mode.replace('+', '-')}",
+        base_sha256=file_digest(setup.gguf),
+        adapter=AdapterConfig(rank=setup.rank, alpha=setup.alpha, targets=setup.targets),
+        privacy=privacy,
+        quorum=quorum,
+        min_members=quorum,
+        local_steps=setup.steps,
+        epsilon_budget=budget,
+    )
+    return verify_descriptor(data)
+
+
+def fedavg_refusal(setup: Setup, clip: float, delta: float, quorum: int) -> str:
+    """Why plain FedAvg is not a descriptor (mode dp with noise multiplier 0): the descriptor's own refusal."""
+    from federation.descriptor import DescriptorError
+
+    try:
+        make_descriptor("dp", setup, clip, 0.0, delta, quorum, 1.0)
+    except DescriptorError as exc:
+        return str(exc)
+    return "accepted (mode dp with z = 0)"
+
+
+def federate(
+    mode: str,
+    setup: Setup,
+    domains: Sequence[Domain],
+    initial: Tensors,
+    rounds: int,
+    seed: int,
+    privacy: Mapping[str, float],
+    evaluator: Evaluator,
+    progress: Progress,
+    eval_every_round: bool,
+) -> dict[str, Any]:
+    """R rounds of one mode; the final global adapter's losses, per-round losses and update statistics."""
+    from crypto.he import HEParams, SecretContext
+    from federation.privacy import apply_update, combine, delta_of, mean_update, noise_std_of_sum, release
+    from federation.strategies import make_strategy
+    from federation.strategies.base import Update
+    from federation.update import Layout, flatten, unflatten
+
+    layout = Layout.of(initial)
+    descriptor = None
+    secret = public = None
+    if mode != "fedavg":
+        descriptor = make_descriptor(
+            mode, setup, privacy["clip"], privacy["z"], privacy["delta"], len(domains), privacy["budget"]
+        )
+        if descriptor.uses_he:
+            he = descriptor.privacy.he
+            assert he is not None
+            secret = SecretContext.generate(
+                HEParams(he.poly_modulus_degree, tuple(he.coeff_mod_bit_sizes), he.global_scale_bits)
+            )
+            public = secret.public()
+    global_tensors = dict(initial)
+    per_round: list[dict[str, Any]] = []
+    for r in range(1, rounds + 1):
+        results = train_nodes(
+            setup, domains, global_tensors, setup.steps, seed + r, f"{mode} round {r}/{rounds}", progress
+        )
+        began = time.monotonic()
+        deltas = [delta_of(res.tensors, global_tensors) for res in results]
+        norms = [float(np.linalg.norm(flatten(d, layout).astype(np.float64))) for d in deltas]
+        payload_bytes = 0
+        if descriptor is None:
+            strategy = make_strategy("fedavg")
+            updates = [
+                Update(d.name, flatten(delta, layout), max(1, res.examples))
+                for d, delta, res in zip(domains, deltas, results, strict=True)
+            ]
+            mean = unflatten(strategy.aggregate(updates).vector.astype(np.float32), layout)
+        else:
+            sent = []
+            for i, (d, delta, res) in enumerate(zip(domains, deltas, results, strict=True)):
+                rng = np.random.default_rng([seed, r, i, MODES.index(mode)])
+                out = release(delta, layout, descriptor, public, rng=rng)
+                payload_bytes += len(out.payload)
+                sent.append((d.name, out.payload, max(1, res.examples)))
+            combined = combine(sent, layout, descriptor, public)
+            mean = mean_update(combined.kind, combined.payload, combined.count, layout, secret)
+        global_tensors = apply_update(global_tensors, mean)
+        aggregate_s = time.monotonic() - began
+        losses = evaluator.losses(global_tensors) if (eval_every_round or r == rounds) else None
+        own, other = own_other({d.name: losses for d in domains}) if losses else (math.nan, math.nan)
+        mean_norm = float(np.linalg.norm(flatten(mean, layout).astype(np.float64)))
+        progress.step(
+            f"{mode} round {r}/{rounds}: aggregated in {aggregate_s:.1f} s, update norms "
+            f"{', '.join(f'{n:.2f}' for n in norms)}, mean-update norm {mean_norm:.2f}"
+            + (f"; global own {own:.3f} other {other:.3f}" if losses else "")
+        )
+        per_round.append(
+            {
+                "round": r,
+                "losses": losses,
+                "own": own if losses else None,
+                "other": other if losses else None,
+                "update_norms": norms,
+                "clipped": [n > privacy["clip"] for n in norms] if descriptor is not None else None,
+                "mean_update_norm": mean_norm,
+                "payload_bytes": payload_bytes,
+                "aggregate_s": aggregate_s,
+                "trainer_heldout": [[res.heldout_loss_before, res.heldout_loss_after] for res in results],
+                "train_s": [res.seconds for res in results],
+            }
+        )
+    noise_std = noise_std_of_sum(descriptor, len(domains)) / len(domains) if descriptor is not None else 0.0
+    return {
+        "losses": per_round[-1]["losses"],
+        "rounds": per_round,
+        "descriptor": _describe(descriptor),
+        "noise_std_per_value_of_mean_update": noise_std,
+        "expected_noise_norm_of_mean_update": noise_std * math.sqrt(layout.size),
+    }
+
+
+def _describe(descriptor: Any) -> dict[str, Any] | None:
+    if descriptor is None:
+        return None
+    from federation.descriptor import describe
+
+    return describe(descriptor)
+
+
+# --- main ---------------------------------------------------------------------------------------------------------
+
+
+def print_table(rows: Sequence[Row], base: Row) -> None:
+    """The table: mean held-out loss on the node's own domain and on the other domains, and the change vs base."""
+    width = max(len(r.name) for r in rows)
+    print(f"\n{'model':<{width}}  {'own':>7}  {'vs base':>8}  {'other':>7}  {'vs base':>8}  notes")
+    for r in rows:
+        print(
+            f"{r.name:<{width}}  {r.own:7.3f}  {r.own - base.own:+8.3f}  {r.other:7.3f}  {r.other - base.other:+8.3f}  "
+            f"{r.notes}"
+        )
+
+
+def print_domains(rows: Sequence[Row], domains: Sequence[Domain]) -> None:
+    """Per-domain held-out losses of every evaluated model."""
+    names = [d.name for d in domains]
+    width = max(len(f"{r.name}: {m}") for r in rows for m in r.per_domain)
+    print(f"\n{'model':<{width}}  " + "  ".join(f"{n:>12}" for n in names))
+    for r in rows:
+        for model, losses in r.per_domain.items():
+            label = r.name if model == "*" else f"{r.name}: {model}"
+            print(f"{label:<{width}}  " + "  ".join(f"{losses[n]:12.3f}" for n in names))
+
+
+def main() -> None:
+    """Run the experiment, print the tables, write the JSON."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 round of 2 steps, 24 train / 8 held-out entries")
+    ap.add_argument("--domains", default=DEFAULT_DOMAINS, help="comma-separated fortunes categories, one per node")
+    ap.add_argument("--fortunes-dir", type=Path, default=FORTUNES_DIR)
+    ap.add_argument("--train-size", type=int, default=None, help="training entries per node (default 180)")
+    ap.add_argument("--heldout-fraction", type=float, default=0.2)
+    ap.add_argument("--heldout-cap", type=int, default=None, help="most held-out entries per node (default 40)")
+    ap.add_argument("--rounds", type=int, default=None, help="federated rounds (default 4)")
+    ap.add_argument("--steps", type=int, default=None, help="local steps per round (default 10)")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--alpha", type=float, default=8.0)
+    ap.add_argument("--targets", default="q_proj,v_proj")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=64, help="tokens per example, in training and evaluation")
+    ap.add_argument("--clip", type=float, default=10.0, help="update clip norm C (dp, he, he+dp)")
+    ap.add_argument("--noise", type=float, default=1.0, help="noise multiplier z (dp, he+dp)")
+    ap.add_argument("--delta", type=float, default=1e-5)
+    ap.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
+    ap.add_argument("--parallel", type=int, default=4, help="local training jobs at a time")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per training job")
+    ap.add_argument("--eval-threads", type=int, default=1, help="torch threads of the evaluation (this process)")
+    ap.add_argument("--eval-every-round", action="store_true", help="evaluate the global adapter after every round")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "mirador-bench-models")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "federated_quality.json")
+    args = ap.parse_args()
+    rounds = args.rounds or (1 if args.quick else 4)
+    steps = args.steps or (2 if args.quick else 10)
+    train_size = args.train_size or (24 if args.quick else 180)
+    heldout_cap = args.heldout_cap or (8 if args.quick else 40)
+    modes = [m for m in args.modes.split(",") if m]
+    if unknown := sorted(set(modes) - set(MODES)):
+        sys.exit(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the twin is built from the local GGUF; never a hub
+
+    from crypto.dp import epsilon
+    from node.fed_adapter import initial_adapter, targets_key
+    from node.home import NodeHome
+    from node.models import embedded_model_path
+    from node.training.base_model import ensure_torch_base
+
+    t_start = time.monotonic()
+    load_before = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="bench-fedq-"))
+    evaluator: Evaluator | None = None
+    try:
+        names = [n for n in args.domains.split(",") if n]
+        domains = load_domains(
+            names, args.fortunes_dir, work, train_size, args.heldout_fraction, heldout_cap, args.seed
+        )
+        targets = tuple(sorted(t for t in args.targets.split(",") if t))
+        gguf = embedded_model_path()
+        args.models_dir.mkdir(parents=True, exist_ok=True)
+        print(f"torch twin of {gguf.name} in {args.models_dir} (dequantized once if missing)", file=sys.stderr)
+        base_folder = ensure_torch_base(args.models_dir, gguf)
+        (work / "home").mkdir()
+        (work / "home" / "models").symlink_to(args.models_dir.resolve())  # one twin for every training job
+        setup = Setup(
+            home=NodeHome(work / "home"),
+            gguf=gguf,
+            rank=args.rank,
+            alpha=args.alpha,
+            targets=targets,
+            steps=steps,
+            options={
+                "learning_rate": args.lr,
+                "batch_size": args.batch_size,
+                "max_length": args.max_length,
+                "threads": args.threads,
+                "holdout_fraction": 0.05,
+            },
+            parallel=args.parallel,
+        )
+        eps = epsilon([(args.noise, 1.0, rounds)], args.delta)
+        privacy = {
+            "clip": args.clip,
+            "z": args.noise,
+            "delta": args.delta,
+            "budget": min(1e6, max(1.0, math.ceil(eps))),
+        }
+        evaluator = Evaluator(
+            base_folder, domains, args.rank, args.alpha, targets_key(targets), args.max_length, args.eval_threads
+        )
+        initial = initial_adapter(gguf, args.rank, args.alpha, targets, seed=f"bench-federated-quality-{args.seed}")
+        n = len(domains)
+        fed_modes = [m for m in modes if m != "local"]
+        total = 1 + (2 * n if "local" in modes else 0) + len(fed_modes) * rounds * (n + 1)  # progress lines
+        progress = Progress(total)
+        base_losses = evaluator.losses(None)
+        progress.step("base model evaluated: " + ", ".join(f"{k} {v:.3f}" for k, v in base_losses.items()))
+        b_own, b_other = own_other({d.name: base_losses for d in domains})
+        base = Row("base model (no adapter)", b_own, b_other, "", {"*": base_losses})
+        rows = [base]
+        runs: dict[str, Any] = {}
+
+        if "local" in modes:
+            results = train_nodes(setup, domains, initial, rounds * steps, args.seed, "local-only", progress)
+            per_node: dict[str, dict[str, float]] = {}
+            for d, res in zip(domains, results, strict=True):
+                per_node[d.name] = evaluator.losses(res.tensors)
+                progress.step(f"local-only {d.name} adapter evaluated: own {per_node[d.name][d.name]:.3f}")
+            own, other = own_other(per_node)
+            rows.append(
+                Row("local-only (each node's own adapter)", own, other, f"{rounds * steps} steps in one run", per_node)
+            )
+            runs["local"] = {
+                "losses": per_node,
+                "trainer_heldout": {
+                    d.name: [r.heldout_loss_before, r.heldout_loss_after] for d, r in zip(domains, results, strict=True)
+                },
+                "train_s": [r.seconds for r in results],
+            }
+
+        refusal = fedavg_refusal(setup, args.clip, args.delta, n)
+        for mode in fed_modes:
+            run = federate(
+                mode, setup, domains, initial, rounds, args.seed, privacy, evaluator, progress, args.eval_every_round
+            )
+            runs[mode] = run
+            own, other = own_other({d.name: run["losses"] for d in domains})
+            if mode == "fedavg":
+                label, notes = "FedAvg (unclipped, no noise, plain)", "federation.strategies FedAvg on raw deltas"
+            elif mode == "he":
+                label, notes = "he (CKKS, clipped mean)", f"C={args.clip}"
+            else:
+                label = f"{mode} (z={args.noise}, C={args.clip})"
+                notes = f"eps={eps:.2f} at delta={args.delta}"
+            rows.append(Row(label, own, other, notes, {"global": run["losses"]}))
+
+        print_table(rows, base)
+        print_domains(rows, domains)
+        result = {
+            "command": shlex.join([sys.executable, *sys.argv]),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "python": platform.python_version(),
+            "machine": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "load_before": load_before,
+            "load_after": os.getloadavg(),
+            "versions": {p: package_version(p) for p in ("torch", "peft", "transformers", "opacus", "tenseal")},
+            "model": gguf.name,
+            "domains": [
+                {
+                    "name": d.name,
+                    "entries_available": d.available,
+                    "train": len(d.train),
+                    "heldout": len(d.heldout),
+                    "heldout_tokens_evaluated": evaluator.tokens[d.name],
+                }
+                for d in domains
+            ],
+            "setup": {
+                "rounds": rounds,
+                "steps_per_round": steps,
+                "local_only_steps": rounds * steps,
+                "rank": args.rank,
+                "alpha": args.alpha,
+                "targets": list(targets),
+                "learning_rate": args.lr,
+                "batch_size": args.batch_size,
+                "max_length": args.max_length,
+                "trainer_holdout_fraction": 0.05,
+                "adapter_values": int(sum(v.size for v in initial.values())),
+                "clip_norm": args.clip,
+                "noise_multiplier": args.noise,
+                "delta": args.delta,
+                "epsilon": eps,
+                "epsilon_history": [[args.noise, 1.0, rounds]],
+                "quorum": n,
+                "fedavg_as_descriptor": refusal,
+                "seed": args.seed,
+                "parallel_jobs": args.parallel,
+                "threads_per_job": args.threads,
+            },
+            "rows": [
+                {"name": r.name, "own": r.own, "other": r.other, "notes": r.notes, "per_domain": r.per_domain}
+                for r in rows
+            ],
+            "runs": runs,
+            "total_s": time.monotonic() - t_start,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(
+            f"\n{n} nodes, {rounds} rounds x {steps} steps, eps={eps:.3f} at delta={args.delta} for z={args.noise}; "
+            f"{result['total_s']:.0f} s; wrote {args.out}"
+        )
+    finally:
+        if evaluator is not None:
+            evaluator.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
