@@ -45,7 +45,7 @@ INIT_SCHEMA = "mirador.fed-init/v1"  # domain separator of the round-1 seed deri
 ARCHITECTURE = "llama"  # the peft naming and the GGUF export (q/k row permutation) are those of Llama
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 # settings train_locally fixes itself; the rest of TrainConfig (batch_size, max_length, ...) may be given as options
-_FIXED_OPTIONS = frozenset({"targets", "steps", "rank", "alpha", "seed", "dp", "init_adapter"})
+_FIXED_OPTIONS = frozenset({"targets", "steps", "rank", "alpha", "seed", "split_seed", "dp", "init_adapter"})
 _LOG_TAIL_LINES = 20
 RUN_PREFIX = "fed-"  # run ids (and scratch folders under train/) of federation rounds; user runs never start so
 
@@ -312,6 +312,7 @@ def train_locally(
         "rank": rank,
         "alpha": float(alpha),
         "seed": seed,
+        "split_seed": 0,  # the same held-out examples every round: their loss stays comparable across rounds
     }
     if dp_sgd is not None:
         config["dp"] = {

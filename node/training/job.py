@@ -45,6 +45,7 @@ class _ConfigSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     batch_size: int | msgspec.UnsetType = msgspec.UNSET
     max_length: int | msgspec.UnsetType = msgspec.UNSET
     seed: int | msgspec.UnsetType = msgspec.UNSET
+    split_seed: int | msgspec.UnsetType = msgspec.UNSET
     holdout_fraction: float | msgspec.UnsetType = msgspec.UNSET
     dp: _DPSpec | msgspec.UnsetType | None = msgspec.UNSET
     threads: int | msgspec.UnsetType | None = msgspec.UNSET

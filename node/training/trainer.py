@@ -63,6 +63,7 @@ class TrainConfig:
     max_length: int = 128
     seed: int = 0
     holdout_fraction: float = 0.1
+    split_seed: int | None = None  # seeds the held-out split (None: `seed`); fixed across a federation's rounds
     dp: DPConfig | None = None
     threads: int | None = None  # torch threads; None = every core
     physical_batch_size: int | None = None  # examples per forward pass; None = min(batch_size, 8)
@@ -75,6 +76,8 @@ class TrainConfig:
             _check_int(name, getattr(self, name), 1)
         _check_int("max_length", self.max_length, 8)
         _check_int("seed", self.seed, 0)
+        if self.split_seed is not None:
+            _check_int("split_seed", self.split_seed, 0)
         if self.threads is not None:
             _check_int("threads", self.threads, 1)
         if self.physical_batch_size is not None:
@@ -226,7 +229,7 @@ def split_examples(examples: Sequence[Example], config: TrainConfig) -> tuple[li
     if len(examples) < 2:
         raise ValueError(f"need at least 2 examples (1 held out), got {len(examples)}")
     order = list(range(len(examples)))
-    random.Random(config.seed).shuffle(order)
+    random.Random(config.seed if config.split_seed is None else config.split_seed).shuffle(order)
     n_hold = min(len(examples) - 1, max(1, round(len(examples) * config.holdout_fraction)))
     held = sorted(order[:n_hold])
     train = sorted(order[n_hold:])

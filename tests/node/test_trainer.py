@@ -84,6 +84,17 @@ def gguf_arrays(path: Path) -> dict[str, np.ndarray]:
     return {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}
 
 
+def test_split_seed_fixes_the_held_out_examples_across_training_seeds() -> None:
+    # Arrange: a federation trains with seed = round; its held-out split must not move with it
+    examples = [Example(text=t) for t in beekeeping_texts(40, seed=4)]
+    # Act
+    by_round = [split_examples(examples, TrainConfig(seed=r, split_seed=0))[1] for r in range(1, 5)]
+    unfixed = [split_examples(examples, TrainConfig(seed=r))[1] for r in range(1, 5)]
+    # Assert
+    assert all(held == by_round[0] for held in by_round)
+    assert any(held != unfixed[0] for held in unfixed)
+
+
 def test_training_lowers_heldout_loss_and_writes_the_trained_adapter(
     torch_base_folder: Path, tmp_path: Path, dims: BaseDims
 ) -> None:
@@ -214,6 +225,7 @@ def test_chat_loss_is_on_assistant_tokens_and_tokens_match_serving(torch_base_fo
         ({"max_length": 4}, "max_length"),
         ({"holdout_fraction": 0.0}, "holdout_fraction"),
         ({"threads": 0}, "threads"),
+        ({"split_seed": -1}, "split_seed"),
     ],
 )
 def test_bad_train_config_names_the_field(kwargs: dict[str, Any], field: str) -> None:
