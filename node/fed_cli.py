@@ -97,8 +97,14 @@ def cmd_status(home: NodeHome, args: argparse.Namespace) -> int:
         print(f"{f['name']} ({f['federation_id'][:16]}…) {state}, {f['role']}, mode {f['mode']}, {f['strategy']}")
         print(f"  round {f['global_round']} applied, adapter {f['adapter']}, {len(f['members'])} members")
         print(f"  privacy: ε = {f['epsilon_spent']:.3f} of {f['epsilon_budget']:g} at δ = {f['delta']:g}")
-        if f["status"]:
-            print(f"  now: {f['status']}")
+        status = f["status"]
+        if status:
+            now = str(status.get("phase", "?"))
+            if "round" in status:
+                now += f" {status['round']}, aggregated by {str(status.get('aggregator', '?'))[:24]}"
+            print(f"  now: {now}")
+            if last := status.get("last_abandoned"):
+                print(f"  last abandoned: round {last['round']}: {last['reason']}")
     print(f"ε over all federations: {doc['epsilon_total']:.3f} (δ = 1e-5)")
     return 0
 

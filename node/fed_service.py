@@ -380,6 +380,7 @@ class FederationService:
             except Exception as exc:  # one failed round must never stop the node: it is recorded and skipped
                 log.warning("federation %s round %d abandoned here: %s", descriptor.name, r, _describe(exc))
                 self._abandon(fid, r, _describe(exc))
+                status["last_abandoned"] = {"round": r, "reason": _describe(exc)[:300]}
 
     def _recover(self, fid: str) -> None:
         """Rounds left open by a previous run of this node are over for it: record them as abandoned."""

@@ -18,6 +18,7 @@ from federation.messages import choose_aggregator
 from tests.daemon_harness import Daemon
 from tests.node.fed_daemons import (
     TOPICS,
+    cli,
     create_and_join,
     daemons,
     federations,
@@ -101,6 +102,11 @@ def test_killing_a_member_then_an_aggregator_mid_round(four: list[Daemon], tmp_p
     assert len({v[later]["aggregate_cid"] for v in views}) == 1
     assert set(views[0][later]["contributors"]) == set(fps), "the restarted member and aggregator contribute again"
     assert views[agg2][2]["status"] == "abandoned" and "stopped during the round" in views[agg2][2]["reason"]
+    shown = cli(four[agg2], "federation", "rounds", "club")  # what its user reads
+    assert shown.returncode == 0 and "round    2 abandoned" in shown.stdout, shown.stdout + shown.stderr
+    assert "this node stopped during the round" in shown.stdout
+    status = cli(four[victim], "federation", "status")
+    assert status.returncode == 0 and "club (" in status.stdout and "privacy: ε = " in status.stdout, status.stderr
 
     # No node's state is corrupted: every installed version and JSON file loads, all hold the same global
     wait_for(lambda: len({federations(n)[0]["global_cid"] for n in four}) == 1, 2 * DEADLINE_S, "the same global")
