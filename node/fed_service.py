@@ -63,6 +63,7 @@ from federation.round import Accepted, Decision, Rejected, RoundState
 from federation.update import Layout, decode_tensors, encode_tensors
 from marketplace.content_store import EmbeddedStore
 from node import fed_wire
+from node.fed_store import RoundStatus
 from node.p2p.framing import FrameError
 from node.p2p.host import Libp2pStream, P2PNode
 from node.p2p.network_store import NetworkStore
@@ -388,7 +389,7 @@ class FederationService:
             if row.status == "open":
                 self._abandon(fid, row.round, "this node stopped during the round")
 
-    def _finish(self, fid: str, done: RoundDone, status: str) -> None:
+    def _finish(self, fid: str, done: RoundDone, status: RoundStatus) -> None:
         """Record the round `done` announced, as `status` ('aggregated' where the aggregate cannot be applied)."""
         self.state.finish_round(
             fid,
