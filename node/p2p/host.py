@@ -325,6 +325,19 @@ class P2PNode:
         """The peers this node is connected to now."""
         return list(self.host.get_connected_peers())
 
+    async def disconnect(self, peer_id: ID) -> int:
+        """Close every connection to `peer_id`, also those that arrive while closing; return how many were closed.
+
+        py-libp2p's `Swarm.close_peer` closes the connections it saw, then forgets the peer's whole entry: a
+        connection registered during those closes (a quick redial) is dropped from the table while staying open.
+        """
+        network, closed = self.host.get_network(), set[int]()
+        while connections := [c for c in network.get_connections(peer_id) if id(c) not in closed]:
+            for connection in connections:
+                closed.add(id(connection))
+                await connection.close()
+        return len(closed)
+
     async def open_stream(self, peer_id: ID, protocol: str) -> Libp2pStream:
         """Open a stream to a connected peer for `protocol`, negotiated within the negotiation timeout."""
         try:

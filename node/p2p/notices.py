@@ -635,8 +635,15 @@ class NoticeBoard:
     async def _drop_loop(self) -> None:
         assert self._node is not None
         async for peer in self._drop_recv:
-            with trio.move_on_after(self._node.config.dial_timeout):
+            started = trio.current_time()
+            with trio.move_on_after(self._node.config.dial_timeout) as scope:
                 try:
-                    await self._node.host.disconnect(peer)
+                    closed = await self._node.disconnect(peer)
                 except Exception as exc:
-                    log.debug("notices: could not disconnect %s: %s", peer, exc)
+                    log.warning("notices: could not disconnect %s: %s", peer, exc)
+                    continue
+            if scope.cancelled_caught:
+                log.warning("notices: disconnecting %s took over %g s; gave up", peer, self._node.config.dial_timeout)
+            elif closed:
+                elapsed = trio.current_time() - started
+                log.info("notices: closed %d connection(s) of blacklisted peer %s in %.2f s", closed, peer, elapsed)

@@ -1,5 +1,6 @@
 """Real libp2p hosts on 127.0.0.1: Noise-only connections, a stable PeerID, framed transfers with ack, refusals."""
 
+import contextlib
 import hashlib
 import os
 import time
@@ -178,3 +179,35 @@ def test_dht_and_gossipsub_run_before_the_first_dial() -> None:
                 assert await b.dht.get_value(key) == a.key_pair.public_key.serialize()
 
     trio.run(main)
+
+
+def test_disconnect_also_closes_connections_that_arrive_while_closing() -> None:
+    # Arrange: the redialer reconnects within a millisecond of seeing its connection gone, 5 times
+    outcome: dict[str, object] = {}
+
+    async def main() -> None:
+        with trio.fail_after(DEADLINE):
+            async with P2PNode(Identity.generate(), BARE) as closer, P2PNode(Identity.generate(), BARE) as redialer:
+
+                async def redial(times: int) -> None:
+                    for _ in range(times):
+                        while closer.peer_id in redialer.peers():
+                            await trio.sleep(0.001)
+                        with contextlib.suppress(P2PError):
+                            await redialer.connect(closer.listen_addrs[0])
+
+                await redialer.connect(closer.listen_addrs[0])
+                await wait_for(lambda: redialer.peer_id in closer.peers())
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(redial, 5)
+                    # Act
+                    outcome["closed"] = await closer.disconnect(redialer.peer_id)
+                    await trio.sleep(1)  # both sides have seen every close (a redialer still waiting is stuck)
+                    nursery.cancel_scope.cancel()
+                outcome["closer sees"] = redialer.peer_id in closer.peers()
+                outcome["redialer sees"] = closer.peer_id in redialer.peers()
+
+    trio.run(main)
+    # Assert: redials landed during the close, and no connection is left open on one side and forgotten on the other
+    assert isinstance(outcome["closed"], int) and outcome["closed"] >= 2, outcome
+    assert outcome["closer sees"] == outcome["redialer sees"], outcome
