@@ -119,14 +119,17 @@ def running(home: Path, extra_env: dict[str, str] | None = None) -> Iterator[Dae
                 d.stop()
 
 
-def stop_all(nodes: list[Daemon]) -> None:
-    """Stop every daemon (SIGKILL for one that does not stop in time), whatever happens to the others."""
-    for d in nodes:
-        if d.proc.poll() is None:
-            try:
-                d.stop()
-            except subprocess.TimeoutExpired:
-                d.stop(signal.SIGKILL)
+def stop_all(nodes: list[Daemon], timeout: float = 10.0) -> None:
+    """Stop every daemon at once (SIGTERM to all, then wait; SIGKILL for one that does not stop in time)."""
+    live = [d for d in nodes if d.proc.poll() is None]
+    for d in live:
+        d.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for d in live:
+        try:
+            d.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            d.stop(signal.SIGKILL)
 
 
 def sse_events(lines: Iterator[str]) -> list[str]:
