@@ -49,6 +49,7 @@ class RejectReason(StrEnum):
     WRONG_FEDERATION = "wrong_federation"
     WRONG_ROUND = "wrong_round"
     NOT_A_MEMBER = "not_a_member"
+    WRONG_SENDER = "wrong_sender"
     BAD_SIGNATURE = "bad_signature"
     MALFORMED = "malformed"
     LATE = "late"
@@ -165,8 +166,14 @@ class RoundState:
             return self._reject(_MESSAGE_REASONS.get(exc.reason, RejectReason.MALFORMED), exc.detail, "")
         return self.offer(header, payload, now)
 
-    def admit_header(self, header: UpdateHeader, now: float | None = None) -> Rejected | None:
-        """The rejection of an update from its header alone (None if its payload is worth reading)."""
+    def admit_header(
+        self, header: UpdateHeader, now: float | None = None, *, sender: str | None = None
+    ) -> Rejected | None:
+        """The rejection of an update from its header alone (None if its payload is worth reading).
+
+        `sender` is the public key (base64) of the node the update came from, where the transport authenticates it
+        (a libp2p stream's peer): a member's update is taken from the member's own node only, not relayed.
+        """
         now = self.clock() if now is None else now
         if header.federation_id != self.federation_id:
             return self._reject(RejectReason.WRONG_FEDERATION, f"for federation {header.federation_id[:16]}…", header)
@@ -176,6 +183,8 @@ class RoundState:
             check_update_header(header, self.members)
         except MessageError as exc:
             return self._reject(_MESSAGE_REASONS.get(exc.reason, RejectReason.MALFORMED), exc.detail, header)
+        if sender is not None and sender != self.members[header.member]:
+            return self._reject(RejectReason.WRONG_SENDER, "signed by the member but sent by another node", header)
         if now > self.deadline or self._closed:
             return self._reject(RejectReason.LATE, f"{now - self.deadline:.1f} s after the deadline", header)
         if header.member in self._accepted:
@@ -190,9 +199,11 @@ class RoundState:
             return self._reject(RejectReason.OVERSIZED, detail, header)
         return None
 
-    def offer(self, header: UpdateHeader, payload: bytes, now: float | None = None) -> Accepted | Rejected:
+    def offer(
+        self, header: UpdateHeader, payload: bytes, now: float | None = None, *, sender: str | None = None
+    ) -> Accepted | Rejected:
         """Accept the update (`header` then its `payload`) or return why not; the accepted set changes only if taken."""
-        if (rejected := self.admit_header(header, now)) is not None:
+        if (rejected := self.admit_header(header, now, sender=sender)) is not None:
             return rejected
         if len(payload) > self.max_payload_bytes:
             detail = f"the payload is {len(payload)} bytes; the limit is {self.max_payload_bytes}"

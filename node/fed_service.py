@@ -17,6 +17,7 @@ Per federation, every node runs the same loop for round r = (last finished round
    files written atomically and installed through the adapter store.
 """
 
+import functools
 import logging
 import shutil
 import tempfile
@@ -90,6 +91,17 @@ def peer_of(key_b64: str) -> Any:
     from libp2p.peer.id import ID
 
     return ID.from_pubkey(Ed25519PublicKey.from_bytes(base64.b64decode(key_b64)))
+
+
+def key_of(peer: Any) -> str:
+    """The base64 raw Ed25519 public key inlined in a libp2p PeerID ("" if it inlines none, e.g. an RSA peer)."""
+    import base64
+
+    try:
+        key = peer.extract_public_key()
+    except Exception:  # a PeerID that is not an identity multihash of a key
+        return ""
+    return base64.b64encode(key.to_bytes()).decode() if key is not None else ""
 
 
 @dataclass
@@ -692,10 +704,12 @@ class FederationService:
                     stream, fed_wire.Verdict(accepted=False, reason=ROUND_CLOSED, detail=detail)
                 )
                 return
-            refused = state.admit_header(header)
+            sender = key_of(stream.remote_peer)
+            refused = state.admit_header(header, sender=sender)
             if refused is None:
                 payload = await fed_wire.ask_payload(stream, header.payload_len)
-                result: Accepted | Rejected = await trio.to_thread.run_sync(state.offer, header, payload)
+                offer = functools.partial(state.offer, header, payload, sender=sender)
+                result: Accepted | Rejected = await trio.to_thread.run_sync(offer)
             else:
                 result = refused
             if isinstance(result, Rejected):

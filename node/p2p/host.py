@@ -124,6 +124,11 @@ class Libp2pStream:
     def __init__(self, stream: INetStream) -> None:
         self.stream = stream
 
+    @property
+    def remote_peer(self) -> ID:
+        """The PeerID at the other end, authenticated by the Noise handshake."""
+        return self.stream.muxed_conn.peer_id
+
     async def read(self, n: int) -> bytes:
         """Read up to `n` bytes; b"" once the peer's side is finished or gone."""
         try:

@@ -226,6 +226,24 @@ def test_the_header_alone_is_enough_to_refuse_an_oversized_update(
     assert state.admit_header(verify_update_header(update(nodes[1])[0], members)) is None
 
 
+def test_an_update_is_taken_only_from_the_node_of_the_member_who_signed_it(
+    nodes: list[Identity], members: dict[str, str]
+) -> None:
+    # Arrange: nodes[1]'s update, as relayed by nodes[2] and as sent by nodes[1] itself
+    state = new_state(members)
+    header, payload = update(nodes[1])
+    parsed = verify_update_header(header, members)
+    # Act
+    relayed = state.offer(parsed, payload, sender=nodes[2].public_key_b64())
+    direct = state.offer(parsed, payload, sender=nodes[1].public_key_b64())
+    # Assert
+    assert isinstance(relayed, Rejected) and relayed.reason is RejectReason.WRONG_SENDER
+    assert relayed.member == nodes[1].fingerprint
+    assert isinstance(direct, Accepted)
+    assert state.contributors() == [nodes[1].fingerprint]
+    assert state.admit_header(verify_update_header(update(nodes[2])[0], members), sender=None) is None  # no claim
+
+
 def test_ckks_updates_are_checked_by_kind_size_digest_and_the_callback(
     nodes: list[Identity], members: dict[str, str]
 ) -> None:

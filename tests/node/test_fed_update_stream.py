@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -77,6 +77,7 @@ class Fault(enum.Enum):
     WRONG_ROUND = "a member's update for round 2 while round 3 is open"
     WRONG_FEDERATION = "a member's update for another federation"
     NOT_A_MEMBER = "an update signed by a node that is not a member"
+    WRONG_SENDER = "a member's good update relayed by another member's node"
     BAD_SIGNATURE = "a member's header edited after signing (num_examples raised)"
     WRONG_LAYOUT = "an update of another layout (7 rows, not 6), declared as such"
     WRONG_TENSOR_SHAPE = "a header claiming the round's layout over tensors of another shape"
@@ -104,6 +105,7 @@ EXPECTED = {
     Fault.WRONG_ROUND: Expected(ROUND_CLOSED, on_header=True),
     Fault.WRONG_FEDERATION: Expected(ROUND_CLOSED, on_header=True, recorded=False),
     Fault.NOT_A_MEMBER: Expected(RejectReason.NOT_A_MEMBER, on_header=True),
+    Fault.WRONG_SENDER: Expected(RejectReason.WRONG_SENDER, on_header=True),
     Fault.BAD_SIGNATURE: Expected(RejectReason.BAD_SIGNATURE, on_header=True),
     Fault.WRONG_LAYOUT: Expected(RejectReason.WRONG_SHAPE, on_header=True),
     Fault.WRONG_TENSOR_SHAPE: Expected(RejectReason.WRONG_SHAPE, on_header=False),
@@ -159,14 +161,19 @@ def unused(*args: object) -> Any:
     raise AssertionError("the update handler must not train, install or read a global adapter")
 
 
-Send = Callable[[bytes, bytes], Awaitable["Outcome"]]
+Send = Callable[..., Awaitable["Outcome"]]
 
 
 @asynccontextmanager
 async def update_stream(arena: Arena) -> AsyncIterator[Send]:
-    """Run the aggregator (a FederationService serving only UPDATE_PROTOCOL, round 3 open) and a member host,
-    connected on 127.0.0.1; yield a function sending one update on a fresh stream. Both hosts stop on exit."""
-    async with P2PNode(arena.aggregator, CFG) as aggregator, P2PNode(Identity.generate(), CFG) as member:
+    """Run the aggregator (a FederationService serving only UPDATE_PROTOCOL, round 3 open) and each sending node's
+    host (first, sender, outsider), connected on 127.0.0.1; yield `send(header, payload, via=None)`, which sends one
+    update on a fresh stream from the node `via` names (by default the node of the member the header claims). The
+    hosts stop on exit."""
+    nodes = (arena.first, arena.sender, arena.outsider)
+    async with AsyncExitStack() as stack:
+        aggregator = await stack.enter_async_context(P2PNode(arena.aggregator, CFG))
+        hosts = {n.fingerprint: await stack.enter_async_context(P2PNode(n, CFG)) for n in nodes}
         # _serve_update only uses `rounds` and `state`: the other collaborators are real-but-idle (notices, the
         # aggregator's host) or None / functions that fail if called (registry, content store, trainer, globals).
         service = FederationService(
@@ -184,10 +191,12 @@ async def update_stream(arena: Arena) -> AsyncIterator[Send]:
         )
         service.rounds[(arena.fid, ROUND)] = arena.state
         aggregator.set_stream_handler(fed_wire.UPDATE_PROTOCOL, service._serve_update)
-        peer = await member.connect(aggregator.listen_addrs[0])
+        for host in hosts.values():
+            await host.connect(aggregator.listen_addrs[0])
 
-        async def send(header: bytes, payload: bytes) -> Outcome:
-            return await send_one(member, peer, header, payload)
+        async def send(header: bytes, payload: bytes, via: Identity | None = None) -> Outcome:
+            host = hosts[via.fingerprint if via is not None else claimed_member(header)]
+            return await send_one(host, aggregator.peer_id, header, payload)
 
         yield send
 
@@ -291,6 +300,8 @@ def faulty(fault: Fault, arena: Arena) -> tuple[bytes, bytes]:
             return update(sender, OTHER_FID)
         case Fault.NOT_A_MEMBER:
             return update(arena.outsider, fid)
+        case Fault.WRONG_SENDER:  # the caller sends it from `first`'s node
+            return update(sender, fid)
         case Fault.BAD_SIGNATURE:
             header, payload = update(sender, fid)
             return json.dumps(json.loads(header) | {"num_examples": 10_000}).encode(), payload
@@ -309,12 +320,13 @@ def faulty(fault: Fault, arena: Arena) -> tuple[bytes, bytes]:
 
 
 async def inflict(fault: Fault, arena: Arena, send: Send) -> Outcome:
-    """Send the update with `fault` (with the clock past the deadline if it is LATE)."""
+    """Send the update with `fault` (with the clock past the deadline if it is LATE, from `first`'s node if it is
+    WRONG_SENDER)."""
     header, payload = faulty(fault, arena)
     if fault is Fault.LATE:
         arena.clock.now = ROUND_DEADLINE + 0.5
     try:
-        return await send(header, payload)
+        return await send(header, payload, via=arena.first if fault is Fault.WRONG_SENDER else None)
     finally:
         arena.clock.now = NOW
 
