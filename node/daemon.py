@@ -59,16 +59,21 @@ class StartOptions:
 
 
 def setup_logging(level: str) -> None:
-    """Log to stderr with timestamps."""
+    """Log to stderr with timestamps; py-libp2p's own records only at debug level, or from ERROR up."""
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
         force=True,
     )
-    # py-libp2p warns once per message a flooding peer sends beyond gossipsub's limit; the notice board counts
-    # and scores those peers itself.
-    logging.getLogger("libp2p.pubsub.gossipsub").setLevel(max(logging.ERROR, logging.root.level))
+    # py-libp2p's "libp2p" logger does not propagate and has no handler, so its records reached stderr bare,
+    # through logging's last-resort handler. They now go through ours. Its warnings are network churn logged per
+    # attempt (a gone peer's failed dials and DHT streams, one per message a flooding peer sends beyond gossipsub's
+    # limit): thousands of lines in a busy hour. The node reports what matters itself (failed connects, refused and
+    # blacklisted peers), so below debug level they are left out.
+    libp2p = logging.getLogger("libp2p")
+    libp2p.propagate = True
+    libp2p.setLevel(logging.DEBUG if logging.root.level <= logging.DEBUG else logging.ERROR)
 
 
 def prepare_home(home: NodeHome) -> NodeConfig:
