@@ -46,7 +46,6 @@ Prints a progress line per step and a table; writes bench/results/federated_qual
 """
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -68,6 +67,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import positive_int, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
@@ -172,25 +173,17 @@ class Evaluator:
         threads: int,
     ) -> None:
         import torch
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         from node.training.base_model import load_torch_base
         from node.training.data import Example
-        from node.training.trainer import TARGET_MODULES, TrainConfig, encode_example
+        from node.training.trainer import TrainConfig, encode_example, lora_config
 
         torch.set_num_threads(threads)
         base, tokenizer = load_torch_base(base_folder)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.config = TrainConfig(targets=targets, rank=rank, alpha=alpha, max_length=max_length)
-        lora = LoraConfig(
-            r=rank,
-            lora_alpha=alpha,  # type: ignore[arg-type]  # as the trainer builds it
-            lora_dropout=0.0,
-            target_modules=list(TARGET_MODULES[targets]),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        self.model = get_peft_model(base, lora)
+        self.model = get_peft_model(base, lora_config(rank, alpha, targets))  # as the trainer builds it
         self.model.eval()
         self.encoded = {
             d.name: [
@@ -476,24 +469,30 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round of 2 steps, 24 train / 8 held-out entries")
     ap.add_argument("--domains", default=DEFAULT_DOMAINS, help="comma-separated fortunes categories, one per node")
     ap.add_argument("--fortunes-dir", type=Path, default=FORTUNES_DIR)
-    ap.add_argument("--train-size", type=int, default=None, help="training entries per node (default 180)")
+    ap.add_argument("--train-size", type=positive_int, default=None, help="training entries per node (default 180)")
     ap.add_argument("--heldout-fraction", type=float, default=0.2)
-    ap.add_argument("--heldout-cap", type=int, default=None, help="most held-out entries per node (default 40)")
-    ap.add_argument("--rounds", type=int, default=None, help="federated rounds (default 4)")
-    ap.add_argument("--steps", type=int, default=None, help="local steps per round (default 10)")
+    ap.add_argument(
+        "--heldout-cap", type=positive_int, default=None, help="most held-out entries per node (default 40)"
+    )
+    ap.add_argument("--rounds", type=positive_int, default=None, help="federated rounds (default 4)")
+    ap.add_argument("--steps", type=positive_int, default=None, help="local steps per round (default 10)")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--rank", type=positive_int, default=4)
     ap.add_argument("--alpha", type=float, default=8.0)
     ap.add_argument("--targets", default="q_proj,v_proj")
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--max-length", type=int, default=64, help="tokens per example, in training and evaluation")
+    ap.add_argument("--batch-size", type=positive_int, default=4)
+    ap.add_argument(
+        "--max-length", type=positive_int, default=64, help="tokens per example, in training and evaluation"
+    )
     ap.add_argument("--clip", type=float, default=10.0, help="update clip norm C (dp, he, he+dp)")
     ap.add_argument("--noise", type=float, default=1.0, help="noise multiplier z (dp, he+dp)")
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
-    ap.add_argument("--parallel", type=int, default=4, help="local training jobs at a time")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per training job")
-    ap.add_argument("--eval-threads", type=int, default=1, help="torch threads of the evaluation (this process)")
+    ap.add_argument("--parallel", type=positive_int, default=4, help="local training jobs at a time")
+    ap.add_argument("--threads", type=positive_int, default=1, help="torch threads per training job")
+    ap.add_argument(
+        "--eval-threads", type=positive_int, default=1, help="torch threads of the evaluation (this process)"
+    )
     ap.add_argument("--eval-every-round", action="store_true", help="evaluate the global adapter after every round")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "mirador-bench-models")
@@ -505,7 +504,16 @@ def main() -> None:
     heldout_cap = args.heldout_cap or (8 if args.quick else 40)
     modes = [m for m in args.modes.split(",") if m]
     if unknown := sorted(set(modes) - set(MODES)):
-        sys.exit(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
+        ap.error(f"--modes: unknown {unknown}; choose from {', '.join(MODES)}")
+    if not 0 < args.heldout_fraction < 1:
+        ap.error(f"--heldout-fraction must be between 0 and 1, not {args.heldout_fraction}")
+    if len([n for n in args.domains.split(",") if n]) < 2:
+        ap.error("--domains: give at least 2 categories (one per node; 'other' needs another domain)")
+    if not args.clip > 0 or args.noise < 0 or not 0 < args.delta < 1:
+        ap.error("--clip must be > 0, --noise ≥ 0 and --delta in (0, 1)")
+    dp_modes = [m for m in modes if m in ("dp", "he+dp")]
+    if dp_modes and args.noise == 0:
+        ap.error(f"--noise 0 adds no noise, so {', '.join(dp_modes)} would not be differentially private")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the twin is built from the local GGUF; never a hub
 
     from crypto.dp import epsilon
@@ -546,7 +554,7 @@ def main() -> None:
             },
             parallel=args.parallel,
         )
-        eps = epsilon([(args.noise, 1.0, rounds)], args.delta)
+        eps = epsilon([(args.noise, 1.0, rounds)], args.delta) if args.noise > 0 else math.inf
         privacy = {
             "clip": args.clip,
             "z": args.noise,
@@ -587,10 +595,26 @@ def main() -> None:
             }
 
         refusal = fedavg_refusal(setup, args.clip, args.delta, n)
+        failed: list[str] = []
         for mode in fed_modes:
-            run = federate(
-                mode, setup, domains, initial, rounds, args.seed, privacy, evaluator, progress, args.eval_every_round
-            )
+            try:
+                run = federate(
+                    mode,
+                    setup,
+                    domains,
+                    initial,
+                    rounds,
+                    args.seed,
+                    privacy,
+                    evaluator,
+                    progress,
+                    args.eval_every_round,
+                )
+            except Exception as exc:  # one broken mode must not lose the others' results (written below)
+                print(f"{mode} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                runs[mode] = {"error": f"{type(exc).__name__}: {exc}"}
+                failed.append(mode)
+                continue
             runs[mode] = run
             own, other = own_other({d.name: run["losses"] for d in domains})
             if mode == "fedavg":
@@ -639,7 +663,7 @@ def main() -> None:
                 "clip_norm": args.clip,
                 "noise_multiplier": args.noise,
                 "delta": args.delta,
-                "epsilon": eps,
+                "epsilon": eps if math.isfinite(eps) else None,
                 "epsilon_history": [[args.noise, 1.0, rounds]],
                 "quorum": n,
                 "fedavg_as_descriptor": refusal,
@@ -654,12 +678,13 @@ def main() -> None:
             "runs": runs,
             "total_s": time.monotonic() - t_start,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
         print(
             f"\n{n} nodes, {rounds} rounds x {steps} steps, eps={eps:.3f} at delta={args.delta} for z={args.noise}; "
             f"{result['total_s']:.0f} s; wrote {args.out}"
         )
+        if failed:
+            sys.exit(f"failed: {', '.join(failed)}")
     finally:
         if evaluator is not None:
             evaluator.close()

@@ -55,7 +55,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shlex
 import shutil
 import statistics
@@ -75,6 +74,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import node.fed_service as fed_service
+from bench.common import LogCounter, load, non_negative_int, positive_int, write_json
 from crypto.he import (
     EncryptedVector,
     HEParams,
@@ -122,29 +122,6 @@ Row = dict[str, Any]
 
 
 # --- logging ------------------------------------------------------------------------------------------------------
-
-
-class LogCounter(logging.Handler):
-    """Counts log messages at or above `level` (peer IDs, hashes and digits folded) instead of printing them."""
-
-    def __init__(self, level: int = logging.WARNING) -> None:
-        super().__init__(level)
-        self.counts: dict[str, int] = {}
-
-    def emit(self, record: logging.LogRecord) -> None:
-        """Count one message."""
-        text = re.sub(r"12D3KooW\w+|Qm\w{44}|baf\w{50,}|[0-9a-f]{16,}", "<id>", " ".join(record.getMessage().split()))
-        text = f"{record.name}: " + re.sub(r"\d+", "N", text)[:200]
-        self.counts[text] = self.counts.get(text, 0) + 1
-
-    def top(self, n: int = 10) -> dict[str, int]:
-        """The `n` most frequent messages with their counts."""
-        return dict(sorted(self.counts.items(), key=lambda kv: -kv[1])[:n])
-
-
-def load() -> list[float]:
-    """The 1, 5 and 15-minute load averages, rounded."""
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def med(values: list[float]) -> float | None:
@@ -286,7 +263,7 @@ def instrument_service(service: FederationService, index: int) -> None:
     service.trainer = _timed_sync("train_stub", service.trainer)
     service._global = _timed_sync("load_global", service._global)  # type: ignore[method-assign]
     service.install_global = _timed_sync("install", service.install_global)
-    service._spend = _timed_sync("ledger", service._spend)  # type: ignore[method-assign]  # runs on the event loop
+    service._spend = _timed_sync("ledger", service._spend)  # type: ignore[method-assign]
 
 
 # --- p2p section --------------------------------------------------------------------------------------------------
@@ -545,8 +522,8 @@ P2P_LINES = [
     ("release_s", "release: clip+noise+encode / encrypt", "ms"),
     ("send_s", "send update (stream + aggregator checks)", "ms"),
     ("member_other_s", "member other (HE ctx, ledger, sign, dial)", "ms"),
-    ("ledger_s", "  of which privacy ledger (sqlite, on loop)", "ms"),
-    ("last_update_to_combine_s", "last update in → combine (0.5 s poll)", "ms"),
+    ("ledger_s", "  of which privacy ledger (sqlite, worker thread)", "ms"),
+    ("last_update_to_combine_s", "last update in → combine", "ms"),
     ("combine_s", "combine (fedavg / blind CKKS sum)", "ms"),
     ("combine_to_done_seen_s", "combine → RoundDone reaches members", "ms"),
     ("combine_to_apply_start_s", "combine → members start applying", "ms"),
@@ -587,6 +564,11 @@ def p2p_table(runs: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def p2p_ok(run: dict[str, Any]) -> bool:
+    """Whether every measured round was applied by all trainers with every trainer's update."""
+    return all(p["applied_everywhere"] and p["contributors"] == run["trainers"] for p in run["per_round"])
+
+
 def print_p2p_table(runs: dict[str, Any], rows: list[Row]) -> None:
     """The phase table, and the per-configuration facts under it."""
     keys = [k for k, v in runs.items() if "per_round" in v]
@@ -606,14 +588,14 @@ def print_p2p_table(runs: dict[str, Any], rows: list[Row]) -> None:
         print(f"{row['what']:46} {row['unit']:4} " + " ".join(cells))
         if "ratios" in row:
             cells = [f"{row['ratios'].get(k):10.2f}x" if row["ratios"].get(k) else f"{'':11}" for k in keys]
-            print(f"{'  × the dp run of the same N':46} {'':4} " + " ".join(cells))
+            print(f"{'  × the dp run of the same N (a separate run)':46} {'':4} " + " ".join(cells))
     for key, run in runs.items():
         if "error" in run:
             print(f"{key}: FAILED {run['error']}")
             continue
-        walls = " ".join(f"{p['wall_s']:.2f}" for p in run["per_round"])
+        walls = " ".join("-" if p["wall_s"] is None else f"{p['wall_s']:.2f}" for p in run["per_round"])
         walls += f" (the first {run['warmup']} are warm-up)" if run["warmup"] else ""
-        ok = all(p["applied_everywhere"] and p["contributors"] == run["trainers"] for p in run["per_round"])
+        ok = p2p_ok(run)
         aggs = ",".join(str(p["aggregator"]) for p in run["per_round"])
         print(
             f"{key}: setup {run['setup_s']:.1f} s (converge {run['converge_s']:.1f} s); rounds {walls} s; "
@@ -852,7 +834,9 @@ def flower_run(
         if status != "finished:completed":
             print(dep.logs()[-6000:], file=sys.stderr)
     result["status"] = status
-    if status == "finished:completed":
+    if status != "finished:completed":
+        result["error"] = f"the Flower run ended {status}"
+    else:
         summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
         result["per_round"] = [
             {
@@ -865,6 +849,9 @@ def flower_run(
             for r in summary["rounds"]
         ]
         result["params"] = summary["params"]
+        if empty := [r["round"] for r in result["per_round"] if not r["train_seconds"]]:
+            result["error"] = f"rounds {empty} reported no member's training time"
+            del result["per_round"]
     return result
 
 
@@ -961,20 +948,26 @@ def main() -> None:
     """Run the benchmark and write the results."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 nodes, 1 round, 2 reps, Flower 2 nodes 1 round")
-    ap.add_argument("--nodes", type=int, nargs="+", default=None, help="P2P network sizes (default 4 8)")
+    ap.add_argument("--nodes", type=positive_int, nargs="+", default=None, help="P2P network sizes (default 4 8)")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="P2P privacy modes")
-    ap.add_argument("--rounds", type=int, default=None, help="P2P rounds per configuration (default 3; quick 1)")
-    ap.add_argument("--warmup", type=int, default=None, help="P2P rounds run before the measured ones (default 1)")
-    ap.add_argument("--reps", type=int, default=None, help="HE section repetitions (default 5; quick 2)")
+    ap.add_argument("--rounds", type=positive_int, default=None, help="P2P rounds per run (default 3; quick 1)")
+    ap.add_argument("--warmup", type=non_negative_int, default=None, help="P2P rounds before the measured (default 1)")
+    ap.add_argument("--reps", type=positive_int, default=None, help="HE section repetitions (default 5; quick 2)")
     ap.add_argument("--no-p2p", action="store_true", help="skip the P2P rounds")
     ap.add_argument("--no-he", action="store_true", help="skip the per-client HE section")
     ap.add_argument("--no-flower", action="store_true", help="skip Flower's deployment engine")
-    ap.add_argument("--flower-nodes", type=int, nargs="+", default=None, help="SuperNodes (default 4 8; quick 2)")
+    ap.add_argument("--flower-nodes", type=positive_int, nargs="+", default=None, help="SuperNodes (4 8; quick 2)")
     ap.add_argument("--flower-modes", nargs="+", choices=["dp", "plain"], default=["dp"])
-    ap.add_argument("--flower-rounds", type=int, default=None, help="Flower rounds (default: --rounds)")
+    ap.add_argument("--flower-rounds", type=positive_int, default=None, help="Flower rounds (default: --rounds)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "federation.json")
     args = ap.parse_args()
+    for option in ("nodes", "modes", "flower_nodes", "flower_modes"):
+        values = getattr(args, option)
+        if values is not None and len(set(values)) != len(values):
+            ap.error(f"--{option.replace('_', '-')} repeats a value: {' '.join(map(str, values))}")
+    if args.nodes and not args.no_p2p and min(args.nodes) < 2:
+        ap.error("--nodes: a federation needs at least 2 nodes (3 under he, where one only aggregates)")
     sizes = args.nodes or ([4] if args.quick else [4, 8])
     rounds = args.rounds or (1 if args.quick else 3)
     warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
@@ -1032,13 +1025,14 @@ def main() -> None:
             result["sections"][name] = section
             print(f"section {name} done in {section['section_s']:.0f} s", file=sys.stderr)
 
+    write_json(args.out, result)  # the raw results are kept whatever the tables below do
     sections_out = result["sections"]
     if "p2p" in sections_out and "error" not in sections_out["p2p"]:
         runs = {k: v for k, v in sections_out["p2p"].items() if isinstance(v, dict)}
         rows = p2p_table(runs)
         result["p2p_rows"] = rows
         print_p2p_table(runs, rows)
-        failed += [f"p2p {k}" for k, v in runs.items() if "error" in v]
+        failed += [f"p2p {k}" for k, v in runs.items() if "error" in v or not p2p_ok(v)]
     if "he" in sections_out and "error" not in sections_out["he"]:
         rows = he_rows(sections_out["he"])
         result["he_rows"] = rows
@@ -1052,8 +1046,7 @@ def main() -> None:
     result |= {"load_after": load(), "total_s": time.perf_counter() - t_start, "warnings_in_process": counter.top()}
     for text, count in counter.top(8).items():
         print(f"warning x{count}: {text}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str))
+    write_json(args.out, result)
     print(
         f"py-libp2p {result['libp2p']}, TenSEAL {result['tenseal']}, flwr {result['flwr']}, {result['cpu_count']} "
         f"CPUs, load {result['load_before']} before, {result['load_after']} after; {result['total_s']:.0f} s; "

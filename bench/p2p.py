@@ -44,7 +44,6 @@ import logging
 import os
 import platform
 import random
-import re
 import shlex
 import shutil
 import statistics
@@ -66,6 +65,7 @@ from libp2p.peer.id import ID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import LogCounter, load
 from crypto.identity import Identity
 from marketplace.blockstore import BlockStore
 from marketplace.cid import Cid
@@ -93,34 +93,11 @@ PULL_TIMEOUT_S = 600.0
 Row = dict[str, Any]
 
 
-class LogCounter(logging.Handler):
-    """Counts py-libp2p's warnings (peer IDs and digits folded) instead of printing them: many, and repetitive."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.counts: dict[str, int] = {}
-
-    def emit(self, record: logging.LogRecord) -> None:
-        """Count one message."""
-        text = re.sub(r"12D3KooW\w+|Qm\w{44}", "<peer>", " ".join(record.getMessage().split()))
-        text = re.sub(r"\d+", "N", text)[:160]
-        self.counts[text] = self.counts.get(text, 0) + 1
-
-    def top(self, n: int = 10) -> dict[str, int]:
-        """The `n` most frequent messages with their counts."""
-        return dict(sorted(self.counts.items(), key=lambda kv: -kv[1])[:n])
-
-
 def pct(values: list[float], q: int) -> float:
     """The q-th percentile (inclusive method; the value itself for a single sample)."""
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
-
-
-def load() -> list[float]:
-    """The 1, 5 and 15-minute load averages, rounded."""
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 # --- dht ----------------------------------------------------------------------------------------------------------

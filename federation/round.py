@@ -185,8 +185,10 @@ class RoundState:
             return self._reject(_MESSAGE_REASONS.get(exc.reason, RejectReason.MALFORMED), exc.detail, header)
         if sender is not None and sender != self.members[header.member]:
             return self._reject(RejectReason.WRONG_SENDER, "signed by the member but sent by another node", header)
-        if now > self.deadline or self._closed:
+        if now > self.deadline:
             return self._reject(RejectReason.LATE, f"{now - self.deadline:.1f} s after the deadline", header)
+        if self._closed:
+            return self._reject(RejectReason.LATE, "the round was already closed for aggregation", header)
         if header.member in self._accepted:
             return self._reject(RejectReason.DUPLICATE, f"round {self.round} already has this member's update", header)
         if header.kind != self.expected_kind:

@@ -32,7 +32,7 @@ from federation.descriptor import LocalDpSgd
 from federation.update import Layout
 from node.adapter_check import BaseDims, base_dims_of_file, check_adapter_file
 from node.adapter_store import EXTRA_FILES, GGUF_FILE, AdapterStore, AdapterVersion
-from node.fsutil import atomic_write_text, fsync_dir
+from node.fsutil import atomic_write_text, fsync_dir, remove_stale
 from node.home import NodeHome
 from node.train_runner import TrainRun, run_folder, run_training
 from node.training.lora_export import GGUF_NAMES, LoraShape, write_gguf_lora
@@ -272,10 +272,7 @@ class _CapturingStore(AdapterStore):
 
 def sweep_local_runs(home: NodeHome) -> int:
     """Remove the scratch folders of federation training runs a killed node left behind; returns how many."""
-    stale = list((home.root / "train").glob(f"{RUN_PREFIX}*"))
-    for folder in stale:
-        shutil.rmtree(folder, ignore_errors=True)
-    return len(stale)
+    return remove_stale(home.root / "train", RUN_PREFIX)
 
 
 def train_locally(

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from node.config import is_loopback
 from node.home import NodeHome
 
 
@@ -137,7 +138,7 @@ def cmd_serve(home: NodeHome, args: argparse.Namespace) -> int:
             "the SuperLink serves TLS: give --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile "
             "(or --insecure for plain HTTP on a loopback address)"
         )
-    if args.insecure and not _loopback(args.host):
+    if args.insecure and not is_loopback(args.host):
         raise ValueError(f"--insecure serves plain HTTP: only on a loopback address, not {args.host}")
     if (args.enable_supernode_auth or args.supernode_public_key) and args.insecure:
         raise ValueError("SuperNode authentication needs TLS (Flower refuses it with --insecure)")
@@ -154,15 +155,6 @@ def cmd_serve(home: NodeHome, args: argparse.Namespace) -> int:
     )
     print(json.dumps(summary, indent=2))
     return 0
-
-
-def _loopback(host: str) -> bool:
-    import ipaddress
-
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _flower_join(home: NodeHome, args: argparse.Namespace) -> int:

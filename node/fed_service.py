@@ -19,7 +19,6 @@ Per federation, every node runs the same loop for round r = (last finished round
 
 import functools
 import logging
-import shutil
 import tempfile
 import threading
 import time
@@ -51,6 +50,7 @@ from federation.messages import (
     MessageError,
     RoundDone,
     RoundOpen,
+    UpdateHeader,
     choose_aggregator,
     decode_update_header,
     sign_round_done,
@@ -65,6 +65,7 @@ from federation.update import Layout, decode_tensors, encode_tensors
 from marketplace.content_store import EmbeddedStore
 from node import fed_wire
 from node.fed_store import RoundStatus
+from node.fsutil import remove_stale
 from node.p2p.framing import FrameError
 from node.p2p.host import Libp2pStream, P2PNode
 from node.p2p.network_store import NetworkStore
@@ -176,13 +177,9 @@ class FederationService:
         """A scratch folder in the node's home (removed after use; by the next start if the node was killed)."""
         return tempfile.TemporaryDirectory(dir=self.root, prefix=SCRATCH_PREFIX)
 
-    def _sweep_scratch(self) -> None:
-        for stale in self.root.glob(f"{SCRATCH_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)
-
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the join and update protocols, listen to federation notices, run each active federation."""
-        self._sweep_scratch()
+        remove_stale(self.root, SCRATCH_PREFIX)
         self.p2p.set_stream_handler(fed_wire.JOIN_PROTOCOL, self._serve_join)
         self.p2p.set_stream_handler(fed_wire.UPDATE_PROTOCOL, self._serve_update)
         self.notices.on(FederationNotice, self._on_notice)
@@ -681,6 +678,11 @@ class FederationService:
             self.inboxes[fid].poke()  # called on the loop: wake the aggregating task
         return _verdict(verdict)
 
+    def _reject_closed(self, header: UpdateHeader, detail: str) -> None:
+        """Record an update for a round not open here, if the federation is ours (another's id names nothing)."""
+        if self.state.federation(header.federation_id) is not None:
+            self.state.reject(header.federation_id, header.round, header.member, ROUND_CLOSED, detail)
+
     async def _serve_update(self, stream: Libp2pStream) -> None:
         """Receive one member's update for an open round: the header is judged first (a refused update's payload is
         never read), then the payload, at most the size the signed header declared; answer with the verdict."""
@@ -695,10 +697,7 @@ class FederationService:
             state = self.rounds.get((header.federation_id, header.round))
             if state is None:
                 detail = f"round {header.round}: no such round of federation {header.federation_id[:16]}… is open"
-                if self.state.federation(header.federation_id) is not None:  # a round of ours: worth a record
-                    await trio.to_thread.run_sync(
-                        self.state.reject, header.federation_id, header.round, header.member, ROUND_CLOSED, detail
-                    )
+                await trio.to_thread.run_sync(self._reject_closed, header, detail)
                 log.info("round %s: rejected an update: %s: %s", header.round, ROUND_CLOSED, detail)
                 await fed_wire.send_verdict(
                     stream, fed_wire.Verdict(accepted=False, reason=ROUND_CLOSED, detail=detail)

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,3 +37,14 @@ def fsync_dir(folder: Path) -> None:
 def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
     """Write UTF-8 `text` atomically (see `atomic_write_bytes`)."""
     atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def remove_stale(folder: Path, prefix: str) -> int:
+    """Remove the entries of `folder` named `prefix`* (scratch a killed process left behind); returns how many."""
+    stale = list(folder.glob(f"{prefix}*"))
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return len(stale)

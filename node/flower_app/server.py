@@ -127,18 +127,9 @@ def initial_adapter(cfg: AppConfig) -> GlobalAdapter:
 
 def _lora_config(cfg: AppConfig) -> Any:
     """The LoraConfig `node.training.trainer.train_adapter` builds for the same settings."""
-    from peft import LoraConfig
+    from node.training.trainer import lora_config
 
-    from node.training.trainer import TARGET_MODULES
-
-    return LoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft scales by alpha / r; a float works
-        lora_dropout=0.0,
-        target_modules=list(TARGET_MODULES[cfg.targets]),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    return lora_config(cfg.rank, cfg.alpha, cfg.targets)
 
 
 def _lora_config_json(cfg: AppConfig) -> str:

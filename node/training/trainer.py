@@ -281,6 +281,20 @@ def evaluate_loss(model: Any, encoded: Sequence[Encoded], config: TrainConfig, p
     return total / len(encoded)
 
 
+def lora_config(rank: int, alpha: float, targets: str) -> Any:
+    """The peft LoraConfig of every Mirador adapter: rank, alpha, the modules named by `targets`, no dropout."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft scales by alpha / r; a float works
+        lora_dropout=0.0,
+        target_modules=list(TARGET_MODULES[targets]),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
 def train_adapter(
     base_folder: Path,
     examples: list[Example],
@@ -290,7 +304,7 @@ def train_adapter(
 ) -> TrainResult:
     """Train a LoRA adapter on `examples` and write it (peft safetensors, GGUF, training.json) into out_dir."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from node.training.base_model import load_torch_base
 
@@ -302,15 +316,7 @@ def train_adapter(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_enc = [encode_example(tokenizer, e, config.max_length) for e in train]
     held_enc = [encode_example(tokenizer, e, config.max_length) for e in held]
-    lora = LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,  # type: ignore[arg-type]  # peft scales by alpha / r; a float works
-        lora_dropout=0.0,
-        target_modules=list(TARGET_MODULES[config.targets]),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(base, lora)
+    model = get_peft_model(base, lora_config(config.rank, config.alpha, config.targets))
     if config.init_adapter is not None:
         load_initial_adapter(model, Path(config.init_adapter))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -4,25 +4,27 @@ Hivemind-style: every way an update can be bad is one `Fault`; each is rejected 
 the accepted set as it was."""
 
 import enum
+import functools
 import hashlib
 import json
 import random
 import threading
 
+import msgspec
 import numpy as np
 import pytest
-import safetensors.numpy
 
 from crypto.identity import Identity
+from federation.descriptor import sign_struct
 from federation.messages import (
     Kind,
     MessageError,
     MessageFault,
+    RoundOpen,
     members_digest,
     sign_aggregate_statement,
     sign_round_done,
     sign_round_open,
-    sign_update_header,
     verify_aggregate_statement,
     verify_round_done,
     verify_round_open,
@@ -30,6 +32,7 @@ from federation.messages import (
 )
 from federation.round import Accepted, CkksCheck, Decision, Rejected, RejectReason, RoundState, choose_aggregator
 from federation.update import Layout, UpdateError, UpdateFault, encode_tensors
+from tests.federation.updates import LAYOUT, adapter, non_finite, signed_update
 
 NOW = 1_800_000_000.0
 DEADLINE = NOW + 300
@@ -37,15 +40,6 @@ FID = hashlib.sha256(b"finance-club").hexdigest()
 CID = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
 
 
-def adapter(seed: int = 0, rows: int = 6) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "q_proj.lora_A.weight": rng.standard_normal((2, 5)).astype(np.float32),
-        "q_proj.lora_B.weight": rng.standard_normal((rows, 2)).astype(np.float32),
-    }
-
-
-LAYOUT = Layout.of(adapter())
 PAYLOAD_LIMIT = len(encode_tensors(adapter())) + 256
 
 
@@ -65,28 +59,7 @@ def new_state(
     return RoundState(FID, 3, members, quorum, DEADLINE, LAYOUT, kind, PAYLOAD_LIMIT, ckks_check, clock=lambda: NOW)
 
 
-def update(
-    node: Identity,
-    payload: bytes | None = None,
-    *,
-    round: int = 3,
-    fid: str = FID,
-    kind: Kind = "plain",
-    layout: str | None = None,
-    header_payload: bytes | None = None,
-) -> tuple[bytes, bytes]:
-    """A signed header and its payload (by default a good plain update)."""
-    payload = encode_tensors(adapter(7)) if payload is None else payload
-    header = sign_update_header(
-        node,
-        federation_id=fid,
-        round=round,
-        layout_digest=LAYOUT.digest() if layout is None else layout,
-        kind=kind,
-        payload=payload if header_payload is None else header_payload,
-        num_examples=12,
-    )
-    return header, payload
+update = functools.partial(signed_update, fid=FID)
 
 
 class Fault(enum.Enum):
@@ -128,12 +101,6 @@ REASON = {
     Fault.GARBAGE_PAYLOAD: RejectReason.MALFORMED,
     Fault.GARBAGE_HEADER: RejectReason.MALFORMED,
 }
-
-
-def non_finite(value: float) -> bytes:
-    tensors = adapter(7)
-    tensors["q_proj.lora_B.weight"][2, 1] = value
-    return safetensors.numpy.save(tensors)
 
 
 def faulty(fault: Fault, sender: Identity, first: Identity) -> tuple[bytes, bytes, float]:
@@ -324,6 +291,7 @@ def test_a_closed_round_keeps_what_it_had_and_refuses_the_rest(nodes: list[Ident
     # Assert
     assert [a.member for a in closed] == state.contributors() == sorted(n.fingerprint for n in nodes[:2])
     assert isinstance(late, Rejected) and late.reason is RejectReason.LATE
+    assert "already closed" in late.detail  # closed before its deadline: not "-300 s after the deadline"
 
 
 def test_concurrent_copies_of_one_update_are_accepted_once(nodes: list[Identity], members: dict[str, str]) -> None:
@@ -413,7 +381,10 @@ def round_open_fault(fault: str, nodes: list[Identity], members: dict[str, str])
     if fault == "bad cid":
         return json.dumps(json.loads(good) | {"global_cid": "not-a-cid"}).encode(), members
     if fault == "global from the future":
-        return json.dumps(json.loads(good) | {"global_round": 3}).encode(), members
+        with pytest.raises(MessageError):  # the aggregator's own code refuses to sign it ...
+            sign_round_open(agg, **kwargs, global_round=3)  # type: ignore[arg-type]
+        future = msgspec.json.decode(good, type=RoundOpen)  # ... so a hostile one signs it by hand
+        return msgspec.json.encode(sign_struct(agg, msgspec.structs.replace(future, global_round=3))), members
     return good + b" " * 4096, members
 
 

@@ -91,7 +91,8 @@ def daemons(tmp_path: Path, twin: Path, n: int, env: dict[str, str] | None = Non
             seed_torch_twin(tmp_path / f"f{i}", twin)
         nodes.append(wait_ready(spawn_daemon(tmp_path / "f0", env)))
         extra = (env or {}) | {"MIRADOR_P2P_BOOTSTRAP": peers(nodes[0])["listen_addrs"][0]}
-        nodes += [spawn_daemon(tmp_path / f"f{i}", extra) for i in range(1, n)]
+        for i in range(1, n):  # one by one: a failed spawn leaves the started ones in `nodes`, to be stopped
+            nodes.append(spawn_daemon(tmp_path / f"f{i}", extra))
         for d in nodes[1:]:
             wait_ready(d)
         yield nodes

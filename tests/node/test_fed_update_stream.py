@@ -21,13 +21,12 @@ from typing import Any, cast
 import msgspec
 import numpy as np
 import pytest
-import safetensors.numpy
 import trio
 from libp2p.peer.id import ID
 
 from crypto.identity import Identity
 from federation.descriptor import AdapterConfig, DpParams, Privacy, sign_descriptor, sign_struct
-from federation.messages import UPDATE_SCHEMA, UpdateHeader, sign_update_header
+from federation.messages import UPDATE_SCHEMA, UpdateHeader
 from federation.round import RejectReason, RoundState
 from federation.update import Layout, encode_tensors
 from node import fed_wire
@@ -36,27 +35,16 @@ from node.fed_store import FederationStore, RejectionRow
 from node.p2p.framing import HEADER_SIZE, MAGIC, Kind, decode_header
 from node.p2p.host import Libp2pStream, P2PConfig, P2PNode
 from node.p2p.notices import NoticeBoard
+from tests.federation.updates import LAYOUT, ROUND, adapter, non_finite, signed_update
 
 DEADLINE_S = 15  # per test, hosts included
 # The update stream needs neither the DHT nor gossipsub: bare hosts start in a few milliseconds.
 CFG = P2PConfig(dht=False, pubsub=False, dial_timeout=5, negotiate_timeout=5)
-ROUND = 3
 NOW = 1_800_000_000.0
 ROUND_DEADLINE = NOW + 300
 OTHER_FID = hashlib.sha256(b"another federation").hexdigest()
 SERVICE_LOGGER = "node.fed_service"
 ROUND_CLOSED = "round_closed"  # the handler's own verdict when no round is open for the header's (federation, round)
-
-
-def adapter(seed: int = 0, rows: int = 6) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "q_proj.lora_A.weight": rng.standard_normal((2, 5)).astype(np.float32),
-        "q_proj.lora_B.weight": rng.standard_normal((rows, 2)).astype(np.float32),
-    }
-
-
-LAYOUT = Layout.of(adapter())
 
 
 class Clock:
@@ -241,35 +229,6 @@ async def send_one(member: P2PNode, peer: ID, header: bytes, payload: bytes) -> 
 # --- updates -------------------------------------------------------------------------------------------------------
 
 
-def update(
-    node: Identity,
-    fid: str,
-    payload: bytes | None = None,
-    *,
-    round: int = ROUND,
-    layout: str | None = None,
-    header_payload: bytes | None = None,
-) -> tuple[bytes, bytes]:
-    """A signed header and its payload (by default a good plain update)."""
-    payload = encode_tensors(adapter(7)) if payload is None else payload
-    header = sign_update_header(
-        node,
-        federation_id=fid,
-        round=round,
-        layout_digest=LAYOUT.digest() if layout is None else layout,
-        kind="plain",
-        payload=payload if header_payload is None else header_payload,
-        num_examples=12,
-    )
-    return header, payload
-
-
-def non_finite(value: float) -> bytes:
-    tensors = adapter(7)
-    tensors["q_proj.lora_B.weight"][2, 1] = value
-    return safetensors.numpy.save(tensors)
-
-
 def oversized_header(node: Identity, fid: str) -> bytes:
     """A header, properly signed, declaring one byte more than the wire's payload limit (no such payload exists)."""
     header = UpdateHeader(
@@ -291,31 +250,31 @@ def faulty(fault: Fault, arena: Arena) -> tuple[bytes, bytes]:
     fid, sender = arena.fid, arena.sender
     match fault:
         case Fault.LATE:  # the caller moves the clock past the deadline
-            return update(sender, fid)
+            return signed_update(sender, fid=fid)
         case Fault.DUPLICATE:
-            return update(arena.first, fid, encode_tensors(adapter(8)))
+            return signed_update(arena.first, encode_tensors(adapter(8)), fid=fid)
         case Fault.WRONG_ROUND:
-            return update(sender, fid, round=ROUND - 1)
+            return signed_update(sender, fid=fid, round=ROUND - 1)
         case Fault.WRONG_FEDERATION:
-            return update(sender, OTHER_FID)
+            return signed_update(sender, fid=OTHER_FID)
         case Fault.NOT_A_MEMBER:
-            return update(arena.outsider, fid)
+            return signed_update(arena.outsider, fid=fid)
         case Fault.WRONG_SENDER:  # the caller sends it from `first`'s node
-            return update(sender, fid)
+            return signed_update(sender, fid=fid)
         case Fault.BAD_SIGNATURE:
-            header, payload = update(sender, fid)
+            header, payload = signed_update(sender, fid=fid)
             return json.dumps(json.loads(header) | {"num_examples": 10_000}).encode(), payload
         case Fault.WRONG_LAYOUT:
             other = adapter(rows=7)
-            return update(sender, fid, encode_tensors(other), layout=Layout.of(other).digest())
+            return signed_update(sender, encode_tensors(other), fid=fid, layout=Layout.of(other).digest())
         case Fault.WRONG_TENSOR_SHAPE:
-            return update(sender, fid, encode_tensors(adapter(rows=5)))
+            return signed_update(sender, encode_tensors(adapter(rows=5)), fid=fid)
         case Fault.NAN | Fault.INF:
-            return update(sender, fid, non_finite(np.nan if fault is Fault.NAN else np.inf))
+            return signed_update(sender, non_finite(np.nan if fault is Fault.NAN else np.inf), fid=fid)
         case Fault.OVERSIZED:
             return oversized_header(sender, fid), b""  # never sent: the aggregator refuses on the header
         case Fault.BAD_DIGEST:
-            return update(sender, fid, encode_tensors(adapter(9)), header_payload=encode_tensors(adapter(7)))
+            return signed_update(sender, encode_tensors(adapter(9)), fid=fid, header_payload=encode_tensors(adapter(7)))
     raise AssertionError(fault)
 
 
@@ -357,7 +316,7 @@ def test_a_bad_update_is_refused_over_the_stream_with_a_recorded_and_logged_reas
     async def main() -> None:
         with trio.fail_after(DEADLINE_S):
             async with update_stream(arena) as send:
-                outcomes["first"] = await send(*update(arena.first, arena.fid))
+                outcomes["first"] = await send(*signed_update(arena.first, fid=arena.fid))
                 # Act
                 outcomes["fault"] = await inflict(fault, arena, send)
 
@@ -388,7 +347,7 @@ def test_a_good_update_is_accepted_once_and_refused_updates_do_not_count(
 ) -> None:
     # Arrange
     caplog.set_level(logging.INFO, logger=SERVICE_LOGGER)
-    first = update(arena.first, arena.fid)
+    first = signed_update(arena.first, fid=arena.fid)
     outcomes: dict[str, Outcome] = {}
     faults: dict[Fault, Outcome] = {}
 
@@ -400,7 +359,7 @@ def test_a_good_update_is_accepted_once_and_refused_updates_do_not_count(
                 outcomes["copy"] = await send(*first)  # the very same bytes again
                 for fault in Fault:
                     faults[fault] = await inflict(fault, arena, send)
-                outcomes["sender"] = await send(*update(arena.sender, arena.fid))
+                outcomes["sender"] = await send(*signed_update(arena.sender, fid=arena.fid))
 
     trio.run(main)
     # Assert

@@ -1,10 +1,11 @@
 """A federation of real daemons survives a member and, separately, the round's aggregator being killed mid-round.
 
 dp mode, 4 trainers, quorum 3, 40 s rounds. Round 1: a member is SIGKILLed while it trains; the round completes at
-its deadline with the other 3 updates, and the member, restarted, catches up on the global it missed. Round 2: its
-aggregator is SIGKILLed after updates were released to it; every node abandons the round on its own and a later
-round, under another aggregator or the restarted one, completes with all 4 members. No node's state is corrupted:
-every installed adapter version loads, no temp file is left behind, and all 4 end on the same global adapter.
+its deadline with the other 3 updates. Round 2 (the member still down, so the round cannot close before its
+deadline): its aggregator is SIGKILLed after updates were released to it, then started again; every node abandons
+the round on its own. The member, restarted, catches up on the global it missed, and a later round, under another
+aggregator or the restarted one, completes with all 4 members. No node's state is corrupted: once they are stopped,
+every installed adapter version loads, every JSON file of their state parses, and all 4 held the same global.
 """
 
 import json
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from federation.messages import choose_aggregator
-from tests.daemon_harness import Daemon
+from tests.daemon_harness import Daemon, stop_all
 from tests.node.fed_daemons import (
     TOPICS,
     cli,
@@ -76,22 +77,27 @@ def test_killing_a_member_then_an_aggregator_mid_round(four: list[Daemon], tmp_p
     first = {by_round(four[i], fid)[1]["aggregate_cid"] for i in others}
     contributors = set(by_round(four[others[0]], fid)[1]["contributors"])
     assert len(first) == 1 and contributors == {fps[i] for i in others}
-    # ... and the member, started again, knows the federation; its interrupted run's scratch folder is gone
-    four[victim] = restart(four[victim])
-    assert federations(four[victim])[0]["federation_id"] == fid
-    assert not killed_run.exists()
 
-    # Act 2: the aggregator of round 2 is killed once updates were released to it, then started again
+    # Act 2: the aggregator of round 2 is killed once updates were released to it, then started again. With the
+    # member still down the round waits for its deadline, however fast the others train: the kill lands in it.
     def released_r2() -> bool:
         return any((four[i].home / "federations" / fid / "released" / "r2.safetensors").exists() for i in others)
 
     wait_for(released_r2, 3 * DEADLINE_S, "an update released in round 2")
     kill_and_restart(four, agg2)
+    # ... and the member, started again, knows the federation; its interrupted run's scratch folder is gone
+    four[victim] = restart(four[victim])
+    assert federations(four[victim])[0]["federation_id"] == fid
+    assert not killed_run.exists()
 
     # Assert 2: nobody applied round 2; a later round completes with all four members, on every node
     def later_round() -> int | None:
-        applied = [{r for r, row in by_round(n, fid).items() if row["status"] == "applied" and r > 2} for n in four]
-        common = set.intersection(*applied)
+        complete = [
+            {r for r, row in by_round(n, fid).items() if r > 2 and row["status"] == "applied"}
+            & {r for r, row in by_round(n, fid).items() if set(row["contributors"]) == set(fps)}
+            for n in four
+        ]
+        common = set.intersection(*complete)
         return min(common) if common else None
 
     wait_for(lambda: later_round() is not None, 6 * DEADLINE_S, "a round after 2 applied by all four")
@@ -99,8 +105,7 @@ def test_killing_a_member_then_an_aggregator_mid_round(four: list[Daemon], tmp_p
     assert later is not None
     views = [by_round(n, fid) for n in four]
     assert all(v.get(2, {}).get("status") in (None, "abandoned") for v in views), views
-    assert len({v[later]["aggregate_cid"] for v in views}) == 1
-    assert set(views[0][later]["contributors"]) == set(fps), "the restarted member and aggregator contribute again"
+    assert len({v[later]["aggregate_cid"] for v in views}) == 1  # the restarted member and aggregator contributed
     assert views[agg2][2]["status"] == "abandoned" and "stopped during the round" in views[agg2][2]["reason"]
     shown = cli(four[agg2], "federation", "rounds", "club")  # what its user reads
     assert shown.returncode == 0 and "round    2 abandoned" in shown.stdout, shown.stdout + shown.stderr
@@ -108,12 +113,16 @@ def test_killing_a_member_then_an_aggregator_mid_round(four: list[Daemon], tmp_p
     status = cli(four[victim], "federation", "status")
     assert status.returncode == 0 and "club (" in status.stdout and "privacy: ε = " in status.stdout, status.stderr
 
-    # No node's state is corrupted: every installed version and JSON file loads, all hold the same global
+    # No node's state is corrupted: all hold the same global; stopped (nothing changes under the check), every
+    # installed version loads and every JSON file of their state parses (train/ holds the scratch of a training run
+    # the stop interrupted, removed at the next start)
     wait_for(lambda: len({federations(n)[0]["global_cid"] for n in four}) == 1, 2 * DEADLINE_S, "the same global")
+    stop_all(four)
     for n in four:
         versions = sorted((n.home / "adapters" / "fed-club").glob("v*"))
         assert versions, n.home
         for v in versions:
             assert tensors(v / "adapter_model.safetensors") and list(v.glob("*.gguf")), v
         for path in n.home.rglob("*.json"):
-            json.loads(path.read_text())
+            if path.relative_to(n.home).parts[0] != "train":
+                json.loads(path.read_text())

@@ -1,0 +1,60 @@
+"""What several benchmarks share: argparse types for counts, the JSON writer, a warning counter, the load average."""
+
+import argparse
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+
+def positive_int(text: str) -> int:
+    """An integer ≥ 1 (argparse names the option when this raises)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An integer ≥ 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+    return value
+
+
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    """The results as JSON (written whole, then renamed over the previous file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    tmp.replace(path)
+
+
+class LogCounter(logging.Handler):
+    """Counts log messages at or above `level` (peer IDs, hashes and digits folded) instead of printing them."""
+
+    def __init__(self, level: int = logging.WARNING) -> None:
+        super().__init__(level)
+        self.counts: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Count one message."""
+        text = re.sub(r"12D3KooW\w+|Qm\w{44}|baf\w{50,}|[0-9a-f]{16,}", "<id>", " ".join(record.getMessage().split()))
+        text = f"{record.name}: " + re.sub(r"\d+", "N", text)[:200]
+        self.counts[text] = self.counts.get(text, 0) + 1
+
+    def top(self, n: int = 10) -> dict[str, int]:
+        """The `n` most frequent messages with their counts."""
+        return dict(sorted(self.counts.items(), key=lambda kv: -kv[1])[:n])
+
+
+def load() -> list[float]:
+    """The 1, 5 and 15-minute load averages, rounded."""
+    return [round(x, 2) for x in os.getloadavg()]
