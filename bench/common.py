@@ -1,10 +1,15 @@
-"""What several benchmarks share: argparse types for counts, the JSON writer, a warning counter, the load average."""
+"""What several benchmarks share: count argument types, the result header and JSON writer, a warning counter."""
 
 import argparse
 import json
 import logging
 import os
+import platform
 import re
+import shlex
+import sys
+from datetime import UTC, datetime
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +63,15 @@ class LogCounter(logging.Handler):
 def load() -> list[float]:
     """The 1, 5 and 15-minute load averages, rounded."""
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def run_header(*packages: str) -> dict[str, Any]:
+    """What every result file starts with: the command, when, on what machine and load, and package versions."""
+    return {
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "load_before": load(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    } | {package: package_version(package) for package in packages}

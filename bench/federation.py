@@ -53,9 +53,6 @@ import functools
 import itertools
 import json
 import logging
-import os
-import platform
-import shlex
 import shutil
 import statistics
 import sys
@@ -63,8 +60,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +69,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import node.fed_service as fed_service
-from bench.common import LogCounter, load, non_negative_int, positive_int, write_json
+from bench.common import LogCounter, load, non_negative_int, positive_int, run_header, write_json
 from crypto.he import (
     EncryptedVector,
     HEParams,
@@ -983,16 +978,7 @@ def main() -> None:
         logger.setLevel(logging.WARNING)
 
     gguf = embedded_model_path()
-    result: dict[str, Any] = {
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "load_before": load(),
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "libp2p": package_version("libp2p"),
-        "tenseal": package_version("tenseal"),
-        "flwr": package_version("flwr"),
+    result: dict[str, Any] = run_header("libp2p", "tenseal", "flwr") | {
         "model": gguf.name,
         "adapter": {"rank": RANK, "alpha": ALPHA, "targets": list(TARGETS)},
         "seed": args.seed,

@@ -42,9 +42,7 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import random
-import shlex
 import shutil
 import statistics
 import struct
@@ -53,9 +51,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from functools import partial
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +61,7 @@ from libp2p.peer.id import ID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import LogCounter, load
+from bench.common import LogCounter, load, run_header
 from crypto.identity import Identity
 from marketplace.blockstore import BlockStore
 from marketplace.cid import Cid
@@ -648,14 +644,7 @@ def main() -> None:
     libp2p_log.propagate = False
 
     rows: list[Row] = []
-    result: dict[str, Any] = {
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "load_before": load(),
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "libp2p": package_version("libp2p"),
+    result: dict[str, Any] = run_header("libp2p") | {
         "seed": args.seed,
         "sections": {},
     }
