@@ -75,3 +75,36 @@ def run_header(*packages: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "machine": platform.machine(),
     } | {package: package_version(package) for package in packages}
+
+
+def extra_buffers(model_path: Path) -> bool:
+    """The node's choice of llama.cpp's extra buffer types for `model_path` ($MIRADOR_INFERENCE_EXTRA_BUFFERS, else
+    auto: probed in child processes once, cached in bench/results/probe_cache.json): no bench path crashes where the
+    node would not."""
+    from node.inference.extra_buffers import choose
+
+    setting: Any = os.environ.get("MIRADOR_INFERENCE_EXTRA_BUFFERS", "auto")
+    return choose(model_path, setting, Path(__file__).parent / "results" / "probe_cache.json").use
+
+
+def high_level_llama(path: Path, **kwargs: Any) -> Any:
+    """llama-cpp-python's high-level `Llama` with the node's extra-buffers choice.
+
+    `Llama` does not expose `use_extra_bufts`: its `llama_model_default_params` is wrapped while it is built.
+    """
+    import llama_cpp
+    import llama_cpp.llama_cpp as binding  # the module `Llama.__init__` calls it from
+
+    use = extra_buffers(path)
+    default = binding.llama_model_default_params
+
+    def params() -> Any:
+        p = default()
+        p.use_extra_bufts = use
+        return p
+
+    binding.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(str(path), **kwargs)
+    finally:
+        binding.llama_model_default_params = default

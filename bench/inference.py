@@ -24,6 +24,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import extra_buffers, high_level_llama
 from node.engine import GenerationRequest, InferenceEngine
 from node.llama_backend import LlamaModel, SamplingParams
 from node.models import embedded_model_path
@@ -84,7 +85,7 @@ def bare_llama(model: LlamaModel, prompt: list[int], gen: int, threads: int, n_c
 
 def high_level(path: Path, prompt: str, gen: int, threads: int, n_ctx: int) -> dict[str, float]:
     """Context: llama-cpp-python's high-level `Llama` streaming API."""
-    llm = ll.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+    llm = high_level_llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
     t0 = time.perf_counter()
     times = []
     for _ in llm.create_completion(prompt, max_tokens=gen, temperature=0, stream=True):
@@ -233,7 +234,7 @@ def measure_isolated(kind: str, rep: int, args: argparse.Namespace) -> dict[str,
 def one(kind: str, rep: int, args: argparse.Namespace) -> dict[str, float]:
     """One measurement of `kind` in this process."""
     path = embedded_model_path()
-    model = LlamaModel(path)
+    model = LlamaModel(path, extra_buffers=extra_buffers(path))
     text, tokens = make_prompt(model, rep, args.prompt_tokens)
     if kind == "bare":
         return bare_llama(model, tokens, args.gen_tokens, args.threads, N_CTX)
@@ -260,7 +261,7 @@ def main() -> None:
         print(json.dumps(one(args.one, args.rep, args)))
         return
     path = embedded_model_path()
-    model = LlamaModel(path)
+    model = LlamaModel(path, extra_buffers=extra_buffers(path))
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in ("bare", "engine", "http", "highlevel")}
     proc, url, _home = start_daemon(args.threads, N_CTX, args.gen_tokens)
     concurrent: list[float] = []

@@ -494,9 +494,9 @@ def pull_rep(daemons: dict[str, Daemon], letter_of: dict[str, str], size: int, t
     out["pulls"] = []
     for n_providers, letter in enumerate("BCDE", start=1):
         os.sync()
-        cpu_before = {name: cpu_seconds(d.proc.pid) for name, d in daemons.items()}
+        cpu_before = {name: cpu_seconds(d.pid) for name, d in daemons.items()}
         pulled = pull_once(daemons[letter], f"big@{version}", size)
-        pulled["cpu_s"] = {name: cpu_seconds(d.proc.pid) - cpu_before[name] for name, d in daemons.items()}
+        pulled["cpu_s"] = {name: cpu_seconds(d.pid) - cpu_before[name] for name, d in daemons.items()}
         by_letter = {letter_of.get(p, p): blocks for p, blocks in pulled["done"]["providers"].items()}
         pulled |= {"puller": letter, "providers_expected": n_providers, "blocks_by_provider": by_letter}
         out["pulls"].append(pulled)

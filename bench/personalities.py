@@ -21,6 +21,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import extra_buffers, high_level_llama
+
 ROOT = Path(__file__).resolve().parent.parent
 N_ADAPTERS = 8
 
@@ -67,13 +69,11 @@ def write_adapters(folder: Path, n: int, targets: str) -> list[Path]:
 
 def m_swap(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     """Adapter load and switch (+ prompt re-evaluation) vs a full `Llama(..., lora_path=...)` load."""
-    from llama_cpp import Llama
-
     from node.llama_backend import BatchContext, LlamaModel, LoraAdapter
     from node.models import embedded_model_path
 
     paths = write_adapters(folder, N_ADAPTERS, "qv")
-    model = LlamaModel(embedded_model_path())
+    model = LlamaModel(embedded_model_path(), extra_buffers=extra_buffers(embedded_model_path()))
     ctx = BatchContext(model, 512, 1, 64, args.threads)
     prompt = model.tokenize("The best way to plan a monthly budget is", True, False)
     loads, switches, reevals = [], [], []
@@ -95,7 +95,9 @@ def m_swap(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     fulls = []
     for p in paths[:3]:
         t = time.perf_counter()
-        llm = Llama(str(embedded_model_path()), lora_path=str(p), n_ctx=512, n_threads=args.threads, verbose=False)
+        llm = high_level_llama(
+            embedded_model_path(), lora_path=str(p), n_ctx=512, n_threads=args.threads, verbose=False
+        )
         llm.eval(prompt)
         fulls.append(time.perf_counter() - t)
         del llm
@@ -115,7 +117,7 @@ def m_rss_adapters(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
     paths = write_adapters(folder, N_ADAPTERS, "qv")
     before = rss_mb()
-    model = LlamaModel(embedded_model_path())
+    model = LlamaModel(embedded_model_path(), extra_buffers=extra_buffers(embedded_model_path()))
     ctx = BatchContext(model, 512, 1, 64, args.threads)
     base = rss_mb()
     adapters = [LoraAdapter(model, p) for p in paths]
@@ -127,13 +129,13 @@ def m_rss_models(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     """RSS of 8 separately loaded models (no mmap sharing: what 8 single-purpose servers hold), one context each."""
     import llama_cpp as ll
 
-    from node.llama_backend import BatchContext, LlamaModel
+    from node.llama_backend import BatchContext, LlamaModel, model_params
     from node.models import embedded_model_path
 
     before = rss_mb()
     held = []
     for _ in range(N_ADAPTERS):
-        params = ll.llama_model_default_params()
+        params = model_params(extra_buffers(embedded_model_path()))
         params.use_mmap = False
         m = LlamaModel.__new__(LlamaModel)
         m.ptr = ll.llama_model_load_from_file(str(embedded_model_path()).encode(), params)
@@ -157,7 +159,7 @@ def m_generate(args: argparse.Namespace, folder: Path, targets: str | None) -> d
     if targets:
         path = write_adapters(folder, 1, targets)[0]
         refs = (AdapterRef("bench@v1", path),)
-    model = LlamaModel(embedded_model_path())
+    model = LlamaModel(embedded_model_path(), extra_buffers=extra_buffers(embedded_model_path()))
     settings = InferenceSettings(
         profile="bench", threads=args.threads, n_ctx=512, max_tokens=256, batch_size=128, slots=1, adapter_cache_mb=64
     )

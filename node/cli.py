@@ -25,6 +25,14 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     home = _home(args)
     if args.detach:
         return _start_detached(home, args)
+    if not args.no_supervisor:
+        from node.supervisor import run_supervised
+
+        home.ensure()
+        daemon_argv = ["--home", str(home.root), "node", "start"]
+        if args.profile:
+            daemon_argv += ["--profile", args.profile]
+        return run_supervised(daemon_argv, home.log_file)
     from node.daemon import StartOptions, run_daemon  # heavy imports only when needed
 
     return run_daemon(home, StartOptions(profile=args.profile))
@@ -40,7 +48,7 @@ def _start_detached(home: NodeHome, args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "node.cli", "--home", str(home.root), "node", "start"]
     if args.profile:
         cmd += ["--profile", args.profile]
-    with open(home.log_file, "ab") as log:
+    with open(os.open(home.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
         child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
@@ -51,9 +59,9 @@ def _start_detached(home: NodeHome, args: argparse.Namespace) -> int:
             )
             print(_tail(home.log_file), file=sys.stderr)
             return child.returncode or 1
-        info = running_daemon(home)
-        if info is not None and info.pid == child.pid and _healthy(info.url):
-            print(f"mirador: daemon started (pid {child.pid}), API at {info.url}, log in {home.log_file}")
+        info = running_daemon(home)  # the daemon is the child's child (node.supervisor)
+        if info is not None and _healthy(info.url):
+            print(f"mirador: daemon started (pid {info.pid}), API at {info.url}, log in {home.log_file}")
             return 0
         time.sleep(0.2)
     print(
@@ -256,6 +264,13 @@ def cmd_federation(args: argparse.Namespace) -> int:
     return run(_home(args), args)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Dispatch `mirador doctor`."""
+    from node.doctor import cmd_doctor as doctor
+
+    return doctor(_home(args), args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `mirador`."""
     parser = argparse.ArgumentParser(
@@ -271,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--profile", choices=["battery", "balanced", "performance"], help="energy profile")
     start.add_argument("--detach", action="store_true", help="run in the background (pid file, log in the home)")
     start.add_argument("--wait", type=float, default=60.0, help="with --detach: seconds to wait for the API")
+    # the daemon itself, in this process; `node start` runs it so as a supervised child (node.supervisor)
+    start.add_argument("--no-supervisor", action="store_true", help=argparse.SUPPRESS)
     start.set_defaults(func=cmd_node_start)
     stop = node_sub.add_parser("stop", help="stop the daemon (SIGTERM, then wait)")
     stop.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for it to exit")
@@ -306,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     from node.fed_cli import add_parser as add_fed_parser
 
     add_fed_parser(sub).set_defaults(func=cmd_federation)
+    from node.doctor import add_parser as add_doctor_parser
+
+    add_doctor_parser(sub).set_defaults(func=cmd_doctor)
     return parser
 
 
@@ -316,6 +336,13 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.func(args)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        from node.client import DaemonError, NotRunningError  # imported late: httpx is slow to import
+
+        if not isinstance(exc, DaemonError):
+            raise
+        print(f"mirador: {exc}", file=sys.stderr)  # every client command: one line, never a traceback
+        return EXIT_NOT_RUNNING if isinstance(exc, NotRunningError) else 1
     return code
 
 

@@ -1,5 +1,6 @@
 """Talking to the running daemon of a home: where it listens, with which token."""
 
+import contextlib
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -11,8 +12,20 @@ from node.home import NodeHome
 from node.runlock import DaemonInfo, running_daemon
 
 
-class NotRunningError(Exception):
+class DaemonError(RuntimeError):
+    """Talking to the daemon failed; the message is one line for the user."""
+
+
+class NotRunningError(DaemonError):
     """No daemon runs on this home."""
+
+
+class DaemonGoneError(DaemonError):
+    """The daemon closed the connection, stopped answering or went away during a request."""
+
+
+class DaemonRequestError(DaemonError):
+    """The daemon answered with an HTTP error; the message carries its explanation."""
 
 
 class DaemonClient:
@@ -23,21 +36,40 @@ class DaemonClient:
         if info is None:
             raise NotRunningError(f"no Mirador daemon is running on {home.root} (start one: mirador node start)")
         self.info: DaemonInfo = info
+        self.home = home
         token = load_config(home.config_file).api.token if home.config_file.exists() else ""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=info.url, headers=headers, timeout=httpx.Timeout(timeout_s, connect=5.0))
 
+    @contextlib.contextmanager
+    def _transport(self) -> Iterator[None]:
+        """Turn a broken connection into one DaemonGoneError that says what happened and where to look."""
+        try:
+            yield
+        except httpx.TimeoutException:
+            raise DaemonGoneError(
+                f"the daemon at {self.info.url} did not answer in time; `mirador node status` shows its load"
+            ) from None
+        except httpx.TransportError as exc:
+            what = "refused the connection" if isinstance(exc, httpx.ConnectError) else "closed the connection"
+            raise DaemonGoneError(
+                f"the daemon at {self.info.url} {what} ({exc}); it may have stopped or crashed: "
+                f"see {self.home.log_file}, `mirador node status`, `mirador doctor`"
+            ) from None
+
     def get(self, path: str) -> Any:
         """GET a JSON document; raise on HTTP errors with the server's message."""
-        return _json_or_raise(self.http.get(path))
+        with self._transport():
+            return _json_or_raise(self.http.get(path))
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
         """POST JSON; raise on HTTP errors with the server's message."""
-        return _json_or_raise(self.http.post(path, json=body))
+        with self._transport():
+            return _json_or_raise(self.http.post(path, json=body))
 
     def stream_lines(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """POST JSON and yield each JSON line of the streamed answer."""
-        with self.http.stream("POST", path, json=body) as resp:
+        with self._transport(), self.http.stream("POST", path, json=body) as resp:
             if resp.status_code != 200:
                 resp.read()
                 _json_or_raise(resp)
@@ -47,7 +79,7 @@ class DaemonClient:
 
     def stream_chat(self, body: dict[str, Any]) -> Iterator[str]:
         """POST a streamed chat completion and yield its text deltas."""
-        with self.http.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as resp:
+        with self._transport(), self.http.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as resp:
             if resp.status_code != 200:
                 resp.read()
                 _json_or_raise(resp)
@@ -59,7 +91,7 @@ class DaemonClient:
                     return
                 event = json.loads(data)
                 if "error" in event:
-                    raise RuntimeError(event["error"]["message"])
+                    raise DaemonRequestError(event["error"]["message"])
                 for choice in event.get("choices", []):
                     delta = choice.get("delta", {}).get("content")
                     if delta:
@@ -73,5 +105,5 @@ def _json_or_raise(resp: httpx.Response) -> Any:
         data = None
     if resp.status_code >= 400:
         message = data["error"]["message"] if isinstance(data, dict) and "error" in data else resp.text
-        raise RuntimeError(f"HTTP {resp.status_code}: {message}")
+        raise DaemonRequestError(f"HTTP {resp.status_code}: {message}")
     return data

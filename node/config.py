@@ -55,6 +55,9 @@ class InferenceSection(_Section, frozen=True):
     batch_size: PositiveInt | None = None
     slots: Annotated[int, msgspec.Meta(ge=1, le=64)] | None = None
     adapter_cache_mb: PositiveInt | None = None
+    # llama.cpp's extra buffer types (weight repacking, e.g. AMX): auto = probed once in a child process per model,
+    # llama.cpp build and CPU (node.inference.extra_buffers); on/off force them.
+    extra_buffers: Literal["auto", "on", "off"] = "auto"
 
 
 class StoreSection(_Section, frozen=True):

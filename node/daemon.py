@@ -5,13 +5,18 @@ On SIGINT/SIGTERM the engine stops taking work, running streams get `api.shutdow
 then cut with a final error event and `[DONE]`; then hypercorn closes and the process exits 0.
 """
 
+import faulthandler
+import io
 import logging
+import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -27,6 +32,7 @@ from node.feedback_db import FeedbackDB
 from node.fsutil import atomic_write_text
 from node.home import NodeHome
 from node.identity_file import IdentityFileError, load_or_create_identity
+from node.inference.extra_buffers import ProbeError, Setting, Verdict, choose
 from node.market_service import MarketService
 from node.models import BaseModel, ModelNotFoundError, resolve_model
 from node.p2p.fed_dht import federation_validators
@@ -58,14 +64,31 @@ class StartOptions:
     profile: str | None = None
 
 
-def setup_logging(level: str) -> None:
-    """Log to stderr with timestamps; py-libp2p's own records only at debug level, or from ERROR up."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+class _Libp2pChurn(logging.Filter):
+    """Leaves out py-libp2p's records below ERROR: some of its loggers set their own level (the auto-connector logs
+    "initiating 32 new dials" at INFO every 10 s on a node with no peers), so a level on "libp2p" is not enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep the record unless it is py-libp2p's and below ERROR."""
+        return record.levelno >= logging.ERROR or not (record.name == "libp2p" or record.name.startswith("libp2p."))
+
+
+def setup_logging(level: str, log_file: Path | None = None) -> None:
+    """Log to stderr with timestamps, and to `log_file` too unless stderr already is that file (--detach); a native
+    crash's traceback goes to `log_file` (faulthandler). py-libp2p's own records only at debug level, or from ERROR
+    up."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        crash_file = sys.stderr if _is_same_file(sys.stderr, log_file) else _open_log(log_file)
+        if crash_file is not sys.stderr:
+            handlers.append(logging.StreamHandler(crash_file))
+        faulthandler.enable(file=crash_file, all_threads=True)
+    debug = level.lower() == "debug"
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        if not debug:
+            handler.addFilter(_Libp2pChurn())
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=handlers, force=True)
     # py-libp2p's "libp2p" logger does not propagate and has no handler, so its records reached stderr bare,
     # through logging's last-resort handler. They now go through ours. Its warnings are network churn logged per
     # attempt (a gone peer's failed dials and DHT streams, one per message a flooding peer sends beyond gossipsub's
@@ -73,7 +96,25 @@ def setup_logging(level: str) -> None:
     # blacklisted peers), so below debug level they are left out.
     libp2p = logging.getLogger("libp2p")
     libp2p.propagate = True
-    libp2p.setLevel(logging.DEBUG if logging.root.level <= logging.DEBUG else logging.ERROR)
+    libp2p.setLevel(logging.DEBUG if debug else logging.ERROR)
+
+
+_log_files: list[TextIO] = []  # kept open for the process's life: faulthandler writes to the descriptor on a crash
+
+
+def _open_log(path: Path) -> TextIO:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    f = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
+    _log_files.append(f)
+    return f
+
+
+def _is_same_file(stream: TextIO, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(stream.fileno()), os.stat(path))
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
 
 
 def prepare_home(home: NodeHome) -> NodeConfig:
@@ -102,8 +143,12 @@ def build_state(home: NodeHome, cfg: NodeConfig, options: StartOptions) -> NodeS
         log.info("created a new node identity %s in %s", identity.fingerprint, home.identity_key)
     try:
         model_id, path = resolve_model(cfg.model)
-        model = BaseModel(model_id, path, verbose=cfg.node.log_level == "debug")
-    except (ModelNotFoundError, Exception) as exc:
+    except ModelNotFoundError as exc:
+        raise StartupError(f"cannot load the model: {exc}", EXIT_FAILED) from None
+    verdict = choose_extra_buffers(home, path, settings.extra_buffers)
+    try:
+        model = BaseModel(model_id, path, extra_buffers=verdict.use, verbose=cfg.node.log_level == "debug")
+    except Exception as exc:
         raise StartupError(f"cannot load the model: {exc}", EXIT_FAILED) from None
     engine = InferenceEngine(model.llama, settings)
     log.info(
@@ -146,7 +191,24 @@ def build_state(home: NodeHome, cfg: NodeConfig, options: StartOptions) -> NodeS
         manifest=manifest,
         feedback=feedback,
         training=TrainingService(home, path, store, feedback),
+        extra_buffers=verdict,
     )
+
+
+def choose_extra_buffers(home: NodeHome, model_path: Path, setting: Setting) -> Verdict:
+    """Decide llama.cpp's extra buffer types for this model (the probe runs once; its verdict is cached) and log
+    why; a fallback is a warning."""
+    if setting == "auto" and not home.probe_cache.exists():
+        log.info("probing llama.cpp's extra buffer types for %s in child processes (once)", model_path.name)
+    try:
+        verdict = choose(model_path, setting, home.probe_cache)
+    except ProbeError as exc:
+        raise StartupError(f"{exc}" if exc.unloadable else f"{exc}; run `mirador doctor`", EXIT_FAILED) from None
+    if verdict.fell_back:
+        log.warning("%s; serving on the plain CPU path (`mirador doctor` tells more)", verdict.describe())
+    else:
+        log.info("%s", verdict.describe())
+    return verdict
 
 
 def _network(
@@ -299,7 +361,7 @@ def run_daemon(home: NodeHome, options: StartOptions) -> int:
     """Start the node in the foreground; returns the process exit code."""
     try:
         cfg = prepare_home(home)
-        setup_logging(cfg.node.log_level)
+        setup_logging(cfg.node.log_level, home.log_file)
         lock = RunLock(home)
         try:
             lock.acquire()
@@ -316,6 +378,8 @@ def run_daemon(home: NodeHome, options: StartOptions) -> int:
             lock.release()
     except StartupError as exc:
         print(f"mirador: {exc}", file=sys.stderr)
+        for f in _log_files:  # foreground: the log file gets it too
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR mirador.daemon: {exc}", file=f)
         return exc.exit_code
     log.info("stopped")
     return EXIT_OK

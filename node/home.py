@@ -50,6 +50,11 @@ class NodeHome:
         return self.run_dir / "daemon.log"
 
     @property
+    def probe_cache(self) -> Path:
+        """Cached verdicts of the extra-buffers probe (node.inference.extra_buffers)."""
+        return self.root / "cache" / "extra_buffers.json"
+
+    @property
     def models_dir(self) -> Path:
         """Model files (GGUF) installed into this node."""
         return self.root / "models"

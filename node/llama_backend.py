@@ -15,6 +15,8 @@ import llama_cpp as ll
 import numpy as np
 from llama_cpp import _logger as ll_logger
 
+from node.faults import Fault, armed, crash_natively
+
 log = logging.getLogger(__name__)
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -51,17 +53,69 @@ class SamplingParams:
     seed: int | None = None
 
 
-class LlamaModel:
-    """One loaded GGUF model: weights, vocabulary, chat template, token texts."""
+def model_params(extra_buffers: bool) -> ll.llama_model_params:
+    """llama.cpp's model parameters for CPU inference, with its extra buffer types (weight repacking: AMX,
+    CPU_REPACK, ...) on or off. Every GGUF load goes through here, so one choice holds everywhere."""
+    params = ll.llama_model_default_params()
+    params.n_gpu_layers = 0
+    params.use_extra_bufts = extra_buffers
+    return params
 
-    def __init__(self, path: Path, verbose: bool = False) -> None:
+
+def extra_buffer_types() -> list[str]:
+    """Names of the extra buffer types the CPU backend of this llama.cpp build offers on this CPU (e.g. AMX).
+
+    Read through ggml's backend registry with ctypes; listing them allocates and computes nothing.
+    """
+    _init_backend(False)
+    lib = Path(ll.__file__).parent / "lib"
+    ggml = ctypes.CDLL(str(lib / "libggml.so"))
+    base = ctypes.CDLL(str(lib / "libggml-base.so"))
+    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    ggml.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+    base.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    base.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    base.ggml_backend_buft_name.restype = ctypes.c_char_p
+    base.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+    device = ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    if not device:
+        return []
+    proc = base.ggml_backend_reg_get_proc_address(
+        ggml.ggml_backend_dev_backend_reg(device), b"ggml_backend_dev_get_extra_bufts"
+    )
+    if not proc:
+        return []
+    bufts = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(proc)(device)
+    names: list[str] = []
+    i = 0
+    while bufts and bufts[i]:
+        names.append(base.ggml_backend_buft_name(bufts[i]).decode())
+        i += 1
+    return names
+
+
+def system_info() -> str:
+    """llama.cpp's `llama_print_system_info()`: the CPU features this build uses."""
+    _init_backend(False)
+    return ll.llama_print_system_info().decode("utf-8", errors="replace").strip()
+
+
+class LlamaModel:
+    """One loaded GGUF model: weights, vocabulary, chat template, token texts.
+
+    `extra_buffers` is the node's one choice of llama.cpp's extra buffer types (node.inference.extra_buffers):
+    on some CPUs their kernels crash or answer wrongly, so it is never left to llama.cpp's default.
+    """
+
+    def __init__(self, path: Path, *, extra_buffers: bool, verbose: bool = False) -> None:
         _init_backend(verbose)
-        params = ll.llama_model_default_params()
-        params.n_gpu_layers = 0
-        ptr = ll.llama_model_load_from_file(str(path).encode(), params)
+        ptr = ll.llama_model_load_from_file(str(path).encode(), model_params(extra_buffers))
         if not ptr:
             raise ModelLoadError(f"llama.cpp could not load {path} (not a GGUF model, or unsupported)")
         self.path = Path(path)
+        self.extra_buffers = extra_buffers
         self.ptr = ptr
         self.vocab = ll.llama_model_get_vocab(ptr)
         self.n_vocab: int = ll.llama_vocab_n_tokens(self.vocab)
@@ -70,6 +124,11 @@ class LlamaModel:
         self.size_bytes: int = ll.llama_model_size(ptr)
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
+
+    @property
+    def ftype(self) -> int:
+        """llama.cpp's file type (`llama_ftype`): 2 = Q4_0, 3 = Q4_1, ..."""
+        return int(ll.llama_model_ftype(self.ptr))
 
     def meta(self, key: str) -> str | None:
         """A GGUF metadata value as text, or None if the key is absent."""
@@ -236,6 +295,8 @@ class BatchContext:
         """Evaluate the batch built so far and start a new one."""
         self.batch.n_tokens = self.n_tokens
         self.n_tokens = 0
+        if armed(Fault.DECODE_CRASH):
+            crash_natively()
         rc = ll.llama_decode(self.ctx, self.batch)
         if rc != 0:
             raise DecodeError(f"llama_decode failed with code {rc}")

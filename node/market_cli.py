@@ -89,11 +89,14 @@ def cmd_publish(home: NodeHome, args: argparse.Namespace) -> int:
     benchmarks: dict[str, float] = {}
     if not args.no_bench:
         from node.config import load_config
+        from node.inference.extra_buffers import choose
         from node.models import resolve_model
         from node.publish_bench import publish_benchmarks
 
-        _, base = resolve_model(load_config(home.config_file).model)
-        benchmarks = publish_benchmarks(path, args.kind, base)
+        cfg = load_config(home.config_file)
+        _, base = resolve_model(cfg.model)
+        setting = cfg.inference.extra_buffers
+        benchmarks = publish_benchmarks(path, args.kind, base, lambda p: choose(p, setting, home.probe_cache).use)
     with _progress_bar() as bar:
         done = _market(home).publish(
             path,

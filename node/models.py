@@ -48,10 +48,10 @@ def resolve_model(section: ModelSection) -> tuple[str, Path]:
 class BaseModel:
     """A loaded GGUF plus its chat template: turns OpenAI messages or raw text into llama.cpp tokens."""
 
-    def __init__(self, model_id: str, path: Path, verbose: bool = False) -> None:
+    def __init__(self, model_id: str, path: Path, *, extra_buffers: bool, verbose: bool = False) -> None:
         self.id = model_id
         self.path = path
-        self.llama = LlamaModel(path, verbose=verbose)
+        self.llama = LlamaModel(path, extra_buffers=extra_buffers, verbose=verbose)
         template = self.llama.chat_template()
         self._formatter = (
             Jinja2ChatFormatter(
@@ -88,6 +88,7 @@ class BaseModel:
             "n_params": self.llama.n_params,
             "size_bytes": self.llama.size_bytes,
             "n_ctx_train": self.llama.n_ctx_train,
+            "extra_buffers": self.llama.extra_buffers,
         }
 
     def close(self) -> None:

@@ -3,7 +3,7 @@
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -34,6 +34,7 @@ class InferenceSettings(msgspec.Struct, frozen=True, kw_only=True):
     batch_size: int
     slots: int
     adapter_cache_mb: int
+    extra_buffers: Literal["auto", "on", "off"] = "auto"
 
 
 def load_profile(name: str, folder: Path = PROFILES_DIR) -> Profile:

@@ -15,6 +15,7 @@ from node.config import NodeConfig
 from node.engine import InferenceEngine
 from node.feedback_db import FeedbackDB
 from node.home import NodeHome
+from node.inference.extra_buffers import Verdict
 from node.models import BaseModel
 from node.p2p.host import P2PNode
 from node.p2p.notices import ArtifactPublished, NoticeBoard
@@ -45,6 +46,7 @@ class NodeState:
     notices: NoticeBoard | None = None
     market: "MarketService | None" = None
     federations: "FederationNode | None" = None
+    extra_buffers: Verdict | None = None
     started_at: float = field(default_factory=time.time)
     shutting_down: bool = False
 
@@ -112,6 +114,11 @@ class NodeState:
             ],
         }
 
+    def _extra_buffers_status(self) -> dict[str, Any]:
+        """Why llama.cpp's extra buffer types are on or off (the probe's verdict)."""
+        v = self.extra_buffers
+        return {} if v is None else {"extra_buffers_choice": {"source": v.source, "reason": v.reason} | v.facts}
+
     def status(self) -> dict[str, Any]:
         """The node's status as a JSON-ready dict (served at /v1/node/status, shown by `mirador node status`)."""
         engine = self.engine
@@ -133,7 +140,7 @@ class NodeState:
                 "slots": self.settings.slots,
                 "adapter_cache_mb": self.settings.adapter_cache_mb,
             },
-            "model": self.model.describe(),
+            "model": self.model.describe() | self._extra_buffers_status(),
             "engine": {
                 "slots": engine.slots,
                 "active": engine.active,

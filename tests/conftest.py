@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from node.llama_backend import LlamaModel
-from tests.daemon_harness import Daemon, running
+from tests.daemon_harness import Daemon, extra_buffers_for_tests, running
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,6 @@ def llama() -> Iterator[LlamaModel]:
     from node.llama_backend import LlamaModel
     from node.models import embedded_model_path
 
-    m = LlamaModel(embedded_model_path())
+    m = LlamaModel(embedded_model_path(), extra_buffers=extra_buffers_for_tests())
     yield m
     m.close()

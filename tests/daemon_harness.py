@@ -1,12 +1,16 @@
 """Start and stop real `mirador node start` processes on 127.0.0.1 for tests; every process is cleaned up."""
 
+import atexit
 import contextlib
+import functools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,25 +44,70 @@ class Daemon:
         """Base URL of its API."""
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        """The daemon's own pid: `mirador node start` (proc) runs it as its one child (node.supervisor)."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        assert len(children) == 1, f"`node start` has children {children}"
+        return int(children[0])
+
     def log(self) -> str:
         """Everything the daemon printed so far."""
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        """Send `sig` and wait for the exit code (kills it if it does not exit in time)."""
+        """Send `sig` to `node start` and wait for its exit code (kills it if it does not exit in time), then until
+        the home's lock is free (a SIGKILLed `node start` takes its daemon along, a moment later)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout=timeout)
+            code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
             raise
+        wait_unlocked(self.home, timeout)
+        return code
 
     def chat(self, content: str = "Hi", **extra: Any) -> httpx.Response:
         """A small non-streamed chat request."""
         body = {"model": "base", "messages": [{"role": "user", "content": content}], "max_tokens": 4} | extra
         return httpx.post(f"{self.url}/v1/chat/completions", json=body, timeout=60)
+
+
+@functools.cache
+def probe_cache() -> Path:
+    """The extra-buffers probe's verdict for the embedded model, decided once per test process (the real probe, in
+    child processes) and copied into every new test home: a verdict is keyed by model digest, llama.cpp build and
+    CPU flags, so it holds for every daemon here, and each daemon need not probe again."""
+    from node.inference.extra_buffers import choose
+    from node.models import embedded_model_path
+
+    folder = Path(tempfile.mkdtemp(prefix="mirador-test-probe-"))
+    atexit.register(shutil.rmtree, folder, True)
+    cache = folder / "extra_buffers.json"
+    choose(embedded_model_path(), "auto", cache)
+    return cache
+
+
+def extra_buffers_for_tests() -> bool:
+    """The extra-buffers choice in-process tests load the embedded model with (the same verdict daemons get)."""
+    from node.inference.extra_buffers import choose
+    from node.models import embedded_model_path
+
+    return choose(embedded_model_path(), "auto", probe_cache()).use
+
+
+def wait_unlocked(home: Path, timeout: float = 10.0) -> None:
+    """Wait until no daemon holds `home`'s lock."""
+    from node.home import NodeHome
+    from node.runlock import is_locked
+
+    deadline = time.monotonic() + timeout
+    while is_locked(NodeHome(home)):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"a daemon still holds {home} {timeout} s after `node start` exited")
+        time.sleep(0.02)
 
 
 def node_env(home: Path, port: int, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -69,11 +118,20 @@ def node_env(home: Path, port: int, extra: dict[str, str] | None = None) -> dict
 
 
 def spawn_daemon(
-    home: Path, extra_env: dict[str, str] | None = None, args: tuple[str, ...] = (), port: int | None = None
+    home: Path,
+    extra_env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+    port: int | None = None,
+    seed_probe: bool = True,
 ) -> Daemon:
-    """Start `mirador node start` as a real process (not waiting for it)."""
+    """Start `mirador node start` as a real process (not waiting for it); `seed_probe` gives a new home this test
+    process's extra-buffers verdict (tests of the probe itself pass False)."""
     port = port or free_port()
     home.mkdir(parents=True, exist_ok=True)
+    cached = home / "cache" / "extra_buffers.json"
+    if seed_probe and not cached.exists():
+        cached.parent.mkdir(mode=0o700, exist_ok=True)
+        shutil.copyfile(probe_cache(), cached)
     log_path = home.parent / f"{home.name}-daemon-{port}.log"
     env = node_env(home, port, extra_env)
     with open(log_path, "wb") as log:
@@ -130,6 +188,8 @@ def stop_all(nodes: list[Daemon], timeout: float = 10.0) -> None:
             d.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             d.stop(signal.SIGKILL)
+    for d in live:
+        wait_unlocked(d.home, timeout)
 
 
 def sse_events(lines: Iterator[str]) -> list[str]:

@@ -38,3 +38,19 @@ def test_libp2p_records_use_the_node_format_and_churn_shows_only_at_debug(
     assert any(line.endswith(" INFO node.p2p.notices: a record of the node") for line in lines), lines
     assert sum(CHURN in line for line in lines) == (0 if level == "info" else 1), lines
     assert all(line[:4].isdigit() for line in lines), "a record without the node's timestamped format"
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_a_lone_nodes_auto_connector_stays_quiet_below_debug(
+    level: str, restore_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """py-libp2p's auto-connector sets its own logger to INFO and logs "initiating N new dials" every 10 s."""
+    # Arrange
+    setup_logging(level)
+    connector = logging.getLogger("libp2p.network.auto_connector")
+    connector.setLevel(logging.INFO)  # as py-libp2p 0.8.1 does at import
+    # Act
+    connector.info("Connections (0, in_flight=0) below target (%s); initiating %s new dials", 400, 32)
+    # Assert
+    err = capsys.readouterr().err
+    assert ("initiating 32 new dials" in err) == (level == "debug"), err

@@ -74,8 +74,8 @@ def test_sigkill_then_restart_on_the_same_home(tmp_path: Path) -> None:
         # Assert
         status = httpx.get(f"{second.url}/v1/node/status").json()
         assert status["node"]["identity"] == identity  # same key, nothing regenerated
-        assert status["node"]["pid"] == second.proc.pid
-        assert json.loads((home / "run" / "daemon.pid").read_text())["pid"] == second.proc.pid
+        assert status["node"]["pid"] == second.pid  # the child `node start` supervises
+        assert json.loads((home / "run" / "daemon.pid").read_text())["pid"] == second.pid
         assert second.chat().status_code == 200
     finally:
         assert second.stop() == 0

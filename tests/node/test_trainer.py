@@ -25,6 +25,7 @@ from node.training.trainer import (
     split_examples,
     train_adapter,
 )
+from tests.daemon_harness import extra_buffers_for_tests
 
 REPO = Path(__file__).resolve().parents[2]
 KEEPERS = ["Mara", "Tom", "Ines", "Kofi", "Lena", "Ravi", "Sofia", "Jon"]
@@ -200,7 +201,7 @@ def test_chat_loss_is_on_assistant_tokens_and_tokens_match_serving(torch_base_fo
         Message("user", "And hive 12?"),
         Message("assistant", "Queen cells, 2 of them."),
     )
-    served = BaseModel("m", embedded_model_path())
+    served = BaseModel("m", embedded_model_path(), extra_buffers=extra_buffers_for_tests())
     # Act
     enc = encode_example(tok, Example(messages=messages), max_length=512)
     prompt = served.chat_tokens([{"role": m.role, "content": m.content} for m in messages[:3]])

@@ -1,0 +1,1 @@
+"""Inference that runs on every CPU: the probe that decides llama.cpp's optional fast paths."""
