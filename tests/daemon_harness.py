@@ -117,6 +117,20 @@ def node_env(home: Path, port: int, extra: dict[str, str] | None = None) -> dict
     return env | (extra or {})
 
 
+def run_cli(
+    home: Path, port: int, *args: str, extra: dict[str, str] | None = None, timeout: float = 120
+) -> "subprocess.CompletedProcess[str]":
+    """Run `mirador ARGS` on `home` (API port `port`) as a user would, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", *args],
+        env=node_env(home, port, extra),
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 def spawn_daemon(
     home: Path,
     extra_env: dict[str, str] | None = None,

@@ -4,8 +4,6 @@ clients print one line when the daemon disconnects or is gone. The crash is real
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,22 +11,9 @@ import httpx
 import pytest
 
 from node.supervisor import crashed_in_llama, describe_death
-from tests.daemon_harness import free_port, node_env, spawn_daemon, wait_ready
+from tests.daemon_harness import free_port, run_cli, spawn_daemon, wait_ready
 
 CRASH = {"MIRADOR_TEST_FAULT": "decode_crash"}
-
-
-def mirador(
-    home: Path, port: int, *args: str, extra: dict[str, str] | None = None
-) -> "subprocess.CompletedProcess[str]":
-    return subprocess.run(
-        [sys.executable, "-m", "node.cli", *args],
-        env=node_env(home, port, extra),
-        text=True,
-        capture_output=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def test_a_decode_thread_crash_is_logged_reported_and_the_clients_print_one_line(tmp_path: Path) -> None:
@@ -36,9 +21,9 @@ def test_a_decode_thread_crash_is_logged_reported_and_the_clients_print_one_line
     home = tmp_path / "home"
     d = wait_ready(spawn_daemon(home, CRASH))
     # Act: the first chat request crashes the daemon while `mirador chat` waits for its answer
-    chat = mirador(home, d.port, "chat", "hi")
+    chat = run_cli(home, d.port, "chat", "hi")
     code = d.proc.wait(timeout=30)
-    after = mirador(home, d.port, "chat", "hi again")
+    after = run_cli(home, d.port, "chat", "hi again")
     # Assert: `node start` exits non-zero with one line naming the signal, the log and the doctor
     assert code == 128 + signal.SIGSEGV, d.log()
     log_file = home / "run" / "daemon.log"
@@ -60,7 +45,7 @@ def test_a_decode_thread_crash_is_logged_reported_and_the_clients_print_one_line
 def test_a_detached_daemon_logs_its_crash_and_why_it_stopped(tmp_path: Path) -> None:
     # Arrange
     home, port = tmp_path / "home", free_port()
-    started = mirador(home, port, "node", "start", "--detach", extra=CRASH)
+    started = run_cli(home, port, "node", "start", "--detach", extra=CRASH)
     assert started.returncode == 0, started.stderr
     body = {"model": "base", "prompt": "Hi", "max_tokens": 2}
     log_file = home / "run" / "daemon.log"
@@ -74,13 +59,13 @@ def test_a_detached_daemon_logs_its_crash_and_why_it_stopped(tmp_path: Path) -> 
         while "the node stopped" not in log_file.read_text() and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
-        mirador(home, port, "node", "stop", "--force")
+        run_cli(home, port, "node", "stop", "--force")
     # Assert
     assert answer is None
     text = log_file.read_text()
     assert "Fatal Python error: Segmentation fault" in text
     assert "the node stopped: signal 11 (SIGSEGV, native crash in llama.cpp)" in text
-    assert mirador(home, port, "node", "status").returncode == 3
+    assert run_cli(home, port, "node", "status").returncode == 3
 
 
 def test_the_reason_names_the_signal_and_where_the_crash_was(tmp_path: Path) -> None:

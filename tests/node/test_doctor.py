@@ -3,10 +3,9 @@
 import json
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.daemon_harness import Daemon, free_port, node_env, start_daemon
+from tests.daemon_harness import Daemon, free_port, run_cli, start_daemon
 
 CHECK_NAMES = {"python", "packages", "cpu", "llama.cpp", "extra buffers", "decode", "torch", "training", "config",
                "home", "daemon", "api port", "p2p port", "disk", "store"}  # fmt: skip
@@ -15,14 +14,7 @@ CHECK_NAMES = {"python", "packages", "cpu", "llama.cpp", "extra buffers", "decod
 def doctor(
     home: Path, port: int, *args: str, extra: dict[str, str] | None = None
 ) -> "subprocess.CompletedProcess[str]":
-    return subprocess.run(
-        [sys.executable, "-m", "node.cli", "doctor", *args],
-        env=node_env(home, port, extra),
-        text=True,
-        capture_output=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_cli(home, port, "doctor", *args, extra=extra, timeout=300)
 
 
 def test_doctor_on_a_healthy_home_with_its_daemon_running_passes_every_check(tmp_path: Path) -> None:

@@ -13,20 +13,21 @@ import httpx
 import pytest
 
 from node.models import embedded_model_path
-from tests.daemon_harness import decode_events, free_port, node_env, spawn_daemon, sse_events, start_daemon
+from tests.daemon_harness import (
+    decode_events,
+    free_port,
+    node_env,
+    run_cli,
+    spawn_daemon,
+    sse_events,
+    start_daemon,
+)
 
 STREAM_BODY = {"model": "base", "prompt": "Once upon a time", "max_tokens": 500, "ignore_eos": True, "stream": True}
 
 
 def mirador(home: Path, port: int, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "node.cli", *args],
-        env=node_env(home, port),
-        text=True,
-        capture_output=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_cli(home, port, *args, timeout=timeout)
 
 
 def test_sigterm_cuts_a_running_stream_cleanly_and_exits_0(tmp_path: Path) -> None:
