@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import positive_int, run_header, write_json
 from node.inference.extra_buffers import choose
-from node.llama_backend import extra_buffer_types
-from node.models import embedded_model_path
+from node.inference.llama_backend import extra_buffer_types
+from node.inference.models import embedded_model_path
 
 
 def requantize_q4_0(out: Path) -> Path:

@@ -7,8 +7,8 @@ live in /usr/share/games/fortunes, entries separated by lines holding only `%`).
 split (a fraction, capped) and a training split of the same size on every node; the training split is written as
 the `.txt` file the trainer reads (paragraphs separated by blank lines).
 
-Training runs through the project's own code paths: `node.fed_adapter.initial_adapter` gives the round-0 adapter
-(seeded; lora_B zero, so it is the base model), `node.fed_adapter.train_locally` runs the real training subprocess
+Training runs through the project's own code paths: `node.fed.adapter.initial_adapter` gives the round-0 adapter
+(seeded; lora_B zero, so it is the base model), `node.fed.adapter.train_locally` runs the real training subprocess
 (`python -m node.training.job`, torch + peft, nice 19) from a global adapter and returns the trained tensors. Rows:
 
 - base: the base model, no adapter.
@@ -267,7 +267,7 @@ def train_nodes(
     progress: Progress,
 ) -> list[Any]:
     """Train every node from `start` for `steps` steps (`parallel` jobs at a time); their LocalResults in node order."""
-    from node.fed_adapter import train_locally
+    from node.fed.adapter import train_locally
 
     def one(d: Domain) -> Any:
         result = train_locally(
@@ -517,9 +517,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the twin is built from the local GGUF; never a hub
 
     from crypto.dp import epsilon
-    from node.fed_adapter import initial_adapter, targets_key
-    from node.home import NodeHome
-    from node.models import embedded_model_path
+    from node.core.home import NodeHome
+    from node.fed.adapter import initial_adapter, targets_key
+    from node.inference.models import embedded_model_path
     from node.training.base_model import ensure_torch_base
 
     t_start = time.monotonic()

@@ -30,7 +30,7 @@ serialize), bytes on the wire, the aggregator's parse, aggregation of N updates 
 reference; plain `combine` with fedavg; `add_encrypted`; CKKS `combine`), and the member's decode vs decrypt.
 Ratios are medians of per-repetition ratios.
 
-flower: a SuperLink and N SuperNodes (`node.flower_engine.FlowerDeployment`, separate processes on 127.0.0.1)
+flower: a SuperLink and N SuperNodes (`node.fed.flower.engine.FlowerDeployment`, separate processes on 127.0.0.1)
 run the project's Flower app for --flower-rounds rounds with the same adapter (rank 4, alpha 8, qv, its round-1
 tensors given as init-adapter). The ClientApp always trains (local-steps >= 1), so it runs at its smallest: 1 step,
 batch 1, 16 tokens, 1 torch thread. The round time is the ServerApp's own (push → every reply → aggregate); the
@@ -68,7 +68,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import node.fed_service as fed_service
+import node.fed.service as fed_service
 from bench.common import LogCounter, load, non_negative_int, positive_int, run_header, write_json
 from crypto.he import (
     EncryptedVector,
@@ -91,19 +91,19 @@ from federation.descriptor import (
 from federation.privacy import MAX_PLAIN_BYTES, combine, mean_update, release
 from federation.update import Layout, decode_tensors, encode_tensors, flatten, unflatten
 from marketplace.content_store import EmbeddedStore
-from node import fed_wire
-from node.adapter_store import AdapterStore
-from node.fed_adapter import base_dims, initial_adapter, peft_config
-from node.fed_node import FederationNode
-from node.fed_service import FederationService, Trained
-from node.home import NodeHome
-from node.models import embedded_model_path
-from node.p2p.block_exchange import BlockServer
-from node.p2p.fed_dht import federation_validators
+from node.adapters.store import AdapterStore
+from node.core.home import NodeHome
+from node.fed import wire as fed_wire
+from node.fed.adapter import base_dims, initial_adapter, peft_config
+from node.fed.dht import federation_validators
+from node.fed.node import FederationNode
+from node.fed.service import FederationService, Trained
+from node.inference.models import embedded_model_path
+from node.market.block_exchange import BlockServer
+from node.market.network_store import NetworkStore
+from node.market.registry_dht import DhtRegistry, registry_node
 from node.p2p.host import P2PConfig, P2PNode
-from node.p2p.network_store import NetworkStore
 from node.p2p.notices import TOPIC, NoticeBoard
-from node.p2p.registry_dht import DhtRegistry, registry_node
 
 RANK, ALPHA, TARGETS = 4, 8.0, ("q_proj", "v_proj")
 DELTA_NORM = 0.5  # the stub trainer's update norm (under the clip norm 1.0: clipping changes nothing)
@@ -782,7 +782,7 @@ def flower_run(
     n: int, mode: str, rounds: int, tmp: Path, base: Path, init_weights: Path, timeout: float
 ) -> dict[str, Any]:
     """A SuperLink and `n` SuperNodes run the Flower app for `rounds` rounds; the ServerApp's summary and timings."""
-    from node.flower_engine import Connection, FlowerDeployment, FlowerEngineError, run_app, run_logs, wait_run
+    from node.fed.flower.engine import Connection, FlowerDeployment, FlowerEngineError, run_app, run_logs, wait_run
 
     work = tmp / f"flower-{n}-{mode}"
     work.mkdir(parents=True)
@@ -928,7 +928,7 @@ def code_state() -> dict[str, Any]:
         done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
         return done.stdout.strip()
 
-    files = ["node/fed_service.py", "node/fed_node.py", "node/fed_adapter.py", "federation/privacy.py", "crypto/he.py"]
+    files = ["node/fed/service.py", "node/fed/node.py", "node/fed/adapter.py", "federation/privacy.py", "crypto/he.py"]
     return {
         "commit": git("rev-parse", "HEAD"),
         "uncommitted": git("status", "--short", "--untracked-files=no").splitlines(),

@@ -25,10 +25,10 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import extra_buffers, high_level_llama
-from node.engine import GenerationRequest, InferenceEngine
-from node.llama_backend import LlamaModel, SamplingParams
-from node.models import embedded_model_path
-from node.profiles import InferenceSettings
+from node.core.profiles import InferenceSettings
+from node.inference.engine import GenerationRequest, InferenceEngine
+from node.inference.llama_backend import LlamaModel, SamplingParams
+from node.inference.models import embedded_model_path
 
 WORDS = [
     "river",

@@ -67,10 +67,10 @@ from marketplace.blockstore import BlockStore
 from marketplace.cid import Cid
 from marketplace.content_store import EmbeddedStore
 from marketplace.registry_record import record_key, sign_record
-from node.p2p.block_exchange import PROTOCOL, BlockServer, fetch_dag
+from node.market.block_exchange import PROTOCOL, BlockServer, fetch_dag
+from node.market.registry_dht import DhtRegistry, registry_node
 from node.p2p.framing import ByteStream, FrameError, FrameTruncated, receive_frame, send_frame
 from node.p2p.host import Libp2pStream, P2PConfig, P2PNode
-from node.p2p.registry_dht import DhtRegistry, registry_node
 from tests.daemon_harness import Daemon, node_env, start_daemon
 
 ENVELOPE_CID = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"  # any CID: records are not resolved

@@ -39,8 +39,8 @@ def write_adapters(folder: Path, n: int, targets: str) -> list[Path]:
     """n random r=8 adapters (q,v or all linear) of realistic size and effect, via the project's exporter."""
     import numpy as np
 
-    from node.adapter_check import base_dims_of_file
-    from node.models import embedded_model_path
+    from node.adapters.check import base_dims_of_file
+    from node.inference.models import embedded_model_path
     from node.training.lora_export import LoraShape, write_gguf_lora
 
     dims = base_dims_of_file(embedded_model_path())
@@ -69,8 +69,8 @@ def write_adapters(folder: Path, n: int, targets: str) -> list[Path]:
 
 def m_swap(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     """Adapter load and switch (+ prompt re-evaluation) vs a full `Llama(..., lora_path=...)` load."""
-    from node.llama_backend import BatchContext, LlamaModel, LoraAdapter
-    from node.models import embedded_model_path
+    from node.inference.llama_backend import BatchContext, LlamaModel, LoraAdapter
+    from node.inference.models import embedded_model_path
 
     paths = write_adapters(folder, N_ADAPTERS, "qv")
     model = LlamaModel(embedded_model_path(), extra_buffers=extra_buffers(embedded_model_path()))
@@ -112,8 +112,8 @@ def m_swap(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
 def m_rss_adapters(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     """RSS of the base model with one context and 8 adapters loaded."""
-    from node.llama_backend import BatchContext, LlamaModel, LoraAdapter
-    from node.models import embedded_model_path
+    from node.inference.llama_backend import BatchContext, LlamaModel, LoraAdapter
+    from node.inference.models import embedded_model_path
 
     paths = write_adapters(folder, N_ADAPTERS, "qv")
     before = rss_mb()
@@ -129,8 +129,8 @@ def m_rss_models(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     """RSS of 8 separately loaded models (no mmap sharing: what 8 single-purpose servers hold), one context each."""
     import llama_cpp as ll
 
-    from node.llama_backend import BatchContext, LlamaModel, model_params
-    from node.models import embedded_model_path
+    from node.inference.llama_backend import BatchContext, LlamaModel, model_params
+    from node.inference.models import embedded_model_path
 
     before = rss_mb()
     held = []
@@ -149,11 +149,11 @@ def m_generate(args: argparse.Namespace, folder: Path, targets: str | None) -> d
     """Generation tok/s through the node's engine, with no adapter or one adapter attached."""
     import trio
 
-    from node.adapter_cache import AdapterRef
-    from node.engine import GenerationRequest, InferenceEngine
-    from node.llama_backend import LlamaModel, SamplingParams
-    from node.models import embedded_model_path
-    from node.profiles import InferenceSettings
+    from node.adapters.cache import AdapterRef
+    from node.core.profiles import InferenceSettings
+    from node.inference.engine import GenerationRequest, InferenceEngine
+    from node.inference.llama_backend import LlamaModel, SamplingParams
+    from node.inference.models import embedded_model_path
 
     refs: tuple[AdapterRef, ...] = ()
     if targets:
@@ -259,7 +259,7 @@ def m_train(args: argparse.Namespace, folder: Path, kind: str) -> dict[str, Any]
 
 
 def _gguf() -> Path:
-    from node.models import embedded_model_path
+    from node.inference.models import embedded_model_path
 
     return embedded_model_path()
 

@@ -23,27 +23,27 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from crypto.identity import Identity
-from node.adapter_store import AdapterStore
-from node.api import create_app
-from node.config import ConfigError, NodeConfig, load_config
-from node.engine import InferenceEngine
-from node.fed_node import FederationNode
-from node.feedback_db import FeedbackDB
-from node.fsutil import atomic_write_text
-from node.home import NodeHome
-from node.identity_file import IdentityFileError, load_or_create_identity
+from node.adapters.personalities import ManifestFile
+from node.adapters.store import AdapterStore
+from node.api.app import create_app
+from node.core.config import ConfigError, NodeConfig, load_config
+from node.core.fsutil import atomic_write_text
+from node.core.home import NodeHome
+from node.core.identity_file import IdentityFileError, load_or_create_identity
+from node.core.profiles import PROFILES_DIR, effective_settings
+from node.core.runlock import AlreadyRunningError, RunLock
+from node.fed.dht import federation_validators
+from node.fed.node import FederationNode
+from node.inference.engine import InferenceEngine
 from node.inference.extra_buffers import ProbeError, Setting, Verdict, choose
-from node.market_service import MarketService
-from node.models import BaseModel, ModelNotFoundError, resolve_model
-from node.p2p.fed_dht import federation_validators
+from node.inference.models import BaseModel, ModelNotFoundError, resolve_model
+from node.market.registry_dht import registry_node
+from node.market.service import MarketService
 from node.p2p.host import P2PConfig, P2PError, P2PNode  # before logging: importing libp2p resets its logger
 from node.p2p.notices import NoticeBoard
-from node.p2p.registry_dht import registry_node
-from node.personalities import ManifestFile
-from node.profiles import PROFILES_DIR, effective_settings
-from node.runlock import AlreadyRunningError, RunLock
 from node.state import NodeState
-from node.training_service import TrainingService
+from node.training.feedback import FeedbackDB
+from node.training.service import TrainingService
 
 log = logging.getLogger("mirador.daemon")
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2

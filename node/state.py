@@ -9,23 +9,24 @@ import msgspec
 
 from crypto.identity import Identity
 from node import __version__
-from node.adapter_cache import AdapterRef
-from node.adapter_store import AdapterStore
-from node.config import NodeConfig
-from node.engine import InferenceEngine
-from node.feedback_db import FeedbackDB
-from node.home import NodeHome
+from node.adapters.cache import AdapterRef
+from node.adapters.store import AdapterStore
+from node.core.config import NodeConfig
+from node.core.home import NodeHome
+from node.inference.engine import InferenceEngine
 from node.inference.extra_buffers import Verdict
-from node.models import BaseModel
+from node.inference.models import BaseModel
+from node.market.notices import ArtifactPublished
 from node.p2p.host import P2PNode
-from node.p2p.notices import ArtifactPublished, NoticeBoard
+from node.p2p.notices import NoticeBoard
+from node.training.feedback import FeedbackDB
 
 if TYPE_CHECKING:
-    from node.fed_node import FederationNode
-    from node.market_service import MarketService
-from node.personalities import ManifestFile, Route, route
-from node.profiles import InferenceSettings
-from node.training_service import TrainingService
+    from node.fed.node import FederationNode
+    from node.market.service import MarketService
+from node.adapters.personalities import ManifestFile, Route, route
+from node.core.profiles import InferenceSettings
+from node.training.service import TrainingService
 
 
 @dataclass
@@ -51,7 +52,7 @@ class NodeState:
     shutting_down: bool = False
 
     def resolve(self, model: str, latest_user_message: str | None) -> tuple[Route, tuple[AdapterRef, ...]]:
-        """Who answers (see node.personalities) and the current version of each of its adapters.
+        """Who answers (see node.adapters.personalities) and the current version of each of its adapters.
 
         Raises UnknownModelError or UnknownAdapterError.
         """
@@ -146,6 +147,7 @@ class NodeState:
                 "active": engine.active,
                 "waiting": engine.waiting,
                 "completed": engine.completed,
+                "stopped": engine.stopped,
             },
             "personalities": {
                 "manifest": str(self.manifest.path),

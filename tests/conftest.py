@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from node.llama_backend import LlamaModel
+from node.inference.llama_backend import LlamaModel
 from tests.daemon_harness import Daemon, extra_buffers_for_tests, running
 
 
@@ -23,7 +23,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 @pytest.fixture(scope="session")
 def torch_base_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded GGUF dequantized once per test session into a torch model folder (~15 s)."""
-    from node.models import embedded_model_path
+    from node.inference.models import embedded_model_path
     from node.training.base_model import ensure_torch_base
 
     return ensure_torch_base(tmp_path_factory.mktemp("models"), embedded_model_path())
@@ -32,8 +32,8 @@ def torch_base_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def llama() -> Iterator[LlamaModel]:
     """The embedded GGUF loaded once per test session in llama.cpp (shared read-only by in-process tests)."""
-    from node.llama_backend import LlamaModel
-    from node.models import embedded_model_path
+    from node.inference.llama_backend import LlamaModel
+    from node.inference.models import embedded_model_path
 
     m = LlamaModel(embedded_model_path(), extra_buffers=extra_buffers_for_tests())
     yield m

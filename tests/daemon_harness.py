@@ -81,7 +81,7 @@ def probe_cache() -> Path:
     child processes) and copied into every new test home: a verdict is keyed by model digest, llama.cpp build and
     CPU flags, so it holds for every daemon here, and each daemon need not probe again."""
     from node.inference.extra_buffers import choose
-    from node.models import embedded_model_path
+    from node.inference.models import embedded_model_path
 
     folder = Path(tempfile.mkdtemp(prefix="mirador-test-probe-"))
     atexit.register(shutil.rmtree, folder, True)
@@ -93,15 +93,15 @@ def probe_cache() -> Path:
 def extra_buffers_for_tests() -> bool:
     """The extra-buffers choice in-process tests load the embedded model with (the same verdict daemons get)."""
     from node.inference.extra_buffers import choose
-    from node.models import embedded_model_path
+    from node.inference.models import embedded_model_path
 
     return choose(embedded_model_path(), "auto", probe_cache()).use
 
 
 def wait_unlocked(home: Path, timeout: float = 10.0) -> None:
     """Wait until no daemon holds `home`'s lock."""
-    from node.home import NodeHome
-    from node.runlock import is_locked
+    from node.core.home import NodeHome
+    from node.core.runlock import is_locked
 
     deadline = time.monotonic() + timeout
     while is_locked(NodeHome(home)):

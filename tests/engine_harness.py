@@ -5,10 +5,10 @@ from typing import Any
 
 import trio
 
-from node.adapter_cache import AdapterRef
-from node.engine import GenerationRequest, InferenceEngine, Job
-from node.llama_backend import LlamaModel, SamplingParams
-from node.profiles import InferenceSettings
+from node.adapters.cache import AdapterRef
+from node.core.profiles import InferenceSettings
+from node.inference.engine import GenerationRequest, InferenceEngine, Job
+from node.inference.llama_backend import LlamaModel, SamplingParams
 
 
 def settings(slots: int, adapter_cache_mb: int = 1) -> InferenceSettings:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from node.adapter_check import BaseDims
+from node.adapters.check import BaseDims
 from node.training.lora_export import LoraShape, write_gguf_lora
 
 

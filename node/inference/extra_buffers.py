@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from node.fsutil import atomic_write_text
+from node.core.fsutil import atomic_write_text
 from node.inference.probe import EXIT_LOAD_FAILED
 
 Setting = Literal["auto", "on", "off"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from node.faults import Fault, armed, crash_natively, disarm
+from node.core.faults import Fault, armed, crash_natively, disarm
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Rivers flow to the sea, and"
 CONTINUATION = " the sea gives back the rain that feeds the rivers again."
@@ -55,7 +55,7 @@ def run_probe(model_path: Path, extra_buffers: bool, out: Path, threads: int) ->
     """Load, decode the fixed text, write the logits of every continuation position to `out`."""
     import llama_cpp as ll
 
-    from node.llama_backend import BatchContext, LlamaModel, extra_buffer_types, system_info
+    from node.inference.llama_backend import BatchContext, LlamaModel, extra_buffer_types, system_info
 
     lines: list[str] = []
     keep = _capture_llama_log(lines)
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     faulthandler.enable(all_threads=True)  # a native crash leaves its traceback on stderr for the caller's log
     disarm(Fault.DECODE_CRASH)  # armed for the daemon's decode thread, not for the probe's decodes
-    from node.llama_backend import ModelLoadError
+    from node.inference.llama_backend import ModelLoadError
 
     try:
         report = run_probe(args.model, args.extra_buffers == "on", args.out, args.threads)

@@ -40,7 +40,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 from crypto.identity import Identity
-from node.fsutil import atomic_write_bytes
+from node.core.fsutil import atomic_write_bytes
 
 _CLOSE_TIMEOUT = 5.0
 log = logging.getLogger(__name__)

@@ -25,8 +25,6 @@ py-libp2p 0.8.1 behaviour this relies on or works around:
 - local delivery goes through a 32-message channel: handlers that fall behind lose notices (logged by libp2p).
 """
 
-import base64
-import binascii
 import functools
 import logging
 import time
@@ -44,10 +42,6 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from multiaddr import Multiaddr
 
-from crypto.identity import is_fingerprint
-from marketplace.cid import Cid
-from marketplace.manifest import NAME_RE
-from marketplace.semver import SemVer
 from node.p2p.host import P2PNode
 
 TOPIC = "/mirador/notices/1"
@@ -121,26 +115,7 @@ def notice_types() -> dict[str, type[Notice]]:
     return dict(_TYPES)
 
 
-Name = Annotated[str, msgspec.Meta(pattern=NAME_RE)]
 Agent = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[^\x00-\x1f\x7f]*$")]
-
-
-@notice_type
-class ArtifactPublished(Notice, tag="artifact.published", frozen=True, kw_only=True):
-    """A publisher released `name@version` (a model, adapter or chain); its signed envelope is at `envelope_cid`."""
-
-    name: Name
-    version: Annotated[str, msgspec.Meta(min_length=5, max_length=64)]
-    kind: Literal["model", "adapter", "chain"]
-    publisher: Annotated[str, msgspec.Meta(max_length=40)]
-    envelope_cid: Annotated[str, msgspec.Meta(min_length=2, max_length=128)]
-
-    def check(self) -> None:
-        """The version is semver, the publisher a fingerprint, the envelope CID parses."""
-        SemVer.parse(self.version)
-        if not is_fingerprint(self.publisher):
-            raise ValueError(f"publisher: not a fingerprint: {self.publisher!r}")
-        Cid.parse(self.envelope_cid)
 
 
 @notice_type
@@ -148,25 +123,6 @@ class NodeHello(Notice, tag="node.hello", frozen=True, kw_only=True):
     """A node says hello; `agent` is optional free text (no control characters)."""
 
     agent: Agent = ""
-
-
-@notice_type
-class FederationNotice(Notice, tag="federation", frozen=True, kw_only=True):
-    """A federation's signed message (a member admitted, a round opened or done), carried as base64 bytes.
-
-    The notice only routes it: the federation layer verifies the signed bytes against the federation's members.
-    """
-
-    federation_id: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
-    kind: Literal["member", "round.open", "round.done"]
-    data: Annotated[str, msgspec.Meta(min_length=4, max_length=3000)]
-
-    def check(self) -> None:
-        """`data` is standard base64."""
-        try:
-            base64.b64decode(self.data, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("data: not base64") from None
 
 
 class _Header(msgspec.Struct):

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.fsutil import atomic_write_text
+from node.core.fsutil import atomic_write_text
 from node.training.data import Example
 
 TARGET_MODULES: dict[str, tuple[str, ...]] = {

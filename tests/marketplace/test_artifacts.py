@@ -17,8 +17,8 @@ from marketplace.artifacts import ENVELOPE_FILE, ArtifactRefused, Marketplace
 from marketplace.content_store import EmbeddedStore
 from marketplace.manifest import AdapterInfo, LoraInfo
 from marketplace.registry import Registry
-from node.adapter_check import base_dims_of_file
-from node.models import embedded_model_path
+from node.adapters.check import base_dims_of_file
+from node.inference.models import embedded_model_path
 from tests.lora_files import write_adapter
 
 ADAPTER_INFO = AdapterInfo("ab" * 32, "smollm2-135m-instruct", LoraInfo(8, 16.0, ["q_proj", "v_proj"]))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from node.adapter_check import base_dims_of_file
-from node.models import embedded_model_path
+from node.adapters.check import base_dims_of_file
+from node.inference.models import embedded_model_path
 from tests.ipfs_daemon import IpfsDaemon
 from tests.lora_files import write_adapter
 

@@ -23,8 +23,8 @@ from crypto.statement import PAYLOAD_TYPE
 from marketplace.artifacts import ArtifactRefused, Marketplace
 from marketplace.content_store import EmbeddedStore
 from marketplace.registry import Registry
-from node.adapter_check import base_dims_of_file
-from node.models import embedded_model_path
+from node.adapters.check import base_dims_of_file
+from node.inference.models import embedded_model_path
 from tests.lora_files import write_adapter
 
 N_CASES = 500

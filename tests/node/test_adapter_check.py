@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from node.adapter_check import AdapterRejected, BaseDims, base_dims, check_adapter_file
-from node.llama_backend import BatchContext, LlamaModel, LoraAdapter
-from node.models import embedded_model_path
+from node.adapters.check import AdapterRejected, BaseDims, base_dims, check_adapter_file
+from node.inference.llama_backend import BatchContext, LlamaModel, LoraAdapter
+from node.inference.models import embedded_model_path
 from tests.lora_files import write_adapter
 
 

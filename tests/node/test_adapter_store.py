@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from node.adapter_check import AdapterRejected, BaseDims, base_dims_of_file
-from node.adapter_store import AdapterStore, UnknownAdapterError
-from node.models import embedded_model_path
+from node.adapters.check import AdapterRejected, BaseDims, base_dims_of_file
+from node.adapters.store import AdapterStore, UnknownAdapterError
+from node.inference.models import embedded_model_path
 from tests.lora_files import write_adapter
 
 

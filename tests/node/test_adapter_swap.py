@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from node.adapter_cache import AdapterRef
-from node.adapter_check import BaseDims, base_dims
-from node.engine import InferenceEngine
-from node.llama_backend import BatchContext, LlamaModel, LoraAdapter
+from node.adapters.cache import AdapterRef
+from node.adapters.check import BaseDims, base_dims
+from node.inference.engine import InferenceEngine
+from node.inference.llama_backend import BatchContext, LlamaModel, LoraAdapter
 from tests.engine_harness import generate, settings
 from tests.lora_files import strong_adapters
 

@@ -20,7 +20,7 @@ from marketplace.blockstore import BlockStore
 from marketplace.cid import DAG_PB, Cid, multihash_sha256
 from marketplace.content_store import EmbeddedStore
 from marketplace.unixfs import CHUNK_SIZE, Profile, decode_pbnode, encode_file_node
-from node.p2p.block_exchange import (
+from node.market.block_exchange import (
     ANSWER_LIMITS,
     BLOCK,
     BLOCK_NONE,

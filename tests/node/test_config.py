@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from node.config import ConfigError, parse_config
-from node.profiles import PROFILES_DIR, effective_settings, load_profile, resolve_threads
+from node.core.config import ConfigError, parse_config
+from node.core.profiles import PROFILES_DIR, effective_settings, load_profile, resolve_threads
 
 
 def test_defaults_bind_loopback() -> None:

@@ -1,6 +1,6 @@
 """The batching engine in-process: batched, reused and fresh decoding give identical greedy text."""
 
-from node.llama_backend import LlamaModel
+from node.inference.llama_backend import LlamaModel
 from tests.engine_harness import generate
 
 PROMPTS = ["The capital of France is", "Once upon a time, a small robot", "def fibonacci(n):", "Water boils at"]

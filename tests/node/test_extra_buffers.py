@@ -11,8 +11,8 @@ import llama_cpp as ll
 import pytest
 
 from node.inference.extra_buffers import KNOWN_BAD, ProbeError, choose, compare_logits
-from node.llama_backend import LlamaModel, extra_buffer_types
-from node.models import embedded_model_path
+from node.inference.llama_backend import LlamaModel, extra_buffer_types
+from node.inference.models import embedded_model_path
 from tests.daemon_harness import spawn_daemon, start_daemon, wait_ready
 
 

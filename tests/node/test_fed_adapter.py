@@ -12,9 +12,10 @@ from safetensors.numpy import load_file
 
 from federation.descriptor import LocalDpSgd
 from federation.update import Layout
-from node.adapter_check import BaseDims, check_adapter_file
-from node.adapter_store import AdapterStore
-from node.fed_adapter import (
+from node.adapters.check import BaseDims, check_adapter_file
+from node.adapters.store import AdapterStore
+from node.core.home import NodeHome
+from node.fed.adapter import (
     LocalTrainingError,
     LocalTrainingStopped,
     adapter_layout,
@@ -25,8 +26,7 @@ from node.fed_adapter import (
     train_locally,
     write_adapter_folder,
 )
-from node.home import NodeHome
-from node.models import embedded_model_path
+from node.inference.models import embedded_model_path
 from node.training.trainer import TARGET_MODULES
 from tests.node.test_trainer import beekeeping_texts
 

@@ -21,15 +21,15 @@ from federation.descriptor import (
     sign_struct,
     verify_descriptor,
 )
-from node.p2p.fed_dht import (
+from node.fed.dht import (
     FED_NAMESPACE,
     DescriptorConflict,
     DescriptorValidator,
     DhtFederations,
     federation_validators,
 )
+from node.market.registry_dht import registry_node
 from node.p2p.host import P2PConfig, P2PNode
-from node.p2p.registry_dht import registry_node
 
 DEADLINE = 60
 NOW = 1_800_000_000

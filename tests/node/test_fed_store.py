@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import pytest
 
-import node.fed_store as fed_store
+import node.fed.store as fed_store
 from crypto.identity import Identity
 from federation.descriptor import (
     AdapterConfig,
@@ -26,7 +26,8 @@ from federation.descriptor import (
     verify_descriptor,
     verify_join,
 )
-from node.fed_store import (
+from node.core.home import NodeHome
+from node.fed.store import (
     FederationStore,
     FederationStoreError,
     MemberConflictError,
@@ -34,7 +35,6 @@ from node.fed_store import (
     StoredDescriptorError,
     UnknownFederationError,
 )
-from node.home import NodeHome
 
 NOW = 1_800_000_000
 X1 = base64.b64encode(bytes(range(32))).decode()

@@ -29,9 +29,9 @@ from federation.descriptor import AdapterConfig, DpParams, Privacy, sign_descrip
 from federation.messages import UPDATE_SCHEMA, UpdateHeader
 from federation.round import RejectReason, RoundState
 from federation.update import Layout, encode_tensors
-from node import fed_wire
-from node.fed_service import FederationService
-from node.fed_store import FederationStore, RejectionRow
+from node.fed import wire as fed_wire
+from node.fed.service import FederationService
+from node.fed.store import FederationStore, RejectionRow
 from node.p2p.framing import HEADER_SIZE, MAGIC, Kind, decode_header
 from node.p2p.host import Libp2pStream, P2PConfig, P2PNode
 from node.p2p.notices import NoticeBoard
@@ -43,7 +43,7 @@ CFG = P2PConfig(dht=False, pubsub=False, dial_timeout=5, negotiate_timeout=5)
 NOW = 1_800_000_000.0
 ROUND_DEADLINE = NOW + 300
 OTHER_FID = hashlib.sha256(b"another federation").hexdigest()
-SERVICE_LOGGER = "node.fed_service"
+SERVICE_LOGGER = "node.fed.service"
 ROUND_CLOSED = "round_closed"  # the handler's own verdict when no round is open for the header's (federation, round)
 
 

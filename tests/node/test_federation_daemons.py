@@ -73,8 +73,8 @@ def test_four_daemons_complete_three_rounds(mode: str, four: list[Daemon], tmp_p
         assert {r["aggregator"] for r in docs[0]} == {fingerprint(d)}
         assert all(v["he_secret_here"] for v in views[:3])
     # The applied global moved by the mean of what the trainers released (decrypted CKKS sum / n under HE)
-    from node.fed_adapter import initial_adapter
-    from node.models import embedded_model_path
+    from node.fed.adapter import initial_adapter
+    from node.inference.models import embedded_model_path
 
     start = initial_adapter(embedded_model_path(), 4, 8.0, ["q_proj", "v_proj"], seed=fid)
     first = tensors(a.home / "adapters" / "fed-club" / "v1" / "adapter_model.safetensors")

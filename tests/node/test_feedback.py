@@ -5,7 +5,7 @@ import json
 import httpx
 import pytest
 
-from node.feedback_db import FeedbackRow, training_records
+from node.training.feedback import FeedbackRow, training_records
 from tests.daemon_harness import Daemon
 
 

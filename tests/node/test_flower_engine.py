@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from node.flower_app.client import privatize
-from node.flower_app.common import AppConfig, AppConfigError, flatten, unflatten
-from node.flower_engine import (
+from node.fed.flower.app.client import privatize
+from node.fed.flower.app.common import AppConfig, AppConfigError, flatten, unflatten
+from node.fed.flower.engine import (
     CONNECTION_NAME,
     Connection,
     FlowerDeployment,

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from node.fsutil import remove_stale
+from node.core.fsutil import remove_stale
 
 
 def test_remove_stale_removes_only_the_prefixed_entries(tmp_path: Path) -> None:

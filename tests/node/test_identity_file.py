@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from node.identity_file import IdentityFileError, load_or_create_identity
+from node.core.identity_file import IdentityFileError, load_or_create_identity
 
 
 def test_created_with_mode_0600_and_reloaded(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from node.models import embedded_model_path
+from node.inference.models import embedded_model_path
 from tests.daemon_harness import (
     decode_events,
     free_port,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from node.llama_backend import BatchContext, LlamaModel, LoraAdapter
+from node.inference.llama_backend import BatchContext, LlamaModel, LoraAdapter
 from node.training.base_model import load_torch_base
 from node.training.lora_export import LoraShape, write_gguf_lora
 

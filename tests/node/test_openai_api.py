@@ -5,7 +5,7 @@ import pytest
 from llama_cpp import Llama
 from openai import OpenAI
 
-from node.models import embedded_model_path
+from node.inference.models import embedded_model_path
 from tests.daemon_harness import Daemon
 
 QUESTION = "Name three colours of the rainbow."

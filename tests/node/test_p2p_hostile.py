@@ -29,11 +29,11 @@ from crypto.identity import Identity
 from marketplace.blockstore import BlockStore
 from marketplace.cid import Cid
 from marketplace.registry_record import parse_record, record_key, sign_record
-from node.p2p.block_exchange import PROTOCOL, encode_want, fetch_dag
+from node.market.block_exchange import PROTOCOL, encode_want, fetch_dag
+from node.market.registry_dht import registry_node
 from node.p2p.framing import HEADER_SIZE, ByteStream, FrameError, Kind, decode_header, encode_header, send_frame
 from node.p2p.host import P2PConfig, P2PNode, tcp_multiaddr
 from node.p2p.notices import TOPIC
-from node.p2p.registry_dht import registry_node
 from tests.daemon_harness import Daemon, node_env, start_daemon
 
 DEADLINE = 60

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from node.adapter_check import base_dims_of_file
-from node.models import embedded_model_path
+from node.adapters.check import base_dims_of_file
+from node.inference.models import embedded_model_path
 from tests.daemon_harness import Daemon, node_env, start_daemon, stop_all
 from tests.lora_files import write_adapter
 

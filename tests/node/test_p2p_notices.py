@@ -13,11 +13,11 @@ from libp2p.peer.id import ID
 
 from crypto.identity import Identity
 from marketplace.cid import Cid
+from node.market.notices import ArtifactPublished
 from node.p2p.host import Libp2pStream, P2PConfig, P2PError, P2PNode, peer_id_of
 from node.p2p.notices import (
     MAX_NOTICE_BYTES,
     TOPIC,
-    ArtifactPublished,
     NodeHello,
     Notice,
     NoticeBacklog,

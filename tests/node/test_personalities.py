@@ -2,14 +2,14 @@
 
 import pytest
 
-from node.personalities import (
+from node.adapters.personalities import (
     ManifestError,
     Route,
     UnknownModelError,
     parse_manifest,
     route,
 )
-from node.profiles import PROFILES_DIR
+from node.core.profiles import PROFILES_DIR
 
 BASE_IDS = ("smollm2-135m-instruct", "base")
 MANIFEST = """

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from node.adapter_check import BaseDims, base_dims_of_file
-from node.adapter_store import AdapterStore
-from node.models import embedded_model_path
+from node.adapters.check import BaseDims, base_dims_of_file
+from node.adapters.store import AdapterStore
+from node.inference.models import embedded_model_path
 from tests.daemon_harness import Daemon, node_env, running
 from tests.lora_files import strong_adapters, write_adapter
 

@@ -7,8 +7,8 @@ import trio
 
 from crypto.identity import Identity
 from marketplace.registry_record import RecordRejected, parse_record, record_key, sign_record
+from node.market.registry_dht import DhtRegistry, fingerprint_of_peer, name_key, registry_node
 from node.p2p.host import P2PConfig, P2PNode
-from node.p2p.registry_dht import DhtRegistry, fingerprint_of_peer, name_key, registry_node
 
 DEADLINE = 60
 CID_A = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from node.textstream import StopMatcher, Utf8Stream
+from node.inference.textstream import StopMatcher, Utf8Stream
 
 
 def feed(matcher: StopMatcher, pieces: list[str]) -> tuple[str, bool]:

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from node.llama_backend import LlamaModel
-from node.models import embedded_model_path
+from node.inference.llama_backend import LlamaModel
+from node.inference.models import embedded_model_path
 from node.training.base_model import CACHE_MARKER, ensure_torch_base, fix_digit_splitting
 
 TEXTS = [

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from node.models import embedded_model_path
+from node.inference.models import embedded_model_path
 from node.training.base_model import torch_base_dir
 from tests.daemon_harness import Daemon, node_env, running
 

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from node.adapter_check import BaseDims, base_dims_of_file, check_adapter_file
-from node.models import BaseModel, embedded_model_path
+from node.adapters.check import BaseDims, base_dims_of_file, check_adapter_file
+from node.inference.models import BaseModel, embedded_model_path
 from node.training.data import Example, Message
 from node.training.trainer import (
     DPConfig,

@@ -1,0 +1,202 @@
+"""OpenAI-compatible request schemas (strict: wrong types are errors, not coercions) and error objects."""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from node.inference.llama_backend import SamplingParams
+
+MAX_STOP_STRINGS = 4
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(_Strict):
+    """A content part; only text parts are supported by this text-only node."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    """One chat message."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        """The message's text (text parts joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Strict):
+    """`stream_options`: include a final usage chunk when streaming."""
+
+    include_usage: bool = False
+
+
+class _GenerationRequest(_Strict):
+    model: str = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.8, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    top_k: int = Field(default=40, ge=0)
+    min_p: float = Field(default=0.05, ge=0.0, le=1.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repeat_penalty: float = Field(default=1.0, gt=0.0)
+    seed: int | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    logprobs: bool | None = None
+    ignore_eos: bool = False
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(v)}")
+        return v
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n=1 is supported by this node")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: bool | None) -> bool | None:
+        if v:
+            raise ValueError("logprobs are not supported by this node")
+        return v
+
+    def stop_list(self) -> list[str]:
+        """`stop` as a list."""
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def sampling(self) -> SamplingParams:
+        """The sampling parameters of this request."""
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repeat_penalty=self.repeat_penalty,
+            seed=self.seed,
+        )
+
+    def include_usage(self) -> bool:
+        """Whether a streamed response ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[Any] | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, v: list[Any] | None) -> list[Any] | None:
+        if v:
+            raise ValueError("tool calling is not supported by this node")
+        return v
+
+    def limit(self) -> int | None:
+        """The requested completion-token limit, if any."""
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_GenerationRequest):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] = Field(min_length=1)
+    echo: bool = False
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError(f"exactly one prompt is supported, got {len(v)}")
+        return v
+
+    @field_validator("echo", "suffix")
+    @classmethod
+    def _unsupported(cls, v: Any) -> Any:
+        if v:
+            raise ValueError("not supported by this node")
+        return v
+
+    def text(self) -> str:
+        """The prompt text."""
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def limit(self) -> int | None:
+        """The requested completion-token limit, if any."""
+        return self.max_tokens
+
+
+def error_body(
+    message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """An OpenAI-style error object."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """Turn pydantic/FastAPI validation errors into (one readable message, the first bad parameter).
+
+    Errors of one parameter (e.g. each branch of `str | list`) are merged: "'x': A or B (got ...)".
+    """
+    by_param: dict[str | None, tuple[list[str], Any]] = {}
+    for err in errors:
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx") or {}
+            return f"malformed JSON body: {ctx.get('error', err.get('msg'))}", None
+        param = _loc_to_param([p for p in err.get("loc", ()) if p != "body"])
+        msg = "is required" if err.get("type") == "missing" else str(err.get("msg", "invalid value"))
+        msg = msg.removeprefix("Value error, ")
+        msgs, _ = by_param.setdefault(param, ([], err.get("input")))
+        if msg not in msgs:
+            msgs.append(msg)
+    parts = []
+    for param, (msgs, got) in list(by_param.items())[:5]:
+        text = " or ".join(msgs)
+        if msgs != ["is required"]:
+            shown = repr(got)
+            text += f" (got {shown[:57] + '...' if len(shown) > 60 else shown})"
+        parts.append(f"'{param}': {text}" if param else text)
+    if not parts:
+        return "invalid request body", None
+    return "; ".join(parts), next(iter(by_param))
+
+
+def _loc_to_param(loc: list[Any]) -> str | None:
+    # pydantic adds the union branch name (e.g. 'str', 'list[TextPart]') to the location; drop those.
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool", "list", "none"}):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or None

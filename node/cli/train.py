@@ -1,0 +1,120 @@
+"""`mirador train`: train a personality's adapter on a data file or on the user's feedback, with a progress bar."""
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from node.core.home import NodeHome
+
+
+def training_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The job's `config` from the command line (unset options keep the trainer's defaults)."""
+    config: dict[str, Any] = {"targets": args.target}
+    for key in ("steps", "rank", "learning_rate", "batch_size", "max_length", "seed"):
+        value = getattr(args, key, None)
+        if value is not None:
+            config[key] = value
+    if args.dp:
+        config["dp"] = {"epsilon": args.epsilon, "delta": args.delta, "max_grad_norm": args.max_grad_norm}
+    return config
+
+
+def feedback_records(home: NodeHome, adapter: str) -> list[dict[str, Any]]:
+    """Training records from the feedback stored in the node home (see node.training.feedback)."""
+    from node.training.feedback import FeedbackDB, training_records
+
+    path = home.state_db
+    if not path.exists():
+        return []
+    db = FeedbackDB(path)
+    try:
+        return training_records(db.feedback(), adapter)
+    finally:
+        db.close()
+
+
+def cmd_train(home: NodeHome, args: argparse.Namespace) -> int:
+    """Train, show progress and ETA, install the adapter as the next version."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from node.cli.adapter import open_store
+    from node.core.config import load_config
+    from node.inference.models import resolve_model
+    from node.training.runner import new_run, run_folder, run_training
+
+    if args.dp and args.epsilon is None:
+        print("mirador: --dp needs --epsilon (the privacy budget of this run, e.g. --epsilon 8)", file=sys.stderr)
+        return 2
+    data = Path(args.data).resolve() if args.data else None
+    if data is not None and not data.is_file():
+        print(f"mirador: --data {data}: no such file", file=sys.stderr)
+        return 2
+    records = feedback_records(home, args.adapter) if args.from_feedback else None
+    if args.from_feedback and not records:
+        print(
+            f"mirador: no feedback to learn from for {args.adapter!r}: rate answers 4-5 or send corrections "
+            "(POST /v1/feedback) first",
+            file=sys.stderr,
+        )
+        return 2
+    home.ensure()
+    _, gguf = resolve_model(load_config(home.config_file).model)
+    store = open_store(home)
+    run = new_run(args.adapter)
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  eta {task.fields[eta]}"),
+    )
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task(f"training {args.adapter}", total=None, loss="-", eta="-")
+
+        def show(r: Any) -> None:
+            label = {"dequantizing": "preparing the base model (once)"}.get(r.status, f"training {r.adapter}")
+            progress.update(
+                task,
+                description=label,
+                completed=r.step,
+                total=r.steps or None,
+                loss=f"{r.loss:.3f}" if r.loss is not None else "-",
+                eta=f"{r.eta_s:.0f}s" if r.eta_s is not None else "-",
+            )
+
+        try:
+            run = run_training(run, home, gguf, store, training_config(args), data, records, show)
+        except KeyboardInterrupt:
+            print("mirador: training interrupted; nothing was installed", file=sys.stderr)
+            return 130
+    if run.status != "done":
+        print(f"mirador: training failed: {run.error} (log: {run_folder(home, run) / 'job.log'})", file=sys.stderr)
+        return 1
+    res = run.result or {}
+    eps = f", ε = {res['epsilon']:.2f} at δ = {res['delta']:g}" if res.get("epsilon") is not None else ""
+    print(
+        f"installed {args.adapter}@{run.version}: held-out loss {res.get('heldout_loss_before', float('nan')):.3f} → "
+        f"{res.get('heldout_loss_after', float('nan')):.3f} in {res.get('seconds', 0):.0f} s{eps}"
+    )
+    return 0
+
+
+def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
+    """Register `mirador train`."""
+    train = sub.add_parser("train", help="train a LoRA adapter on your data or feedback (installed as a new version)")
+    train.add_argument("--adapter", required=True, help="adapter name (a new version is installed)")
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help=".txt (paragraphs) or .jsonl ({'text'} or chat {'messages'}) file")
+    source.add_argument("--from-feedback", action="store_true", help="learn from corrections and well-rated answers")
+    train.add_argument("--target", choices=["qv", "all"], default="qv", help="adapt q,v (default) or all linear layers")
+    train.add_argument("--steps", type=int, help="optimizer steps")
+    train.add_argument("--rank", type=int, help="LoRA rank")
+    train.add_argument("--learning-rate", type=float, help="learning rate")
+    train.add_argument("--batch-size", type=int, help="examples per step")
+    train.add_argument("--max-length", type=int, help="tokens per example")
+    train.add_argument("--seed", type=int, help="random seed")
+    train.add_argument("--dp", action="store_true", help="differentially private training (DP-SGD, opacus)")
+    train.add_argument("--epsilon", type=float, help="with --dp: target ε of this run")
+    train.add_argument("--delta", type=float, default=1e-5, help="with --dp: δ (default 1e-5)")
+    train.add_argument("--max-grad-norm", type=float, default=1.0, help="with --dp: per-example clipping norm")
+    return train

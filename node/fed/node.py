@@ -1,0 +1,268 @@
+"""The daemon's federations: the FederationService built with this node's model, trainer, adapter store and ledger,
+plus what the API and CLI ask of it (create, join, leave, status, rounds)."""
+
+import json
+import logging
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+from crypto.dp import epsilon
+from crypto.he import HEParams, SecretContext
+from crypto.identity import Identity
+from crypto.sealing import x25519_public_of
+from federation.descriptor import (
+    AdapterConfig,
+    DpParams,
+    FederationDescriptor,
+    HeParams,
+    LocalDpSgd,
+    Privacy,
+    StrategySpec,
+    sign_descriptor,
+    sign_join,
+    verify_descriptor,
+    verify_join,
+)
+from federation.ledger import PrivacyLedger
+from node.adapters.store import AdapterStore
+from node.core.fsutil import atomic_write_text
+from node.core.home import NodeHome
+from node.fed import wire as fed_wire
+from node.fed.adapter import initial_adapter, install_global, sweep_local_runs, train_locally
+from node.fed.dht import DhtFederations
+from node.fed.service import FederationError, FederationService, Trained
+from node.fed.store import FederationStore
+from node.market.registry_dht import DhtRegistry
+from node.p2p.host import P2PNode
+from node.p2p.notices import NoticeBoard
+from node.training.base_model import file_digest
+
+log = logging.getLogger(__name__)
+SETTINGS_FILE = "member.json"
+
+
+class FederationNode:
+    """This node's federations: the round service and the commands around it."""
+
+    def __init__(
+        self,
+        home: NodeHome,
+        identity: Identity,
+        gguf: Path,
+        adapters: AdapterStore,
+        p2p: P2PNode,
+        notices: NoticeBoard,
+        registry: DhtRegistry,
+        local: Any,  # marketplace.content_store.EmbeddedStore
+        keep_released: bool = False,
+    ) -> None:
+        if p2p.dht is None:
+            raise FederationError("federations need the DHT")
+        self.home, self.identity, self.gguf, self.adapters = home, identity, gguf, adapters
+        self.state = FederationStore.for_home(home)
+        self.dht = DhtFederations(p2p.dht)
+        self.ledger_path = home.state_db
+        self._initial: dict[str, dict[str, np.ndarray]] = {}
+        if swept := sweep_local_runs(home):
+            log.info("removed %d federation training folder(s) left by a previous run", swept)
+        self.service = FederationService(
+            home.root,
+            identity,
+            p2p,
+            notices,
+            registry,
+            local,
+            self.state,
+            self.ledger_path,
+            self._train,
+            self._install,
+            self._initial_global,
+            keep_released,
+        )
+
+    # the service's hooks ---------------------------------------------------------------------------------------------
+    def _settings(self, fid: str) -> dict[str, Any]:
+        path = self.state.federation_dir(fid) / SETTINGS_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _save_settings(self, fid: str, settings: Mapping[str, Any]) -> None:
+        atomic_write_text(self.state.federation_dir(fid) / SETTINGS_FILE, json.dumps(dict(settings), indent=2), 0o600)
+
+    def _train(
+        self, descriptor: FederationDescriptor, global_tensors: Mapping[str, np.ndarray], r: int, stop: threading.Event
+    ) -> Trained:
+        settings = self._settings(descriptor.federation_id)
+        data = settings.get("data")
+        if not data:
+            raise FederationError(f"no local data set for federation {descriptor.name} (join with --data FILE)")
+        a = descriptor.adapter
+        result = train_locally(
+            self.home,
+            self.gguf,
+            global_tensors,
+            a.rank,
+            a.alpha,
+            a.targets,
+            Path(data),
+            descriptor.local_steps,
+            seed=r,
+            dp_sgd=descriptor.privacy.dp.local_dp_sgd,
+            stop=stop,
+            options=settings.get("train_options") or None,
+        )
+        return Trained(result.tensors, result.examples, result.heldout_loss_before, result.heldout_loss_after)
+
+    def _install(self, descriptor: FederationDescriptor, tensors: Mapping[str, np.ndarray]) -> str:
+        a = descriptor.adapter
+        return install_global(
+            self.adapters, adapter_name(descriptor), tensors, self.gguf, a.rank, a.alpha, a.targets
+        ).key
+
+    def _initial_global(self, descriptor: FederationDescriptor) -> dict[str, np.ndarray]:
+        fid = descriptor.federation_id
+        if fid not in self._initial:
+            a = descriptor.adapter
+            self._initial[fid] = initial_adapter(self.gguf, a.rank, a.alpha, a.targets, seed=fid)
+        return self._initial[fid]
+
+    # commands ------------------------------------------------------------------------------------------------------
+    async def create(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """Sign a new federation descriptor, publish it in the DHT and start it (this node is its first member)."""
+        mode = spec["mode"]
+        he = HeParams() if "he" in mode else None
+        local = spec.get("local_dp_sgd")
+        privacy = Privacy(
+            mode=mode,
+            dp=DpParams(
+                clip_norm=float(spec.get("clip_norm", 1.0)),
+                noise_multiplier=float(spec.get("noise_multiplier", 1.0 if mode != "he" else 0.0)),
+                delta=float(spec.get("delta", 1e-5)),
+                local_dp_sgd=LocalDpSgd(**local) if local else None,
+            ),
+            he=he,
+        )
+        digest = await trio.to_thread.run_sync(file_digest, self.gguf)
+        data = sign_descriptor(
+            self.identity,
+            name=spec["name"],
+            base_sha256=digest,
+            adapter=AdapterConfig(
+                rank=int(spec.get("rank", 4)),
+                alpha=float(spec.get("alpha", 8.0)),
+                targets=tuple(spec.get("targets", ("q_proj", "v_proj"))),
+            ),
+            privacy=privacy,
+            strategy=StrategySpec(name=spec.get("strategy", "fedavg"), params=dict(spec.get("strategy_params", {}))),
+            quorum=int(spec.get("quorum", 2)),
+            min_members=int(spec.get("min_members", 2)),
+            round_deadline_s=int(spec.get("round_deadline_s", 300)),
+            local_steps=int(spec.get("local_steps", 20)),
+            epsilon_budget=float(spec.get("epsilon_budget", 8.0)),
+            admission=spec.get("admission", "open"),
+        )
+        descriptor = verify_descriptor(data)
+        fid = descriptor.federation_id
+        await trio.to_thread.run_sync(self._create_locally, data, descriptor, spec, he)
+        await self.dht.publish(data)
+        self.service.start(descriptor)
+        return self.summary(fid)
+
+    def _create_locally(
+        self, data: bytes, descriptor: FederationDescriptor, spec: Mapping[str, Any], he: HeParams | None
+    ) -> None:
+        fid = descriptor.federation_id
+        self.state.add_federation(data, "creator")
+        request = sign_join(self.identity, fid, fed_wire.b64(x25519_public_of(self.identity)))
+        self.state.add_member(fid, verify_join(descriptor, request), request)
+        self._save_settings(fid, {"data": spec.get("data"), "train_options": spec.get("train_options", {})})
+        if he is not None:
+            secret = SecretContext.generate(
+                HEParams(he.poly_modulus_degree, tuple(he.coeff_mod_bit_sizes), he.global_scale_bits)
+            )
+            self.state.save_he_secret(fid, secret.serialize())
+            self.state.save_he_public(fid, secret.public_bytes())
+
+    async def join(
+        self,
+        name: str,
+        creator: str,
+        data: str | None,
+        role: str,
+        invite: bytes | None,
+        train_options: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Find the federation in the DHT and join it through its creator."""
+        descriptor_bytes = await self._descriptor_bytes(name, creator)
+        descriptor = verify_descriptor(descriptor_bytes)
+        await self.service.join(descriptor_bytes, descriptor.creator_key, role, invite)
+        self._save_settings(descriptor.federation_id, {"data": data, "train_options": dict(train_options or {})})
+        return self.summary(descriptor.federation_id)
+
+    async def _descriptor_bytes(self, name: str, creator: str) -> bytes:
+        found = await self.dht.fetch_bytes(name, creator)
+        if found is None:
+            raise FederationError(f"no federation {name!r} by {creator} was found in the DHT")
+        return found
+
+    def leave(self, fid: str) -> bool:
+        """Stop taking part in a federation (its state is kept)."""
+        return self.state.leave(fid)
+
+    def summary(self, fid: str) -> dict[str, Any]:
+        """A federation as the API shows it: rules, members, rounds, privacy spent."""
+        row = self.state.federation(fid)
+        if row is None:
+            raise FederationError(f"unknown federation {fid}")
+        d = row.descriptor
+        with PrivacyLedger(self.ledger_path) as ledger:
+            history = ledger.history(fid)
+        spent = epsilon(history, d.privacy.dp.delta) if history else 0.0
+        members = self.service._members(fid)
+        return {
+            "federation_id": fid,
+            "name": d.name,
+            "creator": d.creator,
+            "role": row.role,
+            "active": row.left_at is None,
+            "mode": d.privacy.mode,
+            "strategy": d.strategy.name,
+            "quorum": d.quorum,
+            "members": sorted(f"{fp} ({m.role})" for fp, m in members.items()),
+            "global_round": row.global_round,
+            "global_cid": row.global_cid,
+            "adapter": adapter_name(d),
+            "epsilon_spent": round(spent, 4),
+            "epsilon_budget": d.epsilon_budget,
+            "delta": d.privacy.dp.delta,
+            "he_secret_here": self.state.he_secret(fid) is not None,
+            "status": self.service.status_of.get(fid, {}),
+        }
+
+    def rounds(self, fid: str, limit: int = 50) -> list[dict[str, Any]]:
+        """The federation's rounds, newest first, and refused updates."""
+        return [
+            {
+                "round": r.round,
+                "aggregator": r.aggregator,
+                "status": r.status,
+                "contributors": list(r.contributors),
+                "aggregate_cid": r.aggregate_cid,
+                "reason": r.reason,
+            }
+            for r in self.state.rounds(fid, limit)
+        ]
+
+    def privacy_total(self) -> float:
+        """ε over every federation (composed), at δ = 1e-5."""
+        with PrivacyLedger(self.ledger_path) as ledger:
+            return float(ledger.total(1e-5))
+
+
+def adapter_name(descriptor: FederationDescriptor) -> str:
+    """The adapter a federation's global model is installed as."""
+    return f"fed-{descriptor.name}"[:64]
