@@ -13,6 +13,8 @@ from node.inference.models import embedded_model_path
 from tests.ipfs_daemon import IpfsDaemon
 from tests.lora_files import write_adapter
 
+pytestmark = pytest.mark.slow  # two homes, a daemon and an IPFS daemon
+
 
 def cli(home: Path, ipfs: IpfsDaemon, *args: str) -> subprocess.CompletedProcess[str]:
     env = {

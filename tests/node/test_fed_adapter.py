@@ -30,6 +30,8 @@ from node.inference.models import embedded_model_path
 from node.training.trainer import TARGET_MODULES
 from tests.node.test_trainer import beekeeping_texts
 
+pytestmark = pytest.mark.slow  # local training through the training subprocess
+
 QV, ALL = TARGET_MODULES["qv"], TARGET_MODULES["all"]
 FAST = {"batch_size": 2, "max_length": 32}  # tiny steps: the tests check plumbing, not learning
 

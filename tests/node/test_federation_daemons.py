@@ -21,6 +21,8 @@ from tests.node.fed_daemons import (
     write_data,
 )
 
+pytestmark = pytest.mark.slow  # four daemons, three rounds
+
 ROUND_DEADLINE_S = 150
 
 

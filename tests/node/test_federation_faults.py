@@ -31,6 +31,8 @@ from tests.node.fed_daemons import (
     write_data,
 )
 
+pytestmark = pytest.mark.slow  # four daemons, members and an aggregator killed mid-round
+
 DEADLINE_S = 40
 
 

@@ -26,6 +26,8 @@ from node.fed.flower.engine import (
     wait_run,
 )
 
+pytestmark = pytest.mark.slow  # Flower's SuperLink and SuperNodes as processes
+
 TOPICS = {
     "cooking": (
         ["The chef", "My grandmother", "A patient cook", "The baker", "Our neighbour"],

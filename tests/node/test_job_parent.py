@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a training job and the node that started it
+
 # The "node": starts the real job entry point (`python -m node.training.job SPEC`) on a FIFO nobody has written, so
 # the job blocks reading its spec, then waits to be killed.
 PARENT = """

@@ -11,6 +11,8 @@ from node.inference.llama_backend import BatchContext, LlamaModel, LoraAdapter
 from node.training.base_model import load_torch_base
 from node.training.lora_export import LoraShape, write_gguf_lora
 
+pytestmark = pytest.mark.slow  # torch against llama.cpp on the dequantized model
+
 PROMPTS = [
     "The weather today is",
     "My favourite recipe for bread uses",

@@ -6,8 +6,11 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.daemon_harness import Daemon, free_port, node_env, spawn_daemon, start_daemon
+
+pytestmark = pytest.mark.slow  # several daemons
 
 
 def peers(d: Daemon) -> dict:

@@ -36,6 +36,8 @@ from node.p2p.host import P2PConfig, P2PNode, tcp_multiaddr
 from node.p2p.notices import TOPIC
 from tests.daemon_harness import Daemon, node_env, start_daemon
 
+pytestmark = pytest.mark.slow  # hostile libp2p peers against a daemon
+
 DEADLINE = 60
 CONFIG = P2PConfig(dial_timeout=5, negotiate_timeout=5)
 

@@ -22,6 +22,8 @@ from node.inference.models import embedded_model_path
 from tests.daemon_harness import Daemon, node_env, start_daemon, stop_all
 from tests.lora_files import write_adapter
 
+pytestmark = pytest.mark.slow  # up to five daemons and a 50 MB transfer
+
 DISCOVERY_TIMEOUT_S = 60
 
 

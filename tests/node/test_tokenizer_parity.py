@@ -9,6 +9,8 @@ from node.inference.llama_backend import LlamaModel
 from node.inference.models import embedded_model_path
 from node.training.base_model import CACHE_MARKER, ensure_torch_base, fix_digit_splitting
 
+pytestmark = pytest.mark.slow  # the dequantized torch model
+
 TEXTS = [
     "In 2024 the budget grew by 3.5% to 1,250,000 dollars.",
     "Call 555-0199 before 10:30, or email me at a.b@example.org!",

@@ -15,6 +15,8 @@ from node.inference.models import embedded_model_path
 from node.training.base_model import torch_base_dir
 from tests.daemon_harness import Daemon, node_env, running
 
+pytestmark = pytest.mark.slow  # training through a daemon
+
 TOPICS = ["budget", "savings", "rent", "groceries", "insurance", "pension"]
 
 

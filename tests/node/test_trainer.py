@@ -27,6 +27,8 @@ from node.training.trainer import (
 )
 from tests.daemon_harness import extra_buffers_for_tests
 
+pytestmark = pytest.mark.slow  # LoRA training with torch
+
 REPO = Path(__file__).resolve().parents[2]
 KEEPERS = ["Mara", "Tom", "Ines", "Kofi", "Lena", "Ravi", "Sofia", "Jon"]
 PARTS = ["brood box", "honey super", "queen excluder", "frame feeder", "entrance reducer", "inner cover"]
