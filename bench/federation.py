@@ -410,7 +410,7 @@ async def federation_run(n: int, mode: str, rounds: int, warmup: int, root: Path
 def round_facts(nodes: list[BenchNode], fid: str, rounds: int) -> dict[str, Any]:
     """Per round: the aggregator, the rounds-table rows of every node, and the timed phases (see `round_phases`)."""
     index_of = {n.identity.fingerprint: n.index for n in nodes}
-    roles = {n.index: n.fed.service._members(fid)[n.identity.fingerprint].role for n in nodes}
+    roles = {n.index: n.fed.service.membership.members(fid)[n.identity.fingerprint].role for n in nodes}
     trainers = [i for i, role in roles.items() if role == "member"]
     per_round = []
     for r in range(1, rounds + 1):

@@ -4,6 +4,7 @@ and strict body parsing."""
 import secrets
 from typing import Any
 
+import trio
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -11,6 +12,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from node.api.openai_schema import describe_validation_errors, error_body
 from node.state import NodeState
+
+db_limiter = trio.CapacityLimiter(1)  # one thread at a time on state.db from the routes
 
 
 class ApiError(Exception):

@@ -10,8 +10,8 @@ from pydantic import Field
 from federation.descriptor import FederationRefused
 from node.api.common import ApiError, check_auth, node_of, parse_body
 from node.api.node_schema import _Closed
+from node.fed.errors import FederationError
 from node.fed.node import FederationNode
-from node.fed.service import FederationError
 from node.fed.wire import WireError
 from node.p2p.host import P2PError
 

@@ -35,7 +35,8 @@ from node.core.home import NodeHome
 from node.fed import wire as fed_wire
 from node.fed.adapter import initial_adapter, install_global, sweep_local_runs, train_locally
 from node.fed.dht import DhtFederations
-from node.fed.service import FederationError, FederationService, Trained
+from node.fed.errors import FederationError
+from node.fed.service import FederationService, Trained
 from node.fed.store import FederationStore
 from node.market.registry_dht import DhtRegistry
 from node.p2p.host import P2PNode
@@ -222,7 +223,7 @@ class FederationNode:
         with PrivacyLedger(self.ledger_path) as ledger:
             history = ledger.history(fid)
         spent = epsilon(history, d.privacy.dp.delta) if history else 0.0
-        members = self.service._members(fid)
+        members = self.service.membership.members(fid)
         return {
             "federation_id": fid,
             "name": d.name,

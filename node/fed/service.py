@@ -27,22 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import numpy as np
 import trio
 
 from crypto.dp import Spend
 from crypto.he import PublicContext, SecretContext
 from crypto.identity import Identity
-from crypto.sealing import SealError, seal, unseal, x25519_public_of
 from federation.descriptor import (
     FederationDescriptor,
     FederationRefused,
-    Member,
-    sign_join,
     verify_admitted,
-    verify_descriptor,
-    verify_join,
 )
 from federation.ledger import PrivacyLedger
 from federation.messages import (
@@ -65,6 +59,9 @@ from federation.update import Layout, decode_tensors, encode_tensors
 from marketplace.content_store import EmbeddedStore
 from node.core.fsutil import remove_stale
 from node.fed import wire as fed_wire
+from node.fed.errors import FederationError
+from node.fed.join import JoinProtocol
+from node.fed.membership import Membership, key_of, peer_of
 from node.fed.notices import FederationNotice
 from node.fed.store import RoundStatus
 from node.market.network_store import NetworkStore
@@ -79,31 +76,6 @@ SCRATCH_PREFIX = ".fed-scratch-"
 ROUND_CLOSED = "round_closed"  # an update's verdict when no round is open here for its (federation, round)
 SUPERSEDED_GRACE_S = 5.0  # a round still unseen this long after a later round opened is over for this node
 MAX_GLOBAL_BYTES = 256 * 1024 * 1024
-
-
-class FederationError(Exception):
-    """A federation command that cannot be done; the message says why."""
-
-
-def peer_of(key_b64: str) -> Any:
-    """The libp2p PeerID of a member's Ed25519 key (base64 raw)."""
-    import base64
-
-    from libp2p.crypto.ed25519 import Ed25519PublicKey
-    from libp2p.peer.id import ID
-
-    return ID.from_pubkey(Ed25519PublicKey.from_bytes(base64.b64decode(key_b64)))
-
-
-def key_of(peer: Any) -> str:
-    """The base64 raw Ed25519 public key inlined in a libp2p PeerID ("" if it inlines none, e.g. an RSA peer)."""
-    import base64
-
-    try:
-        key = peer.extract_public_key()
-    except Exception:  # a PeerID that is not an identity multihash of a key
-        return ""
-    return base64.b64encode(key.to_bytes()).decode() if key is not None else ""
 
 
 @dataclass
@@ -171,7 +143,8 @@ class FederationService:
         self._nursery: trio.Nursery | None = None
         self._stop = threading.Event()
         self._running: set[str] = set()
-        self._member_cache: dict[str, tuple[int, dict[str, Member]]] = {}
+        self.membership = Membership(state)
+        self.joins = JoinProtocol(identity, p2p, state, self._gossip, self._dial)
 
     # lifecycle -----------------------------------------------------------------------------------------------------
     def _scratch(self) -> "tempfile.TemporaryDirectory[str]":
@@ -181,7 +154,7 @@ class FederationService:
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the join and update protocols, listen to federation notices, run each active federation."""
         remove_stale(self.root, SCRATCH_PREFIX)
-        self.p2p.set_stream_handler(fed_wire.JOIN_PROTOCOL, self._serve_join)
+        self.p2p.set_stream_handler(fed_wire.JOIN_PROTOCOL, self.joins.serve)
         self.p2p.set_stream_handler(fed_wire.UPDATE_PROTOCOL, self._serve_update)
         self.notices.on(FederationNotice, self._on_notice)
         try:
@@ -207,115 +180,11 @@ class FederationService:
         self._nursery.start_soon(self._loop, descriptor)
 
     # membership ----------------------------------------------------------------------------------------------------
-    def _members(self, fid: str) -> dict[str, Member]:
-        """Every admitted node (its stored join request verified again), by fingerprint."""
-        row = self.state.federation(fid)
-        if row is None:
-            return {}
-        rows = self.state.member_rows(fid)
-        cached = self._member_cache.get(fid)
-        if cached is not None and cached[0] == len(rows):
-            return cached[1]
-        members = {r.fingerprint: verify_admitted(row.descriptor, r.join_request) for r in rows}
-        self._member_cache[fid] = (len(rows), members)
-        return members
-
-    def _keys(self, fid: str, role: str | None = None) -> dict[str, str]:
-        return {fp: m.key for fp, m in self._members(fid).items() if role is None or m.role == role}
-
-    def _candidates(self, descriptor: FederationDescriptor) -> dict[str, str]:
-        return self._keys(descriptor.federation_id, "aggregator" if descriptor.uses_he else None)
-
-    async def _serve_join(self, stream: Libp2pStream) -> None:
-        """Admit a joiner: verify its request, record it, gossip it, and welcome it (with the HE secret if it may)."""
-        try:
-            request = await fed_wire.read_join(stream)
-            answer = await trio.to_thread.run_sync(self._admit, request)
-            await fed_wire.answer_join(stream, answer)
-        except (FrameError, fed_wire.WireError) as exc:
-            log.info("join stream refused: %s", exc)
-
-    def _admit(self, request: bytes) -> fed_wire.Welcome | fed_wire.Refusal:
-        try:
-            fid = msgspec.json.decode(request).get("federation_id", "")
-            row = self.state.federation(fid) if isinstance(fid, str) else None
-            if row is None:
-                return fed_wire.Refusal(reason="unknown_federation", detail="this node is not in that federation")
-            descriptor = row.descriptor
-            member = verify_join(descriptor, request)
-        except FederationRefused as exc:
-            return fed_wire.Refusal(reason=str(exc.reason), detail=exc.detail)
-        except (msgspec.DecodeError, AttributeError) as exc:
-            return fed_wire.Refusal(reason="malformed", detail=str(exc))
-        self.state.add_member(fid, member, request)
-        trio.from_thread.run_sync(self._gossip, fid, "member", request)
-        he_public, sealed = "", ""
-        if descriptor.uses_he:
-            public = self.state.he_public(fid)
-            he_public = fed_wire.b64(public) if public else ""
-            secret = self.state.he_secret(fid)
-            if member.role == "member" and secret is not None:
-                sealed = fed_wire.b64(seal(fed_wire.unb64(member.x25519, "x25519"), secret, _seal_context(fid, member)))
-        rows = self.state.member_rows(fid)
-        return fed_wire.Welcome(
-            descriptor=fed_wire.b64(row.descriptor_bytes),
-            members=[fed_wire.b64(r.join_request) for r in rows],
-            he_public=he_public,
-            he_secret_sealed=sealed,
-            global_round=row.global_round,
-            global_cid=row.global_cid,
-        )
-
     async def join(self, descriptor_bytes: bytes, via: str, role: str, invite: bytes | None) -> FederationDescriptor:
-        """Join the federation of `descriptor_bytes` through the admitted member with key `via` (base64)."""
-        descriptor = verify_descriptor(descriptor_bytes)
-        fid = descriptor.federation_id
-        request = sign_join(self.identity, fid, fed_wire.b64(x25519_public_of(self.identity)), invite=invite, role=role)
-        peer = peer_of(via)
-        await self._dial(peer)
-        stream = await self.p2p.open_stream(peer, fed_wire.JOIN_PROTOCOL)
-        try:
-            welcome = await fed_wire.request_join(stream, request)
-        finally:
-            await stream.close()
-        await trio.to_thread.run_sync(self._accept_welcome, descriptor_bytes, descriptor, welcome, role)
+        """Join the federation of `descriptor_bytes` through the member with key `via` (base64), then run it."""
+        descriptor = await self.joins.join(descriptor_bytes, via, role, invite)
         self.start(descriptor)
         return descriptor
-
-    def _accept_welcome(
-        self, descriptor_bytes: bytes, descriptor: FederationDescriptor, welcome: fed_wire.Welcome, role: str
-    ) -> None:
-        fid = descriptor.federation_id
-        if verify_descriptor(fed_wire.unb64(welcome.descriptor, "descriptor")).federation_id != fid:
-            raise FederationError("the member answered with another federation's descriptor")
-        members = [
-            (verify_admitted(descriptor, fed_wire.unb64(m, "member")), fed_wire.unb64(m, "member"))
-            for m in welcome.members
-        ]
-        if self.identity.fingerprint not in {m.fingerprint for m, _ in members}:
-            raise FederationError("the welcome does not list us as a member")
-        secret = b""
-        if descriptor.uses_he:
-            if not welcome.he_public:
-                raise FederationError("an HE federation's welcome must carry the public context")
-            PublicContext.from_bytes(fed_wire.unb64(welcome.he_public, "he_public"))
-            if role == "member":
-                try:
-                    secret = unseal(
-                        self.identity,
-                        fed_wire.unb64(welcome.he_secret_sealed, "he_secret"),
-                        _seal_context(fid, self.identity),
-                    )
-                except SealError as exc:
-                    raise FederationError(f"the HE secret context could not be unsealed: {exc}") from None
-                SecretContext.from_bytes(secret)
-        self.state.add_federation(descriptor_bytes, "aggregator" if role == "aggregator" else "member")
-        for member, raw in members:
-            self.state.add_member(fid, member, raw)
-        if descriptor.uses_he:
-            self.state.save_he_public(fid, fed_wire.unb64(welcome.he_public, "he_public"))
-            if secret:
-                self.state.save_he_secret(fid, secret)
 
     async def _on_notice(self, notice: FederationNotice, origin: str) -> None:
         """Route a federation notice, verified against the federation's members before use."""
@@ -331,10 +200,10 @@ class FederationService:
                 member = verify_admitted(descriptor, data)
                 self.state.add_member(fid, member, data)
             elif notice.kind == "round.open":
-                opened = verify_round_open(data, fid, self._keys(fid), self._candidates(descriptor))
+                opened = verify_round_open(data, fid, self.membership.keys(fid), self.membership.candidates(descriptor))
                 inbox.opens[opened.round] = opened
             else:
-                done = verify_round_done(data, fid, self._keys(fid), self._candidates(descriptor))
+                done = verify_round_done(data, fid, self.membership.keys(fid), self.membership.candidates(descriptor))
                 inbox.dones[done.round] = done
         except (FederationRefused, MessageError) as exc:
             log.info("federation %s: refused a %s notice: %s", descriptor.name, notice.kind, exc)
@@ -375,13 +244,13 @@ class FederationService:
             r = max(row.global_round, last.round if last is not None else 0) + 1
             r = max(r, max(inbox.opens, default=0))  # a later round is open: this node missed some, it joins that one
             inbox.prune(r)
-            trainers = self._keys(fid, "member")
-            if len(trainers) < descriptor.min_members or not self._candidates(descriptor):
+            trainers = self.membership.keys(fid, "member")
+            if len(trainers) < descriptor.min_members or not self.membership.candidates(descriptor):
                 status["phase"] = f"waiting for members ({len(trainers)} of {descriptor.min_members})"
                 with trio.move_on_after(5):
                     await inbox.changed.wait()
                 continue
-            aggregator = choose_aggregator(fid, r, list(self._candidates(descriptor)))
+            aggregator = choose_aggregator(fid, r, list(self.membership.candidates(descriptor)))
             status.update(phase="round", round=r, aggregator=aggregator)
             try:
                 if aggregator == self.identity.fingerprint:
@@ -469,7 +338,7 @@ class FederationService:
             deadline=deadline,
             global_round=global_round,
             global_cid=cid,
-            members=self._keys(fid),
+            members=self.membership.keys(fid),
         )
         layout = Layout.of(global_tensors)
         he_public = self.state.he_public(fid) if descriptor.uses_he else None
@@ -477,7 +346,7 @@ class FederationService:
         state = RoundState(
             fid,
             r,
-            self._keys(fid, "member"),
+            self.membership.keys(fid, "member"),
             descriptor.quorum,
             deadline,
             layout,
@@ -487,9 +356,11 @@ class FederationService:
         self.rounds[(fid, r)] = state
         self.state.open_round(fid, r, self.identity.fingerprint, cid)
         self._gossip(fid, "round.open", opened)
-        self.inboxes[fid].opens[r] = verify_round_open(opened, fid, self._keys(fid), self._candidates(descriptor))
+        self.inboxes[fid].opens[r] = verify_round_open(
+            opened, fid, self.membership.keys(fid), self.membership.candidates(descriptor)
+        )
         own_done = trio.Event()
-        if self.identity.fingerprint in self._keys(fid, "member"):
+        if self.identity.fingerprint in self.membership.keys(fid, "member"):
             self._nursery.start_soon(self._own_update, descriptor, r, own_done)  # type: ignore[union-attr]
         else:
             own_done.set()
@@ -510,9 +381,11 @@ class FederationService:
         )
         self.state.finish_round(fid, r, "aggregated", aggregate_cid=aggregate_cid, contributors=combined.contributors)
         self._gossip(fid, "round.done", done)
-        self.inboxes[fid].dones[r] = verify_round_done(done, fid, self._keys(fid), self._candidates(descriptor))
+        self.inboxes[fid].dones[r] = verify_round_done(
+            done, fid, self.membership.keys(fid), self.membership.candidates(descriptor)
+        )
         self.inboxes[fid].poke()
-        if self.identity.fingerprint not in self._keys(fid, "member"):
+        if self.identity.fingerprint not in self.membership.keys(fid, "member"):
             if descriptor.uses_he:
                 self.state.set_global(fid, r, aggregate_cid)  # it cannot decrypt: it only records the round
             else:
@@ -591,7 +464,7 @@ class FederationService:
         def fetch() -> dict[str, np.ndarray]:
             with self._scratch() as tmp:
                 path = Path(tmp) / "global.safetensors"
-                store.fetch(opened.global_cid, path, first=[peer_of(self._keys(fid)[opened.aggregator])])
+                store.fetch(opened.global_cid, path, first=[peer_of(self.membership.keys(fid)[opened.aggregator])])
                 data = path.read_bytes()
             return decode_tensors(data, Layout.of(self.initial_global(descriptor)), MAX_GLOBAL_BYTES)
 
@@ -639,7 +512,7 @@ class FederationService:
         if opened.aggregator == self.identity.fingerprint:
             verdict = self._offer_local(fid, r, header, out.payload)
         else:
-            peer = peer_of(self._keys(fid)[opened.aggregator])
+            peer = peer_of(self.membership.keys(fid)[opened.aggregator])
             await self._dial(peer)
             stream = await self.p2p.open_stream(peer, fed_wire.UPDATE_PROTOCOL)
             try:
@@ -729,7 +602,7 @@ class FederationService:
     ) -> None:
         fid = descriptor.federation_id
         store = NetworkStore(self.local, self.p2p, self.registry)
-        aggregator = peer_of(self._keys(fid)[done.aggregator])  # it signed the result and serves it
+        aggregator = peer_of(self.membership.keys(fid)[done.aggregator])  # it signed the result and serves it
 
         def fetch_and_apply() -> tuple[dict[str, np.ndarray], str]:
             with self._scratch() as tmp:
@@ -763,8 +636,3 @@ def _verdict(result: Accepted | Rejected) -> fed_wire.Verdict:
     if isinstance(result, Accepted):
         return fed_wire.Verdict(accepted=True)
     return fed_wire.Verdict(accepted=False, reason=str(result.reason), detail=result.detail[:1000])
-
-
-def _seal_context(fid: str, member: Any) -> bytes:
-    """Associated data of a sealed HE secret: the federation and the recipient (no replay elsewhere)."""
-    return f"mirador he secret v1 {fid} {member.fingerprint}".encode()

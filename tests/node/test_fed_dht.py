@@ -11,13 +11,9 @@ import trio
 
 from crypto.identity import Identity
 from federation.descriptor import (
-    AdapterConfig,
     DescriptorError,
-    DpParams,
     FederationDescriptor,
-    Privacy,
     descriptor_key,
-    sign_descriptor,
     sign_struct,
     verify_descriptor,
 )
@@ -30,21 +26,10 @@ from node.fed.dht import (
 )
 from node.market.registry_dht import registry_node
 from node.p2p.host import P2PConfig, P2PNode
+from tests.federation_support import NOW, make_descriptor
 
 DEADLINE = 60
-NOW = 1_800_000_000
 CONFIG = P2PConfig(dial_timeout=5, negotiate_timeout=5)
-
-
-def make_descriptor(creator: Identity, name: str = "finance-club", **over: Any) -> bytes:
-    kwargs: dict[str, Any] = {
-        "name": name,
-        "base_sha256": "ab" * 32,
-        "adapter": AdapterConfig(rank=8, alpha=16, targets=("q_proj", "v_proj")),
-        "privacy": Privacy(mode="dp", dp=DpParams(clip_norm=1.0, noise_multiplier=1.0)),
-        "created": NOW,
-    }
-    return sign_descriptor(creator, **(kwargs | over))
 
 
 def fed_node(identity: Identity) -> tuple[P2PNode, DhtFederations]:

@@ -6,7 +6,6 @@ import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import pytest
@@ -14,13 +13,9 @@ import pytest
 import node.fed.store as fed_store
 from crypto.identity import Identity
 from federation.descriptor import (
-    AdapterConfig,
     DescriptorError,
-    DpParams,
     JoinRequest,
     Member,
-    Privacy,
-    sign_descriptor,
     sign_join,
     sign_struct,
     verify_descriptor,
@@ -35,23 +30,12 @@ from node.fed.store import (
     StoredDescriptorError,
     UnknownFederationError,
 )
+from tests.federation_support import NOW, make_descriptor
 
-NOW = 1_800_000_000
 X1 = base64.b64encode(bytes(range(32))).decode()
 X2 = base64.b64encode(bytes(range(1, 33))).decode()
 CID_A = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
 CID_B = "bafkreifjjcie6lypi6ny7amxnfftagclbuxndqonfipmb64f2km2devei4"
-
-
-def make_descriptor(creator: Identity, name: str = "finance-club", **over: Any) -> bytes:
-    kwargs: dict[str, Any] = {
-        "name": name,
-        "base_sha256": "ab" * 32,
-        "adapter": AdapterConfig(rank=8, alpha=16, targets=("q_proj", "v_proj")),
-        "privacy": Privacy(mode="dp", dp=DpParams(clip_norm=1.0, noise_multiplier=1.0)),
-        "created": NOW,
-    }
-    return sign_descriptor(creator, **(kwargs | over))
 
 
 def join(descriptor: bytes, joiner: Identity, x25519: str = X1) -> tuple[Member, bytes]:

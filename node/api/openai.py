@@ -1,0 +1,277 @@
+"""The OpenAI-compatible routes: models, chat completions and completions (streamed as SSE or whole).
+
+No `from __future__ import annotations` here: FastAPI must see real types on route parameters, or it silently
+turns `Request` into a query parameter.
+"""
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NamedTuple
+
+import trio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from node.adapters.cache import AdapterRef
+from node.adapters.personalities import AUTO, Route, UnknownModelError
+from node.adapters.store import UnknownAdapterError
+from node.api.common import ApiError, check_auth, db_limiter, node_of, parse_body
+from node.api.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+)
+from node.inference.engine import EngineBusy, EngineShuttingDown, GenerationRequest, Job
+from node.state import NodeState
+
+PERSONALITY_HEADER = "X-Mirador-Personality"
+ADAPTERS_HEADER = "X-Mirador-Adapters"
+_tokenize_limiter = trio.CapacityLimiter(2)
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    """The models this node serves."""
+    check_auth(request)
+    node = node_of(request)
+    created = int(node.model.path.stat().st_mtime)
+    data = [{"id": node.model.id, "object": "model", "created": created, "owned_by": "mirador"}]
+    for p in node.manifest.personalities():
+        data.append(
+            {
+                "id": p.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "mirador",
+                "personality": {"adapters": dict(p.adapters), "load_on": [" ".join(k) for k in p.keywords]},
+            }
+        )
+    return {"object": "list", "data": data}
+
+
+def _route(node: NodeState, model: str, message: str | None) -> tuple[Route, tuple[AdapterRef, ...]]:
+    try:
+        return node.resolve(model, message)
+    except UnknownModelError:
+        available = ", ".join([*node.model.names(), AUTO, *(p.name for p in node.manifest.personalities())])
+        raise ApiError(
+            404,
+            f"the model '{model}' does not exist on this node; available: {available}, or base:<adapter>",
+            param="model",
+            code="model_not_found",
+        ) from None
+    except (UnknownAdapterError, ValueError) as exc:
+        raise ApiError(404, str(exc), param="model", code="adapter_not_found") from None
+
+
+async def _start(
+    node: NodeState, tokens: list[int], req: Any, limit: int | None, adapters: tuple[AdapterRef, ...]
+) -> Job:
+    n_ctx = node.engine.n_ctx
+    if len(tokens) >= n_ctx:
+        raise ApiError(
+            400,
+            f"the prompt is {len(tokens)} tokens long; this node's context holds {n_ctx} "
+            "(prompt plus completion); shorten the prompt",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    cap = node.settings.max_tokens
+    gen = GenerationRequest(
+        prompt_tokens=tokens,
+        sampling=req.sampling(),
+        max_tokens=min(limit or cap, cap),
+        stop=req.stop_list(),
+        stream=req.stream,
+        ignore_eos=req.ignore_eos,
+        adapters=adapters,
+    )
+    try:
+        return await node.engine.submit(gen, node.config.api.queue_timeout_s)
+    except EngineBusy as exc:
+        raise ApiError(
+            503,
+            f"the node is busy: {exc}; retry later",
+            code="server_busy",
+            type_="server_error",
+            headers={"Retry-After": str(exc.retry_after_s)},
+        ) from None
+    except EngineShuttingDown:
+        raise ApiError(
+            503, "the node is shutting down", code="shutting_down", type_="server_error", headers={"Retry-After": "5"}
+        ) from None
+
+
+def _usage(job: Job) -> dict[str, int]:
+    s = job.stats
+    return {
+        "prompt_tokens": s.prompt_tokens,
+        "completion_tokens": s.completion_tokens,
+        "total_tokens": s.prompt_tokens + s.completion_tokens,
+    }
+
+
+def _end_error(job: Job) -> dict[str, Any] | None:
+    if job.error:
+        return error_body(job.error, "server_error", code=job.error_code)
+    if job.cut_by_shutdown:
+        return error_body(
+            f"the node shut down; the response was cut after {job.stats.completion_tokens} tokens",
+            "server_error",
+            code="shutting_down",
+        )
+    return None
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+def _stream(
+    job: Job,
+    head: dict[str, Any],
+    delta_key: Callable[[str], dict[str, Any]],
+    first: dict[str, Any] | None,
+    include_usage: bool,
+    headers: dict[str, str],
+    record: Callable[[str], Awaitable[None]],
+) -> StreamingResponse:
+    """SSE stream: chunks sharing `head`, each choice built by `delta_key`, then finish, usage, [DONE]."""
+    prefix = json.dumps(head, separators=(",", ":"))[:-1] + ',"choices":['
+
+    def chunk(choice: dict[str, Any]) -> str:
+        return "data: " + prefix + json.dumps(choice, separators=(",", ":"), ensure_ascii=False) + "]}\n\n"
+
+    async def body() -> AsyncIterator[str]:
+        parts: list[str] = []
+        try:
+            if first is not None:
+                yield chunk(first)
+            async for delta in job.text():
+                parts.append(delta)
+                yield chunk(delta_key(delta))
+            err = _end_error(job)
+            if err is not None:
+                yield _sse(err)
+            else:
+                yield chunk(delta_key("") | {"finish_reason": job.stats.finish_reason})
+                if include_usage:
+                    yield _sse(head | {"choices": [], "usage": _usage(job)})
+            yield "data: [DONE]\n\n"
+            await record("".join(parts))
+        finally:
+            job.cancel()  # the client may have gone away: stop generating
+
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"} | headers,
+    )
+
+
+async def _collect(job: Job) -> str:
+    try:
+        parts = [delta async for delta in job.text()]
+    finally:
+        job.cancel()
+    err = _end_error(job)
+    if err is not None:
+        raise ApiError(
+            503 if job.cut_by_shutdown else 500,
+            err["error"]["message"],
+            code=err["error"]["code"],
+            type_="server_error",
+        )
+    return "".join(parts)
+
+
+class _Admitted(NamedTuple):
+    req: Any
+    job: Job
+    head: dict[str, Any]
+    headers: dict[str, str]
+    record: Callable[[str], Awaitable[None]]  # remembers a finished chat answer for feedback
+
+
+async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) -> _Admitted:
+    """Shared front of both generation routes: auth, schema, routing, tokens, slot."""
+    check_auth(request)
+    node = node_of(request)
+    req = await parse_body(request, schema)
+    messages: list[dict[str, str]] | None = None  # only chat answers can get feedback
+    if isinstance(req, ChatCompletionRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        latest = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
+        chosen, adapters = _route(node, req.model, latest)
+        tokens = await trio.to_thread.run_sync(node.model.chat_tokens, messages, limiter=_tokenize_limiter)
+    else:
+        chosen, adapters = _route(node, req.model, req.text())
+        tokens = await trio.to_thread.run_sync(node.model.completion_tokens, req.text(), limiter=_tokenize_limiter)
+    job = await _start(node, tokens, req, req.limit(), adapters)
+    head = {
+        "id": f"{id_prefix}-{uuid.uuid4().hex[:24]}",
+        "object": obj,
+        "created": int(time.time()),
+        "model": req.model,
+        "personality": chosen.label,
+    }
+    headers = {PERSONALITY_HEADER: chosen.label, ADAPTERS_HEADER: ",".join(a.key for a in adapters) or "none"}
+
+    async def record(answer: str) -> None:
+        if messages is None or job.error or job.cut_by_shutdown:
+            return
+        keys = [a.key for a in adapters]
+        await trio.to_thread.run_sync(
+            node.feedback.record_completion, head["id"], chosen.label, keys, messages, answer, limiter=db_limiter
+        )
+
+    return _Admitted(req, job, head, headers, record)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Any:
+    """OpenAI chat completions, streamed (SSE) or not."""
+    req, job, head, headers, record = await _admit(request, ChatCompletionRequest, "chatcmpl", "chat.completion.chunk")
+    if req.stream:
+        return _stream(
+            job,
+            head,
+            lambda d: {"index": 0, "delta": {"content": d}, "finish_reason": None},
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
+            req.include_usage(),
+            headers,
+            record,
+        )
+    text = await _collect(job)
+    await record(text)
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "finish_reason": job.stats.finish_reason,
+        "logprobs": None,
+    }
+    return JSONResponse(
+        head | {"object": "chat.completion", "choices": [choice], "usage": _usage(job)}, headers=headers
+    )
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Any:
+    """OpenAI (legacy) text completions, streamed (SSE) or not."""
+    req, job, head, headers, record = await _admit(request, CompletionRequest, "cmpl", "text_completion")
+    if req.stream:
+        return _stream(
+            job,
+            head,
+            lambda d: {"index": 0, "text": d, "logprobs": None, "finish_reason": None},
+            None,
+            req.include_usage(),
+            headers,
+            record,
+        )
+    text = await _collect(job)
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": job.stats.finish_reason}
+    return JSONResponse(head | {"choices": [choice], "usage": _usage(job)}, headers=headers)

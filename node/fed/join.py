@@ -1,0 +1,140 @@
+"""Both sides of the join protocol (/mirador/fed/join/1.0.0): the creator admits a signed join request and answers
+with a welcome (members, HE public context and, for members only, the HE secret sealed to the joiner's X25519 key);
+the joiner checks the welcome and stores what it was given."""
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import trio
+
+from crypto.he import PublicContext, SecretContext
+from crypto.identity import Identity
+from crypto.sealing import SealError, seal, unseal, x25519_public_of
+from federation.descriptor import (
+    FederationDescriptor,
+    FederationRefused,
+    sign_join,
+    verify_admitted,
+    verify_descriptor,
+    verify_join,
+)
+from node.fed import wire as fed_wire
+from node.fed.errors import FederationError
+from node.fed.membership import peer_of
+from node.p2p.framing import FrameError
+from node.p2p.host import Libp2pStream, P2PNode
+
+log = logging.getLogger(__name__)
+
+
+class JoinProtocol:
+    """The join protocol of one node: `serve` answers joiners (as the creator), `join` asks a creator."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        p2p: P2PNode,
+        state: Any,  # node.fed.store.FederationStore
+        gossip: Callable[[str, str, bytes], None],
+        dial: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        self.identity, self.p2p, self.state, self.gossip, self.dial = identity, p2p, state, gossip, dial
+
+    async def serve(self, stream: Libp2pStream) -> None:
+        """Admit a joiner: verify its request, record it, gossip it, and welcome it (with the HE secret if it may)."""
+        try:
+            request = await fed_wire.read_join(stream)
+            answer = await trio.to_thread.run_sync(self.admit, request)
+            await fed_wire.answer_join(stream, answer)
+        except (FrameError, fed_wire.WireError) as exc:
+            log.info("join stream refused: %s", exc)
+
+    def admit(self, request: bytes) -> fed_wire.Welcome | fed_wire.Refusal:
+        """The creator's answer to a join request (in a worker thread): a welcome, or a refusal with its reason."""
+        try:
+            fid = msgspec.json.decode(request).get("federation_id", "")
+            row = self.state.federation(fid) if isinstance(fid, str) else None
+            if row is None:
+                return fed_wire.Refusal(reason="unknown_federation", detail="this node is not in that federation")
+            descriptor = row.descriptor
+            member = verify_join(descriptor, request)
+        except FederationRefused as exc:
+            return fed_wire.Refusal(reason=str(exc.reason), detail=exc.detail)
+        except (msgspec.DecodeError, AttributeError) as exc:
+            return fed_wire.Refusal(reason="malformed", detail=str(exc))
+        self.state.add_member(fid, member, request)
+        trio.from_thread.run_sync(self.gossip, fid, "member", request)
+        he_public, sealed = "", ""
+        if descriptor.uses_he:
+            public = self.state.he_public(fid)
+            he_public = fed_wire.b64(public) if public else ""
+            secret = self.state.he_secret(fid)
+            if member.role == "member" and secret is not None:
+                sealed = fed_wire.b64(seal(fed_wire.unb64(member.x25519, "x25519"), secret, seal_context(fid, member)))
+        rows = self.state.member_rows(fid)
+        return fed_wire.Welcome(
+            descriptor=fed_wire.b64(row.descriptor_bytes),
+            members=[fed_wire.b64(r.join_request) for r in rows],
+            he_public=he_public,
+            he_secret_sealed=sealed,
+            global_round=row.global_round,
+            global_cid=row.global_cid,
+        )
+
+    async def join(self, descriptor_bytes: bytes, via: str, role: str, invite: bytes | None) -> FederationDescriptor:
+        """Join the federation of `descriptor_bytes` through the admitted member with key `via` (base64)."""
+        descriptor = verify_descriptor(descriptor_bytes)
+        fid = descriptor.federation_id
+        request = sign_join(self.identity, fid, fed_wire.b64(x25519_public_of(self.identity)), invite=invite, role=role)
+        peer = peer_of(via)
+        await self.dial(peer)
+        stream = await self.p2p.open_stream(peer, fed_wire.JOIN_PROTOCOL)
+        try:
+            welcome = await fed_wire.request_join(stream, request)
+        finally:
+            await stream.close()
+        await trio.to_thread.run_sync(self.accept_welcome, descriptor_bytes, descriptor, welcome, role)
+        return descriptor
+
+    def accept_welcome(
+        self, descriptor_bytes: bytes, descriptor: FederationDescriptor, welcome: fed_wire.Welcome, role: str
+    ) -> None:
+        """Check the welcome (descriptor, our admission, HE contexts, the sealed secret) and store it all."""
+        fid = descriptor.federation_id
+        if verify_descriptor(fed_wire.unb64(welcome.descriptor, "descriptor")).federation_id != fid:
+            raise FederationError("the member answered with another federation's descriptor")
+        members = [
+            (verify_admitted(descriptor, fed_wire.unb64(m, "member")), fed_wire.unb64(m, "member"))
+            for m in welcome.members
+        ]
+        if self.identity.fingerprint not in {m.fingerprint for m, _ in members}:
+            raise FederationError("the welcome does not list us as a member")
+        secret = b""
+        if descriptor.uses_he:
+            if not welcome.he_public:
+                raise FederationError("an HE federation's welcome must carry the public context")
+            PublicContext.from_bytes(fed_wire.unb64(welcome.he_public, "he_public"))
+            if role == "member":
+                try:
+                    secret = unseal(
+                        self.identity,
+                        fed_wire.unb64(welcome.he_secret_sealed, "he_secret"),
+                        seal_context(fid, self.identity),
+                    )
+                except SealError as exc:
+                    raise FederationError(f"the HE secret context could not be unsealed: {exc}") from None
+                SecretContext.from_bytes(secret)
+        self.state.add_federation(descriptor_bytes, "aggregator" if role == "aggregator" else "member")
+        for member, raw in members:
+            self.state.add_member(fid, member, raw)
+        if descriptor.uses_he:
+            self.state.save_he_public(fid, fed_wire.unb64(welcome.he_public, "he_public"))
+            if secret:
+                self.state.save_he_secret(fid, secret)
+
+
+def seal_context(fid: str, member: Any) -> bytes:
+    """Associated data of a sealed HE secret: the federation and the recipient (no replay elsewhere)."""
+    return f"mirador he secret v1 {fid} {member.fingerprint}".encode()
