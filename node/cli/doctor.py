@@ -58,7 +58,7 @@ class _Context:
         self.config_error: str | None = None
         try:
             self.config = load_config(home.config_file)
-        except ConfigError as exc:
+        except (ConfigError, OSError) as exc:
             self.config_error = str(exc)
             self.config = NodeConfig()
         self.extra_buffers: bool | None = None  # set by the probe check, used by the decode check

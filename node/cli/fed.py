@@ -179,13 +179,9 @@ def _flower_join(home: NodeHome, args: argparse.Namespace) -> int:
 
 
 def run(home: NodeHome, args: argparse.Namespace) -> int:
-    """Run a federation command; errors become one line and exit 1."""
-    from node.cli.client import NotRunningError
-
+    """Run a federation command; errors (a DaemonError is a RuntimeError) become one line and exit 1."""
     try:
         return int(args.fed_func(home, args))
-    except NotRunningError as exc:
-        print(f"mirador: {exc}", file=sys.stderr)
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"mirador: {exc}", file=sys.stderr)
     return 1

@@ -173,7 +173,8 @@ def _format_status(s: dict[str, Any]) -> str:
             f"identity     {n['identity']}",
             f"profile      {p['name']}: {p['threads']} threads, context {p['n_ctx']}, max tokens {p['max_tokens']}, "
             f"batch {p['batch_size']}, {p['slots']} slots, adapter cache {p['adapter_cache_mb']} MB",
-            f"model        {m['id']} ({m['description']}, {m['n_params'] / 1e6:.0f}M params) {m['path']}",
+            f"model        {m['id']} ({m['description']}, {m['n_params'] / 1e6:.0f}M params) {m['path']}; "
+            f"extra buffers {'on' if m.get('extra_buffers') else 'off'}",
             f"engine       {e['active']} generating, {e['waiting']} waiting, {e['completed']} done "
             f"({e.get('stopped', 0)} stopped early)",
             f"personalities {', '.join(s['personalities']['names']) or '(none)'}"

@@ -235,15 +235,20 @@ class _Cache:
         if path is not None and path.is_file():
             try:
                 loaded = json.loads(path.read_text())
-                if loaded.get("format") == CACHE_FORMAT:
+                if loaded.get("format") == CACHE_FORMAT and all(
+                    isinstance(loaded.get(part), dict) for part in ("verdicts", "digests")
+                ):
                     self.data = loaded
             except (OSError, ValueError, AttributeError):
                 pass
 
     def verdict(self, key: str) -> dict[str, Any] | None:
-        """The cached verdict for `key`, if any."""
+        """The cached verdict for `key`, if any (an entry of the wrong shape counts as none: the probe runs again)."""
         found = self.data["verdicts"].get(key)
-        return found if isinstance(found, dict) and "use" in found and "reason" in found else None
+        if not isinstance(found, dict):
+            return None
+        ok = isinstance(found.get("use"), bool) and isinstance(found.get("reason"), str)
+        return found if ok and isinstance(found.get("facts", {}), dict) else None
 
     def store(self, key: str, verdict: Verdict) -> None:
         """Remember `verdict` under `key`."""
@@ -256,7 +261,7 @@ class _Cache:
         st = model_path.stat()
         stamp = f"{st.st_size}:{st.st_mtime_ns}"
         known = self.data["digests"].get(str(model_path))
-        if isinstance(known, dict) and known.get("stamp") == stamp:
+        if isinstance(known, dict) and known.get("stamp") == stamp and isinstance(known.get("sha256"), str):
             return str(known["sha256"])
         h = hashlib.sha256()
         with open(model_path, "rb") as f:

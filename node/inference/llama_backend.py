@@ -274,6 +274,7 @@ class BatchContext:
         self.mem = ll.llama_get_memory(ctx)
         self.batch = ll.llama_batch_init(n_batch, 0, 1)
         self.n_tokens = 0
+        self._crash = armed(Fault.DECODE_CRASH)  # read once: decode is the per-token path
 
     @property
     def room(self) -> int:
@@ -295,7 +296,7 @@ class BatchContext:
         """Evaluate the batch built so far and start a new one."""
         self.batch.n_tokens = self.n_tokens
         self.n_tokens = 0
-        if armed(Fault.DECODE_CRASH):
+        if self._crash:
             crash_natively()
         rc = ll.llama_decode(self.ctx, self.batch)
         if rc != 0:

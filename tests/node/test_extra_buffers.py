@@ -10,7 +10,7 @@ import httpx
 import llama_cpp as ll
 import pytest
 
-from node.inference.extra_buffers import KNOWN_BAD, ProbeError, choose, compare_logits
+from node.inference.extra_buffers import KNOWN_BAD, ProbeError, choose, compare_logits, probe_key
 from node.inference.llama_backend import LlamaModel, extra_buffer_types
 from node.inference.models import embedded_model_path
 from tests.daemon_harness import spawn_daemon, start_daemon, wait_ready
@@ -30,7 +30,9 @@ def q4_0_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def expected_healthy_use(model: Path) -> bool:
     """What `auto` keeps for a healthy probe: on, unless a buffer type offered here is known bad for the model."""
-    ftype = int(LlamaModel(model, extra_buffers=False).ftype)
+    loaded = LlamaModel(model, extra_buffers=False)
+    ftype = loaded.ftype
+    loaded.close()
     return not any((buft, ftype) in KNOWN_BAD for buft in extra_buffer_types())
 
 
@@ -166,3 +168,32 @@ def test_a_daemon_that_cannot_decode_at_all_refuses_to_start(tmp_path: Path) -> 
     d = spawn_daemon(tmp_path / "home", {"MIRADOR_TEST_FAULT": "probe_crash_all"}, seed_probe=False)
     assert d.proc.wait(timeout=120) == 1
     assert "even without extra buffer types" in d.log() and "mirador doctor" in d.log()
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "not json",
+        "[1, 2]",
+        '{"format": 1, "verdicts": [], "digests": {}}',
+        '{"format": 1, "verdicts": {"KEY": {"use": "yes", "reason": 3, "facts": []}}, "digests": {}}',
+        '{"format": 1, "verdicts": {}, "digests": {"PATH": {"stamp": "STAMP", "sha256": 7}}}',
+    ],
+    ids=["text", "list", "verdicts-list", "entry-types", "digest-type"],
+)
+def test_a_broken_cache_file_is_probed_again_and_rewritten(tmp_path: Path, broken: str) -> None:
+    # Arrange: a cache file someone (or a full disk) mangled, shaped like the real one where it can be
+    model = embedded_model_path()
+    cache = tmp_path / "extra_buffers.json"
+    st = model.stat()
+    key = probe_key(model)
+    cache.write_text(
+        broken.replace("KEY", key).replace("PATH", str(model)).replace("STAMP", f"{st.st_size}:{st.st_mtime_ns}")
+    )
+    # Act
+    verdict = choose(model, "auto", cache)
+    # Assert: the probe decided afresh, and the file now holds a well-formed verdict
+    assert verdict.source == "probe"
+    stored = json.loads(cache.read_text())["verdicts"][key]
+    assert stored["use"] is verdict.use and stored["reason"] == verdict.reason
+    assert choose(model, "auto", cache).source == "cache"
