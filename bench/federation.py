@@ -13,9 +13,9 @@ installed). The adapter is the federation's real one for the embedded model (ran
 230,400 float32 values). Under dp every node trains and any node may aggregate; under he and he+dp one of the N
 nodes joins as aggregator-only (it never holds the secret key), so N-1 nodes train. quorum = min_members = the
 trainers, so a round closes as soon as every trainer sent. Node 0 creates, the others join through it (descriptor
-found in the DHT); rounds start by themselves once the last one joined. Phases are timed by wrapping the
-service's own functions (contextvars tell which node and round a worker thread works for): no project file is
-changed. Per round, the wall time runs from the aggregator's RoundOpen (its `fed_rounds.started`) to the last
+found in the DHT); rounds start by themselves once the last one joined. Phases are the service's own phase
+events (`FederationService.events`, node/fed/rounds/events.py), one subscriber per node. Per round, the wall
+time runs from the aggregator's RoundOpen (its `fed_rounds.started`) to the last
 trainer's new global installed, and the period from the previous round's last install to this one's (rounds
 overlap: the next aggregator may open before every member has installed the last global, so the period is the
 steady-state cost of a round). --warmup rounds (default 1: its first privacy-ledger check imports opacus, and
@@ -48,7 +48,6 @@ Prints tables and writes bench/results/federation.json.
 
 import argparse
 import contextlib
-import contextvars
 import functools
 import itertools
 import json
@@ -58,7 +57,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +67,6 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import node.fed.service as fed_service
 from bench.common import LogCounter, load, non_negative_int, positive_int, run_header, write_json
 from crypto.he import (
     EncryptedVector,
@@ -93,15 +91,13 @@ from federation.update import Layout, decode_tensors, encode_tensors, flatten, u
 from marketplace.content_store import EmbeddedStore
 from node.adapters.store import AdapterStore
 from node.core.home import NodeHome
-from node.fed import wire as fed_wire
 from node.fed.adapter import base_dims, initial_adapter, peft_config
 from node.fed.dht import federation_validators
 from node.fed.node import FederationNode
-from node.fed.service import FederationService, Trained
+from node.fed.service import PhaseEvent, Trained
 from node.inference.models import embedded_model_path
 from node.market.block_exchange import BlockServer
-from node.market.network_store import NetworkStore
-from node.market.registry_dht import DhtRegistry, registry_node
+from node.market.registry_dht import registry_node
 from node.p2p.host import P2PConfig, P2PNode
 from node.p2p.notices import TOPIC, NoticeBoard
 
@@ -126,12 +122,10 @@ def med(values: list[float]) -> float | None:
 
 # --- phase recording ----------------------------------------------------------------------------------------------
 
-WHERE: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("bench_federation_where", default=None)
-
 
 @dataclass
 class Event:
-    """One timed call: which node, which round, what, when (unix seconds, like the rounds table), bytes moved."""
+    """One timed phase: which node, which round, what, when (unix seconds, like the rounds table), bytes moved."""
 
     node: int
     round: int
@@ -148,117 +142,20 @@ class Event:
 
 @dataclass
 class Recorder:
-    """The events of the running configuration (the node and round come from the WHERE context variable)."""
+    """The phase events of the running configuration, from every node's `service.events`."""
 
     events: list[Event] = field(default_factory=list)
 
-    def add(self, phase: str, t0: float, t1: float, nbytes: int = 0) -> None:
-        """Record one call made for the node and round in WHERE (calls outside a round are not recorded)."""
-        where = WHERE.get()
-        if where is not None:
-            self.events.append(Event(where[0], where[1], phase, t0, t1, nbytes))
+    def hook(self, index: int) -> Callable[[PhaseEvent], None]:
+        """A subscriber for node `index`'s round events."""
+
+        def record(event: PhaseEvent) -> None:
+            self.events.append(Event(index, event.round, event.phase, event.started, event.ended, event.nbytes))
+
+        return record
 
 
 REC = Recorder()
-
-
-def _timed_sync(phase: str, fn: Callable[..., Any], size: Callable[[Any, tuple[Any, ...]], int] | None = None) -> Any:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.time()
-        out = fn(*args, **kwargs)
-        REC.add(phase, t0, time.time(), size(out, args) if size else 0)
-        return out
-
-    return wrapper
-
-
-@contextlib.contextmanager
-def instrumented() -> Iterator[None]:
-    """Time the module-level steps of a round (release, send, combine, fetch, decode/decrypt); restored on exit."""
-    saved = (
-        fed_service.release,
-        fed_service.combine,
-        fed_service.mean_update,
-        fed_wire.send_update,
-        NetworkStore.fetch,
-        DhtRegistry.providers,
-    )
-    original_send = fed_wire.send_update
-    original_providers = DhtRegistry.providers
-
-    async def providers(self: DhtRegistry, key: bytes) -> Any:
-        t0 = time.time()
-        found = await original_providers(self, key)
-        REC.add("providers", t0, time.time())
-        return found
-
-    async def send_update(stream: Any, header: bytes, payload: bytes) -> fed_wire.Verdict:
-        t0 = time.time()
-        verdict = await original_send(stream, header, payload)
-        REC.add("send", t0, time.time(), len(payload))
-        return verdict
-
-    fed_service.release = _timed_sync("release", release, lambda out, _: len(out.payload))
-    fed_service.combine = _timed_sync("combine", combine, lambda out, _: len(out.payload))
-    fed_service.mean_update = _timed_sync("decode", mean_update)
-    fed_wire.send_update = send_update
-    DhtRegistry.providers = providers  # type: ignore[method-assign]
-    NetworkStore.fetch = _timed_sync("fetch", NetworkStore.fetch, lambda _, args: Path(args[2]).stat().st_size)  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        (
-            fed_service.release,
-            fed_service.combine,
-            fed_service.mean_update,
-            fed_wire.send_update,
-            NetworkStore.fetch,  # type: ignore[method-assign]
-            DhtRegistry.providers,  # type: ignore[method-assign]
-        ) = saved
-
-
-def instrument_service(service: FederationService, index: int) -> None:
-    """Wrap one service's round steps (instance attributes): they set WHERE = (node, round) and time themselves."""
-
-    def wrap_round_step(name: str, phase: str) -> None:
-        original = getattr(service, name)
-
-        async def wrapper(descriptor: FederationDescriptor, r: int, *rest: Any, **options: Any) -> Any:
-            token = WHERE.set((index, r))
-            t0 = time.time()
-            try:
-                return await original(descriptor, r, *rest, **options)
-            finally:
-                REC.add(phase, t0, time.time())
-                WHERE.reset(token)
-
-        setattr(service, name, wrapper)
-
-    original_notice = service._on_notice
-    seen: set[tuple[str, int]] = set()
-
-    async def on_notice(notice: Any, origin: str) -> None:
-        """Record when each RoundOpen / RoundDone first reached this node (an aggregator files its own notices
-        directly: those are recorded late, at its next notice, and `round_phases` ignores them)."""
-        arrived = time.time()
-        await original_notice(notice, origin)
-        inbox = service.inboxes.get(notice.federation_id)
-        for kind, box in (("open", inbox.opens), ("done", inbox.dones)) if inbox is not None else ():
-            for r in list(box):
-                if (kind, r) not in seen:
-                    seen.add((kind, r))
-                    REC.events.append(Event(index, r, f"notice_{kind}", arrived, arrived))
-
-    service._on_notice = on_notice  # type: ignore[method-assign]  # registered by run(), after this
-    wrap_round_step("_aggregate_round", "aggregate_round")
-    wrap_round_step("_train_and_send", "train_and_send")
-    wrap_round_step("_apply", "apply")
-    # called in worker threads, which run in a copy of the calling task's context (WHERE included)
-    service.trainer = _timed_sync("train_stub", service.trainer)
-    service._global = _timed_sync("load_global", service._global)  # type: ignore[method-assign]
-    service.install_global = _timed_sync("install", service.install_global)
-    service._spend = _timed_sync("ledger", service._spend)  # type: ignore[method-assign]
 
 
 # --- p2p section --------------------------------------------------------------------------------------------------
@@ -301,9 +198,8 @@ def make_node(index: int, root: Path, gguf: Path) -> BenchNode:
     local = EmbeddedStore(home.root / "blocks")
     BlockServer(local.blocks).attach(p2p)  # what MarketService does in the daemon: members fetch aggregates here
     adapters = AdapterStore(home.adapters_dir, base_dims(gguf))
-    fed = FederationNode(home, identity, gguf, adapters, p2p, notices, registry, local)
-    fed.service.trainer = stub_trainer(index)
-    instrument_service(fed.service, index)
+    fed = FederationNode(home, identity, gguf, adapters, p2p, notices, registry, local, trainer=stub_trainer(index))
+    fed.service.events.subscribe(REC.hook(index))
     return BenchNode(index, home, identity, p2p, notices, local, fed)
 
 
@@ -453,7 +349,7 @@ def round_phases(events: list[Event], aggregator: int, trainers: list[int], open
         "pre_open_s": opened - agg[0].t0 if agg else None,  # the aggregator loads the global and provides its CID
         "open_gossip_s": med([e.t0 - opened for e in of("notice_open") if e.node != aggregator]),
         "open_to_member_start_s": med([e.t0 - opened for e in sends if e.node != aggregator]),
-        "train_stub_s": med([e.seconds for e in of("train_stub")]),
+        "train_stub_s": med([e.seconds for e in of("train")]),
         "release_s": med([e.seconds for e in of("release")]),
         "send_s": med([e.seconds for e in of("send")]),
         "train_and_send_s": med([e.seconds for e in sends]),
@@ -464,7 +360,6 @@ def round_phases(events: list[Event], aggregator: int, trainers: list[int], open
         if combined
         else None,
         "fetch_s": med([e.seconds for e in remote_fetch]),
-        "providers_s": med([e.seconds for e in of("providers") if e.node != aggregator]),
         "ledger_s": med([e.seconds for e in of("ledger")]),
         "decode_s": med([e.seconds for e in of("decode") if e.node in trainers]),
         "install_s": med([e.seconds for e in of("install") if e.node in trainers]),
@@ -487,22 +382,21 @@ def round_phases(events: list[Event], aggregator: int, trainers: list[int], open
 def p2p_section(sizes: list[int], modes: list[str], rounds: int, warmup: int, tmp: Path, gguf: Path) -> dict[str, Any]:
     """Every (N, mode) configuration in turn, each in a fresh trio loop and folder."""
     runs: dict[str, Any] = {}
-    with instrumented():
-        for n in sizes:
-            for mode in modes:
-                key = f"N={n} {mode}"
-                root = tmp / f"p2p-{n}-{mode.replace('+', '')}"
-                t0, load0 = time.perf_counter(), load()
-                print(f"p2p {key}: starting", file=sys.stderr)
-                try:
-                    runs[key] = trio.run(federation_run, n, mode, rounds, warmup, root, gguf)
-                except Exception as exc:  # one failed configuration must not lose the others
-                    print(f"p2p {key} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-                    runs[key] = {"nodes": n, "mode": mode, "error": f"{type(exc).__name__}: {exc}"}
-                finally:
-                    shutil.rmtree(root, ignore_errors=True)
-                runs[key] |= {"section_s": time.perf_counter() - t0, "load_before": load0, "load_after": load()}
-                print(f"p2p {key}: done in {runs[key]['section_s']:.0f} s", file=sys.stderr)
+    for n in sizes:
+        for mode in modes:
+            key = f"N={n} {mode}"
+            root = tmp / f"p2p-{n}-{mode.replace('+', '')}"
+            t0, load0 = time.perf_counter(), load()
+            print(f"p2p {key}: starting", file=sys.stderr)
+            try:
+                runs[key] = trio.run(federation_run, n, mode, rounds, warmup, root, gguf)
+            except Exception as exc:  # one failed configuration must not lose the others
+                print(f"p2p {key} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                runs[key] = {"nodes": n, "mode": mode, "error": f"{type(exc).__name__}: {exc}"}
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+            runs[key] |= {"section_s": time.perf_counter() - t0, "load_before": load0, "load_after": load()}
+            print(f"p2p {key}: done in {runs[key]['section_s']:.0f} s", file=sys.stderr)
     return runs
 
 
@@ -523,7 +417,6 @@ P2P_LINES = [
     ("combine_to_done_seen_s", "combine → RoundDone reaches members", "ms"),
     ("combine_to_apply_start_s", "combine → members start applying", "ms"),
     ("fetch_s", "fetch aggregate by CID (remote members)", "ms"),
-    ("providers_s", "  of which DHT providers lookup", "ms"),
     ("decode_s", "decode / decrypt aggregate", "ms"),
     ("install_s", "install_global (GGUF write + install)", "ms"),
     ("apply_other_s", "apply other (apply, store global, db)", "ms"),

@@ -17,6 +17,7 @@ from typing import Annotated
 import msgspec
 
 from crypto.identity import Identity, PublicKey, strict_b64decode
+from crypto.refusal import SingleReason, VerificationError
 
 MAX_ENVELOPE_BYTES = 8 * 1024 * 1024
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
@@ -26,8 +27,10 @@ _MAX_KEYID_CHARS = 256
 _MAX_SIG_B64_CHARS = 1024
 
 
-class EnvelopeError(ValueError):
-    """Bytes that are not an acceptable DSSE envelope; the message says what is wrong."""
+class EnvelopeError(SingleReason, VerificationError):
+    """Bytes that are not an acceptable DSSE envelope (reason bad_envelope); the detail says what is wrong."""
+
+    REASON = "bad_envelope"
 
 
 class _WireSignature(msgspec.Struct, forbid_unknown_fields=True):

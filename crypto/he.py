@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 
+from crypto.refusal import SingleReason
+
 MAGIC = b"MRHE"
 VERSION = 1
 KEY_ID_SIZE = 16
@@ -60,8 +62,10 @@ class HEParamsError(HEError):
     """CKKS parameters that are invalid, insecure, or not the ones expected."""
 
 
-class HEFormatError(HEError):
+class HEFormatError(SingleReason, HEError):
     """Bytes that are not an acceptable serialized context or encrypted vector."""
+
+    REASON = "bad_ciphertext"
 
 
 class HEKeyError(HEError):

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from crypto.identity import Identity
+from crypto.refusal import Refused, SingleReason
 
 MAGIC = b"MRSL"
 VERSION = 1
@@ -39,8 +40,11 @@ _NONCE_SIZE = 12
 OVERHEAD = _HEADER.size + TAG_SIZE
 
 
-class SealError(ValueError):
-    """A sealed box that cannot be made or opened: tampered, truncated, wrong key, wrong context, or too large."""
+class SealError(SingleReason, Refused):
+    """A sealed box that cannot be made or opened: tampered, truncated, wrong key, wrong context, or too large
+    (reason bad_seal)."""
+
+    REASON = "bad_seal"
 
 
 def _hkdf(secret: bytes, info: bytes, length: int) -> bytes:

@@ -26,6 +26,7 @@ import msgspec
 
 from crypto.dsse import Envelope, sign_envelope
 from crypto.identity import Identity, KeyFormatError, PublicKey
+from crypto.refusal import SingleReason, VerificationError
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -35,8 +36,10 @@ MAX_NAME_BYTES = 1024
 _HEX = frozenset("0123456789abcdef")
 
 
-class StatementError(ValueError):
-    """A statement (or a subject name) that Mirador refuses; the message says what is wrong."""
+class StatementError(SingleReason, VerificationError):
+    """A statement (or a subject name) that Mirador refuses (reason bad_statement); the detail says what is wrong."""
+
+    REASON = "bad_statement"
 
 
 class _WireDigest(msgspec.Struct, forbid_unknown_fields=True):

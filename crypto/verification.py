@@ -1,7 +1,7 @@
-"""Verification of signed artifacts: result objects, the trust policy, envelope -> statement -> files.
+"""Verification of signed artifacts: the trust policy, envelope -> statement -> files.
 
-Results follow sigstore-python's policy style: a success or a failure with a reason, and `bool(result)` is
-True only for a success. Verification failures are results, never exceptions.
+As in sigstore-python 3.x, a check that fails raises a VerificationError (crypto.refusal) with a reason code and a
+detail; a check that passes returns (verify_artifact: the VerifiedArtifact).
 
 Trust: the statement carries the publisher's key (crypto.statement); the envelope must hold a signature with
 keyid = that key's fingerprint which verifies over PAE(payloadType, payload); then the TrustPolicy must name
@@ -13,10 +13,10 @@ import errno
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
 
-from crypto.dsse import Envelope, EnvelopeError, parse_envelope, signature_is_valid
+from crypto.dsse import Envelope, parse_envelope, signature_is_valid
 from crypto.identity import PublicKey, is_fingerprint
+from crypto.refusal import VerificationError
 from crypto.statement import (
     PAYLOAD_TYPE,
     Statement,
@@ -33,17 +33,7 @@ _MAX_LISTED_PROBLEMS = 5
 
 
 @dataclass(frozen=True)
-class VerificationSuccess:
-    """A check that passed."""
-
-    success: ClassVar[bool] = True
-
-    def __bool__(self) -> Literal[True]:
-        return True
-
-
-@dataclass(frozen=True)
-class VerifiedArtifact(VerificationSuccess):
+class VerifiedArtifact:
     """A valid signature by the statement's publisher, who the policy trusts or explicitly allowed."""
 
     statement: Statement
@@ -53,20 +43,6 @@ class VerifiedArtifact(VerificationSuccess):
     def publisher(self) -> PublicKey:
         """The key that signed (statement.publisher)."""
         return self.statement.publisher
-
-
-@dataclass(frozen=True)
-class VerificationFailure:
-    """A check that failed, and why."""
-
-    reason: str
-    success: ClassVar[bool] = False
-
-    def __bool__(self) -> Literal[False]:
-        return False
-
-
-VerificationResult = VerificationSuccess | VerificationFailure
 
 
 class EmptyTrustPolicyError(ValueError):
@@ -110,38 +86,36 @@ class TrustPolicy:
         return f"TrustPolicy({sorted(self._fingerprints)!r}, allow_untrusted={self._allow_untrusted})"
 
 
-def verify_envelope(envelope: Envelope, public_key: PublicKey) -> VerificationResult:
-    """Success if a signature with keyid = the key's fingerprint verifies over PAE(type, payload)."""
+def verify_envelope(envelope: Envelope, public_key: PublicKey) -> None:
+    """Return if a signature with keyid = the key's fingerprint verifies over PAE(type, payload); else raise
+    VerificationError (unsigned, no_publisher_signature, bad_signature)."""
     if not envelope.signatures:
-        return VerificationFailure("unsigned (no signatures)")
+        raise VerificationError("unsigned", "unsigned (no signatures)")
     mine = envelope.signatures_by(public_key.fingerprint)
     if not mine:
         keyids = ", ".join(sorted({s.keyid or "(none)" for s in envelope.signatures}))
-        return VerificationFailure(f"no signature by the publisher {public_key.fingerprint} (keyids: {keyids})")
-    if any(signature_is_valid(envelope, s, public_key) for s in mine):
-        return VerificationSuccess()
-    return VerificationFailure("bad signature")
+        detail = f"no signature by the publisher {public_key.fingerprint} (keyids: {keyids})"
+        raise VerificationError("no_publisher_signature", detail)
+    if not any(signature_is_valid(envelope, s, public_key) for s in mine):
+        raise VerificationError("bad_signature", "bad signature")
 
 
-def verify_artifact(envelope_bytes: bytes, policy: TrustPolicy) -> VerifiedArtifact | VerificationFailure:
-    """Parse a DSSE envelope, its in-toto statement and publisher, check the signature and the trust policy."""
+def verify_artifact(envelope_bytes: bytes, policy: TrustPolicy) -> VerifiedArtifact:
+    """Parse a DSSE envelope, its in-toto statement and publisher, check the signature and the trust policy; raise
+    VerificationError (empty_policy, bad_envelope, bad_statement, a signature reason, untrusted_publisher)."""
     if not policy.fingerprints and not policy.allow_untrusted:
-        return VerificationFailure(EMPTY_POLICY_REASON)
-    try:
-        envelope = parse_envelope(envelope_bytes, expected_payload_type=PAYLOAD_TYPE)
-    except EnvelopeError as exc:
-        return VerificationFailure(str(exc))
+        raise VerificationError("empty_policy", EMPTY_POLICY_REASON)
+    envelope = parse_envelope(envelope_bytes, expected_payload_type=PAYLOAD_TYPE)
     try:
         statement = parse_statement(envelope.payload)
     except StatementError as exc:
-        return VerificationFailure(f"payload is not a valid Mirador in-toto Statement v1: {exc}")
-    signed = verify_envelope(envelope, statement.publisher)
-    if isinstance(signed, VerificationFailure):
-        return signed
+        detail = f"payload is not a valid Mirador in-toto Statement v1: {exc.detail}"
+        raise VerificationError(exc.reason, detail) from None
+    verify_envelope(envelope, statement.publisher)
     fingerprint = statement.publisher.fingerprint
     trusted = policy.trusts(fingerprint)
     if not trusted and not policy.allow_untrusted:
-        return VerificationFailure(f"publisher {fingerprint} is not trusted")
+        raise VerificationError("untrusted_publisher", f"publisher {fingerprint} is not trusted")
     return VerifiedArtifact(statement, publisher_trusted=trusted)
 
 
@@ -156,11 +130,11 @@ def _open_problem(name: str, exc: OSError) -> str:
     return f"{name}: cannot be read ({exc.strerror or exc})"
 
 
-def _failure(problems: list[str]) -> VerificationFailure:
+def _failure(problems: list[str]) -> VerificationError:
     """One failure listing the first problems."""
     more = len(problems) - _MAX_LISTED_PROBLEMS
     text = "; ".join(problems[:_MAX_LISTED_PROBLEMS])
-    return VerificationFailure(text + (f" (and {more} more)" if more > 0 else ""))
+    return VerificationError("files_differ", text + (f" (and {more} more)" if more > 0 else ""))
 
 
 def verify_files(
@@ -170,24 +144,25 @@ def verify_files(
     allow_extra: bool = False,
     ignore: Collection[str] = (),
     sizes: Mapping[str, int] | None = None,
-) -> VerificationResult:
-    """Check `folder` against the statement's subjects: each present (no symlinks), sizes, sha256, no extras.
+) -> None:
+    """Check `folder` against the statement's subjects: each present (no symlinks), sizes, sha256, no extras;
+    raise VerificationError (files_differ) listing the first problems.
 
     Cheap checks (names, presence, sizes, extra files) run before any hashing; files are hashed in chunks.
     `sizes` (name -> bytes, e.g. from the manifest) is optional; `ignore` names files outside the artifact
     (such as the envelope itself); `allow_extra` accepts unlisted files.
     """
     if not folder.is_dir():
-        return VerificationFailure(f"{folder} is not a folder")
+        raise VerificationError("files_differ", f"{folder} is not a folder")
     problems: list[str] = []
     signed = statement.digests()
     for name in signed:
         try:
             check_subject_name(name)
         except StatementError as exc:
-            problems.append(str(exc))
+            problems.append(exc.detail)
     if problems:
-        return _failure(problems)
+        raise _failure(problems)
     if not allow_extra:
         problems += [
             f"{name}: {'' if regular else 'symlink or special file, '}not in the signed statement"
@@ -204,7 +179,7 @@ def verify_files(
         if sizes is not None and name in sizes and sizes[name] != size:
             problems.append(f"{name}: {size} bytes, the manifest says {sizes[name]}")
     if problems:
-        return _failure(sorted(problems))
+        raise _failure(sorted(problems))
     for name, expected in signed.items():
         try:
             with open_inside(folder, name) as f:
@@ -214,4 +189,5 @@ def verify_files(
             continue
         if actual != expected:
             problems.append(f"{name}: sha256 {actual} does not match the signed {expected}")
-    return _failure(problems) if problems else VerificationSuccess()
+    if problems:
+        raise _failure(problems)

@@ -22,7 +22,9 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
-from crypto.identity import Identity, KeyFormatError, PublicKey, strict_b64decode
+from crypto.identity import Identity, strict_b64decode
+from crypto.refusal import Refused
+from crypto.signed import canonical_bytes, decode_strict, key_fingerprint, sign_struct, signature_valid
 from federation.strategies import allowed_in_mode, make_strategy
 from federation.strategies.base import AggregationError
 from marketplace.manifest import NAME_RE
@@ -54,7 +56,7 @@ Admission = Literal["open", "invite"]
 S = TypeVar("S", bound=msgspec.Struct)
 
 
-class Refusal(StrEnum):
+class FederationReason(StrEnum):
     """Why a descriptor, invite token or join request was refused."""
 
     OVERSIZED = "oversized"
@@ -72,13 +74,13 @@ class Refusal(StrEnum):
     STALE = "stale"
 
 
-class FederationRefused(ValueError):
-    """Base of the refusals here: `reason` (a Refusal) and a detail naming what is wrong."""
+class FederationRefused(Refused):
+    """Base of the refusals here: `reason` (a FederationReason) and a detail naming what is wrong."""
 
-    def __init__(self, reason: Refusal, detail: str) -> None:
-        super().__init__(f"{reason.value}: {detail}")
-        self.reason = reason
-        self.detail = detail
+    reason: FederationReason
+
+    def __init__(self, reason: FederationReason | str, detail: str) -> None:
+        super().__init__(FederationReason(reason), detail)
 
 
 class DescriptorError(FederationRefused):
@@ -91,63 +93,6 @@ class InviteError(FederationRefused):
 
 class JoinError(FederationRefused):
     """A join request refused (an invite problem keeps the invite's reason)."""
-
-
-# --- canonical signing, shared with federation.messages ---------------------------------------------------------
-
-
-def canonical_bytes(struct: msgspec.Struct) -> bytes:
-    """The bytes a signature covers: the struct's JSON without its `signature` field, keys sorted."""
-    body = msgspec.to_builtins(struct)
-    body.pop("signature", None)
-    return msgspec.json.encode(body, order="sorted")
-
-
-def normalized(struct: S) -> S:
-    """`struct` after a strict JSON round trip (validates it; ints in float fields become floats), or ValueError."""
-    try:
-        return msgspec.json.decode(msgspec.json.encode(struct), type=type(struct))
-    except (msgspec.ValidationError, msgspec.DecodeError, msgspec.EncodeError, TypeError) as exc:
-        raise ValueError(f"{type(struct).__name__}: {exc}") from None
-
-
-def sign_struct(identity: Identity, struct: S) -> S:
-    """`struct` normalized and carrying `identity`'s signature over its canonical bytes."""
-    unsigned = normalized(struct)
-    signature = base64.b64encode(identity.sign(canonical_bytes(unsigned))).decode("ascii")
-    return msgspec.structs.replace(unsigned, signature=signature)
-
-
-def signature_valid(key_b64: str, signature_b64: str, struct: msgspec.Struct) -> bool:
-    """True only if `signature_b64` is a valid signature of `struct`'s canonical bytes by the key `key_b64`."""
-    try:
-        public = PublicKey.from_b64(key_b64)
-        signature = strict_b64decode(signature_b64)
-    except (KeyFormatError, ValueError):
-        return False
-    return public.verify(signature, canonical_bytes(struct))
-
-
-def key_fingerprint(key_b64: str) -> str | None:
-    """The fingerprint of a base64 Ed25519 public key, or None if it is not one."""
-    try:
-        return PublicKey.from_b64(key_b64).fingerprint
-    except KeyFormatError:
-        return None
-
-
-def decode_strict(data: bytes, kind: type[S], limit: int, schema: str, error: type[FederationRefused]) -> S:
-    """Size check, strict JSON decode into `kind`, schema check; raise `error` with the reason."""
-    if len(data) > limit:
-        raise error(Refusal.OVERSIZED, f"{kind.__name__} is {len(data)} bytes; the limit is {limit}")
-    try:
-        value = msgspec.json.decode(data, type=kind)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise error(Refusal.MALFORMED, f"not a {kind.__name__}: {exc}") from None
-    found = getattr(value, "schema", None)
-    if found != schema:
-        raise error(Refusal.SCHEMA, f"unknown schema {str(found)[:64]!r} (expected {schema})")
-    return value
 
 
 # --- the descriptor ---------------------------------------------------------------------------------------------
@@ -258,7 +203,7 @@ def check_consistency(descriptor: FederationDescriptor) -> None:
     """Semantic checks the field constraints cannot express; raise DescriptorError(INCONSISTENT) naming the field."""
 
     def bad(detail: str) -> DescriptorError:
-        return DescriptorError(Refusal.INCONSISTENT, detail)
+        return DescriptorError(FederationReason.INCONSISTENT, detail)
 
     targets = descriptor.adapter.targets
     if len(set(targets)) != len(targets):
@@ -293,12 +238,12 @@ def _check_he(he: HeParams) -> None:
     limit = HE_MAX_COEFF_BITS[he.poly_modulus_degree]
     if sum(bits) > limit:
         raise DescriptorError(
-            Refusal.INCONSISTENT,
+            FederationReason.INCONSISTENT,
             f"privacy.he.coeff_mod_bit_sizes sum to {sum(bits)} bits; N={he.poly_modulus_degree} allows {limit}",
         )
     if he.global_scale_bits >= bits[0]:
         raise DescriptorError(
-            Refusal.INCONSISTENT,
+            FederationReason.INCONSISTENT,
             f"privacy.he.global_scale_bits ({he.global_scale_bits}) leaves no headroom below the first modulus "
             f"({bits[0]} bits)",
         )
@@ -341,7 +286,7 @@ def sign_descriptor(
     try:
         signed = sign_struct(identity, draft)
     except ValueError as exc:
-        raise DescriptorError(Refusal.MALFORMED, str(exc)) from None
+        raise DescriptorError(FederationReason.MALFORMED, str(exc)) from None
     check_consistency(signed)
     return msgspec.json.encode(signed)
 
@@ -350,12 +295,14 @@ def verify_descriptor(data: bytes, key: str | None = None) -> FederationDescript
     """Decode and verify a descriptor (and, if `key` is given, that it is stored under its own DHT key)."""
     descriptor = decode_strict(data, FederationDescriptor, MAX_DESCRIPTOR_BYTES, SCHEMA, DescriptorError)
     if key is not None and key != descriptor_key(descriptor.name, descriptor.creator):
-        raise DescriptorError(Refusal.WRONG_DHT_KEY, f"key {key[:80]!r} does not name this descriptor")
+        raise DescriptorError(FederationReason.WRONG_DHT_KEY, f"key {key[:80]!r} does not name this descriptor")
     found = key_fingerprint(descriptor.creator_key)
     if found != descriptor.creator:
-        raise DescriptorError(Refusal.KEY_MISMATCH, f"creator_key is {found}, not the creator {descriptor.creator}")
+        raise DescriptorError(
+            FederationReason.KEY_MISMATCH, f"creator_key is {found}, not the creator {descriptor.creator}"
+        )
     if not signature_valid(descriptor.creator_key, descriptor.signature, descriptor):
-        raise DescriptorError(Refusal.BAD_SIGNATURE, "the creator's signature does not match the descriptor")
+        raise DescriptorError(FederationReason.BAD_SIGNATURE, "the creator's signature does not match the descriptor")
     check_consistency(descriptor)
     return descriptor
 
@@ -397,13 +344,13 @@ def check_invite(
     """The token if it admits `joiner_fingerprint` to `descriptor`'s federation at `now`; else InviteError."""
     token = decode_strict(token_bytes, InviteToken, MAX_INVITE_BYTES, INVITE_SCHEMA, InviteError)
     if not signature_valid(descriptor.creator_key, token.signature, token):
-        raise InviteError(Refusal.NOT_CREATOR, f"the token is not signed by the creator {descriptor.creator}")
+        raise InviteError(FederationReason.NOT_CREATOR, f"the token is not signed by the creator {descriptor.creator}")
     if token.federation_id != descriptor.federation_id:
-        raise InviteError(Refusal.OTHER_FEDERATION, f"the token is for federation {token.federation_id[:16]}…")
+        raise InviteError(FederationReason.OTHER_FEDERATION, f"the token is for federation {token.federation_id[:16]}…")
     if token.expires < (time.time() if now is None else now):
-        raise InviteError(Refusal.EXPIRED, f"the token expired at {token.expires}")
+        raise InviteError(FederationReason.EXPIRED, f"the token expired at {token.expires}")
     if token.invitee not in (ANY_INVITEE, joiner_fingerprint):
-        raise InviteError(Refusal.OTHER_INVITEE, f"the token is for {token.invitee}, not {joiner_fingerprint}")
+        raise InviteError(FederationReason.OTHER_INVITEE, f"the token is for {token.invitee}, not {joiner_fingerprint}")
     return token
 
 
@@ -463,7 +410,7 @@ def sign_join(
     try:
         return msgspec.json.encode(sign_struct(identity, request))
     except ValueError as exc:
-        raise JoinError(Refusal.MALFORMED, str(exc)) from None
+        raise JoinError(FederationReason.MALFORMED, str(exc)) from None
 
 
 def verify_join(
@@ -472,16 +419,22 @@ def verify_join(
     """The new member if `data` is a valid, fresh join request that the admission policy accepts; else JoinError."""
     request = decode_strict(data, JoinRequest, MAX_JOIN_BYTES, JOIN_SCHEMA, JoinError)
     if request.federation_id != descriptor.federation_id:
-        raise JoinError(Refusal.OTHER_FEDERATION, f"the request is for federation {request.federation_id[:16]}…")
+        raise JoinError(
+            FederationReason.OTHER_FEDERATION, f"the request is for federation {request.federation_id[:16]}…"
+        )
     found = key_fingerprint(request.key)
     if found != request.joiner:
-        raise JoinError(Refusal.KEY_MISMATCH, f"the request's key is {found}, not the joiner {request.joiner}")
+        raise JoinError(FederationReason.KEY_MISMATCH, f"the request's key is {found}, not the joiner {request.joiner}")
     if not signature_valid(request.key, request.signature, request):
-        raise JoinError(Refusal.BAD_SIGNATURE, f"the joiner's signature does not match the request ({request.joiner})")
+        raise JoinError(
+            FederationReason.BAD_SIGNATURE, f"the joiner's signature does not match the request ({request.joiner})"
+        )
     _check_x25519(request.x25519)
     clock = time.time() if now is None else now
     if abs(clock - request.time) > max_skew_s:
-        raise JoinError(Refusal.STALE, f"the request was made at {request.time}, {clock - request.time:+.0f} s off")
+        raise JoinError(
+            FederationReason.STALE, f"the request was made at {request.time}, {clock - request.time:+.0f} s off"
+        )
     nonce = _admit(descriptor, request, clock)
     return Member(
         fingerprint=request.joiner,
@@ -503,9 +456,9 @@ def _check_x25519(text: str) -> None:
     try:
         raw = strict_b64decode(text)
     except ValueError as exc:
-        raise JoinError(Refusal.MALFORMED, f"x25519: {exc}") from None
+        raise JoinError(FederationReason.MALFORMED, f"x25519: {exc}") from None
     if len(raw) != 32:
-        raise JoinError(Refusal.MALFORMED, f"x25519: an X25519 public key is 32 bytes, got {len(raw)}")
+        raise JoinError(FederationReason.MALFORMED, f"x25519: an X25519 public key is 32 bytes, got {len(raw)}")
 
 
 def _admit(descriptor: FederationDescriptor, request: JoinRequest, now: float) -> str:
@@ -513,11 +466,11 @@ def _admit(descriptor: FederationDescriptor, request: JoinRequest, now: float) -
     if descriptor.admission == "open" or request.joiner == descriptor.creator:
         return ""
     if not request.invite:
-        raise JoinError(Refusal.INVITE_REQUIRED, f"federation {descriptor.name!r} admits only invited nodes")
+        raise JoinError(FederationReason.INVITE_REQUIRED, f"federation {descriptor.name!r} admits only invited nodes")
     try:
         token_bytes = strict_b64decode(request.invite)
     except ValueError as exc:
-        raise JoinError(Refusal.MALFORMED, f"invite: {exc}") from None
+        raise JoinError(FederationReason.MALFORMED, f"invite: {exc}") from None
     try:
         token = check_invite(descriptor, token_bytes, request.joiner, now)
     except InviteError as exc:

@@ -21,14 +21,13 @@ from typing import Annotated, Literal, TypeVar
 import msgspec
 
 from crypto.identity import Identity
+from crypto.refusal import Refused
+from crypto.signed import decode_strict, key_fingerprint, sign_struct, signature_valid
 from federation.descriptor import (
     Fingerprint,
     Sha256Hex,
     SignatureB64,
     UnixTime,
-    key_fingerprint,
-    sign_struct,
-    signature_valid,
 )
 from marketplace.cid import Cid, CidError
 
@@ -51,7 +50,7 @@ Kind = Literal["plain", "ckks"]
 M = TypeVar("M", bound=msgspec.Struct)
 
 
-class MessageFault(StrEnum):
+class MessageReason(StrEnum):
     """Why a federation message was refused."""
 
     OVERSIZED = "oversized"
@@ -64,13 +63,13 @@ class MessageFault(StrEnum):
     WRONG_AGGREGATOR = "wrong_aggregator"
 
 
-class MessageError(ValueError):
-    """A federation message refused: `reason` (a MessageFault) and a detail naming what is wrong."""
+class MessageError(Refused):
+    """A federation message refused: `reason` (a MessageReason) and a detail naming what is wrong."""
 
-    def __init__(self, reason: MessageFault, detail: str) -> None:
-        super().__init__(f"{reason.value}: {detail}")
-        self.reason = reason
-        self.detail = detail
+    reason: MessageReason
+
+    def __init__(self, reason: MessageReason | str, detail: str) -> None:
+        super().__init__(MessageReason(reason), detail)
 
 
 def choose_aggregator(federation_id: str, round: int, members: Sequence[str]) -> str:
@@ -160,53 +159,46 @@ class AggregateStatement(msgspec.Struct, forbid_unknown_fields=True, frozen=True
 
 
 def _decode(data: bytes, kind: type[M], limit: int, schema: str) -> M:
-    if len(data) > limit:
-        raise MessageError(MessageFault.OVERSIZED, f"{kind.__name__} is {len(data)} bytes; the limit is {limit}")
-    try:
-        value = msgspec.json.decode(data, type=kind)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise MessageError(MessageFault.MALFORMED, f"not a {kind.__name__}: {exc}") from None
-    found = getattr(value, "schema", None)
-    if found != schema:
-        raise MessageError(MessageFault.SCHEMA, f"unknown schema {str(found)[:64]!r} (expected {schema})")
-    return value
+    return decode_strict(data, kind, limit, schema, MessageError)
 
 
 def _check_signed(message: msgspec.Struct, signer: str, signature: str, members: Mapping[str, str]) -> None:
     """The signer is a member, its listed key is its own, and the signature is valid."""
     key = members.get(signer)
     if key is None:
-        raise MessageError(MessageFault.NOT_A_MEMBER, f"{signer} is not a member of the federation")
+        raise MessageError(MessageReason.NOT_A_MEMBER, f"{signer} is not a member of the federation")
     if key_fingerprint(key) != signer:
-        raise MessageError(MessageFault.BAD_SIGNATURE, f"the key listed for {signer} is not its own")
+        raise MessageError(MessageReason.BAD_SIGNATURE, f"the key listed for {signer} is not its own")
     if not signature_valid(key, signature, message):
-        raise MessageError(MessageFault.BAD_SIGNATURE, f"{type(message).__name__}: bad signature by {signer}")
+        raise MessageError(MessageReason.BAD_SIGNATURE, f"{type(message).__name__}: bad signature by {signer}")
 
 
 def _check_federation(found: str, expected: str) -> None:
     if found != expected:
-        raise MessageError(MessageFault.WRONG_FEDERATION, f"for federation {found[:16]}…, not {expected[:16]}…")
+        raise MessageError(MessageReason.WRONG_FEDERATION, f"for federation {found[:16]}…, not {expected[:16]}…")
 
 
 def _check_contributors(contributors: Sequence[str], members: Mapping[str, str]) -> None:
     if list(contributors) != sorted(set(contributors)):
-        raise MessageError(MessageFault.MALFORMED, "contributors must be sorted and unique")
+        raise MessageError(MessageReason.MALFORMED, "contributors must be sorted and unique")
     if outsiders := [c for c in contributors if c not in members]:
-        raise MessageError(MessageFault.NOT_A_MEMBER, f"contributors not in the federation: {', '.join(outsiders[:3])}")
+        raise MessageError(
+            MessageReason.NOT_A_MEMBER, f"contributors not in the federation: {', '.join(outsiders[:3])}"
+        )
 
 
 def _check_cid(text: str, field: str) -> None:
     try:
         Cid.parse(text)
     except CidError as exc:
-        raise MessageError(MessageFault.MALFORMED, f"{field}: {exc}") from None
+        raise MessageError(MessageReason.MALFORMED, f"{field}: {exc}") from None
 
 
 def _signed(identity: Identity, message: M) -> bytes:
     try:
         return msgspec.json.encode(sign_struct(identity, message))
     except ValueError as exc:
-        raise MessageError(MessageFault.MALFORMED, str(exc)) from None
+        raise MessageError(MessageReason.MALFORMED, str(exc)) from None
 
 
 # --- update headers -----------------------------------------------------------------------------------------------
@@ -287,7 +279,7 @@ def _check_round_open(notice: RoundOpen) -> None:
     global comes from an earlier round."""
     if notice.global_round >= notice.round:
         detail = f"round {notice.round} cannot start from the global of round {notice.global_round}"
-        raise MessageError(MessageFault.MALFORMED, detail)
+        raise MessageError(MessageReason.MALFORMED, detail)
     if notice.global_cid:
         _check_cid(notice.global_cid, "global_cid")
 
@@ -303,7 +295,7 @@ def verify_round_open(
     _check_federation(notice.federation_id, federation_id)
     _check_round_open(notice)
     if notice.members != members_digest(members):
-        raise MessageError(MessageFault.MEMBERS_DIFFER, "the announcer's member set differs from ours")
+        raise MessageError(MessageReason.MEMBERS_DIFFER, "the announcer's member set differs from ours")
     _check_aggregator(notice.federation_id, notice.round, notice.aggregator, candidates or members)
     _check_signed(notice, notice.aggregator, notice.signature, members)
     return notice
@@ -313,7 +305,7 @@ def _check_aggregator(federation_id: str, round: int, aggregator: str, members: 
     expected = choose_aggregator(federation_id, round, list(members))
     if aggregator != expected:
         detail = f"round {round} is aggregated by {expected}, not {aggregator}"
-        raise MessageError(MessageFault.WRONG_AGGREGATOR, detail)
+        raise MessageError(MessageReason.WRONG_AGGREGATOR, detail)
 
 
 def sign_round_done(
@@ -332,7 +324,7 @@ def sign_round_done(
     data = _signed(identity, notice)
     if len(data) > MAX_ROUND_DONE_BYTES:
         detail = f"RoundDone is {len(data)} bytes (too many contributors); the limit is {MAX_ROUND_DONE_BYTES}"
-        raise MessageError(MessageFault.OVERSIZED, detail)
+        raise MessageError(MessageReason.OVERSIZED, detail)
     return data
 
 
@@ -382,7 +374,7 @@ def sign_aggregate_statement(
 def _check_count(statement: AggregateStatement) -> None:
     if statement.count < len(statement.contributors):
         raise MessageError(
-            MessageFault.MALFORMED,
+            MessageReason.MALFORMED,
             f"count {statement.count} is below the {len(statement.contributors)} contributors' one example each",
         )
 

@@ -22,13 +22,13 @@ import numpy as np
 from federation.messages import (
     Kind,
     MessageError,
-    MessageFault,
+    MessageReason,
     UpdateHeader,
     check_update_header,
     choose_aggregator,
     decode_update_header,
 )
-from federation.update import Layout, UpdateError, UpdateFault, decode_tensors
+from federation.update import Layout, UpdateError, UpdateReason, decode_tensors
 
 Clock = Callable[[], float]
 CkksCheck = Callable[[bytes], None]
@@ -96,16 +96,16 @@ class Rejected:
 
 
 _MESSAGE_REASONS = {
-    MessageFault.OVERSIZED: RejectReason.OVERSIZED,
-    MessageFault.WRONG_FEDERATION: RejectReason.WRONG_FEDERATION,
-    MessageFault.NOT_A_MEMBER: RejectReason.NOT_A_MEMBER,
-    MessageFault.BAD_SIGNATURE: RejectReason.BAD_SIGNATURE,
+    MessageReason.OVERSIZED: RejectReason.OVERSIZED,
+    MessageReason.WRONG_FEDERATION: RejectReason.WRONG_FEDERATION,
+    MessageReason.NOT_A_MEMBER: RejectReason.NOT_A_MEMBER,
+    MessageReason.BAD_SIGNATURE: RejectReason.BAD_SIGNATURE,
 }
 _UPDATE_REASONS = {
-    UpdateFault.MALFORMED: RejectReason.MALFORMED,
-    UpdateFault.WRONG_SHAPE: RejectReason.WRONG_SHAPE,
-    UpdateFault.NON_FINITE: RejectReason.NON_FINITE,
-    UpdateFault.OVERSIZED: RejectReason.OVERSIZED,
+    UpdateReason.MALFORMED: RejectReason.MALFORMED,
+    UpdateReason.WRONG_SHAPE: RejectReason.WRONG_SHAPE,
+    UpdateReason.NON_FINITE: RejectReason.NON_FINITE,
+    UpdateReason.OVERSIZED: RejectReason.OVERSIZED,
 }
 
 

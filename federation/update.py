@@ -18,6 +18,8 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError
 
+from crypto.refusal import Refused
+
 LAYOUT_SCHEMA = "mirador.layout/v1"
 DTYPE = np.dtype("<f4")
 MAX_TENSORS = 4096
@@ -25,7 +27,7 @@ MAX_NAME_CHARS = 256
 _LISTED = 5  # names listed in an error message before "…"
 
 
-class UpdateFault(StrEnum):
+class UpdateReason(StrEnum):
     """What is wrong with an update's tensors."""
 
     MALFORMED = "malformed"
@@ -34,13 +36,13 @@ class UpdateFault(StrEnum):
     OVERSIZED = "oversized"
 
 
-class UpdateError(ValueError):
+class UpdateError(Refused):
     """Tensors that do not fit the layout, or bytes that are not an acceptable update: `reason` and a detail."""
 
-    def __init__(self, reason: UpdateFault, detail: str) -> None:
-        super().__init__(f"{reason.value}: {detail}")
-        self.reason = reason
-        self.detail = detail
+    reason: UpdateReason
+
+    def __init__(self, reason: UpdateReason | str, detail: str) -> None:
+        super().__init__(UpdateReason(reason), detail)
 
 
 def _listed(names: set[str]) -> str:
@@ -50,9 +52,9 @@ def _listed(names: set[str]) -> str:
 
 def _check_name(name: object) -> str:
     if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS or name == "__metadata__":
-        raise UpdateError(UpdateFault.MALFORMED, f"bad tensor name {str(name)[:MAX_NAME_CHARS]!r}")
+        raise UpdateError(UpdateReason.MALFORMED, f"bad tensor name {str(name)[:MAX_NAME_CHARS]!r}")
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise UpdateError(UpdateFault.MALFORMED, f"tensor name {name!r} has control characters")
+        raise UpdateError(UpdateReason.MALFORMED, f"tensor name {name!r} has control characters")
     return name
 
 
@@ -64,15 +66,15 @@ class Layout:
 
     def __post_init__(self) -> None:
         if not self.entries:
-            raise UpdateError(UpdateFault.MALFORMED, "a layout needs at least one tensor")
+            raise UpdateError(UpdateReason.MALFORMED, "a layout needs at least one tensor")
         if len(self.entries) > MAX_TENSORS:
-            raise UpdateError(UpdateFault.MALFORMED, f"{len(self.entries)} tensors; the limit is {MAX_TENSORS}")
+            raise UpdateError(UpdateReason.MALFORMED, f"{len(self.entries)} tensors; the limit is {MAX_TENSORS}")
         names = [_check_name(name) for name, _ in self.entries]
         if names != sorted(set(names)):
-            raise UpdateError(UpdateFault.MALFORMED, "layout names must be sorted and unique")
+            raise UpdateError(UpdateReason.MALFORMED, "layout names must be sorted and unique")
         for name, shape in self.entries:
             if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
-                raise UpdateError(UpdateFault.MALFORMED, f"tensor {name!r}: bad shape {shape}")
+                raise UpdateError(UpdateReason.MALFORMED, f"tensor {name!r}: bad shape {shape}")
 
     @classmethod
     def of(cls, tensors: Mapping[str, np.ndarray]) -> "Layout":
@@ -104,17 +106,17 @@ def check_tensors(tensors: Mapping[str, np.ndarray], layout: Layout) -> None:
     """Raise UpdateError(WRONG_SHAPE) naming the first mismatch: missing/extra names, shape, dtype, not an array."""
     present, expected = set(tensors), set(layout.names)
     if missing := expected - present:
-        raise UpdateError(UpdateFault.WRONG_SHAPE, f"missing tensors: {_listed(missing)}")
+        raise UpdateError(UpdateReason.WRONG_SHAPE, f"missing tensors: {_listed(missing)}")
     if extra := present - expected:
-        raise UpdateError(UpdateFault.WRONG_SHAPE, f"unexpected tensors: {_listed({str(n) for n in extra})}")
+        raise UpdateError(UpdateReason.WRONG_SHAPE, f"unexpected tensors: {_listed({str(n) for n in extra})}")
     for name, shape in layout.entries:
         array = tensors[name]
         if not isinstance(array, np.ndarray):
-            raise UpdateError(UpdateFault.WRONG_SHAPE, f"tensor {name!r} is a {type(array).__name__}, not an array")
+            raise UpdateError(UpdateReason.WRONG_SHAPE, f"tensor {name!r} is a {type(array).__name__}, not an array")
         if array.shape != shape:
-            raise UpdateError(UpdateFault.WRONG_SHAPE, f"tensor {name!r} has shape {array.shape}, expected {shape}")
+            raise UpdateError(UpdateReason.WRONG_SHAPE, f"tensor {name!r} has shape {array.shape}, expected {shape}")
         if array.dtype != DTYPE:
-            raise UpdateError(UpdateFault.WRONG_SHAPE, f"tensor {name!r} is {array.dtype}, expected float32")
+            raise UpdateError(UpdateReason.WRONG_SHAPE, f"tensor {name!r} is {array.dtype}, expected float32")
 
 
 def check_finite(tensors: Mapping[str, np.ndarray]) -> None:
@@ -123,7 +125,7 @@ def check_finite(tensors: Mapping[str, np.ndarray]) -> None:
         array = tensors[name]
         if not np.isfinite(array).all():
             nans, infs = int(np.isnan(array).sum()), int(np.isinf(array).sum())
-            raise UpdateError(UpdateFault.NON_FINITE, f"tensor {name!r} holds {nans} NaN and {infs} infinite values")
+            raise UpdateError(UpdateReason.NON_FINITE, f"tensor {name!r} holds {nans} NaN and {infs} infinite values")
 
 
 def flatten(tensors: Mapping[str, np.ndarray], layout: Layout) -> np.ndarray:
@@ -135,12 +137,12 @@ def flatten(tensors: Mapping[str, np.ndarray], layout: Layout) -> np.ndarray:
 def unflatten(vector: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
     """The tensors of a flattened update (a copy, split in layout order); UpdateError on a wrong size or dtype."""
     if not isinstance(vector, np.ndarray) or vector.ndim != 1:
-        raise UpdateError(UpdateFault.WRONG_SHAPE, "an update vector is a one-dimensional array")
+        raise UpdateError(UpdateReason.WRONG_SHAPE, "an update vector is a one-dimensional array")
     if vector.dtype != DTYPE:
-        raise UpdateError(UpdateFault.WRONG_SHAPE, f"the update vector is {vector.dtype}, expected float32")
+        raise UpdateError(UpdateReason.WRONG_SHAPE, f"the update vector is {vector.dtype}, expected float32")
     if vector.size != layout.size:
         detail = f"the update vector has {vector.size} values, expected {layout.size}"
-        raise UpdateError(UpdateFault.WRONG_SHAPE, detail)
+        raise UpdateError(UpdateReason.WRONG_SHAPE, detail)
     data = vector.copy()
     out: dict[str, np.ndarray] = {}
     offset = 0
@@ -156,7 +158,7 @@ def encode_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
     for name, array in tensors.items():
         _check_name(name)
         if not isinstance(array, np.ndarray) or array.dtype != DTYPE:
-            raise UpdateError(UpdateFault.WRONG_SHAPE, f"tensor {name!r} is not a float32 array")
+            raise UpdateError(UpdateReason.WRONG_SHAPE, f"tensor {name!r} is not a float32 array")
     check_finite(tensors)
     return safetensors.numpy.save({name: np.ascontiguousarray(array) for name, array in tensors.items()})
 
@@ -164,11 +166,11 @@ def encode_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
 def decode_tensors(data: bytes, layout: Layout, max_bytes: int) -> dict[str, np.ndarray]:
     """Parse a safetensors payload and check it against `layout` (size first, then names, shapes, dtype, finiteness)."""
     if len(data) > max_bytes:
-        raise UpdateError(UpdateFault.OVERSIZED, f"the payload is {len(data)} bytes; the limit is {max_bytes}")
+        raise UpdateError(UpdateReason.OVERSIZED, f"the payload is {len(data)} bytes; the limit is {max_bytes}")
     try:
         tensors = safetensors.numpy.load(bytes(data))
     except (SafetensorError, ValueError, TypeError, KeyError) as exc:
-        raise UpdateError(UpdateFault.MALFORMED, f"not a safetensors payload: {exc}") from None
+        raise UpdateError(UpdateReason.MALFORMED, f"not a safetensors payload: {exc}") from None
     check_tensors(tensors, layout)
     check_finite(tensors)
     return tensors

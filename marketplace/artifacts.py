@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from crypto.identity import Identity
+from crypto.refusal import Refused, VerificationError
 from crypto.statement import build_statement, folder_digests, sha256_file, sign_statement
 from crypto.verification import EmptyTrustPolicyError, TrustPolicy, VerifiedArtifact, verify_artifact, verify_files
 from marketplace.cid import Cid, CidError
@@ -46,12 +47,12 @@ MAX_ENVELOPE_BYTES = 8 * 1024 * 1024
 Progress = Callable[[str, int, int], None]  # (file name, bytes done, bytes total)
 
 
-class ArtifactRefused(Exception):
-    """A publish or pull refused; `reason` says why (it is also in the audit log)."""
+class ArtifactRefused(Refused):
+    """A publish, pull or verify refused: `reason` (a code: the verifier's, or `refused`) and `detail`, the words
+    that are also in the audit log and what users read."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, detail: str, reason: str = "refused") -> None:
+        super().__init__(reason, detail)
 
 
 class NameResolver(Protocol):
@@ -214,9 +215,11 @@ class Marketplace:
                 self.pull(ref.envelope_cid, trust_publisher=trust_publisher, progress=progress)
         return Installed(folder, manifest, envelope_cid, publisher, verified.publisher_trusted)
 
-    def _refuse(self, action: str, artifact: str, publisher: str, reason: str) -> ArtifactRefused:
-        self.registry.audit(action, artifact, publisher, "refused", reason)
-        return ArtifactRefused(reason)
+    def _refuse(
+        self, action: str, artifact: str, publisher: str, detail: str, reason: str = "refused"
+    ) -> ArtifactRefused:
+        self.registry.audit(action, artifact, publisher, "refused", detail)
+        return ArtifactRefused(detail, reason)
 
     def _policy(self, trust_publisher: bool) -> TrustPolicy:
         try:
@@ -234,11 +237,11 @@ class Marketplace:
         try:
             policy = self._policy(trust_publisher)
         except ArtifactRefused as exc:
-            raise self._refuse("pull", target, "", exc.reason) from None
-        result = verify_artifact(envelope, policy)
-        if not isinstance(result, VerifiedArtifact):
-            raise self._refuse("pull", target, "", getattr(result, "reason", "verification failed"))
-        return result
+            raise self._refuse("pull", target, "", exc.detail) from None
+        try:
+            return verify_artifact(envelope, policy)
+        except VerificationError as exc:
+            raise self._refuse("pull", target, "", exc.detail, exc.reason) from None
 
     def _checked_manifest(self, verified: VerifiedArtifact, target: str, publisher: str) -> Manifest:
         try:
@@ -255,9 +258,10 @@ class Marketplace:
         self, staged: Path, verified: VerifiedArtifact, manifest: Manifest, target: str, publisher: str
     ) -> None:
         sizes = {f.name: f.size for f in manifest.files}
-        result = verify_files(verified.statement, staged, sizes=sizes)
-        if not result:
-            raise self._refuse("pull", target, publisher, getattr(result, "reason", "file check failed"))
+        try:
+            verify_files(verified.statement, staged, sizes=sizes)
+        except VerificationError as exc:
+            raise self._refuse("pull", target, publisher, exc.detail, exc.reason) from None
         try:
             for entry in manifest.files:
                 check_file_format(staged / entry.name)
@@ -275,9 +279,10 @@ class Marketplace:
         envelope = (folder / ENVELOPE_FILE).read_bytes()
         verified = self._verify_envelope(envelope, artifact, trust_publisher)
         manifest = parse_manifest(verified.statement.manifest)
-        result = verify_files(verified.statement, folder, ignore=(ENVELOPE_FILE,))
-        if not result:
-            raise self._refuse("verify", artifact, record.publisher, getattr(result, "reason", "file check failed"))
+        try:
+            verify_files(verified.statement, folder, ignore=(ENVELOPE_FILE,))
+        except VerificationError as exc:
+            raise self._refuse("verify", artifact, record.publisher, exc.detail, exc.reason) from None
         self.registry.audit("verify", artifact, record.publisher, "ok", "")
         return Installed(folder, manifest, record.root_cid, record.publisher, verified.publisher_trusted)
 

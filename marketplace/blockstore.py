@@ -18,6 +18,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+from crypto.refusal import SingleReason
 from marketplace.cid import DAG_PB, RAW, Cid, CidError
 from marketplace.unixfs import Progress, UnixfsError, decode_pbnode, root_size, walk_file
 
@@ -26,8 +27,10 @@ class BlockNotFoundError(LookupError):
     """The store holds no block for a CID."""
 
 
-class CorruptBlockError(ValueError):
+class CorruptBlockError(SingleReason):
     """A stored or received block does not hash to its CID."""
+
+    REASON = "corrupt_block"
 
 
 def _key(cid: Cid) -> str:

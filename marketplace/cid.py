@@ -10,6 +10,10 @@ import base64
 import hashlib
 from dataclasses import dataclass
 
+import base58
+
+from crypto.refusal import SingleReason
+
 RAW = 0x55
 DAG_PB = 0x70
 SHA2_256 = 0x12
@@ -17,12 +21,13 @@ SHA2_256_LEN = 32
 
 CODEC_NAMES = {RAW: "raw", DAG_PB: "dag-pb"}
 _MAX_VARINT_BYTES = 9  # multiformats: at most 63 bits
-_B58_ALPHABET = b"123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-_B58_INDEX = {c: i for i, c in enumerate(_B58_ALPHABET)}
+_B58_CHARS = frozenset(base58.BITCOIN_ALPHABET.decode("ascii"))
 
 
-class CidError(ValueError):
+class CidError(SingleReason):
     """A malformed or unsupported CID, multihash or varint."""
+
+    REASON = "bad_cid"
 
 
 def encode_varint(value: int) -> bytes:
@@ -59,26 +64,15 @@ def decode_varint(buf: bytes | memoryview, offset: int = 0) -> tuple[int, int]:
 
 def b58encode(data: bytes) -> str:
     """Bitcoin base58 (base58btc) of `data`."""
-    zeros = len(data) - len(data.lstrip(b"\0"))
-    num = int.from_bytes(data, "big")
-    out = bytearray()
-    while num:
-        num, rem = divmod(num, 58)
-        out.append(_B58_ALPHABET[rem])
-    return ("1" * zeros) + out[::-1].decode("ascii")
+    return base58.b58encode(data).decode("ascii")
 
 
 def b58decode(text: str) -> bytes:
-    """Decode base58btc text; raises CidError on a character outside the alphabet."""
-    num = 0
-    for ch in text.encode("ascii", errors="replace"):
-        digit = _B58_INDEX.get(ch)
-        if digit is None:
-            raise CidError(f"invalid base58btc character {chr(ch)!r} in {text!r}")
-        num = num * 58 + digit
-    zeros = len(text) - len(text.lstrip("1"))
-    body = num.to_bytes((num.bit_length() + 7) // 8, "big") if num else b""
-    return b"\0" * zeros + body
+    """Decode base58btc text; raises CidError on any character outside the alphabet (the `base58` package alone
+    would also accept trailing whitespace: a second spelling of the same CID)."""
+    if bad := set(text) - _B58_CHARS:
+        raise CidError(f"invalid base58btc character {min(bad)!r} in {text!r}")
+    return base58.b58decode(text)
 
 
 def _b32encode(data: bytes) -> str:

@@ -8,11 +8,15 @@ import json
 import struct
 from pathlib import Path
 
+from crypto.refusal import SingleReason
+
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 
-class FormatError(ValueError):
+class FormatError(SingleReason):
     """The file's header does not parse; the message says where."""
+
+    REASON = "bad_format"
 
 
 def check_safetensors(path: Path) -> None:

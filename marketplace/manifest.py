@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from crypto.refusal import SingleReason
 from marketplace.semver import SemVer, VersionError
 
 SCHEMA = "mirador.manifest/v1"
@@ -23,8 +24,10 @@ SAFE_SUFFIXES = frozenset({".gguf", ".safetensors", ".json", ".yaml", ".yml", ".
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
 
 
-class ManifestError(ValueError):
+class ManifestError(SingleReason):
     """The manifest is refused; the message names the field."""
+
+    REASON = "bad_manifest"
 
 
 class FileEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -7,8 +7,6 @@ matching its fingerprint, a valid signature, not expired, and — against the re
 number that keeps every version the stored one listed at or above its highest (no rollback).
 """
 
-import base64
-import binascii
 import hashlib
 import time
 from dataclasses import dataclass
@@ -16,7 +14,9 @@ from typing import Annotated
 
 import msgspec
 
-from crypto.identity import Identity, KeyFormatError, PublicKey
+from crypto.identity import Identity
+from crypto.refusal import Refused
+from crypto.signed import decode_strict, key_fingerprint, sign_struct, signature_valid
 from marketplace.manifest import NAME_RE
 from marketplace.semver import SemVer, VersionError
 
@@ -27,8 +27,11 @@ MAX_VERSIONS = 256
 DEFAULT_TTL_S = 7 * 24 * 3600
 
 
-class RecordRejected(ValueError):
-    """A registry record refused; the message says why."""
+class RecordRejected(Refused):
+    """A registry record refused: reason `invalid_record` (or a StructReason from decoding) and a detail."""
+
+    def __init__(self, detail: str, reason: str = "invalid_record") -> None:
+        super().__init__(reason, detail)
 
 
 class VersionEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -49,12 +52,6 @@ class RegistryRecord(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw
     expires: Annotated[int, msgspec.Meta(ge=0)]
     versions: Annotated[list[VersionEntry], msgspec.Meta(min_length=1, max_length=MAX_VERSIONS)]
     signature: Annotated[str, msgspec.Meta(max_length=128)] = ""
-
-    def signed_bytes(self) -> bytes:
-        """The canonical bytes the signature covers."""
-        body = msgspec.to_builtins(self)
-        body.pop("signature")
-        return msgspec.json.encode(body, order="sorted")
 
     def highest(self) -> SemVer:
         """The highest version listed."""
@@ -86,20 +83,12 @@ def sign_record(identity: Identity, name: str, versions: dict[str, str], seq: in
         expires=int(time.time()) + ttl_s,
         versions=entries,
     )
-    signature = base64.b64encode(identity.sign(unsigned.signed_bytes())).decode()
-    return msgspec.json.encode(msgspec.structs.replace(unsigned, signature=signature))
+    return msgspec.json.encode(sign_struct(identity, unsigned))
 
 
 def parse_record(value: bytes) -> RegistryRecord:
     """Decode a record (size and schema only; `validate_record` does the rest)."""
-    if len(value) > MAX_RECORD_BYTES:
-        raise RecordRejected(f"record is {len(value)} bytes; the limit is {MAX_RECORD_BYTES}")
-    try:
-        record = msgspec.json.decode(value, type=RegistryRecord)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise RecordRejected(f"not a registry record: {exc}") from None
-    if record.schema != SCHEMA:
-        raise RecordRejected(f"unknown record schema {record.schema!r} (expected {SCHEMA})")
+    record = decode_strict(value, RegistryRecord, MAX_RECORD_BYTES, SCHEMA, lambda r, d: RecordRejected(d, r))
     try:
         for entry in record.versions:
             SemVer.parse(entry.version)
@@ -125,14 +114,12 @@ def validate_record(key: str, value: bytes, stored: bytes | None = None, now: fl
         raise RecordRejected(f"key {key!r} does not name this record ({record_key(record.name, record.publisher)})")
     if not record.signature:
         raise RecordRejected("unsigned record")
-    try:
-        public = PublicKey.from_b64(record.key)
-        signature = base64.b64decode(record.signature, validate=True)
-    except (KeyFormatError, binascii.Error, ValueError) as exc:
-        raise RecordRejected(f"malformed key or signature: {exc}") from None
-    if public.fingerprint != record.publisher:
-        raise RecordRejected(f"the record's key is {public.fingerprint}, not the publisher {record.publisher}")
-    if not public.verify(signature, record.signed_bytes()):
+    fingerprint = key_fingerprint(record.key)
+    if fingerprint is None:
+        raise RecordRejected("malformed key: not a base64 Ed25519 public key")
+    if fingerprint != record.publisher:
+        raise RecordRejected(f"the record's key is {fingerprint}, not the publisher {record.publisher}")
+    if not signature_valid(record.key, record.signature, record):
         raise RecordRejected("bad signature")
     if record.expires < (time.time() if now is None else now):
         raise RecordRejected("expired record")

@@ -20,6 +20,7 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, Literal, get_args
 
+from crypto.refusal import SingleReason
 from marketplace.cid import DAG_PB, RAW, SHA2_256, Cid, CidError, decode_varint, encode_varint
 
 CHUNK_SIZE = 256 * 1024
@@ -41,8 +42,10 @@ Progress = Callable[[int, int], None]
 """progress(bytes_done, bytes_total); bytes_total is -1 when unknown."""
 
 
-class UnixfsError(ValueError):
+class UnixfsError(SingleReason):
     """A block that is not valid dag-pb/UnixFS, or a file DAG that does not add up."""
+
+    REASON = "bad_dag"
 
 
 @dataclass(frozen=True, slots=True)

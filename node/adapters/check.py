@@ -11,14 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crypto.refusal import SingleReason
 from marketplace.manifest import PICKLE_SUFFIXES
 from node.training.lora_export import GGUF_NAMES
 
 _TENSOR = re.compile(rf"^blk\.(\d+)\.({'|'.join(GGUF_NAMES.values())})\.weight\.lora_([ab])$")
 
 
-class AdapterRejected(ValueError):
+class AdapterRejected(SingleReason):
     """The adapter file is refused; the message says why."""
+
+    REASON = "bad_adapter"
 
 
 @dataclass(frozen=True)

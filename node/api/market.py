@@ -44,7 +44,7 @@ async def announce(request: Request) -> dict[str, Any]:
     try:
         return await service.announce(req.name)
     except ArtifactRefused as exc:
-        raise ApiError(404, exc.reason, param="name", code="not_published") from None
+        raise ApiError(404, exc.detail, param="name", code="not_published") from None
     except trio.TooSlowError:
         raise ApiError(504, f"announcing {req.name} did not finish in time", code="dht_timeout") from None
 
@@ -85,7 +85,7 @@ async def pull(request: Request) -> StreamingResponse:
                 )
                 event = {"event": "done"} | outcome.document()
             except ArtifactRefused as exc:
-                event = {"event": "error", "reason": exc.reason}
+                event = {"event": "error", "reason": exc.detail}
             except Exception as exc:  # never let one pull take the daemon down; the state is left as it was
                 log.exception("pull of %s failed", req.target)
                 event = {"event": "error", "reason": f"pull failed: {type(exc).__name__}: {exc}"}

@@ -348,7 +348,7 @@ def run(home: NodeHome, func: Callable[[NodeHome, argparse.Namespace], int], arg
     try:
         return func(home, args)
     except ArtifactRefused as exc:
-        print(f"mirador: refused: {exc.reason}", file=sys.stderr)
+        print(f"mirador: refused: {exc.detail}", file=sys.stderr)
     except (CliError, ChainError, VersionError, KeyFormatError, ContentStoreError, OSError, RuntimeError) as exc:
         print(f"mirador: {exc}", file=sys.stderr)
     return 1

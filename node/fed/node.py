@@ -36,7 +36,8 @@ from node.fed import wire as fed_wire
 from node.fed.adapter import initial_adapter, install_global, sweep_local_runs, train_locally
 from node.fed.dht import DhtFederations
 from node.fed.errors import FederationError
-from node.fed.service import FederationService, Trained
+from node.fed.rounds.member import Trained, Trainer
+from node.fed.service import FederationService
 from node.fed.store import FederationStore
 from node.market.registry_dht import DhtRegistry
 from node.p2p.host import P2PNode
@@ -61,7 +62,9 @@ class FederationNode:
         registry: DhtRegistry,
         local: Any,  # marketplace.content_store.EmbeddedStore
         keep_released: bool = False,
+        trainer: Trainer | None = None,
     ) -> None:
+        """`trainer` replaces local training through the training subprocess (bench/federation.py's stub)."""
         if p2p.dht is None:
             raise FederationError("federations need the DHT")
         self.home, self.identity, self.gguf, self.adapters = home, identity, gguf, adapters
@@ -80,7 +83,7 @@ class FederationNode:
             local,
             self.state,
             self.ledger_path,
-            self._train,
+            trainer or self._train,
             self._install,
             self._initial_global,
             keep_released,

@@ -33,14 +33,13 @@ from typing import Literal, cast, get_args
 
 import msgspec
 
+from crypto.signed import key_fingerprint, signature_valid
 from federation.descriptor import (
     MAX_JOIN_BYTES,
     DescriptorError,
     FederationDescriptor,
     JoinRequest,
     Member,
-    key_fingerprint,
-    signature_valid,
     verify_descriptor,
 )
 from federation.ledger import private_file

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import msgspec
 
+from crypto.refusal import SingleReason
 from node.p2p.framing import ByteStream, receive_frame, send_frame
 
 JOIN_PROTOCOL = "/mirador/fed/join/1.0.0"
@@ -25,8 +26,10 @@ READ_TIMEOUT_S = 30.0
 B64 = Annotated[str, msgspec.Meta(max_length=MAX_WELCOME)]
 
 
-class WireError(ValueError):
+class WireError(SingleReason):
     """A peer's federation message that is malformed; the message says what was wrong."""
+
+    REASON = "bad_message"
 
 
 class Welcome(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

@@ -24,6 +24,7 @@ import trio
 from libp2p.io.exceptions import IOException
 from libp2p.peer.id import ID
 
+from crypto.refusal import SingleReason
 from marketplace.blockstore import BlockNotFoundError, BlockStore, CorruptBlockError
 from marketplace.cid import DAG_PB, RAW, SHA2_256, Cid, CidError
 from marketplace.unixfs import UnixfsError, decode_pbnode, decode_unixfs, root_size
@@ -57,8 +58,10 @@ class Want(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 _WANT_DECODER = msgspec.json.Decoder(Want)
 
 
-class WantError(ValueError):
+class WantError(SingleReason):
     """A want that is not valid JSON, breaks the schema, or names a CID that does not parse."""
+
+    REASON = "bad_want"
 
 
 def encode_want(cids: Collection[Cid]) -> bytes:

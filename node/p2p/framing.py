@@ -23,6 +23,8 @@ from typing import Protocol
 
 import trio
 
+from crypto.refusal import Refused, SingleReason
+
 MAGIC = b"MRF1"
 TYPE_FIELD_SIZE = 16
 DIGEST_SIZE = 32
@@ -61,36 +63,46 @@ class Kind(IntEnum):
     NACK_BAD_HEADER = 5
 
 
-class FrameError(Exception):
-    """A frame could not be sent or received."""
+class FrameError(Refused):
+    """A frame could not be sent or received (reason: what went wrong, detail: where)."""
 
 
-class FrameHeaderError(FrameError):
+class FrameHeaderError(SingleReason, FrameError):
     """The header is not a valid frame header (bad magic, kind or message type, or an unexpected frame)."""
 
+    REASON = "bad_frame"
 
-class FrameTooLarge(FrameError):
+
+class FrameTooLarge(SingleReason, FrameError):
     """The declared payload length exceeds the maximum for its message type (refused before reading the payload)."""
 
+    REASON = "too_large"
 
-class FrameTruncated(FrameError):
+
+class FrameTruncated(SingleReason, FrameError):
     """The stream ended before the declared number of bytes arrived (for example the sender died mid-payload)."""
 
+    REASON = "truncated"
 
-class FrameDigestMismatch(FrameError):
+
+class FrameDigestMismatch(SingleReason, FrameError):
     """The payload's sha256 differs from the one in the header."""
 
+    REASON = "bad_digest"
 
-class FrameTimeout(FrameError):
+
+class FrameTimeout(SingleReason, FrameError):
     """The peer sent or accepted nothing within the deadline."""
+
+    REASON = "timeout"
 
 
 class FrameRejected(FrameError):
     """The receiver refused the frame (its NACK names the reason)."""
 
-    def __init__(self, reason: Kind) -> None:
-        super().__init__(f"the receiver refused the frame: {reason.name}")
-        self.reason = reason
+    def __init__(self, nack: Kind) -> None:
+        super().__init__("rejected", f"the receiver refused the frame: {nack.name}")
+        self.nack = nack
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from multiaddr import Multiaddr
 
+from crypto.refusal import Refused
 from node.p2p.host import P2PNode
 
 TOPIC = "/mirador/notices/1"
@@ -58,7 +59,7 @@ Sleep = Callable[[float], Awaitable[None]]
 Handler = Callable[[N, str], Awaitable[None]]
 
 
-class Refusal(StrEnum):
+class NoticeReason(StrEnum):
     """Why an inbound notice was refused (the keys of `NoticeStats.refused`)."""
 
     OVERSIZED = "oversized"
@@ -71,13 +72,13 @@ class Refusal(StrEnum):
     RATE_LIMITED = "rate_limited"
 
 
-class NoticeError(ValueError):
-    """A notice refused: `reason` (a Refusal) and a detail for the log."""
+class NoticeError(Refused):
+    """A notice refused: `reason` (a NoticeReason) and a detail for the log."""
 
-    def __init__(self, reason: Refusal, detail: str) -> None:
-        super().__init__(f"{reason.value}: {detail}")
-        self.reason = reason
-        self.detail = detail
+    reason: NoticeReason
+
+    def __init__(self, reason: NoticeReason | str, detail: str) -> None:
+        super().__init__(NoticeReason(reason), detail)
 
 
 class NoticeBacklog(RuntimeError):
@@ -146,14 +147,14 @@ def _union_decoder(types: tuple[type[Notice], ...]) -> msgspec.json.Decoder[Any]
 def decode_notice(data: bytes, now: float | None = None) -> Notice:
     """Decode and check one notice (size, JSON, type, version, fields, semantics, `sent_at` against `now`)."""
     if len(data) > MAX_NOTICE_BYTES:
-        raise NoticeError(Refusal.OVERSIZED, f"{len(data)} bytes > {MAX_NOTICE_BYTES}")
+        raise NoticeError(NoticeReason.OVERSIZED, f"{len(data)} bytes > {MAX_NOTICE_BYTES}")
     header = _decode_header(data)
     if header.type not in _TYPES:
-        raise NoticeError(Refusal.UNKNOWN_TYPE, f"unknown notice type {header.type[:64]!r}")
+        raise NoticeError(NoticeReason.UNKNOWN_TYPE, f"unknown notice type {header.type[:64]!r}")
     if type(header.v) is not int or header.v != VERSION:
-        raise NoticeError(Refusal.VERSION, f"unsupported version {str(header.v)[:16]!r} (expected {VERSION})")
+        raise NoticeError(NoticeReason.VERSION, f"unsupported version {str(header.v)[:16]!r} (expected {VERSION})")
     if type(header.sent_at) is not int:
-        raise NoticeError(Refusal.INVALID, "sent_at: missing or not an integer")
+        raise NoticeError(NoticeReason.INVALID, "sent_at: missing or not an integer")
     notice = _decode_body(data)
     _check_sent_at(notice.sent_at, time.time() if now is None else now)
     return notice
@@ -163,7 +164,7 @@ def _decode_header(data: bytes) -> _Header:
     try:
         return _header_decoder.decode(data)
     except msgspec.MsgspecError as exc:
-        raise NoticeError(Refusal.UNDECODABLE, f"not a JSON notice: {exc}") from None
+        raise NoticeError(NoticeReason.UNDECODABLE, f"not a JSON notice: {exc}") from None
 
 
 def _decode_body(data: bytes) -> Notice:
@@ -171,15 +172,15 @@ def _decode_body(data: bytes) -> Notice:
         notice: Notice = _union_decoder(tuple(_TYPES.values())).decode(data)
         notice.check()
     except (msgspec.MsgspecError, ValueError) as exc:
-        raise NoticeError(Refusal.INVALID, str(exc)) from None
+        raise NoticeError(NoticeReason.INVALID, str(exc)) from None
     return notice
 
 
 def _check_sent_at(sent_at: int, now: float) -> None:
     if sent_at > now + MAX_FUTURE_S:
-        raise NoticeError(Refusal.FUTURE, f"sent_at {sent_at} is {sent_at - now:.0f} s in the future")
+        raise NoticeError(NoticeReason.FUTURE, f"sent_at {sent_at} is {sent_at - now:.0f} s in the future")
     if sent_at < now - MAX_AGE_S:
-        raise NoticeError(Refusal.STALE, f"sent_at {sent_at} is {now - sent_at:.0f} s old")
+        raise NoticeError(NoticeReason.STALE, f"sent_at {sent_at} is {now - sent_at:.0f} s old")
 
 
 def encode_notice(notice: Notice, now: float | None = None) -> bytes:
@@ -230,16 +231,16 @@ class TokenBucket:
             await sleep(self.wait_s())
 
 
-def _default_penalties() -> dict[Refusal, float]:
+def _default_penalties() -> dict[NoticeReason, float]:
     return {
-        Refusal.RATE_LIMITED: 1.0,
-        Refusal.UNKNOWN_TYPE: 2.0,  # maybe a newer node: cheap
-        Refusal.VERSION: 2.0,
-        Refusal.STALE: 5.0,  # maybe a skewed clock
-        Refusal.FUTURE: 5.0,
-        Refusal.OVERSIZED: 10.0,
-        Refusal.UNDECODABLE: 10.0,
-        Refusal.INVALID: 10.0,
+        NoticeReason.RATE_LIMITED: 1.0,
+        NoticeReason.UNKNOWN_TYPE: 2.0,  # maybe a newer node: cheap
+        NoticeReason.VERSION: 2.0,
+        NoticeReason.STALE: 5.0,  # maybe a skewed clock
+        NoticeReason.FUTURE: 5.0,
+        NoticeReason.OVERSIZED: 10.0,
+        NoticeReason.UNDECODABLE: 10.0,
+        NoticeReason.INVALID: 10.0,
     }
 
 
@@ -255,7 +256,7 @@ class NoticeConfig:
     recent: int = 256  # notices kept for recent()
     blacklist_below: float = -100.0
     recovery_per_s: float = 1.0  # score regained per second, up to 0
-    penalties: Mapping[Refusal, float] = field(default_factory=_default_penalties)
+    penalties: Mapping[NoticeReason, float] = field(default_factory=_default_penalties)
     disconnect_blacklisted: bool = True
     max_tracked_peers: int = 4096  # idle peers (full bucket, score 0) are forgotten beyond this
 
@@ -312,7 +313,7 @@ class PeerGuard:
         accountable = [forwarder] if origin is None or origin == forwarder else [forwarder, origin]
         over = [peer for peer in accountable if not self._state(peer, now).bucket.try_take()]
         if over:
-            return self._refuse(Refusal.RATE_LIMITED, "over the peer's rate", over, now)
+            return self._refuse(NoticeReason.RATE_LIMITED, "over the peer's rate", over, now)
         try:
             decode_notice(data, self._wall_clock())
         except NoticeError as exc:
@@ -366,17 +367,17 @@ class PeerGuard:
             if self._recover(state, now) == 0 and state.bucket.tokens >= state.bucket.burst:
                 del self._peers[peer]
 
-    def _refuse(self, reason: Refusal, detail: str, peers: list[ID], now: float) -> bool:
+    def _refuse(self, reason: NoticeReason, detail: str, peers: list[ID], now: float) -> bool:
         self._count(reason)
         log.debug("notices: refused from %s: %s: %s", ", ".join(map(str, peers)), reason.value, detail)
         for peer in peers:
             self._penalize(peer, reason, now)
         return False
 
-    def _count(self, reason: Refusal) -> None:
+    def _count(self, reason: NoticeReason) -> None:
         self.refused[reason.value] = self.refused.get(reason.value, 0) + 1
 
-    def _penalize(self, peer: ID, reason: Refusal, now: float) -> None:
+    def _penalize(self, peer: ID, reason: NoticeReason, now: float) -> None:
         state = self._state(peer, now)
         state.penalty = self._recover(state, now) + self.config.penalties.get(reason, 1.0)
         if -state.penalty < self.config.blacklist_below and peer not in self._blacklisted:

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import re
 from enum import Enum, auto
 from typing import Any
 
@@ -145,5 +146,8 @@ def _faulty(fault: Fault) -> bytes:
 def test_parse_refuses(fault: Fault, message: str) -> None:
     data = _faulty(fault)
 
-    with pytest.raises(EnvelopeError, match=message):
+    with pytest.raises(EnvelopeError) as refused:
         parse_envelope(data, expected_payload_type=TYPE)
+
+    assert refused.value.reason == "bad_envelope"
+    assert re.search(message, refused.value.detail), refused.value.detail

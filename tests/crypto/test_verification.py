@@ -1,4 +1,4 @@
-"""Artifact verification: result objects, trust policy, envelope refusals, files against subjects."""
+"""Artifact verification: VerificationError refusals, trust policy, envelope refusals, files against subjects."""
 
 import base64
 import hashlib
@@ -12,13 +12,12 @@ import pytest
 
 from crypto.dsse import MAX_ENVELOPE_BYTES, sign_envelope
 from crypto.identity import Identity
+from crypto.refusal import Refused, VerificationError
 from crypto.statement import PAYLOAD_TYPE, Statement, Subject, build_statement, folder_digests, sign_statement
 from crypto.verification import (
     EMPTY_POLICY_REASON,
     EmptyTrustPolicyError,
     TrustPolicy,
-    VerificationFailure,
-    VerificationSuccess,
     VerifiedArtifact,
     verify_artifact,
     verify_envelope,
@@ -36,9 +35,15 @@ def _signed(identity: Identity = PUBLISHER, manifest: dict[str, Any] = MANIFEST)
     return sign_statement(identity, build_statement(DIGESTS, manifest, identity.public_key)).to_json()
 
 
-def test_results_are_truthy_only_on_success() -> None:
-    assert bool(VerificationSuccess()) is True and VerificationSuccess.success
-    assert bool(VerificationFailure("x")) is False and not VerificationFailure.success
+def test_a_verification_error_is_a_refusal_with_a_reason_and_a_detail() -> None:
+    error = VerificationError("bad_signature", "bad signature")
+
+    assert isinstance(error, Refused) and isinstance(error, ValueError)
+    assert (error.reason, error.detail, str(error)) == (
+        "bad_signature",
+        "bad signature",
+        "bad_signature: bad signature",
+    )
 
 
 def test_signed_artifact_by_a_trusted_publisher_verifies() -> None:
@@ -46,7 +51,7 @@ def test_signed_artifact_by_a_trusted_publisher_verifies() -> None:
 
     result = verify_artifact(envelope, TrustPolicy([PUBLISHER.fingerprint]))
 
-    assert isinstance(result, VerifiedArtifact) and result
+    assert isinstance(result, VerifiedArtifact)
     assert result.publisher_trusted and result.publisher == PUBLISHER.public_key
     assert result.statement.digests() == DIGESTS and result.statement.manifest == MANIFEST
 
@@ -54,7 +59,7 @@ def test_signed_artifact_by_a_trusted_publisher_verifies() -> None:
 def test_policy_accepts_public_keys_and_fingerprints() -> None:
     by_key = TrustPolicy([PUBLISHER.public_key])
 
-    assert by_key.trusts(PUBLISHER.fingerprint) and verify_artifact(_signed(), by_key)
+    assert by_key.trusts(PUBLISHER.fingerprint) and verify_artifact(_signed(), by_key).publisher_trusted
 
 
 def test_empty_trust_policy_is_refused_not_trust_all() -> None:
@@ -72,9 +77,11 @@ def test_policy_refuses_malformed_fingerprints() -> None:
 
 
 def test_untrusted_publisher_is_refused() -> None:
-    result = verify_artifact(_signed(MALLORY), TrustPolicy([PUBLISHER.fingerprint]))
+    with pytest.raises(VerificationError) as refused:
+        verify_artifact(_signed(MALLORY), TrustPolicy([PUBLISHER.fingerprint]))
 
-    assert result == VerificationFailure(f"publisher {MALLORY.fingerprint} is not trusted")
+    assert refused.value.reason == "untrusted_publisher"
+    assert refused.value.detail == f"publisher {MALLORY.fingerprint} is not trusted"
 
 
 def test_untrusted_publisher_is_accepted_only_when_explicitly_allowed() -> None:
@@ -144,40 +151,52 @@ def _faulty(fault: Fault) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("fault", "reason"),
+    ("fault", "code", "detail"),
     [
-        (Fault.TAMPERED_PAYLOAD, r"^bad signature$"),
-        (Fault.TAMPERED_SIGNATURE, r"^bad signature$"),
+        (Fault.TAMPERED_PAYLOAD, "bad_signature", r"^bad signature$"),
+        (Fault.TAMPERED_SIGNATURE, "bad_signature", r"^bad signature$"),
         (
             Fault.SWAPPED_KEYID,
+            "no_publisher_signature",
             rf"^no signature by the publisher {PUBLISHER.fingerprint} \(keyids: {MALLORY.fingerprint}\)$",
         ),
-        (Fault.ZERO_SIGNATURES, r"^unsigned \(no signatures\)$"),
-        (Fault.UNKNOWN_FIELD, r"unknown field `publicKey`"),
-        (Fault.WRONG_PAYLOAD_TYPE, r"^payloadType is 'application/json', expected 'application/vnd.in-toto\+json'$"),
-        (Fault.OVERSIZED, r"more than the limit"),
+        (Fault.ZERO_SIGNATURES, "bad_envelope", r"^unsigned \(no signatures\)$"),
+        (Fault.UNKNOWN_FIELD, "bad_envelope", r"unknown field `publicKey`"),
+        (
+            Fault.WRONG_PAYLOAD_TYPE,
+            "bad_envelope",
+            r"^payloadType is 'application/json', expected 'application/vnd.in-toto\+json'$",
+        ),
+        (Fault.OVERSIZED, "bad_envelope", r"more than the limit"),
         (
             Fault.NOT_A_STATEMENT,
+            "bad_statement",
             r"^payload is not a valid Mirador in-toto Statement v1: Object missing required field `subject`$",
         ),
-        (Fault.IMPERSONATED_PUBLISHER, r"^bad signature$"),
-        (Fault.RESIGNED_BY_ANOTHER_PUBLISHER, rf"^publisher {MALLORY.fingerprint} is not trusted$"),
+        (Fault.IMPERSONATED_PUBLISHER, "bad_signature", r"^bad signature$"),
+        (
+            Fault.RESIGNED_BY_ANOTHER_PUBLISHER,
+            "untrusted_publisher",
+            rf"^publisher {MALLORY.fingerprint} is not trusted$",
+        ),
     ],
 )
-def test_verify_artifact_refuses(fault: Fault, reason: str) -> None:
+def test_verify_artifact_refuses(fault: Fault, code: str, detail: str) -> None:
     data = _faulty(fault)
 
-    result = verify_artifact(data, TrustPolicy([PUBLISHER.fingerprint]))
+    with pytest.raises(VerificationError) as refused:
+        verify_artifact(data, TrustPolicy([PUBLISHER.fingerprint]))
 
-    assert isinstance(result, VerificationFailure) and not result
-    assert re.search(reason, result.reason), result.reason
+    assert refused.value.reason == code, refused.value
+    assert re.search(detail, refused.value.detail), refused.value.detail
 
 
 def test_verify_envelope_checks_the_signature_of_one_key() -> None:
     envelope = sign_envelope(PUBLISHER, "t", b"body")
 
-    assert verify_envelope(envelope, PUBLISHER.public_key)
-    assert not verify_envelope(envelope, MALLORY.public_key)
+    verify_envelope(envelope, PUBLISHER.public_key)
+    with pytest.raises(VerificationError, match=r"^no_publisher_signature: "):
+        verify_envelope(envelope, MALLORY.public_key)
 
 
 # ---- files against the statement's subjects -------------------------------------------------------------
@@ -197,9 +216,7 @@ def artifact(tmp_path: Path) -> tuple[Statement, Path]:
 def test_files_matching_the_statement_verify(artifact: tuple[Statement, Path]) -> None:
     statement, folder = artifact
 
-    result = verify_files(statement, folder, sizes={"adapter.gguf": 7, "card/README.md": 2})
-
-    assert result == VerificationSuccess()
+    verify_files(statement, folder, sizes={"adapter.gguf": 7, "card/README.md": 2})  # raises on any difference
 
 
 class FileFault(Enum):
@@ -250,19 +267,21 @@ def test_verify_files_refuses(artifact: tuple[Statement, Path], fault: FileFault
         case FileFault.NOT_A_FOLDER:
             folder = folder / "adapter.gguf"
 
-    result = verify_files(statement, folder, sizes={"adapter.gguf": 7})
+    with pytest.raises(VerificationError) as refused:
+        verify_files(statement, folder, sizes={"adapter.gguf": 7})
 
-    assert isinstance(result, VerificationFailure)
-    assert re.search(reason, result.reason), result.reason
+    assert refused.value.reason == "files_differ"
+    assert re.search(reason, refused.value.detail), refused.value.detail
 
 
 def test_extra_files_pass_when_allowed_or_ignored(artifact: tuple[Statement, Path]) -> None:
     statement, folder = artifact
     (folder / "model.dsse.json").write_bytes(b"{}")
 
-    assert not verify_files(statement, folder)
-    assert verify_files(statement, folder, ignore={"model.dsse.json"})
-    assert verify_files(statement, folder, allow_extra=True)
+    with pytest.raises(VerificationError, match=r"model\.dsse\.json: not in the signed statement"):
+        verify_files(statement, folder)
+    verify_files(statement, folder, ignore={"model.dsse.json"})
+    verify_files(statement, folder, allow_extra=True)
 
 
 @pytest.mark.parametrize("name", ["../outside", "/etc/hostname", "card\\README.md", "card/../../outside"])
@@ -272,10 +291,10 @@ def test_verify_files_refuses_traversal_even_in_a_hand_built_statement(
     _, folder = artifact
     statement = Statement((Subject(name, hashlib.sha256(b"secret").hexdigest()),), {}, PUBLISHER.public_key)
 
-    result = verify_files(statement, folder, allow_extra=True)
+    with pytest.raises(VerificationError) as refused:
+        verify_files(statement, folder, allow_extra=True)
 
-    assert isinstance(result, VerificationFailure)
-    assert repr(name) in result.reason
+    assert repr(name) in refused.value.detail
 
 
 def test_many_problems_are_summarised(artifact: tuple[Statement, Path]) -> None:
@@ -283,6 +302,7 @@ def test_many_problems_are_summarised(artifact: tuple[Statement, Path]) -> None:
     for i in range(7):
         (folder / f"extra{i}").write_bytes(b"")
 
-    result = verify_files(statement, folder)
+    with pytest.raises(VerificationError) as refused:
+        verify_files(statement, folder)
 
-    assert isinstance(result, VerificationFailure) and result.reason.endswith("(and 2 more)")
+    assert refused.value.detail.endswith("(and 2 more)")

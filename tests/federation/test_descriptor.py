@@ -11,26 +11,26 @@ import msgspec
 import pytest
 
 from crypto.identity import Identity
+from crypto.signed import sign_struct
 from federation.descriptor import (
     MAX_DESCRIPTOR_BYTES,
     AdapterConfig,
     DescriptorError,
     DpParams,
     FederationDescriptor,
+    FederationReason,
     HeParams,
     InviteError,
     JoinError,
     JoinRequest,
     LocalDpSgd,
     Privacy,
-    Refusal,
     StrategySpec,
     check_invite,
     descriptor_key,
     issue_invite,
     sign_descriptor,
     sign_join,
-    sign_struct,
     verify_descriptor,
     verify_join,
 )
@@ -124,7 +124,7 @@ def test_the_dht_key_fits_py_libp2p_walks_and_is_checked(creator: Identity, sign
     verify_descriptor(signed, key)
     with pytest.raises(DescriptorError) as info:
         verify_descriptor(signed, descriptor_key("other", creator.fingerprint))
-    assert info.value.reason is Refusal.WRONG_DHT_KEY
+    assert info.value.reason is FederationReason.WRONG_DHT_KEY
 
 
 def leaf_paths(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
@@ -161,10 +161,12 @@ def edited(value: Any, other_key: str) -> Any:
     return value[:-1] + ("x" if value[-1] != "x" else "y")
 
 
-def expected_reason(path: tuple[Any, ...]) -> Refusal:
-    return {"schema": Refusal.SCHEMA, "creator": Refusal.KEY_MISMATCH, "creator_key": Refusal.KEY_MISMATCH}.get(
-        path[0], Refusal.BAD_SIGNATURE
-    )
+def expected_reason(path: tuple[Any, ...]) -> FederationReason:
+    return {
+        "schema": FederationReason.SCHEMA,
+        "creator": FederationReason.KEY_MISMATCH,
+        "creator_key": FederationReason.KEY_MISMATCH,
+    }.get(path[0], FederationReason.BAD_SIGNATURE)
 
 
 def test_every_field_edited_under_the_old_signature_is_refused(signed: bytes, joiner: Identity) -> None:
@@ -186,19 +188,19 @@ def test_every_field_edited_under_the_old_signature_is_refused(signed: bytes, jo
 @pytest.mark.parametrize(
     "edit, reason",
     [
-        (lambda b: b.pop("signature"), Refusal.BAD_SIGNATURE),
-        (lambda b: b.update(signature=base64.b64encode(b"\0" * 64).decode()), Refusal.BAD_SIGNATURE),
-        (lambda b: b.update(signature="not base64!"), Refusal.BAD_SIGNATURE),
-        (lambda b: b.update(extra=1), Refusal.MALFORMED),
-        (lambda b: b["privacy"]["dp"].pop("local_dp_sgd"), Refusal.BAD_SIGNATURE),
-        (lambda b: b["privacy"].pop("he"), Refusal.BAD_SIGNATURE),
-        (lambda b: b["adapter"].update(rank="8"), Refusal.MALFORMED),
-        (lambda b: b.update(quorum=True), Refusal.MALFORMED),
+        (lambda b: b.pop("signature"), FederationReason.BAD_SIGNATURE),
+        (lambda b: b.update(signature=base64.b64encode(b"\0" * 64).decode()), FederationReason.BAD_SIGNATURE),
+        (lambda b: b.update(signature="not base64!"), FederationReason.BAD_SIGNATURE),
+        (lambda b: b.update(extra=1), FederationReason.MALFORMED),
+        (lambda b: b["privacy"]["dp"].pop("local_dp_sgd"), FederationReason.BAD_SIGNATURE),
+        (lambda b: b["privacy"].pop("he"), FederationReason.BAD_SIGNATURE),
+        (lambda b: b["adapter"].update(rank="8"), FederationReason.MALFORMED),
+        (lambda b: b.update(quorum=True), FederationReason.MALFORMED),
     ],
     ids=["unsigned", "zero-signature", "bad-base64", "unknown-field", "dropped-dp-sgd", "dropped-he", "str", "bool"],
 )
 def test_a_forged_or_malformed_descriptor_is_refused(
-    signed: bytes, edit: Callable[[dict[str, Any]], object], reason: Refusal
+    signed: bytes, edit: Callable[[dict[str, Any]], object], reason: FederationReason
 ) -> None:
     body = json.loads(signed)
     edit(body)
@@ -209,9 +211,9 @@ def test_a_forged_or_malformed_descriptor_is_refused(
 
 def test_garbage_and_oversized_descriptors_are_refused(signed: bytes) -> None:
     for data, reason in [
-        (b"\xff not json", Refusal.MALFORMED),
-        (b"[]", Refusal.MALFORMED),
-        (signed[:-1] + b" " * MAX_DESCRIPTOR_BYTES + b"}", Refusal.OVERSIZED),
+        (b"\xff not json", FederationReason.MALFORMED),
+        (b"[]", FederationReason.MALFORMED),
+        (signed[:-1] + b" " * MAX_DESCRIPTOR_BYTES + b"}", FederationReason.OVERSIZED),
     ]:
         with pytest.raises(DescriptorError) as info:
             verify_descriptor(data)
@@ -222,7 +224,7 @@ def test_a_descriptor_of_another_schema_version_is_refused(creator: Identity, si
     body = json.loads(signed) | {"schema": "mirador.federation/v2"}
     with pytest.raises(DescriptorError) as info:
         verify_descriptor(resign(creator, body))
-    assert info.value.reason is Refusal.SCHEMA
+    assert info.value.reason is FederationReason.SCHEMA
 
 
 # --- privacy and consistency ----------------------------------------------------------------------------------------
@@ -269,13 +271,13 @@ INCONSISTENT: dict[str, dict[str, Any]] = {
 def test_inconsistent_parameters_are_neither_signed_nor_accepted(creator: Identity, change: dict[str, Any]) -> None:
     with pytest.raises(DescriptorError) as info:
         sign_descriptor(creator, **full_kwargs(**change))
-    assert info.value.reason is Refusal.INCONSISTENT
+    assert info.value.reason is FederationReason.INCONSISTENT
     draft = json.loads(sign_descriptor(creator, **full_kwargs()))
     for key, value in change.items():
         draft[key] = msgspec.to_builtins(value)
     with pytest.raises(DescriptorError) as info:
         verify_descriptor(resign(creator, draft))
-    assert info.value.reason is Refusal.INCONSISTENT
+    assert info.value.reason is FederationReason.INCONSISTENT
 
 
 def test_unsorted_targets_signed_by_hand_are_refused(creator: Identity, signed: bytes) -> None:
@@ -283,7 +285,7 @@ def test_unsorted_targets_signed_by_hand_are_refused(creator: Identity, signed: 
     body["adapter"]["targets"] = ["v_proj", "q_proj"]
     with pytest.raises(DescriptorError, match="not sorted") as info:
         verify_descriptor(resign(creator, body))
-    assert info.value.reason is Refusal.INCONSISTENT
+    assert info.value.reason is FederationReason.INCONSISTENT
 
 
 OUT_OF_RANGE: dict[str, dict[str, Any]] = {
@@ -311,7 +313,7 @@ OUT_OF_RANGE: dict[str, dict[str, Any]] = {
 def test_out_of_range_fields_are_not_signed(creator: Identity, change: dict[str, Any]) -> None:
     with pytest.raises(DescriptorError) as info:
         sign_descriptor(creator, **full_kwargs(**change))
-    assert info.value.reason is Refusal.MALFORMED
+    assert info.value.reason is FederationReason.MALFORMED
 
 
 # --- invite tokens -------------------------------------------------------------------------------------------------
@@ -347,13 +349,13 @@ def bad_invite(fault: str, creator: Identity, joiner: Identity, descriptor: Fede
 
 
 INVITE_FAULTS = {
-    "expired": Refusal.EXPIRED,
-    "other federation": Refusal.OTHER_FEDERATION,
-    "other invitee": Refusal.OTHER_INVITEE,
-    "forged": Refusal.NOT_CREATOR,
-    "edited": Refusal.NOT_CREATOR,
-    "oversized": Refusal.OVERSIZED,
-    "malformed": Refusal.MALFORMED,
+    "expired": FederationReason.EXPIRED,
+    "other federation": FederationReason.OTHER_FEDERATION,
+    "other invitee": FederationReason.OTHER_INVITEE,
+    "forged": FederationReason.NOT_CREATOR,
+    "edited": FederationReason.NOT_CREATOR,
+    "oversized": FederationReason.OVERSIZED,
+    "malformed": FederationReason.MALFORMED,
 }
 
 
@@ -412,15 +414,15 @@ def bad_join(fault: str, creator: Identity, joiner: Identity, descriptor: Federa
 
 
 JOIN_FAULTS = {
-    "no invite": Refusal.INVITE_REQUIRED,
-    "expired invite": Refusal.EXPIRED,
-    "someone else's invite": Refusal.OTHER_INVITEE,
-    "other federation": Refusal.OTHER_FEDERATION,
-    "stale": Refusal.STALE,
-    "edited": Refusal.BAD_SIGNATURE,
-    "key not the joiner": Refusal.KEY_MISMATCH,
-    "short x25519": Refusal.MALFORMED,
-    "garbled invite": Refusal.MALFORMED,
+    "no invite": FederationReason.INVITE_REQUIRED,
+    "expired invite": FederationReason.EXPIRED,
+    "someone else's invite": FederationReason.OTHER_INVITEE,
+    "other federation": FederationReason.OTHER_FEDERATION,
+    "stale": FederationReason.STALE,
+    "edited": FederationReason.BAD_SIGNATURE,
+    "key not the joiner": FederationReason.KEY_MISMATCH,
+    "short x25519": FederationReason.MALFORMED,
+    "garbled invite": FederationReason.MALFORMED,
 }
 
 
@@ -450,6 +452,6 @@ def test_a_join_request_carries_the_role_and_stays_verifiable_in_member_lists(
     assert now_member.role == later.role == "aggregator"
     with pytest.raises(JoinError) as stale:
         verify_join(descriptor, aggregator, now=NOW + 3600)
-    assert stale.value.reason is Refusal.STALE  # a fresh join must be recent; an admitted member stays valid
+    assert stale.value.reason is FederationReason.STALE  # a fresh join must be recent; an admitted member stays valid
     with pytest.raises(JoinError):
         sign_join(joiner, fid, X25519, now=NOW, role="boss")

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from crypto.identity import Identity
-from federation.descriptor import sign_struct
+from crypto.signed import sign_struct
 from federation.messages import (
     Kind,
     MessageError,
-    MessageFault,
+    MessageReason,
     RoundOpen,
     members_digest,
     sign_aggregate_statement,
@@ -31,7 +31,7 @@ from federation.messages import (
     verify_update_header,
 )
 from federation.round import Accepted, CkksCheck, Decision, Rejected, RejectReason, RoundState, choose_aggregator
-from federation.update import Layout, UpdateError, UpdateFault, encode_tensors
+from federation.update import Layout, UpdateError, UpdateReason, encode_tensors
 from tests.federation.updates import LAYOUT, adapter, non_finite, signed_update
 
 NOW = 1_800_000_000.0
@@ -216,7 +216,7 @@ def test_ckks_updates_are_checked_by_kind_size_digest_and_the_callback(
 ) -> None:
     def ckks_check(payload: bytes) -> None:
         if payload.startswith(b"short"):
-            raise UpdateError(UpdateFault.WRONG_SHAPE, "2 ciphertexts, expected 3")
+            raise UpdateError(UpdateReason.WRONG_SHAPE, "2 ciphertexts, expected 3")
         if payload.startswith(b"boom"):
             raise RuntimeError("the parser fell over")
         if not payload.startswith(b"CKKS"):
@@ -389,13 +389,13 @@ def round_open_fault(fault: str, nodes: list[Identity], members: dict[str, str])
 
 
 ROUND_OPEN_FAULTS = {
-    "wrong aggregator": MessageFault.WRONG_AGGREGATOR,
-    "members differ": MessageFault.MEMBERS_DIFFER,
-    "edited": MessageFault.BAD_SIGNATURE,
-    "other federation": MessageFault.WRONG_FEDERATION,
-    "bad cid": MessageFault.MALFORMED,
-    "global from the future": MessageFault.MALFORMED,
-    "oversized": MessageFault.OVERSIZED,
+    "wrong aggregator": MessageReason.WRONG_AGGREGATOR,
+    "members differ": MessageReason.MEMBERS_DIFFER,
+    "edited": MessageReason.BAD_SIGNATURE,
+    "other federation": MessageReason.WRONG_FEDERATION,
+    "bad cid": MessageReason.MALFORMED,
+    "global from the future": MessageReason.MALFORMED,
+    "oversized": MessageReason.OVERSIZED,
 }
 
 
@@ -429,14 +429,14 @@ def test_round_done_and_statement_verify_and_refuse_tampering(nodes: list[Identi
         tampered = json.dumps(json.loads(data) | {"contributors": sorted([*contributors[:2], nodes[3].fingerprint])})
         with pytest.raises(MessageError) as info:
             verify(tampered.encode(), FID, members)
-        assert info.value.reason is MessageFault.BAD_SIGNATURE
+        assert info.value.reason is MessageReason.BAD_SIGNATURE
     forged = sign_round_done(agg, federation_id=FID, round=3, aggregate_cid=CID, contributors=[outsider])
     with pytest.raises(MessageError) as info:
         verify_round_done(forged, FID, members)
-    assert info.value.reason is MessageFault.NOT_A_MEMBER
+    assert info.value.reason is MessageReason.NOT_A_MEMBER
     many = [f"ed25519:{i:032x}" for i in range(65)]
     done_64 = sign_round_done(agg, federation_id=FID, round=3, aggregate_cid=CID, contributors=many[:64])
     assert len(done_64) <= 3584  # fits a 4 KiB node notice with its envelope
     with pytest.raises(MessageError) as info:
         sign_round_done(agg, federation_id=FID, round=3, aggregate_cid=CID, contributors=many)
-    assert info.value.reason is MessageFault.MALFORMED
+    assert info.value.reason is MessageReason.MALFORMED

@@ -13,7 +13,7 @@ import safetensors.numpy
 from federation.update import (
     Layout,
     UpdateError,
-    UpdateFault,
+    UpdateReason,
     decode_tensors,
     encode_tensors,
     flatten,
@@ -109,7 +109,7 @@ def test_flatten_refuses_tensors_that_do_not_fit(layout: Layout, bad: Bad) -> No
     tensors, words = bad_tensors(bad)
     with pytest.raises(UpdateError, match=words) as info:
         flatten(tensors, layout)
-    assert info.value.reason is UpdateFault.WRONG_SHAPE
+    assert info.value.reason is UpdateReason.WRONG_SHAPE
 
 
 @pytest.mark.parametrize(
@@ -121,7 +121,7 @@ def test_unflatten_refuses_a_vector_of_the_wrong_size_or_dtype(layout: Layout, v
     assert layout.size == 38
     with pytest.raises(UpdateError) as info:
         unflatten(vector, layout)
-    assert info.value.reason is UpdateFault.WRONG_SHAPE
+    assert info.value.reason is UpdateReason.WRONG_SHAPE
 
 
 def test_safetensors_round_trip(layout: Layout) -> None:
@@ -165,25 +165,25 @@ def raw_safetensors(header: dict[str, Any], body: bytes) -> bytes:
     return struct.pack("<Q", len(encoded)) + encoded + body
 
 
-def malformed_payload(fault: Malformed) -> tuple[bytes, UpdateFault, str]:
+def malformed_payload(fault: Malformed) -> tuple[bytes, UpdateReason, str]:
     """A payload with `fault`, the reason expected and words the detail must contain."""
     good = encode_tensors(adapter())
     name = "layers.0.v_proj.lora_B.weight"
     tensors = adapter()
     match fault:
         case Malformed.OVERSIZED:
-            return good + b"\0" * LIMIT, UpdateFault.OVERSIZED, "limit"
+            return good + b"\0" * LIMIT, UpdateReason.OVERSIZED, "limit"
         case Malformed.GARBAGE:
-            return b"\x80\x04\x95 not safetensors (nor pickle)", UpdateFault.MALFORMED, "not a safetensors"
+            return b"\x80\x04\x95 not safetensors (nor pickle)", UpdateReason.MALFORMED, "not a safetensors"
         case Malformed.TRUNCATED:
-            return good[:-3], UpdateFault.MALFORMED, "not a safetensors"
+            return good[:-3], UpdateReason.MALFORMED, "not a safetensors"
         case Malformed.EMPTY:
-            return b"", UpdateFault.MALFORMED, "not a safetensors"
+            return b"", UpdateReason.MALFORMED, "not a safetensors"
         case Malformed.BAD_HEADER_JSON:
-            return struct.pack("<Q", 5) + b"{oops", UpdateFault.MALFORMED, "not a safetensors"
+            return struct.pack("<Q", 5) + b"{oops", UpdateReason.MALFORMED, "not a safetensors"
         case Malformed.UNKNOWN_DTYPE:
             header = {"x": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}
-            return raw_safetensors(header, b"\0\0"), UpdateFault.MALFORMED, "not a safetensors"
+            return raw_safetensors(header, b"\0\0"), UpdateReason.MALFORMED, "not a safetensors"
         case Malformed.MISSING_TENSOR:
             del tensors[name]
         case Malformed.EXTRA_TENSOR:
@@ -196,8 +196,8 @@ def malformed_payload(fault: Malformed) -> tuple[bytes, UpdateFault, str]:
             tensors[name] = tensors[name].astype(np.float64)
         case Malformed.NAN | Malformed.INF:
             tensors[name][1, 1] = np.nan if fault is Malformed.NAN else -np.inf
-            return safetensors.numpy.save(tensors), UpdateFault.NON_FINITE, name
-    return safetensors.numpy.save(tensors), UpdateFault.WRONG_SHAPE, "layers."
+            return safetensors.numpy.save(tensors), UpdateReason.NON_FINITE, name
+    return safetensors.numpy.save(tensors), UpdateReason.WRONG_SHAPE, "layers."
 
 
 @pytest.mark.parametrize("fault", list(Malformed), ids=lambda f: f.name.lower())

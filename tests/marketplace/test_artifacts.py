@@ -211,7 +211,7 @@ def test_a_bad_artifact_is_refused_and_nothing_is_installed(
     with pytest.raises(ArtifactRefused) as refused:
         b.market.pull(cid)
     # Assert
-    assert REASON[fault] in refused.value.reason
+    assert REASON[fault] in refused.value.detail
     assert not (b.root / "finance").exists()
     assert b.registry.audit_log()[-1].result == "refused"
     assert not [p for p in (b.root / ".staging").iterdir()]

@@ -61,7 +61,7 @@ REASON = {
     Fault.REPLAYED_SEQUENCE: "replay refused",
     Fault.ROLLED_BACK: "rollback refused",
     Fault.OVERSIZED: "the limit is",
-    Fault.GARBAGE: "not a registry record",
+    Fault.GARBAGE: "not a RegistryRecord",
     Fault.BAD_VERSION: "not a semantic version",
 }
 

@@ -216,7 +216,7 @@ def test_every_seeded_corruption_is_refused_with_its_reason_and_nothing_changes(
             for path, data in restore:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)  # the store removed the corrupt block: put the good one back
-        reason = refused.value.reason
+        reason = refused.value.detail
         assert any(r in reason for r in REASONS[kind]), f"seed {seed}, {kind.name}: {reason}"
         assert installed_state(world) == before, f"seed {seed}, {kind.name} changed the installed state"
         seen[kind] = seen.get(kind, 0) + 1

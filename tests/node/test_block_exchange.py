@@ -423,7 +423,7 @@ def test_server_refuses_malformed_wants_and_keeps_serving(tmp_path: Path) -> Non
                 stream = await client.open_stream(peer, PROTOCOL)
                 with pytest.raises(FrameRejected) as refused:
                     await send_frame(stream, WANT, b" " * (WANT_LIMITS[WANT] + 1), ack_timeout=READ_TIMEOUT)
-                assert refused.value.reason is Kind.NACK_TOO_LARGE
+                assert refused.value.nack is Kind.NACK_TOO_LARGE
                 await stream.close()
 
                 stream = await client.open_stream(peer, PROTOCOL)  # a fresh, valid stream: two wants on it

@@ -10,11 +10,11 @@ import pytest
 import trio
 
 from crypto.identity import Identity
+from crypto.signed import sign_struct
 from federation.descriptor import (
     DescriptorError,
     FederationDescriptor,
     descriptor_key,
-    sign_struct,
     verify_descriptor,
 )
 from node.fed.dht import (

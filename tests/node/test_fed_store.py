@@ -12,12 +12,12 @@ import pytest
 
 import node.fed.store as fed_store
 from crypto.identity import Identity
+from crypto.signed import sign_struct
 from federation.descriptor import (
     DescriptorError,
     JoinRequest,
     Member,
     sign_join,
-    sign_struct,
     verify_descriptor,
     verify_join,
 )

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
 
 import msgspec
 import numpy as np
@@ -25,16 +24,21 @@ import trio
 from libp2p.peer.id import ID
 
 from crypto.identity import Identity
-from federation.descriptor import AdapterConfig, DpParams, Privacy, sign_descriptor, sign_struct
+from crypto.signed import sign_struct
+from federation.descriptor import (
+    AdapterConfig,
+    DpParams,
+    Privacy,
+    sign_descriptor,
+)
 from federation.messages import UPDATE_SCHEMA, UpdateHeader
 from federation.round import RejectReason, RoundState
 from federation.update import Layout, encode_tensors
 from node.fed import wire as fed_wire
-from node.fed.service import FederationService
+from node.fed.rounds.collect import UpdateCollector
 from node.fed.store import FederationStore, RejectionRow
 from node.p2p.framing import HEADER_SIZE, MAGIC, Kind, decode_header
 from node.p2p.host import Libp2pStream, P2PConfig, P2PNode
-from node.p2p.notices import NoticeBoard
 from tests.federation.updates import LAYOUT, ROUND, adapter, non_finite, signed_update
 
 DEADLINE_S = 15  # per test, hosts included
@@ -43,7 +47,7 @@ CFG = P2PConfig(dht=False, pubsub=False, dial_timeout=5, negotiate_timeout=5)
 NOW = 1_800_000_000.0
 ROUND_DEADLINE = NOW + 300
 OTHER_FID = hashlib.sha256(b"another federation").hexdigest()
-SERVICE_LOGGER = "node.fed.service"
+SERVICE_LOGGER = "node.fed.rounds.collect"
 ROUND_CLOSED = "round_closed"  # the handler's own verdict when no round is open for the header's (federation, round)
 
 
@@ -140,13 +144,9 @@ def arena(tmp_path: Path) -> Iterator[Arena]:
         fid = store.add_federation(descriptor, "creator").id
         clock = Clock()
         members = {n.fingerprint: n.public_key_b64() for n in (first, sender, bystander)}
-        # As FederationService._aggregate_round builds it: the payload limit is the wire's (256 MiB).
+        # As Aggregator.round builds it: the payload limit is the wire's (256 MiB).
         state = RoundState(fid, ROUND, members, 2, ROUND_DEADLINE, LAYOUT, "plain", fed_wire.MAX_PAYLOAD, clock=clock)
         yield Arena(aggregator, store, fid, state, clock, first, sender, Identity.generate(), tmp_path)
-
-
-def unused(*args: object) -> Any:
-    raise AssertionError("the update handler must not train, install or read a global adapter")
 
 
 Send = Callable[..., Awaitable["Outcome"]]
@@ -154,7 +154,7 @@ Send = Callable[..., Awaitable["Outcome"]]
 
 @asynccontextmanager
 async def update_stream(arena: Arena) -> AsyncIterator[Send]:
-    """Run the aggregator (a FederationService serving only UPDATE_PROTOCOL, round 3 open) and each sending node's
+    """Run the aggregator (an UpdateCollector serving UPDATE_PROTOCOL, round 3 open) and each sending node's
     host (first, sender, outsider), connected on 127.0.0.1; yield `send(header, payload, via=None)`, which sends one
     update on a fresh stream from the node `via` names (by default the node of the member the header claims). The
     hosts stop on exit."""
@@ -162,23 +162,9 @@ async def update_stream(arena: Arena) -> AsyncIterator[Send]:
     async with AsyncExitStack() as stack:
         aggregator = await stack.enter_async_context(P2PNode(arena.aggregator, CFG))
         hosts = {n.fingerprint: await stack.enter_async_context(P2PNode(n, CFG)) for n in nodes}
-        # _serve_update only uses `rounds` and `state`: the other collaborators are real-but-idle (notices, the
-        # aggregator's host) or None / functions that fail if called (registry, content store, trainer, globals).
-        service = FederationService(
-            root=arena.root,
-            identity=arena.aggregator,
-            p2p=aggregator,
-            notices=NoticeBoard(),
-            registry=cast(Any, None),
-            local=cast(Any, None),
-            state=arena.store,
-            ledger_path=arena.root / "ledger.db",
-            trainer=unused,
-            install_global=unused,
-            initial_global=unused,
-        )
-        service.rounds[(arena.fid, ROUND)] = arena.state
-        aggregator.set_stream_handler(fed_wire.UPDATE_PROTOCOL, service._serve_update)
+        collector = UpdateCollector(arena.store, accepted=lambda fid: None)
+        collector.open(arena.state)
+        aggregator.set_stream_handler(fed_wire.UPDATE_PROTOCOL, collector.serve)
         for host in hosts.values():
             await host.connect(aggregator.listen_addrs[0])
 

@@ -210,7 +210,7 @@ def test_sender_learns_why_the_receiver_refused() -> None:
             nursery.start_soon(receiver)
             with pytest.raises(FrameRejected) as refused:
                 await send_frame(TrioStream(left), "notice", b"x" * 17, ack_timeout=READ_TIMEOUT)
-            assert refused.value.reason is Kind.NACK_TOO_LARGE
+            assert refused.value.nack is Kind.NACK_TOO_LARGE
 
     run_pair(body)
 

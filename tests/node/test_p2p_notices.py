@@ -24,8 +24,8 @@ from node.p2p.notices import (
     NoticeBoard,
     NoticeConfig,
     NoticeError,
+    NoticeReason,
     PeerGuard,
-    Refusal,
     TokenBucket,
     decode_notice,
     encode_notice,
@@ -125,29 +125,29 @@ def artifact() -> ArtifactPublished:
 
 
 # The refusals a hostile peer can provoke, each with the reason the stats count.
-MALFORMED: dict[str, tuple[Callable[[], bytes], Refusal]] = {
-    "oversized": (lambda: raw(agent="a" * 60, pad="x" * MAX_NOTICE_BYTES), Refusal.OVERSIZED),
-    "not_json": (lambda: b"\xff{not json", Refusal.UNDECODABLE),
-    "not_an_object": (lambda: b"[1, 2]", Refusal.UNDECODABLE),
-    "unknown_type": (lambda: raw(type="round.open"), Refusal.UNKNOWN_TYPE),
-    "wrong_version": (lambda: raw(v=2), Refusal.VERSION),
-    "version_as_bool": (lambda: raw(v=True), Refusal.VERSION),
-    "null_version": (lambda: raw(v=None), Refusal.VERSION),
-    "missing_version": (lambda: raw(v=DROP), Refusal.VERSION),
-    "missing_sent_at": (lambda: raw(sent_at=DROP), Refusal.INVALID),
-    "float_sent_at": (lambda: raw(sent_at=time.time()), Refusal.INVALID),
-    "missing_type": (lambda: raw(type=DROP), Refusal.UNDECODABLE),
-    "missing_name": (lambda: raw_artifact(name=DROP), Refusal.INVALID),
-    "unknown_field": (lambda: raw(extra=1), Refusal.INVALID),
-    "long_agent": (lambda: raw(agent="a" * 65), Refusal.INVALID),
-    "control_chars": (lambda: raw(agent="evil\nlog line"), Refusal.INVALID),
-    "bad_cid": (lambda: raw_artifact(envelope_cid="bnot-a-cid"), Refusal.INVALID),
-    "bad_fingerprint": (lambda: raw_artifact(publisher="ed25519:XYZ"), Refusal.INVALID),
-    "bad_name": (lambda: raw_artifact(name="../etc"), Refusal.INVALID),
-    "bad_semver": (lambda: raw_artifact(version="1.2"), Refusal.INVALID),
-    "bad_kind": (lambda: raw_artifact(kind="dataset"), Refusal.INVALID),
-    "stale": (lambda: raw(sent_at=int(time.time()) - 7200), Refusal.STALE),
-    "future": (lambda: raw(sent_at=int(time.time()) + 3600), Refusal.FUTURE),
+MALFORMED: dict[str, tuple[Callable[[], bytes], NoticeReason]] = {
+    "oversized": (lambda: raw(agent="a" * 60, pad="x" * MAX_NOTICE_BYTES), NoticeReason.OVERSIZED),
+    "not_json": (lambda: b"\xff{not json", NoticeReason.UNDECODABLE),
+    "not_an_object": (lambda: b"[1, 2]", NoticeReason.UNDECODABLE),
+    "unknown_type": (lambda: raw(type="round.open"), NoticeReason.UNKNOWN_TYPE),
+    "wrong_version": (lambda: raw(v=2), NoticeReason.VERSION),
+    "version_as_bool": (lambda: raw(v=True), NoticeReason.VERSION),
+    "null_version": (lambda: raw(v=None), NoticeReason.VERSION),
+    "missing_version": (lambda: raw(v=DROP), NoticeReason.VERSION),
+    "missing_sent_at": (lambda: raw(sent_at=DROP), NoticeReason.INVALID),
+    "float_sent_at": (lambda: raw(sent_at=time.time()), NoticeReason.INVALID),
+    "missing_type": (lambda: raw(type=DROP), NoticeReason.UNDECODABLE),
+    "missing_name": (lambda: raw_artifact(name=DROP), NoticeReason.INVALID),
+    "unknown_field": (lambda: raw(extra=1), NoticeReason.INVALID),
+    "long_agent": (lambda: raw(agent="a" * 65), NoticeReason.INVALID),
+    "control_chars": (lambda: raw(agent="evil\nlog line"), NoticeReason.INVALID),
+    "bad_cid": (lambda: raw_artifact(envelope_cid="bnot-a-cid"), NoticeReason.INVALID),
+    "bad_fingerprint": (lambda: raw_artifact(publisher="ed25519:XYZ"), NoticeReason.INVALID),
+    "bad_name": (lambda: raw_artifact(name="../etc"), NoticeReason.INVALID),
+    "bad_semver": (lambda: raw_artifact(version="1.2"), NoticeReason.INVALID),
+    "bad_kind": (lambda: raw_artifact(kind="dataset"), NoticeReason.INVALID),
+    "stale": (lambda: raw(sent_at=int(time.time()) - 7200), NoticeReason.STALE),
+    "future": (lambda: raw(sent_at=int(time.time()) + 3600), NoticeReason.FUTURE),
 }
 OVER_THE_WIRE = ["oversized", "not_json", "unknown_type", "wrong_version", "unknown_field", "bad_cid"]
 OVER_THE_WIRE += ["bad_fingerprint", "stale"]
@@ -270,7 +270,7 @@ def test_flooding_peer_is_limited_blacklisted_and_dropped() -> None:
                 assert 0 < len(from_hostile) <= board.config.peer_burst
                 stats = board.stats()
                 assert stats.accepted == board.config.peer_burst + 1  # the burst, then the honest notice
-                assert stats.refused == {Refusal.RATE_LIMITED: 101}  # -1 each: the 101st goes below -100
+                assert stats.refused == {NoticeReason.RATE_LIMITED: 101}  # -1 each: the 101st goes below -100
                 assert board.scores()[honest.peer_id.to_base58()] == 0.0
 
                 async def echo(stream: Libp2pStream) -> None:
