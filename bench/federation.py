@@ -675,7 +675,9 @@ def flower_run(
     n: int, mode: str, rounds: int, tmp: Path, base: Path, init_weights: Path, timeout: float
 ) -> dict[str, Any]:
     """A SuperLink and `n` SuperNodes run the Flower app for `rounds` rounds; the ServerApp's summary and timings."""
-    from node.fed.flower.engine import Connection, FlowerDeployment, FlowerEngineError, run_app, run_logs, wait_run
+    from node.fed.flower.cli import Connection, run_app, run_logs, wait_run
+    from node.fed.flower.engine import FlowerDeployment
+    from node.fed.flower.processes import FlowerEngineError
 
     work = tmp / f"flower-{n}-{mode}"
     work.mkdir(parents=True)

@@ -11,20 +11,10 @@ from safetensors.numpy import load_file
 
 from node.fed.flower.app.client import privatize
 from node.fed.flower.app.common import AppConfig, AppConfigError, flatten, unflatten
-from node.fed.flower.engine import (
-    CONNECTION_NAME,
-    Connection,
-    FlowerDeployment,
-    FlowerEngineError,
-    flwr_cli,
-    live_pids,
-    make_supernode_keys,
-    make_test_certificates,
-    register_supernode,
-    run_app,
-    run_logs,
-    wait_run,
-)
+from node.fed.flower.cli import CONNECTION_NAME, Connection, flwr_cli, register_supernode, run_app, run_logs, wait_run
+from node.fed.flower.engine import FlowerDeployment
+from node.fed.flower.processes import FlowerEngineError, live_pids
+from tests.flower_keys import make_supernode_keys, make_test_certificates
 
 pytestmark = pytest.mark.slow  # Flower's SuperLink and SuperNodes as processes
 

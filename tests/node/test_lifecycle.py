@@ -63,6 +63,7 @@ def test_stop_signal_lets_a_short_stream_finish(tmp_path: Path, sig: int) -> Non
     assert "error" not in events[-1]
 
 
+@pytest.mark.slow  # two daemon runs
 def test_sigkill_then_restart_on_the_same_home(tmp_path: Path) -> None:
     # Arrange
     home = tmp_path / "home"
@@ -82,6 +83,7 @@ def test_sigkill_then_restart_on_the_same_home(tmp_path: Path) -> None:
         assert second.stop() == 0
 
 
+@pytest.mark.slow  # two daemons
 def test_second_daemon_on_the_same_home_is_refused(tmp_path: Path) -> None:
     home = tmp_path / "home"
     d = start_daemon(home)
@@ -173,6 +175,7 @@ def test_bearer_token_is_required_when_configured(tmp_path: Path) -> None:
         assert d.stop() == 0
 
 
+@pytest.mark.slow  # two daemons
 def test_port_in_use_is_reported(tmp_path: Path) -> None:
     first = start_daemon(tmp_path / "a")
     try:
