@@ -8,9 +8,16 @@ from typing import ClassVar
 
 
 class Refused(ValueError):
-    """Input refused: `reason` (a code) and `detail` (words). `str()` is 'reason: detail'."""
+    """Input refused: `reason` (a code) and `detail` (words). `str()` is 'reason: detail'.
+
+    A subclass with a closed set of codes names its StrEnum in `REASONS`; its reasons are then members of it (a code
+    outside it is a programming error: ValueError)."""
+
+    REASONS: ClassVar[type[StrEnum] | None] = None
 
     def __init__(self, reason: str, detail: str) -> None:
+        if self.REASONS is not None:
+            reason = self.REASONS(reason)
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail

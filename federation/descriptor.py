@@ -77,10 +77,8 @@ class FederationReason(StrEnum):
 class FederationRefused(Refused):
     """Base of the refusals here: `reason` (a FederationReason) and a detail naming what is wrong."""
 
+    REASONS = FederationReason
     reason: FederationReason
-
-    def __init__(self, reason: FederationReason | str, detail: str) -> None:
-        super().__init__(FederationReason(reason), detail)
 
 
 class DescriptorError(FederationRefused):

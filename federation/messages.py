@@ -66,10 +66,8 @@ class MessageReason(StrEnum):
 class MessageError(Refused):
     """A federation message refused: `reason` (a MessageReason) and a detail naming what is wrong."""
 
+    REASONS = MessageReason
     reason: MessageReason
-
-    def __init__(self, reason: MessageReason | str, detail: str) -> None:
-        super().__init__(MessageReason(reason), detail)
 
 
 def choose_aggregator(federation_id: str, round: int, members: Sequence[str]) -> str:

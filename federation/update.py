@@ -39,10 +39,8 @@ class UpdateReason(StrEnum):
 class UpdateError(Refused):
     """Tensors that do not fit the layout, or bytes that are not an acceptable update: `reason` and a detail."""
 
+    REASONS = UpdateReason
     reason: UpdateReason
-
-    def __init__(self, reason: UpdateReason | str, detail: str) -> None:
-        super().__init__(UpdateReason(reason), detail)
 
 
 def _listed(names: set[str]) -> str:

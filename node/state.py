@@ -74,6 +74,7 @@ class NodeState:
             "peers": sorted(str(p) for p in self.p2p.peers()),
             "known_peers": sorted(str(p) for p in self.p2p.known_peers()),
             "dht": self.p2p.dht_stats(),
+            "stream_refusals": dict(self.p2p.stream_refusals),
             "market": self.market.status() if self.market is not None else {"enabled": False},
             "notices": self.notices_status(),
         }

@@ -1,4 +1,4 @@
-"""The ASGI app: the route modules, OpenAI-style errors for every failure, the body-size limit.
+"""The ASGI app: the route modules, OpenAI-style errors for every failure, the body-size limit, the browser guard.
 
 No `from __future__ import annotations` here: FastAPI must see real types on route parameters, or it silently
 turns `Request` into a query parameter.
@@ -14,6 +14,7 @@ from starlette.types import ASGIApp
 
 from node.api.common import ApiError, BodyLimitMiddleware
 from node.api.federations import router as federation_routes
+from node.api.guard import BrowserGuardMiddleware
 from node.api.learning import router as learning_routes
 from node.api.market import router as market_routes
 from node.api.node import router as node_routes
@@ -51,4 +52,5 @@ def create_app(node: NodeState) -> ASGIApp:
         return ApiError(500, "internal error (see the node's log)", type_="server_error").response()
 
     limited: ASGIApp = BodyLimitMiddleware(app, node.config.api.max_body_bytes)
-    return limited
+    api = node.config.api
+    return BrowserGuardMiddleware(limited, api.host, api.allowed_hosts, api.allowed_origins)

@@ -37,6 +37,10 @@ class ApiSection(_Section, frozen=True):
     queue_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0, le=8)] = 3.0
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 4 * 1024 * 1024
+    allowed_hosts: list[str] = []  # Host names besides localhost, 127.0.0.1, [::1] and `host` (DNS-rebinding guard)
+    allowed_origins: list[
+        str
+    ] = []  # web origins allowed to call the API from a browser ("*": any; like OLLAMA_ORIGINS)
 
 
 class ModelSection(_Section, frozen=True):

@@ -11,10 +11,10 @@ import trio
 
 from crypto.he import PublicContext, SecretContext
 from crypto.identity import Identity
+from crypto.refusal import Refused
 from crypto.sealing import SealError, seal, unseal, x25519_public_of
 from federation.descriptor import (
     FederationDescriptor,
-    FederationRefused,
     sign_join,
     verify_admitted,
     verify_descriptor,
@@ -22,8 +22,7 @@ from federation.descriptor import (
 )
 from node.fed import wire as fed_wire
 from node.fed.errors import FederationError
-from node.fed.membership import peer_of
-from node.p2p.framing import FrameError
+from node.fed.membership import Membership, peer_of
 from node.p2p.host import Libp2pStream, P2PNode
 
 log = logging.getLogger(__name__)
@@ -37,42 +36,59 @@ class JoinProtocol:
         identity: Identity,
         p2p: P2PNode,
         state: Any,  # node.fed.store.FederationStore
+        membership: Membership,
         gossip: Callable[[str, str, bytes], None],
         dial: Callable[[Any], Awaitable[None]],
     ) -> None:
         self.identity, self.p2p, self.state, self.gossip, self.dial = identity, p2p, state, gossip, dial
+        self.membership = membership
 
     async def serve(self, stream: Libp2pStream) -> None:
-        """Admit a joiner: verify its request, record it, gossip it, and welcome it (with the HE secret if it may)."""
-        try:
-            request = await fed_wire.read_join(stream)
-            answer = await trio.to_thread.run_sync(self.admit, request)
-            await fed_wire.answer_join(stream, answer)
-        except (FrameError, fed_wire.WireError) as exc:
-            log.info("join stream refused: %s", exc)
+        """Admit a joiner: verify its request, record it, gossip it, and welcome it (with the HE secret if it may).
+        A broken stream raises (P2PNode's handler guard logs it and scores the peer)."""
+        request = await fed_wire.read_join(stream)
+        answer = await trio.to_thread.run_sync(self.admit, request)
+        await fed_wire.answer_join(stream, answer)
+        if isinstance(answer, fed_wire.Refusal):
+            log.info("join from %s refused: %s: %s", stream.remote_peer, answer.reason, answer.detail)
+            self.p2p.refused(fed_wire.JOIN_PROTOCOL, stream.remote_peer, answer.reason)
 
     def admit(self, request: bytes) -> fed_wire.Welcome | fed_wire.Refusal:
-        """The creator's answer to a join request (in a worker thread): a welcome, or a refusal with its reason."""
+        """The creator's answer to a join request (in a worker thread): a welcome, or a refusal with its reason.
+        Every refusal (a bad request, a conflicting member, a key that cannot be sealed to) is an answer."""
         try:
-            fid = msgspec.json.decode(request).get("federation_id", "")
-            row = self.state.federation(fid) if isinstance(fid, str) else None
-            if row is None:
-                return fed_wire.Refusal(reason="unknown_federation", detail="this node is not in that federation")
-            descriptor = row.descriptor
-            member = verify_join(descriptor, request)
-        except FederationRefused as exc:
-            return fed_wire.Refusal(reason=str(exc.reason), detail=exc.detail)
-        except (msgspec.DecodeError, AttributeError) as exc:
-            return fed_wire.Refusal(reason="malformed", detail=str(exc))
-        self.state.add_member(fid, member, request)
-        trio.from_thread.run_sync(self.gossip, fid, "member", request)
+            return self._admit(request)
+        except Refused as exc:
+            return fed_wire.Refusal(reason=str(exc.reason)[:64], detail=exc.detail[:1024])
+
+    def _admit(self, request: bytes) -> fed_wire.Welcome | fed_wire.Refusal:
+        try:
+            fields = msgspec.json.decode(request)
+        except msgspec.DecodeError as exc:
+            return fed_wire.Refusal(reason="malformed", detail=str(exc)[:1024])
+        fid = fields.get("federation_id") if isinstance(fields, dict) else None
+        if not isinstance(fid, str):
+            return fed_wire.Refusal(reason="malformed", detail="not a join request (no federation_id string)")
+        row = self.state.federation(fid)
+        if row is None:
+            return fed_wire.Refusal(reason="unknown_federation", detail="this node is not in that federation")
+        descriptor = row.descriptor
+        member = verify_join(descriptor, request)
+        admitted = self.membership.members(fid).get(member.fingerprint)
+        if admitted is not None and admitted.role != member.role:
+            # A role never changes: an aggregator-only node asking again as a member would get the HE secret while
+            # it stays an aggregator candidate, and could decrypt every member's update.
+            detail = f"{member.fingerprint} was admitted as {admitted.role}; a new role needs a new identity"
+            return fed_wire.Refusal(reason="role_change", detail=detail)
         he_public, sealed = "", ""
-        if descriptor.uses_he:
+        if descriptor.uses_he:  # sealed before anything is stored: a key that cannot be sealed to is refused
             public = self.state.he_public(fid)
             he_public = fed_wire.b64(public) if public else ""
             secret = self.state.he_secret(fid)
             if member.role == "member" and secret is not None:
                 sealed = fed_wire.b64(seal(fed_wire.unb64(member.x25519, "x25519"), secret, seal_context(fid, member)))
+        self.state.add_member(fid, member, request)
+        trio.from_thread.run_sync(self.gossip, fid, "member", request)
         rows = self.state.member_rows(fid)
         return fed_wire.Welcome(
             descriptor=fed_wire.b64(row.descriptor_bytes),

@@ -30,8 +30,9 @@ import numpy as np
 import trio
 
 from crypto.identity import Identity
-from federation.descriptor import FederationDescriptor, FederationRefused, verify_admitted
-from federation.messages import MessageError, choose_aggregator, verify_round_done, verify_round_open
+from crypto.refusal import Refused
+from federation.descriptor import FederationDescriptor, verify_admitted
+from federation.messages import choose_aggregator, verify_round_done, verify_round_open
 from marketplace.content_store import EmbeddedStore
 from node.core.fsutil import remove_stale
 from node.fed import wire as fed_wire
@@ -89,7 +90,7 @@ class FederationService:
             dial=self._dial,
             spawn=self._spawn,
         )
-        self.joins = JoinProtocol(identity, p2p, state, self._gossip, self._dial)
+        self.joins = JoinProtocol(identity, p2p, state, self.membership, self._gossip, self._dial)
         self.collector = UpdateCollector(state, self._accepted)
         self.member = Member(self.ctx, self.collector, trainer, ledger_path, keep_released)
         self.aggregator = Aggregator(self.ctx, self.collector, self.member)
@@ -169,7 +170,7 @@ class FederationService:
                 if done.round not in inbox.dones:
                     self._arrived(fid, done.round, "notice_done", arrived)
                 inbox.dones[done.round] = done
-        except (FederationRefused, MessageError) as exc:
+        except Refused as exc:  # a forged, stale or conflicting notice (MemberConflictError included)
             log.info("federation %s: refused a %s notice: %s", descriptor.name, notice.kind, exc)
             return
         inbox.poke()

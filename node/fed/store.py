@@ -33,6 +33,7 @@ from typing import Literal, cast, get_args
 
 import msgspec
 
+from crypto.refusal import SingleReason
 from crypto.signed import key_fingerprint, signature_valid
 from federation.descriptor import (
     MAX_JOIN_BYTES,
@@ -112,24 +113,34 @@ CREATE INDEX IF NOT EXISTS fed_rejections_federation ON fed_rejections (federati
 """
 
 
-class FederationStoreError(ValueError):
-    """A federation store operation refused; the message says why."""
+class FederationStoreError(SingleReason):
+    """A federation store operation refused (often on a peer's input: a bad id, a conflicting member)."""
+
+    REASON = "store_refused"
 
 
 class UnknownFederationError(FederationStoreError, LookupError):
     """No federation with that id is stored."""
 
+    REASON = "unknown_federation"
+
 
 class StoredDescriptorError(FederationStoreError):
     """A stored descriptor no longer verifies or does not match its row (tampered with or corrupted)."""
+
+    REASON = "stored_descriptor_invalid"
 
 
 class MemberConflictError(FederationStoreError):
     """A member already stored with other keys, or a join request that does not match the member."""
 
+    REASON = "member_conflict"
+
 
 class RoundStateError(FederationStoreError):
     """A round or global-model change that the stored state does not allow."""
+
+    REASON = "round_state"
 
 
 @dataclass(frozen=True)

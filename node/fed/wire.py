@@ -12,7 +12,7 @@ from typing import Annotated
 
 import msgspec
 
-from crypto.refusal import SingleReason
+from crypto.refusal import Refused, SingleReason
 from node.p2p.framing import ByteStream, receive_frame, send_frame
 
 JOIN_PROTOCOL = "/mirador/fed/join/1.0.0"
@@ -30,6 +30,10 @@ class WireError(SingleReason):
     """A peer's federation message that is malformed; the message says what was wrong."""
 
     REASON = "bad_message"
+
+
+class JoinRefused(Refused):
+    """The member we asked refused our join request: its reason code and detail."""
 
 
 class Welcome(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -91,7 +95,7 @@ async def request_join(stream: ByteStream, join_request: bytes) -> Welcome:
     if frame.msg_type == "fed.refused":
         refusal = decode(frame.payload, Refusal, "refusal")
         assert isinstance(refusal, Refusal)
-        raise WireError(f"refused: {refusal.reason}: {refusal.detail}")
+        raise JoinRefused(refusal.reason, refusal.detail)
     welcome = decode(frame.payload, Welcome, "welcome")
     assert isinstance(welcome, Welcome)
     return welcome

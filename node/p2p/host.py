@@ -40,6 +40,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 from crypto.identity import Identity
+from crypto.refusal import Refused
 from node.core.fsutil import atomic_write_bytes
 
 _CLOSE_TIMEOUT = 5.0
@@ -169,6 +170,8 @@ class P2PNode:
         self.gossipsub = _gossipsub() if self.config.pubsub else None
         self.pubsub = Pubsub(self.host, self.gossipsub) if self.gossipsub is not None else None
         self._stack: AsyncExitStack | None = None
+        self.stream_refusals: dict[str, int] = {}  # "protocol reason" -> inbound streams that ended in an exception
+        self._refusal_hooks: list[Callable[[ID, str, str], None]] = []
         self._stop = trio.Event()
         self._refresh_now = trio.Event()
         self._used = False
@@ -353,16 +356,48 @@ class P2PNode:
         return Libp2pStream(stream)
 
     def set_stream_handler(self, protocol: str, handler: Callable[[Libp2pStream], Awaitable[None]]) -> None:
-        """Serve `protocol`: `handler(Libp2pStream)` runs for each inbound stream (the stream is closed after)."""
+        """Serve `protocol`: `handler(Libp2pStream)` runs for each inbound stream (the stream is closed after).
+
+        Whatever the handler raises ends that stream alone: a `Refused` (the peer's bytes were refused, or the
+        stream broke) is logged at INFO, anything else (a bug, or a library error) with its traceback; both are
+        counted by protocol and reason and reported to the `on_refusal` hooks (the notice board scores the peer).
+        An exception must never reach py-libp2p's handler task: it would end the swarm and the daemon with it.
+        """
 
         async def wrapped(stream: INetStream) -> None:
+            peer = stream.muxed_conn.peer_id
             try:
                 await handler(Libp2pStream(stream))
+            except Exception as exc:
+                self._refused(protocol, peer, exc)
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(1):
                     await stream.close()
 
         self.host.set_stream_handler(TProtocol(protocol), wrapped)
+
+    def on_refusal(self, hook: Callable[[ID, str, str], None]) -> None:
+        """Call `hook(peer, protocol, reason)` for every inbound stream that ended in an exception."""
+        self._refusal_hooks.append(hook)
+
+    def _refused(self, protocol: str, peer: ID, exc: Exception) -> None:
+        reason = str(exc.reason) if isinstance(exc, Refused) else "handler_error"
+        if isinstance(exc, Refused):
+            log.info("%s: stream from %s refused: %s", protocol, peer, exc)
+        else:
+            log.warning("%s: stream from %s failed; it alone was dropped", protocol, peer, exc_info=exc)
+        self.refused(protocol, peer, reason)
+
+    def refused(self, protocol: str, peer: ID, reason: str) -> None:
+        """Count a refusal of `peer`'s inbound stream on `protocol` (raised, or answered by the handler) and report it
+        to the `on_refusal` hooks."""
+        key = f"{protocol} {reason}"
+        self.stream_refusals[key] = self.stream_refusals.get(key, 0) + 1
+        for hook in self._refusal_hooks:
+            try:
+                hook(peer, protocol, reason)
+            except Exception:
+                log.exception("a stream refusal hook failed")
 
     def _listen_addr(self) -> multiaddr.Multiaddr:
         """The TCP address to listen on."""

@@ -12,7 +12,6 @@ from federation.messages import MessageError, UpdateHeader, decode_update_header
 from federation.round import Accepted, Rejected, RoundState
 from node.fed import wire as fed_wire
 from node.fed.membership import key_of
-from node.p2p.framing import FrameError
 from node.p2p.host import Libp2pStream
 
 log = logging.getLogger(__name__)
@@ -53,43 +52,39 @@ class UpdateCollector:
 
     async def serve(self, stream: Libp2pStream) -> None:
         """Receive one member's update for an open round: the header is judged first (a refused update's payload is
-        never read), then the payload, at most the size the signed header declared; answer with the verdict."""
+        never read), then the payload, at most the size the signed header declared; answer with the verdict. A broken
+        stream raises (P2PNode's handler guard logs it and scores the peer)."""
+        header_bytes = await fed_wire.read_header(stream)
         try:
-            header_bytes = await fed_wire.read_header(stream)
-            try:
-                header = decode_update_header(header_bytes)
-            except MessageError as exc:
-                verdict = fed_wire.Verdict(accepted=False, reason="malformed", detail=str(exc)[:1000])
-                await fed_wire.send_verdict(stream, verdict)
-                return
-            round_state = self.rounds.get((header.federation_id, header.round))
-            if round_state is None:
-                detail = f"round {header.round}: no such round of federation {header.federation_id[:16]}… is open"
-                await trio.to_thread.run_sync(self._reject_closed, header, detail)
-                log.info("round %s: rejected an update: %s: %s", header.round, ROUND_CLOSED, detail)
-                await fed_wire.send_verdict(
-                    stream, fed_wire.Verdict(accepted=False, reason=ROUND_CLOSED, detail=detail)
-                )
-                return
-            sender = key_of(stream.remote_peer)
-            refused = round_state.admit_header(header, sender=sender)
-            if refused is None:
-                payload = await fed_wire.ask_payload(stream, header.payload_len)
-                offer = functools.partial(round_state.offer, header, payload, sender=sender)
-                result: Accepted | Rejected = await trio.to_thread.run_sync(offer)
-            else:
-                result = refused
-            if isinstance(result, Rejected):
-                reason, detail = str(result.reason), result.detail
-                await trio.to_thread.run_sync(
-                    self.state.reject, header.federation_id, header.round, header.member, reason, detail
-                )
-                log.info("round %s: rejected an update: %s", header.round, result)
-            else:
-                self.accepted(header.federation_id)
-            await fed_wire.send_verdict(stream, verdict_of(result))
-        except (FrameError, fed_wire.WireError) as exc:
-            log.info("update stream refused: %s", exc)
+            header = decode_update_header(header_bytes)
+        except MessageError as exc:
+            verdict = fed_wire.Verdict(accepted=False, reason="malformed", detail=str(exc)[:1000])
+            await fed_wire.send_verdict(stream, verdict)
+            return
+        round_state = self.rounds.get((header.federation_id, header.round))
+        if round_state is None:
+            detail = f"round {header.round}: no such round of federation {header.federation_id[:16]}… is open"
+            await trio.to_thread.run_sync(self._reject_closed, header, detail)
+            log.info("round %s: rejected an update: %s: %s", header.round, ROUND_CLOSED, detail)
+            await fed_wire.send_verdict(stream, fed_wire.Verdict(accepted=False, reason=ROUND_CLOSED, detail=detail))
+            return
+        sender = key_of(stream.remote_peer)
+        refused = round_state.admit_header(header, sender=sender)
+        if refused is None:
+            payload = await fed_wire.ask_payload(stream, header.payload_len)
+            offer = functools.partial(round_state.offer, header, payload, sender=sender)
+            result: Accepted | Rejected = await trio.to_thread.run_sync(offer)
+        else:
+            result = refused
+        if isinstance(result, Rejected):
+            reason, detail = str(result.reason), result.detail
+            await trio.to_thread.run_sync(
+                self.state.reject, header.federation_id, header.round, header.member, reason, detail
+            )
+            log.info("round %s: rejected an update: %s", header.round, result)
+        else:
+            self.accepted(header.federation_id)
+        await fed_wire.send_verdict(stream, verdict_of(result))
 
 
 def verdict_of(result: Accepted | Rejected) -> fed_wire.Verdict:

@@ -75,6 +75,7 @@ class NoticeBoard:
         self._node, self._pubsub = node, node.pubsub
         self._warn_if_pacing_exceeds_router_limit(node)
         node.pubsub.set_topic_validator(TOPIC, self._validate, False)
+        node.on_refusal(self._stream_refused)
         if self.config.disconnect_blacklisted:
             node.host.get_network().register_notifee(_DropOnConnect(self.guard.is_blacklisted, self._schedule_drop))
         self._sub = await node.pubsub.subscribe(TOPIC)
@@ -89,6 +90,10 @@ class NoticeBoard:
                 self.config.out_rate,
                 limit,
             )
+
+    def _stream_refused(self, peer: ID, protocol: str, reason: str) -> None:
+        """A peer's inbound stream on any protocol was refused: it costs that peer score, as a bad notice does."""
+        self.guard.penalize(peer, self.config.stream_refusal_penalty, f"{protocol} {reason}")
 
     def on(self, kind: type[N], handler: Handler[N]) -> None:
         """Call `await handler(notice, origin_peer_id)` for each received notice of `kind` (or a subclass)."""

@@ -42,10 +42,8 @@ class NoticeReason(StrEnum):
 class NoticeError(Refused):
     """A notice refused: `reason` (a NoticeReason) and a detail for the log."""
 
+    REASONS = NoticeReason
     reason: NoticeReason
-
-    def __init__(self, reason: NoticeReason | str, detail: str) -> None:
-        super().__init__(NoticeReason(reason), detail)
 
 
 class NoticeBacklog(RuntimeError):

@@ -43,6 +43,7 @@ class NoticeConfig:
     recovery_per_s: float = 1.0  # score regained per second, up to 0
     penalties: Mapping[NoticeReason, float] = field(default_factory=_default_penalties)
     disconnect_blacklisted: bool = True
+    stream_refusal_penalty: float = 10.0  # an inbound stream of any protocol that ended in a refusal or an error
     max_tracked_peers: int = 4096  # idle peers (full bucket, score 0) are forgotten beyond this
 
 
@@ -163,10 +164,16 @@ class PeerGuard:
         self.refused[reason.value] = self.refused.get(reason.value, 0) + 1
 
     def _penalize(self, peer: ID, reason: NoticeReason, now: float) -> None:
+        self.penalize(peer, self.config.penalties.get(reason, 1.0), reason.value, now)
+
+    def penalize(self, peer: ID, points: float, why: str, now: float | None = None) -> None:
+        """Lower the peer's score by `points` for `why` (a refused stream, a refused notice); blacklist it below the
+        threshold."""
+        now = self._clock() if now is None else now
         state = self._state(peer, now)
-        state.penalty = self._recover(state, now) + self.config.penalties.get(reason, 1.0)
+        state.penalty = self._recover(state, now) + points
         if -state.penalty < self.config.blacklist_below and peer not in self._blacklisted:
-            why = f"score {-state.penalty:.0f} after {reason.value}"
+            why = f"score {-state.penalty:.0f} after {why}"
             self._blacklisted[peer] = why
             log.warning("notices: blacklisting peer %s (%s)", peer, why)
             self._on_blacklist(peer, why)
