@@ -381,18 +381,17 @@ def federate(
         payload_bytes = 0
         if descriptor is None:
             strategy = make_strategy("fedavg")
-            updates = [
-                Update(d.name, flatten(delta, layout), max(1, res.examples))
-                for d, delta, res in zip(domains, deltas, results, strict=True)
+            updates = [  # equal weights, as the node aggregates (federation.privacy.combine)
+                Update(d.name, flatten(delta, layout), 1) for d, delta in zip(domains, deltas, strict=True)
             ]
             mean = unflatten(strategy.aggregate(updates).vector.astype(np.float32), layout)
         else:
             sent = []
-            for i, (d, delta, res) in enumerate(zip(domains, deltas, results, strict=True)):
+            for i, (d, delta) in enumerate(zip(domains, deltas, strict=True)):
                 rng = np.random.default_rng([seed, r, i, MODES.index(mode)])
                 out = release(delta, layout, descriptor, public, rng=rng)
                 payload_bytes += len(out.payload)
-                sent.append((d.name, out.payload, max(1, res.examples)))
+                sent.append((d.name, out.payload))
             combined = combine(sent, layout, descriptor, public)
             mean = mean_update(combined.kind, combined.payload, combined.count, layout, secret)
         global_tensors = apply_update(global_tensors, mean)

@@ -546,8 +546,8 @@ def he_section(gguf: Path, counts: list[int], reps: int, seed: int) -> dict[str,
 
     v0, d0 = vectors[0], deltas[0]
     last = counts[-1]
-    plain_updates = {n: [(f"m{i}", plain_payloads[i], 24) for i in range(n)] for n in counts}
-    ckks_updates = {n: [(f"m{i}", ckks_payloads[i], 24) for i in range(n)] for n in counts}
+    plain_updates = {n: [(f"m{i}", plain_payloads[i]) for i in range(n)] for n in counts}
+    ckks_updates = {n: [(f"m{i}", ckks_payloads[i]) for i in range(n)] for n in counts}
     plain_mean = combine(plain_updates[last], layout, desc["dp"]).payload
     ckks_sum = combine(ckks_updates[last], layout, desc["he"], public).payload
     for rep in range(reps):

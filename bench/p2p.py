@@ -431,7 +431,7 @@ def pull_once(d: Daemon, target: str, size: int) -> dict[str, Any]:
     first = last = -1.0
     done: dict[str, Any] = {}
     body = {"target": target, "trust_publisher": True}
-    with httpx.stream("POST", f"{d.url}/v1/market/pull", json=body, timeout=PULL_TIMEOUT_S) as resp:
+    with httpx.stream("POST", f"{d.url}/v1/market/pull", json=body, headers=d.auth, timeout=PULL_TIMEOUT_S) as resp:
         resp.raise_for_status()
         for line in resp.iter_lines():
             if not line:

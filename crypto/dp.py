@@ -164,7 +164,7 @@ def _epsilon_of_merged(merged: tuple[Spend, ...], delta: float) -> float:
         prv.history = list(merged)
         try:
             found = float(prv.get_epsilon(delta=delta, eps_error=EPS_ERROR))
-        except _GridTooLargeError:
+        except (_GridTooLargeError, RuntimeError):  # RuntimeError: PRV's discretization check fails (z <= 0.02)
             found = math.nan
         if math.isfinite(found):
             return found

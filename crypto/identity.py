@@ -4,22 +4,36 @@ Key export/import for `mirador keys show|export|import`:
 - the public key travels as raw 32 bytes in standard base64 (44 characters) or as SubjectPublicKeyInfo PEM
   (what openssl, cosign and model_signing read);
 - its fingerprint is 'ed25519:' + the first 16 bytes of sha256(raw public key), hex (32 characters);
-- the private key is PKCS#8 PEM, unencrypted for identity.key (0600) or encrypted with a passphrase
-  (BestAvailableEncryption) for backups.
+- the private key is PKCS#8 PEM, unencrypted for identity.key (0600); a backup is the raw private key sealed with
+  AES-256-GCM under a key derived from the passphrase by scrypt (n = 2^17, r = 8, p = 1: 128 MiB and ~0.4 s per
+  try; RFC 7914, the parameters OWASP recommends at least), PEM-armoured as "MIRADOR ENCRYPTED PRIVATE KEY". A new
+  backup needs a passphrase of at least 12 characters. PKCS#8 "ENCRYPTED PRIVATE KEY" backups made by earlier
+  versions (PBKDF2, 2048 iterations) still load.
 """
 
 import base64
 import binascii
 import hashlib
+import os
+import struct
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 FINGERPRINT_PREFIX = "ed25519:"
 PUBLIC_KEY_SIZE = 32
-_ENCRYPTED_PEM_HEADER = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
+_ENCRYPTED_PEM_HEADER = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"  # PKCS#8 backups of earlier versions
+_BACKUP_LABEL = "MIRADOR ENCRYPTED PRIVATE KEY"
+_BACKUP_MAGIC = b"mirador-key-v1\0"
+_BACKUP_HEADER = struct.Struct(">15sBBB16s12s")  # magic, log2 n, r, p, salt, nonce; then the sealed 32-byte key
+SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P = 17, 8, 1
+MAX_SCRYPT_LOG2_N = 20  # a backup asking for more (1 GiB per try) is refused, not computed
+MIN_PASSPHRASE_CHARS = 12
+MAX_BACKUP_BYTES = 4096
 
 
 class KeyFormatError(ValueError):
@@ -115,8 +129,46 @@ def _passphrase_bytes(passphrase: str | bytes) -> bytes:
 
 
 def is_encrypted_pem(data: bytes) -> bool:
-    """True if `data` is an encrypted PKCS#8 PEM private key (ask for a passphrase before loading it)."""
-    return data.lstrip().startswith(_ENCRYPTED_PEM_HEADER)
+    """True if `data` is an encrypted private key backup (ask for a passphrase before loading it)."""
+    start = data.lstrip()
+    return start.startswith(_ENCRYPTED_PEM_HEADER) or start.startswith(f"-----BEGIN {_BACKUP_LABEL}-----".encode())
+
+
+def _scrypt_key(passphrase: bytes, salt: bytes, log2_n: int, r: int, p: int) -> bytes:
+    return Scrypt(salt=salt, length=32, n=1 << log2_n, r=r, p=p).derive(passphrase)
+
+
+def _seal_backup(raw_key: bytes, passphrase: bytes) -> bytes:
+    """The PEM backup of a raw Ed25519 private key (see the module docstring)."""
+    salt, nonce = os.urandom(16), os.urandom(12)
+    header = _BACKUP_HEADER.pack(_BACKUP_MAGIC, SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P, salt, nonce)
+    key = _scrypt_key(passphrase, salt, SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P)
+    body = base64.encodebytes(header + AESGCM(key).encrypt(nonce, raw_key, header)).decode("ascii")
+    return f"-----BEGIN {_BACKUP_LABEL}-----\n{body}-----END {_BACKUP_LABEL}-----\n".encode("ascii")
+
+
+def _open_backup(data: bytes, passphrase: bytes) -> bytes:
+    """The raw private key in a PEM backup; IdentityFormatError if malformed, PassphraseError if it does not open."""
+    if len(data) > MAX_BACKUP_BYTES:
+        raise IdentityFormatError(f"a key backup is at most {MAX_BACKUP_BYTES} bytes, this is {len(data)}")
+    lines = data.decode("ascii", errors="replace").strip().splitlines()
+    armour = (f"-----BEGIN {_BACKUP_LABEL}-----", f"-----END {_BACKUP_LABEL}-----")
+    if len(lines) < 3 or (lines[0], lines[-1]) != armour:
+        raise IdentityFormatError("not a Mirador encrypted private key backup")
+    try:
+        blob = base64.b64decode("".join(lines[1:-1]), validate=True)
+    except binascii.Error as exc:
+        raise IdentityFormatError(f"the backup is not base64: {exc}") from None
+    if len(blob) != _BACKUP_HEADER.size + 32 + 16:
+        raise IdentityFormatError(f"the backup is {len(blob)} bytes, not {_BACKUP_HEADER.size + 48}")
+    header, sealed = blob[: _BACKUP_HEADER.size], blob[_BACKUP_HEADER.size :]
+    magic, log2_n, r, p, salt, nonce = _BACKUP_HEADER.unpack(header)
+    if magic != _BACKUP_MAGIC or not (1 <= log2_n <= MAX_SCRYPT_LOG2_N and 1 <= r <= 32 and 1 <= p <= 16):
+        raise IdentityFormatError(f"unsupported backup version or scrypt parameters (n = 2^{log2_n}, r = {r}, p = {p})")
+    try:
+        return AESGCM(_scrypt_key(passphrase, salt, log2_n, r, p)).decrypt(nonce, sealed, header)
+    except InvalidTag:
+        raise PassphraseError("cannot decrypt the private key (wrong passphrase?)") from None
 
 
 class Identity:
@@ -146,9 +198,11 @@ class Identity:
 
     @classmethod
     def from_encrypted_pem(cls, data: bytes, passphrase: str | bytes) -> "Identity":
-        """Load an identity from passphrase-encrypted PKCS#8 PEM bytes (a backup made by `to_encrypted_pem`)."""
+        """Load an identity from a passphrase-encrypted backup (`to_encrypted_pem`, or an earlier version's PKCS#8)."""
         if not is_encrypted_pem(data):
-            raise IdentityFormatError("not an encrypted PKCS#8 PEM private key (BEGIN ENCRYPTED PRIVATE KEY)")
+            raise IdentityFormatError(f"not an encrypted private key backup (BEGIN {_BACKUP_LABEL})")
+        if not data.lstrip().startswith(_ENCRYPTED_PEM_HEADER):
+            return cls(Ed25519PrivateKey.from_private_bytes(_open_backup(data, _passphrase_bytes(passphrase))))
         try:
             key = serialization.load_pem_private_key(data, password=_passphrase_bytes(passphrase))
         except ValueError as exc:
@@ -171,12 +225,14 @@ class Identity:
         )
 
     def to_encrypted_pem(self, passphrase: str | bytes) -> bytes:
-        """Serialize the private key as PKCS#8 PEM encrypted with `passphrase` (a backup of the node key)."""
-        return self._key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(_passphrase_bytes(passphrase)),
+        """A backup of the private key: scrypt + AES-256-GCM under `passphrase` (at least 12 characters), PEM."""
+        secret = _passphrase_bytes(passphrase)
+        if len(secret.decode("utf-8", errors="replace")) < MIN_PASSPHRASE_CHARS:
+            raise PassphraseError(f"the passphrase is too short: use at least {MIN_PASSPHRASE_CHARS} characters")
+        raw = self._key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
         )
+        return _seal_backup(raw, secret)
 
     @property
     def public_key(self) -> PublicKey:

@@ -15,9 +15,7 @@ The file is created with mode 0600, and tightened to 0600 if it was group/world 
 """
 
 import math
-import os
 import sqlite3
-import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 
 from crypto.dp import Spend, epsilon, merge_history
+from crypto.files import private_file
 
 TABLE = "privacy_ledger"
 _MAX_FEDERATION_CHARS = 256
@@ -85,16 +84,6 @@ def _check_budget_value(budget: float) -> None:
     """Refuse a budget that is not a finite number >= 0."""
     if not (isinstance(budget, int | float) and math.isfinite(budget) and budget >= 0):
         raise LedgerError(f"budget must be a finite ε >= 0, got {budget!r}")
-
-
-def private_file(path: Path) -> None:
-    """Create `path` with mode 0600 if missing; remove group/other permissions if present."""
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
 
 
 class PrivacyLedger:

@@ -103,7 +103,6 @@ class UpdateHeader(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
     kind: Kind
     payload_sha256: Sha256Hex
     payload_len: Annotated[int, msgspec.Meta(ge=1, le=MAX_PAYLOAD_LEN)]
-    num_examples: Annotated[int, msgspec.Meta(ge=1, le=10**9)]
     signature: SignatureB64 = ""
 
 
@@ -138,7 +137,8 @@ class RoundDone(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only
 class AggregateStatement(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """The aggregator's account of a round: strategy, contributors, the aggregate's sha256 and kind.
 
-    `count` is the total of the contributors' `num_examples` (the weight FedAvg used).
+    `count` is the total weight of the contributors (each update weighs 1: a member's dataset size is neither
+    verifiable nor private, so it is never sent).
     """
 
     schema: str
@@ -210,7 +210,6 @@ def sign_update_header(
     layout_digest: str,
     kind: Kind,
     payload: bytes,
-    num_examples: int,
 ) -> bytes:
     """The header (JSON bytes) of `identity`'s update `payload` for `round`, signed by it."""
     header = UpdateHeader(
@@ -222,7 +221,6 @@ def sign_update_header(
         kind=kind,
         payload_sha256=hashlib.sha256(payload).hexdigest(),
         payload_len=len(payload),
-        num_examples=num_examples,
     )
     return _signed(identity, header)
 

@@ -86,26 +86,30 @@ class Combined:
 
 
 def combine(
-    updates: Sequence[tuple[str, bytes, int]],
+    updates: Sequence[tuple[str, bytes]],
     layout: Layout,
     descriptor: FederationDescriptor,
     he: HEContext | None = None,
 ) -> Combined:
-    """Aggregate accepted (member, payload, num_examples) updates: the strategy on plain ones, a blind sum on CKKS."""
+    """Aggregate accepted (member, payload) updates: the strategy on plain ones, a blind sum on CKKS.
+
+    Every update weighs the same: a weight a member declares (its number of examples) cannot be checked, and one
+    member claiming 10^9 examples would move FedAvg's mean wherever it likes, past any clipping; sending it would also
+    leak the dataset's size."""
     if not updates:
         raise PrivacyError("nothing to aggregate: no accepted updates")
-    members = [member for member, _, _ in updates]
+    members = [member for member, _ in updates]
     if descriptor.uses_he:
         if he is None:
             raise PrivacyError("summing ciphertexts needs the federation's public CKKS context")
-        vectors = [EncryptedVector.deserialize(he, payload) for _, payload, _ in updates]
+        vectors = [EncryptedVector.deserialize(he, payload) for _, payload in updates]
         total = add_encrypted(vectors).serialize()
         return Combined("ckks", total, members, len(updates), "fedavg")
     spec = descriptor.strategy
     strategy = make_strategy(spec.name, **spec.params)
     parsed = [
-        Update(member, flatten(decode_tensors(payload, layout, MAX_PLAIN_BYTES), layout), max(1, examples))
-        for member, payload, examples in updates
+        Update(member, flatten(decode_tensors(payload, layout, MAX_PLAIN_BYTES), layout), 1)
+        for member, payload in updates
     ]
     result = strategy.aggregate(parsed)
     mean = encode_tensors(unflatten(result.vector.astype(np.float32), layout))

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,6 +28,7 @@ from marketplace.cid import Cid, CidError
 from marketplace.content_store import ContentStore, ContentStoreError
 from marketplace.formats import FormatError, check_file_format
 from marketplace.manifest import (
+    ENVELOPE_FILE,
     AdapterInfo,
     ArtifactRef,
     FileEntry,
@@ -41,9 +42,10 @@ from marketplace.registry import ArtifactRecord, Registry, RollbackError
 from marketplace.semver import SemVer, VersionError
 from marketplace.unixfs import Profile
 
-ENVELOPE_FILE = "envelope.json"
 PUBLISH_PROFILE: Profile = "v1-raw"
 MAX_ENVELOPE_BYTES = 8 * 1024 * 1024
+MAX_CHAIN_DEPTH = 8
+MAX_CHAIN_ARTIFACTS = 64
 Progress = Callable[[str, int, int], None]  # (file name, bytes done, bytes total)
 
 
@@ -53,6 +55,14 @@ class ArtifactRefused(Refused):
 
     def __init__(self, detail: str, reason: str = "refused") -> None:
         super().__init__(reason, detail)
+
+
+@dataclass
+class _ChainWalk:
+    """One pull's walk through chain references: the envelopes already pulled, how deep it is."""
+
+    seen: set[str] = field(default_factory=set)
+    depth: int = 0
 
 
 class NameResolver(Protocol):
@@ -169,7 +179,7 @@ class Marketplace:
         """Pull `NAME[@VERSION]` or an envelope CID: verify everything, then install atomically."""
         cids = self._candidates(target)
         try:
-            return self._pull_cid(cids[0], target, trust_publisher, progress)
+            return self._pull_cid(cids[0], target, trust_publisher, progress, _ChainWalk())
         except ArtifactRefused:
             raise
         except (ContentStoreError, OSError) as exc:
@@ -190,14 +200,29 @@ class Marketplace:
             raise ArtifactRefused(reason)
         return cids
 
-    def _pull_cid(self, envelope_cid: str, target: str, trust_publisher: bool, progress: Progress | None) -> Installed:
+    def _pull_cid(
+        self,
+        envelope_cid: str,
+        target: str,
+        trust_publisher: bool,
+        progress: Progress | None,
+        walk: "_ChainWalk",
+        expected: ArtifactRef | None = None,
+    ) -> Installed:
+        """Pull one envelope and its files; `expected` is the chain reference that named it (checked before use)."""
         with tempfile.TemporaryDirectory(dir=self._staging_root()) as tmp:
             env_path = Path(tmp) / ENVELOPE_FILE
             self.store.fetch(envelope_cid, env_path)
             envelope = env_path.read_bytes()
+            if expected is not None and hashlib.sha256(envelope).hexdigest() != expected.envelope_sha256:
+                detail = f"the envelope at {envelope_cid} is not the one the chain references (sha256 differs)"
+                raise self._refuse("pull", target, "", detail, "reference_mismatch")
             verified = self._verify_envelope(envelope, target, trust_publisher)
             publisher = verified.publisher.fingerprint
             manifest = self._checked_manifest(verified, target, publisher)
+            if expected is not None and (manifest.name, manifest.version) != (expected.name, expected.version):
+                detail = f"the chain references {target}, the envelope is {manifest.name}@{manifest.version}"
+                raise self._refuse("pull", target, publisher, detail, "reference_mismatch")
             staged = Path(tmp) / "artifact"
             staged.mkdir()
             for entry in manifest.files:
@@ -205,15 +230,37 @@ class Marketplace:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 self.store.fetch(entry.cid, dest, _per_file(progress, entry.name))
             self._check_staged(staged, verified, manifest, target, publisher)
+            if manifest.kind == "chain":  # what a chain uses is in place before the chain is
+                self._pull_references(manifest, envelope_cid, trust_publisher, progress, walk)
             shutil.copyfile(env_path, staged / ENVELOPE_FILE)
             folder = self._install(staged, manifest)
         self._record(manifest, publisher, envelope, envelope_cid, folder)
         trust = "trusted" if verified.publisher_trusted else "untrusted, allowed by --trust-publisher"
         self.registry.audit("pull", f"{manifest.name}@{manifest.version}", publisher, "ok", f"{envelope_cid} ({trust})")
-        if manifest.kind == "chain":
-            for ref in manifest.references or []:
-                self.pull(ref.envelope_cid, trust_publisher=trust_publisher, progress=progress)
         return Installed(folder, manifest, envelope_cid, publisher, verified.publisher_trusted)
+
+    def _pull_references(
+        self, chain: Manifest, chain_cid: str, trust_publisher: bool, progress: Progress | None, walk: "_ChainWalk"
+    ) -> None:
+        """Pull every artifact a chain references, each envelope once per pull (a reference seen again, or a chain
+        that references itself through others, is not pulled again), at most MAX_CHAIN_DEPTH deep and
+        MAX_CHAIN_ARTIFACTS in all."""
+        walk.seen.add(chain_cid)
+        target = f"{chain.name}@{chain.version}"
+        if walk.depth >= MAX_CHAIN_DEPTH:
+            raise self._refuse("pull", target, "", f"chains nest deeper than {MAX_CHAIN_DEPTH}", "chain_too_deep")
+        walk.depth += 1
+        try:
+            for ref in chain.references or []:
+                if ref.envelope_cid in walk.seen:
+                    continue
+                walk.seen.add(ref.envelope_cid)
+                if len(walk.seen) > MAX_CHAIN_ARTIFACTS:
+                    detail = f"a chain may use at most {MAX_CHAIN_ARTIFACTS} artifacts"
+                    raise self._refuse("pull", target, "", detail, "chain_too_large")
+                self._pull_cid(ref.envelope_cid, f"{ref.name}@{ref.version}", trust_publisher, progress, walk, ref)
+        finally:
+            walk.depth -= 1
 
     def _refuse(
         self, action: str, artifact: str, publisher: str, detail: str, reason: str = "refused"
@@ -251,7 +298,8 @@ class Marketplace:
         except (ManifestError, RollbackError, VersionError) as exc:
             raise self._refuse("pull", target, publisher, str(exc)) from None
         if target.partition("@")[0] not in (manifest.name,) and not _looks_like_cid(target):
-            raise self._refuse("pull", target, publisher, f"asked for {target}, the envelope is for {manifest.name}")
+            detail = f"asked for {target}, the envelope is for {manifest.name}"
+            raise self._refuse("pull", target, publisher, detail, "name_mismatch")
         return manifest
 
     def _check_staged(

@@ -20,6 +20,7 @@ Name = Annotated[str, msgspec.Meta(pattern=NAME_RE)]
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
+ENVELOPE_FILE = "envelope.json"  # the signed envelope, kept next to an installed artifact's files: never a file of it
 SAFE_SUFFIXES = frozenset({".gguf", ".safetensors", ".json", ".yaml", ".yml", ".toml", ".txt", ".md"})
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
 
@@ -94,6 +95,8 @@ def check_file_name(name: str) -> None:
     """Refuse names that are not plain relative paths inside the artifact folder, or that are pickles."""
     if not _FILE_NAME.match(name) or ".." in name.split("/"):
         raise ManifestError(f"files: {name!r} is not a plain relative path inside the artifact folder")
+    if name == ENVELOPE_FILE:
+        raise ManifestError(f"files: {name!r} is a reserved name (the installed artifact's signed envelope)")
     suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
     if suffix in PICKLE_SUFFIXES:
         raise ManifestError(f"files: {name!r} is a pickle format; only GGUF, safetensors and text are allowed")

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from crypto.files import private_file
 from marketplace.semver import SemVer
 
 _SCHEMA = """
@@ -76,6 +77,7 @@ class Registry:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        private_file(path)  # state.db: 0600 whoever creates it first (the CLI or the daemon)
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.executescript(_SCHEMA)

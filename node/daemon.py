@@ -26,6 +26,7 @@ from crypto.identity import Identity
 from node.adapters.personalities import ManifestFile
 from node.adapters.store import AdapterStore
 from node.api.app import create_app
+from node.core.api_token import load_or_create_token
 from node.core.config import ConfigError, NodeConfig, load_config
 from node.core.fsutil import atomic_write_text
 from node.core.home import NodeHome
@@ -142,6 +143,10 @@ def build_state(home: NodeHome, cfg: NodeConfig, options: StartOptions) -> NodeS
     if created:
         log.info("created a new node identity %s in %s", identity.fingerprint, home.identity_key)
     try:
+        api_token = load_or_create_token(home.api_token)
+    except IdentityFileError as exc:
+        raise StartupError(f"refusing to start: {exc}") from None
+    try:
         model_id, path = resolve_model(cfg.model)
     except ModelNotFoundError as exc:
         raise StartupError(f"cannot load the model: {exc}", EXIT_FAILED) from None
@@ -191,6 +196,7 @@ def build_state(home: NodeHome, cfg: NodeConfig, options: StartOptions) -> NodeS
         manifest=manifest,
         feedback=feedback,
         training=TrainingService(home, path, store, feedback),
+        api_token=api_token,
         extra_buffers=verdict,
     )
 

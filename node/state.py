@@ -48,6 +48,7 @@ class NodeState:
     market: "MarketService | None" = None
     federations: "FederationNode | None" = None
     extra_buffers: Verdict | None = None
+    api_token: str = ""  # the per-home token of state-changing routes (node.core.api_token)
     started_at: float = field(default_factory=time.time)
     shutting_down: bool = False
 
@@ -163,5 +164,7 @@ class NodeState:
                 "host": self.config.api.host,
                 "port": self.config.api.port,
                 "auth": bool(self.config.api.token),
+                "changes_need_token": bool(self.config.api.token or (self.config.api.home_token and self.api_token)),
+                "allowed_origins": list(self.config.api.allowed_origins),
             },
         }

@@ -69,6 +69,11 @@ class Daemon:
         wait_unlocked(self.home, timeout)
         return code
 
+    @property
+    def auth(self) -> dict[str, str]:
+        """The Authorization header of state-changing routes: the home's API token (node.core.api_token)."""
+        return {"Authorization": f"Bearer {(self.home / 'api.token').read_text().strip()}"}
+
     def chat(self, content: str = "Hi", **extra: Any) -> httpx.Response:
         """A small non-streamed chat request."""
         body = {"model": "base", "messages": [{"role": "user", "content": content}], "max_tokens": 4} | extra

@@ -1,7 +1,9 @@
 """What every route module shares: the OpenAI-style error, the body-size limit, auth, the node behind a request
 and strict body parsing."""
 
+import os
 import secrets
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -11,6 +13,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from node.api.openai_schema import describe_validation_errors, error_body
+from node.core.datafiles import data_folders, inside
 from node.state import NodeState
 
 db_limiter = trio.CapacityLimiter(1)  # one thread at a time on state.db from the routes
@@ -99,6 +102,44 @@ def check_auth(request: Request) -> None:
             code="invalid_api_key",
             type_="authentication_error",
         )
+
+
+def check_changes(request: Request) -> None:
+    """Refuse (401) a state-changing request without the home's API token (or the configured `[api] token`), unless
+    `[api] home_token = false` and no token is configured."""
+    node = node_of(request)
+    accepted = [t for t in (node.config.api.token, node.api_token if node.config.api.home_token else "") if t]
+    if not accepted:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not any(secrets.compare_digest(given.strip(), t) for t in accepted):
+        raise ApiError(
+            401,
+            "this request changes the node: send 'Authorization: Bearer <token>' with the token in "
+            f"{node.home.api_token} (the mirador CLI sends it)",
+            code="invalid_api_key",
+            type_="authentication_error",
+        )
+
+
+def data_file(request: Request, raw: str, param: str = "data") -> Path:
+    """The training-data file an API request names: it must lie under MIRADOR_HOME/data or `[api] data_folders`
+    (checked before the file is looked at: no existence oracle for other paths), and exist there."""
+    node = node_of(request)
+    folders = data_folders(node.home, node.config.api.data_folders)
+    path = Path(os.path.realpath(Path(raw).expanduser()))
+    if not path.is_absolute() or not inside(path, folders):
+        where = ", ".join(str(f) for f in folders)
+        raise ApiError(
+            403,
+            f"data must be a file under {where} (the mirador CLI imports your files there; "
+            "add folders with [api] data_folders)",
+            param=param,
+            code="data_outside_folders",
+        )
+    if not path.is_file():
+        raise ApiError(400, f"data file {path} does not exist on the node", param=param, code="data_not_found")
+    return path
 
 
 async def parse_body(request: Request, schema: type[Any]) -> Any:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from federation.descriptor import FederationRefused
-from node.api.common import ApiError, check_auth, node_of, parse_body
+from node.api.common import ApiError, check_auth, check_changes, data_file, node_of, parse_body
 from node.api.node_schema import _Closed
 from node.fed.errors import FederationError
 from node.fed.node import FederationNode
@@ -69,10 +69,11 @@ def _refused(exc: Exception) -> ApiError:
 @router.post("/v1/federations")
 async def create(request: Request) -> dict[str, Any]:
     """Create a federation (signed descriptor into the DHT); this node is its creator and first member."""
-    check_auth(request)
+    check_changes(request)
     fed = _federations(request)
     req = await parse_body(request, CreateRequest)
     spec = req.model_dump()
+    spec["data"] = str(data_file(request, req.data))
     if spec["noise_multiplier"] is None:
         spec.pop("noise_multiplier")
     try:
@@ -84,18 +85,19 @@ async def create(request: Request) -> dict[str, Any]:
 @router.post("/v1/federations/join")
 async def join(request: Request) -> dict[str, Any]:
     """Join a federation found in the DHT, through its creator."""
-    check_auth(request)
+    check_changes(request)
     fed = _federations(request)
     req = await parse_body(request, JoinRequestBody)
     if req.role == "member" and not req.data:
         raise ApiError(400, "a member trains on local data: give 'data'", param="data")
+    data = str(data_file(request, req.data)) if req.data else None
     try:
         invite = base64.b64decode(req.invite, validate=True) if req.invite else None
     except ValueError:
         raise ApiError(400, "'invite' is not base64 (give the token as issued)", param="invite") from None
     try:
         with trio.fail_after(60):
-            return await fed.join(req.name, req.creator, req.data, req.role, invite, req.train_options)
+            return await fed.join(req.name, req.creator, data, req.role, invite, req.train_options)
     except (FederationRefused, FederationError, WireError, P2PError, ValueError, trio.TooSlowError) as exc:
         raise _refused(exc) from None
 
@@ -126,7 +128,7 @@ async def rounds(request: Request, fid: str) -> dict[str, Any]:
 @router.post("/v1/federations/{fid}/leave")
 async def leave(request: Request, fid: str) -> dict[str, Any]:
     """Stop taking part in a federation."""
-    check_auth(request)
+    check_changes(request)
     fed = _federations(request)
     if not fed.leave(fid):
         raise ApiError(404, f"not an active federation: {fid}", code="unknown_federation")

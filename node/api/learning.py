@@ -4,14 +4,13 @@ No `from __future__ import annotations` here: FastAPI must see real types on rou
 turns `Request` into a query parameter.
 """
 
-from pathlib import Path
 from typing import Any
 
 import trio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from node.api.common import ApiError, check_auth, db_limiter, node_of, parse_body
+from node.api.common import ApiError, check_auth, check_changes, data_file, db_limiter, node_of, parse_body
 from node.api.node_schema import FeedbackRequest, TrainRequest
 from node.training.feedback import GOOD_RATING, UnknownCompletionError
 from node.training.service import NothingToLearn, TrainingBusy
@@ -22,7 +21,7 @@ router = APIRouter()
 @router.post("/v1/feedback")
 async def feedback(request: Request) -> Any:
     """Rate a recent chat answer (1-5) and/or give the answer you wanted; `mirador train --from-feedback` uses it."""
-    check_auth(request)
+    check_changes(request)
     node = node_of(request)
     req = await parse_body(request, FeedbackRequest)
     try:
@@ -38,14 +37,10 @@ async def feedback(request: Request) -> Any:
 @router.post("/v1/train")
 async def start_training(request: Request) -> Any:
     """Start a training job (202); poll `GET /v1/train/{id}` for progress."""
-    check_auth(request)
+    check_changes(request)
     node = node_of(request)
     req = await parse_body(request, TrainRequest)
-    data = None
-    if req.data is not None:
-        data = Path(req.data).expanduser().resolve()
-        if not data.is_file():
-            raise ApiError(400, f"data file {data} does not exist on the node", param="data", code="data_not_found")
+    data = data_file(request, req.data) if req.data is not None else None
     try:
         run = node.training.start(req.adapter, req.config(), data, req.from_feedback)
     except TrainingBusy as exc:

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from marketplace.artifacts import ArtifactRefused
 from marketplace.manifest import NAME_RE
-from node.api.common import ApiError, check_auth, node_of, parse_body
+from node.api.common import ApiError, check_auth, check_changes, node_of, parse_body
 from node.api.node_schema import AnnounceRequest, PullRequest
 from node.market.service import MarketService
 
@@ -38,7 +38,7 @@ def _service(request: Request) -> MarketService:
 @router.post("/v1/market/announce")
 async def announce(request: Request) -> dict[str, Any]:
     """Announce this node's published versions of a name in the DHT."""
-    check_auth(request)
+    check_changes(request)
     service = _service(request)
     req = await parse_body(request, AnnounceRequest)
     try:
@@ -62,7 +62,7 @@ async def search(request: Request, name: str) -> dict[str, Any]:
 @router.post("/v1/market/pull")
 async def pull(request: Request) -> StreamingResponse:
     """Pull from peers; the answer is a stream of JSON lines: progress events, then `done` or `error`."""
-    check_auth(request)
+    check_changes(request)
     service = _service(request)
     req = await parse_body(request, PullRequest)
     send, receive = trio.open_memory_channel[dict[str, Any]](256)

@@ -10,7 +10,7 @@ import multiaddr
 from fastapi import APIRouter, Request
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
-from node.api.common import ApiError, check_auth, node_of, parse_body
+from node.api.common import ApiError, check_auth, check_changes, node_of, parse_body
 from node.api.node_schema import ConnectRequest
 from node.p2p.host import P2PError, P2PNode
 from node.state import NodeState
@@ -50,7 +50,7 @@ async def node_peers(request: Request) -> dict[str, Any]:
 @router.post("/v1/node/connect")
 async def node_connect(request: Request) -> dict[str, Any]:
     """Dial a peer (full multiaddr with /p2p/ID) over Noise."""
-    check_auth(request)
+    check_changes(request)
     node = node_of(request)
     p2p = _p2p(node)
     req = await parse_body(request, ConnectRequest)

@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 
+from node.core.api_token import read_token
 from node.core.config import load_config
 from node.core.home import NodeHome
 from node.core.runlock import DaemonInfo, running_daemon
@@ -38,6 +39,7 @@ class DaemonClient:
         self.info: DaemonInfo = info
         self.home = home
         token = load_config(home.config_file).api.token if home.config_file.exists() else ""
+        token = token or read_token(home.api_token) or ""  # the home's token: state-changing routes require it
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=info.url, headers=headers, timeout=httpx.Timeout(timeout_s, connect=5.0))
 

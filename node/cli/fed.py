@@ -8,7 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from node.core.config import is_loopback
+from node.core.datafiles import import_file
 from node.core.home import NodeHome
+
+
+def _imported(home: NodeHome, data: str) -> str:
+    """The user's data file, copied into MIRADOR_HOME/data/imports (the only files the API may name)."""
+    source = Path(data).expanduser()
+    if not source.is_file():
+        from node.cli.client import DaemonRequestError
+
+        raise DaemonRequestError(f"--data {source}: no such file")
+    return str(import_file(home, source))
 
 
 def _client(home: NodeHome) -> Any:
@@ -33,7 +44,7 @@ def cmd_create(home: NodeHome, args: argparse.Namespace) -> int:
     body: dict[str, Any] = {
         "name": args.name,
         "mode": args.mode,
-        "data": str(Path(args.data).resolve()),
+        "data": _imported(home, args.data),
         "rank": args.rank,
         "clip_norm": args.clip_norm,
         "strategy": args.strategy,
@@ -61,7 +72,7 @@ def cmd_join(home: NodeHome, args: argparse.Namespace) -> int:
         return _flower_join(home, args)
     body: dict[str, Any] = {"name": args.name, "creator": args.creator, "role": args.role}
     if args.data:
-        body["data"] = str(Path(args.data).resolve())
+        body["data"] = _imported(home, args.data)
     if args.invite:
         body["invite"] = Path(args.invite).read_text().strip()
     if args.train_option:

@@ -186,7 +186,9 @@ def _format_status(s: dict[str, Any]) -> str:
             f"p2p          {s['p2p'].get('peer_id', 'disabled')}, {len(s['p2p'].get('peers', []))} peers"
             + _p2p_details(s["p2p"]),
             f"federations  {_federations_line(s.get('federations', []))}",
-            f"api          http://{a['host']}:{a['port']}  auth: {'bearer token' if a['auth'] else 'none (loopback)'}",
+            f"api          http://{a['host']}:{a['port']}  "
+            f"inference: {'bearer token' if a['auth'] else 'open (loopback)'}, "
+            f"changes: {'token' if a.get('changes_need_token') else 'open'}",
         ]
     )
 

@@ -37,6 +37,8 @@ class ApiSection(_Section, frozen=True):
     queue_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0, le=8)] = 3.0
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 4 * 1024 * 1024
+    home_token: bool = True  # state-changing routes require MIRADOR_HOME/api.token (or `token`); the CLI sends it
+    data_folders: list[str] = []  # folders (besides MIRADOR_HOME/data) whose files the API may name as training data
     allowed_hosts: list[str] = []  # Host names besides localhost, 127.0.0.1, [::1] and `host` (DNS-rebinding guard)
     allowed_origins: list[
         str

@@ -25,6 +25,16 @@ class NodeHome:
         return self.root / "identity.key"
 
     @property
+    def api_token(self) -> Path:
+        """The per-home API token (0600) that state-changing API routes require (node.core.api_token)."""
+        return self.root / "api.token"
+
+    @property
+    def data_dir(self) -> Path:
+        """Training data the API may name (node.core.datafiles); the CLI imports the user's files here."""
+        return self.root / "data"
+
+    @property
     def config_file(self) -> Path:
         """The node's `node.toml`."""
         return self.root / "node.toml"
@@ -75,6 +85,8 @@ class NodeHome:
         return self.root / "state.db"
 
     def ensure(self) -> None:
-        """Create the home and its folders (mode 0700) if they are missing."""
+        """Create the home and its folders (mode 0700) if they are missing; tighten them to 0700 if they exist."""
         for folder in (self.root, self.run_dir, self.models_dir, self.adapters_dir):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if folder.stat().st_mode & 0o077 and folder.stat().st_uid == os.getuid():
+                folder.chmod(0o700)

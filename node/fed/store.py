@@ -33,6 +33,7 @@ from typing import Literal, cast, get_args
 
 import msgspec
 
+from crypto.files import private_file
 from crypto.refusal import SingleReason
 from crypto.signed import key_fingerprint, signature_valid
 from federation.descriptor import (
@@ -43,7 +44,6 @@ from federation.descriptor import (
     Member,
     verify_descriptor,
 )
-from federation.ledger import private_file
 from node.core.fsutil import atomic_write_bytes
 from node.core.home import NodeHome
 

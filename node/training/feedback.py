@@ -6,13 +6,14 @@ the node home (0600); nothing here ever leaves the node.
 """
 
 import json
-import os
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from crypto.files import private_file
 
 KEEP_COMPLETIONS = 2000
 GOOD_RATING = 4  # ratings are 1-5; 4 and 5 count as well-rated answers worth learning from
@@ -63,10 +64,8 @@ class FeedbackDB:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        fresh = not path.exists()
+        private_file(path)  # state.db: 0600 whoever creates it first (the CLI or the daemon)
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        if fresh:
-            os.chmod(path, 0o600)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(_SCHEMA)

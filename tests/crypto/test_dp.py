@@ -121,6 +121,21 @@ def test_weak_noise_gives_rdps_finite_bound_where_prv_overflows(z: float) -> Non
     assert math.isfinite(eps) and eps == pytest.approx(rdp.get_epsilon(delta=DELTA))
 
 
+@pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha:UserWarning")
+@pytest.mark.parametrize("z", [0.01, 0.02])
+def test_very_weak_noise_falls_back_to_rdp_where_prvs_discretization_fails(z: float) -> None:
+    # Arrange: PRV raises RuntimeError ("Discrete mean differs significantly ...") for z <= 0.02
+    from opacus.accountants import RDPAccountant
+
+    rdp = RDPAccountant()
+    rdp.history = [(z, 1.0, 1)]
+    # Act
+    eps = epsilon([(z, 1.0, 1)], DELTA)
+    # Assert
+    assert math.isfinite(eps) and eps == pytest.approx(rdp.get_epsilon(delta=DELTA))
+    assert eps > epsilon([(0.03, 1.0, 1)], DELTA)
+
+
 def test_epsilon_refuses_bad_history() -> None:
     with pytest.raises(DPError, match="delta"):
         epsilon([(1.0, 0.1, 1)], 0.0)

@@ -55,7 +55,7 @@ def test_encrypted_pem_round_trip_keeps_the_key() -> None:
 
     assert is_encrypted_pem(pem) and not is_encrypted_pem(ident.to_pem())
     assert again.fingerprint == ident.fingerprint
-    assert b"ENCRYPTED PRIVATE KEY" in pem
+    assert pem.startswith(b"-----BEGIN MIRADOR ENCRYPTED PRIVATE KEY-----\n")
 
 
 @pytest.mark.parametrize(
@@ -63,7 +63,7 @@ def test_encrypted_pem_round_trip_keeps_the_key() -> None:
     [("wrong", "wrong passphrase"), ("", "passphrase is empty")],
 )
 def test_encrypted_pem_refuses_a_bad_passphrase(passphrase: str, message: str) -> None:
-    pem = Identity.generate().to_encrypted_pem("right")
+    pem = Identity.generate().to_encrypted_pem("the right passphrase")
 
     with pytest.raises(PassphraseError, match=message):
         Identity.from_encrypted_pem(pem, passphrase)
@@ -73,11 +73,50 @@ def test_plain_and_encrypted_loaders_name_the_other_format() -> None:
     ident = Identity.generate()
 
     with pytest.raises(PassphraseError, match="passphrase is needed"):
-        Identity.from_pem(ident.to_encrypted_pem("pw"))
+        Identity.from_pem(ident.to_encrypted_pem("a long passphrase"))
     with pytest.raises(IdentityFormatError, match="not an encrypted"):
-        Identity.from_encrypted_pem(ident.to_pem(), "pw")
+        Identity.from_encrypted_pem(ident.to_pem(), "a long passphrase")
     with pytest.raises(PassphraseError, match="empty"):
         ident.to_encrypted_pem(b"")
+
+
+@pytest.mark.parametrize("passphrase", ["x", "hunter2", "elevenchars"])
+def test_a_backup_needs_a_passphrase_of_twelve_characters(passphrase: str) -> None:
+    with pytest.raises(PassphraseError, match="at least 12 characters"):
+        Identity.generate().to_encrypted_pem(passphrase)
+
+
+def test_a_backup_is_scrypt_and_aes_gcm_with_the_documented_parameters() -> None:
+    # Arrange
+    ident = Identity.generate()
+    pem = ident.to_encrypted_pem("correct horse battery")
+    blob = base64.b64decode(b"".join(pem.splitlines()[1:-1]))
+    tampered_blob = bytearray(blob)
+    tampered_blob[16] = 4  # r = 4 instead of 8: the header is authenticated
+    body = base64.encodebytes(bytes(tampered_blob))
+    tampered = pem.splitlines(keepends=True)[0] + body + pem.splitlines(keepends=True)[-1]
+
+    # Act
+    magic, log2_n, r, p = blob[:15], blob[15], blob[16], blob[17]
+
+    # Assert: n = 2^17, r = 8, p = 1 (128 MiB per guess), not PBKDF2 with 2048 iterations
+    assert (magic, log2_n, r, p) == (b"mirador-key-v1\0", 17, 8, 1)
+    with pytest.raises(PassphraseError):
+        Identity.from_encrypted_pem(tampered, "correct horse battery")
+
+
+def test_a_backup_of_an_earlier_version_still_loads() -> None:
+    # Arrange: what `mirador keys export` wrote before (PKCS#8, BestAvailableEncryption)
+    ident = Identity.generate()
+    legacy = ident._key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")
+    )
+
+    # Act
+    again = Identity.from_encrypted_pem(legacy, "pw")
+
+    # Assert
+    assert is_encrypted_pem(legacy) and again.fingerprint == ident.fingerprint
 
 
 def test_public_key_exports_round_trip_with_the_same_fingerprint() -> None:

@@ -25,7 +25,7 @@ from federation.privacy import (
     release,
     round_spend,
 )
-from federation.update import Layout
+from federation.update import Layout, encode_tensors
 
 SHAPES = {"layers.0.q_proj.lora_A.weight": (4, 96), "layers.0.q_proj.lora_B.weight": (96, 4)}
 
@@ -63,7 +63,7 @@ def test_he_aggregate_equals_plaintext_fedavg_and_the_aggregator_cannot_decrypt(
     layout = Layout.of(updates[0])
     # Act
     released = [release(d, layout, fed, public) for d in updates]
-    combined = combine([(f"m{i}", r.payload, 10) for i, r in enumerate(released)], layout, fed, public)
+    combined = combine([(f"m{i}", r.payload) for i, r in enumerate(released)], layout, fed, public)
     mean = mean_update(combined.kind, combined.payload, combined.count, layout, secret)
     # Assert
     assert {r.kind for r in released} == {"ckks"} and {r.spend for r in released} == {None}
@@ -83,7 +83,7 @@ def test_dp_release_is_clipped_and_noised_with_std_z_times_c() -> None:
     layout = Layout.of(big)
     # Act
     out = release(big, layout, fed, rng=np.random.default_rng(1))
-    combined = combine([("m0", out.payload, 1), ("m1", out.payload, 1)], layout, fed)
+    combined = combine([("m0", out.payload), ("m1", out.payload)], layout, fed)
     mean = mean_update(combined.kind, combined.payload, combined.count, layout)
     vector = np.concatenate([mean[k].ravel() for k in sorted(SHAPES)])
     # Assert: the clipped signal has norm 1 spread over every coordinate; what is left is noise of std z·C
@@ -100,7 +100,7 @@ def test_he_dp_members_add_a_quorum_share_of_the_noise() -> None:
     layout = Layout.of(zeros[0])
     # Act
     released = [release(z, layout, fed, secret.public()) for z in zeros]
-    combined = combine([(f"m{i}", r.payload, 1) for i, r in enumerate(released)], layout, fed, secret.public())
+    combined = combine([(f"m{i}", r.payload) for i, r in enumerate(released)], layout, fed, secret.public())
     mean = mean_update(combined.kind, combined.payload, combined.count, layout, secret)
     total = np.concatenate([mean[k].ravel() for k in sorted(SHAPES)]) * combined.count
     # Assert: the sum's noise is z·C·sqrt(4/3) (each of 4 adds 1/quorum of the variance)
@@ -120,7 +120,7 @@ def test_robust_strategy_is_used_on_plain_updates() -> None:
         fed = descriptor("dp", noise=1e-9, clip=1e6, strategy=strategy)
         # Act
         released = [release(d, layout, fed) for d in updates]
-        combined = combine([(f"m{i}", r.payload, 1) for i, r in enumerate(released)], layout, fed)
+        combined = combine([(f"m{i}", r.payload) for i, r in enumerate(released)], layout, fed)
         mean = mean_update(combined.kind, combined.payload, combined.count, layout)
         got = np.concatenate([mean[k].ravel() for k in sorted(SHAPES)])
         distance[combined.strategy] = np.linalg.norm(got - honest) / np.linalg.norm(honest)
@@ -135,3 +135,22 @@ def test_global_plus_delta_round_trip_and_mismatches_are_refused() -> None:
         delta_of({"other": np.zeros(3, np.float32)}, base)
     with pytest.raises(PrivacyError, match="needs the federation's CKKS context"):
         release(base, Layout.of(base), descriptor("he"))
+
+
+def test_every_update_weighs_the_same_whatever_its_member_trained_on() -> None:
+    # Arrange: nine honest members move a coordinate by +1, one by -1 (a member's dataset size is never sent)
+    fed = descriptor("dp", noise=0.5)  # combine adds no noise: the released payloads are given here
+    shapes = {k: np.full(s, 1.0, np.float32) for k, s in SHAPES.items()}
+    layout = Layout.of(shapes)
+    honest = encode_tensors(shapes)
+    odd = encode_tensors({k: -v for k, v in shapes.items()})
+    updates = [(f"m{i}", honest) for i in range(9)] + [("m9", odd)]
+
+    # Act
+    combined = combine(updates, layout, fed)
+    mean = mean_update(combined.kind, combined.payload, combined.count, layout)
+
+    # Assert
+    assert combined.count == 10
+    for name in SHAPES:
+        np.testing.assert_allclose(mean[name], np.full(SHAPES[name], 0.8, np.float32), rtol=1e-6)

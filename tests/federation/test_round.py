@@ -3,6 +3,7 @@
 Hivemind-style: every way an update can be bad is one `Fault`; each is rejected with exactly its reason and leaves
 the accepted set as it was."""
 
+import base64
 import enum
 import functools
 import hashlib
@@ -128,7 +129,7 @@ def faulty(fault: Fault, sender: Identity, first: Identity) -> tuple[bytes, byte
             return (*update(sender, encode_tensors(adapter(9)), header_payload=encode_tensors(adapter(7))), NOW)
         case Fault.BAD_SIGNATURE:
             header, payload = update(sender)
-            return json.dumps(json.loads(header) | {"num_examples": 10_000}).encode(), payload, NOW
+            return json.dumps(json.loads(header) | {"payload_sha256": "ab" * 32}).encode(), payload, NOW
         case Fault.FORGED_MEMBER:  # an outsider signs a header naming a member
             header, payload = update(Identity.generate())
             return json.dumps(json.loads(header) | {"member": sender.fingerprint}).encode(), payload, NOW
@@ -191,6 +192,23 @@ def test_the_header_alone_is_enough_to_refuse_an_oversized_update(
     rejected = state.admit_header(verify_update_header(header, members))
     assert rejected is not None and rejected.reason is RejectReason.OVERSIZED
     assert state.admit_header(verify_update_header(update(nodes[1])[0], members)) is None
+
+
+def test_a_header_declaring_its_own_weight_is_refused(nodes: list[Identity], members: dict[str, str]) -> None:
+    # Arrange: a member signs a header claiming 10^9 examples (FedAvg weighed updates by that claim)
+    state = new_state(members)
+    header, payload = update(nodes[1])
+    body = json.loads(header) | {"num_examples": 10**9}
+    body.pop("signature")
+    signature = base64.b64encode(nodes[1].sign(msgspec.json.encode(body, order="sorted"))).decode()
+    claimed = json.dumps(body | {"signature": signature}).encode()
+
+    # Act
+    result = state.receive(claimed, payload, NOW)
+
+    # Assert
+    assert isinstance(result, Rejected) and result.reason is RejectReason.MALFORMED, result
+    assert "num_examples" in result.detail and state.contributors() == []
 
 
 def test_an_update_is_taken_only_from_the_node_of_the_member_who_signed_it(

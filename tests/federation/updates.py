@@ -41,7 +41,6 @@ def signed_update(
         layout_digest=LAYOUT.digest() if layout is None else layout,
         kind=kind,
         payload=payload if header_payload is None else header_payload,
-        num_examples=12,
     )
     return header, payload
 

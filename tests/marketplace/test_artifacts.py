@@ -98,6 +98,7 @@ class Fault(enum.Enum):
     TRAVERSAL = enum.auto()
     PICKLE = enum.auto()
     BAD_GGUF_HEADER = enum.auto()
+    RESERVED_NAME = enum.auto()
     ROLLBACK = enum.auto()
 
 
@@ -111,6 +112,7 @@ REASON = {
     Fault.TRAVERSAL: "not a plain relative path",
     Fault.PICKLE: "pickle format",
     Fault.BAD_GGUF_HEADER: "GGUF header does not parse",
+    Fault.RESERVED_NAME: "reserved name",
     Fault.ROLLBACK: "rollback refused",
 }
 
@@ -191,6 +193,8 @@ def faulty_envelope(fault: Fault, store: EmbeddedStore, tmp_path: Path, alice: I
         return craft(store, tmp_path, alice, {"model.bin": b"\x80\x04pickle"})
     if fault is Fault.BAD_GGUF_HEADER:
         return craft(store, tmp_path, alice, {"model.gguf": b"GGUF\x03\x00\x00\x00garbage"})
+    if fault is Fault.RESERVED_NAME:  # installing it would overwrite the envelope kept next to the files
+        return craft(store, tmp_path, alice, {"notes.txt": b"notes\n", ENVELOPE_FILE: b'{"a": 1}'})
     raise AssertionError(fault)
 
 
@@ -313,3 +317,69 @@ def test_pulling_a_chain_pulls_what_it_references(
     assert (b.root / "brief" / "0.1.0" / "chain.yaml").is_file()
     assert (b.root / "finance" / "1.0.0" / "adapter.gguf").is_file()
     assert sorted(r.kind for r in b.registry.artifacts()) == ["adapter", "chain"]
+
+
+def publish_chain(node: Node, tmp_path: Path, name: str, refs: list[Any]) -> str:
+    """Publish a chain `name` 1.0.0 using `refs` (marketplace.manifest.ArtifactRef); its envelope CID."""
+    chain_file = tmp_path / f"{name}.yaml"
+    chain_file.write_text(f"name: {name}\nversion: 1.0.0\nsteps:\n  - model: base\n    prompt: '{{input}}'\n")
+    return node.market.publish(
+        chain_file, name=name, version="1.0.0", kind="chain", license="MIT", references=refs
+    ).envelope_cid
+
+
+def test_a_chain_pulls_each_artifact_once_however_often_it_is_referenced(
+    tmp_path: Path, store: EmbeddedStore, alice: Identity, adapter_folder: Path
+) -> None:
+    # Arrange: chain level k references level k-1 twice, six levels over one adapter (2^7 - 1 = 127 pulls before)
+    from marketplace.manifest import ArtifactRef
+
+    a = make_node(tmp_path, "a", store, alice)
+    publish(a, adapter_folder)
+    record = a.registry.find("finance", "1.0.0")
+    assert record is not None
+    ref = ArtifactRef("finance", "1.0.0", record.root_cid, record.envelope_sha256)
+    for level in range(1, 7):
+        name = f"level{level}"
+        cid = publish_chain(a, tmp_path, name, [ref, ref])
+        chain = a.registry.find(name, "1.0.0")
+        assert chain is not None and chain.root_cid == cid
+        ref = ArtifactRef(name, "1.0.0", cid, chain.envelope_sha256)
+    b = make_node(tmp_path, "b", store, Identity.generate())
+    b.registry.trust(alice.fingerprint, alice.public_key_b64(), "alice")
+
+    # Act
+    b.market.pull(ref.envelope_cid)
+
+    # Assert
+    pulls = [e for e in b.registry.audit_log(1000) if e.action == "pull" and e.result == "ok"]
+    assert len(pulls) == 7, [e.artifact for e in pulls]
+    assert sorted(r.name for r in b.registry.artifacts()) == ["finance", *(f"level{k}" for k in range(1, 7))]
+
+
+@pytest.mark.parametrize("lie", ["sha256", "name", "version"])
+def test_a_chain_reference_must_name_exactly_what_was_pulled(
+    tmp_path: Path, store: EmbeddedStore, alice: Identity, adapter_folder: Path, lie: str
+) -> None:
+    # Arrange: a signed chain whose reference points at the adapter's envelope but says something else about it
+    from marketplace.manifest import ArtifactRef
+
+    a = make_node(tmp_path, "a", store, alice)
+    publish(a, adapter_folder)
+    record = a.registry.find("finance", "1.0.0")
+    assert record is not None
+    fields = {"name": "finance", "version": "1.0.0", "sha256": record.envelope_sha256}
+    fields |= {"sha256": "0" * 64} if lie == "sha256" else {lie: {"name": "payroll", "version": "9.9.9"}[lie]}
+    cid = publish_chain(
+        a, tmp_path, "brief", [ArtifactRef(fields["name"], fields["version"], record.root_cid, fields["sha256"])]
+    )
+    b = make_node(tmp_path, "b", store, Identity.generate())
+    b.registry.trust(alice.fingerprint, alice.public_key_b64(), "alice")
+
+    # Act
+    with pytest.raises(ArtifactRefused) as refused:
+        b.market.pull(cid)
+
+    # Assert
+    assert refused.value.reason == ("name_mismatch" if lie == "name" else "reference_mismatch"), refused.value
+    assert b.registry.artifacts() == [], "neither the chain nor what it wrongly references was installed"

@@ -18,10 +18,12 @@ WEB_APP = "http://localhost:3000"
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, Path]]:
     """A daemon that allows one web origin; a file a page would like it to train on."""
     tmp = tmp_path_factory.mktemp("browser")
-    (tmp / "notes.txt").write_text("private notes\n")
     d = start_daemon(tmp / "home", {"MIRADOR_API_ALLOWED_ORIGINS": WEB_APP})
     try:
-        yield d, tmp / "notes.txt"
+        notes = d.home / "data" / "notes.txt"  # the API reads data under MIRADOR_HOME/data only
+        notes.parent.mkdir()
+        notes.write_text("private notes\n")
+        yield d, notes
     finally:
         d.stop()
 
@@ -105,3 +107,45 @@ def test_an_allowed_origin_gets_cors_answers(daemon: tuple[Daemon, Path]) -> Non
     assert preflight.headers["access-control-allow-origin"] == WEB_APP
     assert "POST" in preflight.headers["access-control-allow-methods"]
     assert chat.status_code == 200 and chat.headers["access-control-allow-origin"] == WEB_APP
+
+
+def test_a_change_needs_the_home_token_and_inference_does_not(daemon: tuple[Daemon, Path]) -> None:
+    # Arrange: another local user (or a page that got past the browser guard) knows the port, not the token
+    d, notes = daemon
+    spec = {"name": "needs-token", "mode": "dp", "data": str(notes)}
+
+    # Act
+    without = httpx.post(f"{d.url}/v1/federations", json=spec, timeout=30)
+    wrong = httpx.post(f"{d.url}/v1/federations", json=spec, headers={"Authorization": "Bearer guess"}, timeout=30)
+    chat = d.chat()
+
+    # Assert
+    for resp in (without, wrong):
+        assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key", resp.text
+    assert "needs-token" not in federations(d)
+    assert chat.status_code == 200
+    assert (d.home / "api.token").stat().st_mode & 0o777 == 0o600
+    created = httpx.post(f"{d.url}/v1/federations", json=spec, headers=d.auth, timeout=60)
+    assert created.status_code == 200, created.text
+
+
+@pytest.mark.parametrize("path", ["/etc/hostname", "/etc/no-such-file", "../../etc/hostname"])
+def test_the_api_reads_no_file_outside_the_data_folders(daemon: tuple[Daemon, Path], path: str) -> None:
+    # Arrange: a caller names any readable file on the machine (or probes whether one exists)
+    d, _ = daemon
+    raw = str(d.home / "data" / path) if path.startswith("..") else path
+
+    # Act
+    train = httpx.post(f"{d.url}/v1/train", json={"adapter": "x", "data": raw}, headers=d.auth, timeout=30)
+    join = httpx.post(
+        f"{d.url}/v1/federations",
+        json={"name": "probe", "mode": "dp", "data": raw},
+        headers=d.auth,
+        timeout=30,
+    )
+
+    # Assert: the same refusal whether the file exists or not, before anything reads it
+    for resp in (train, join):
+        assert resp.status_code == 403, resp.text
+        assert resp.json()["error"]["code"] == "data_outside_folders" and resp.json()["error"]["param"] == "data"
+    assert not httpx.get(f"{d.url}/v1/node/status", timeout=10).json()["training"]["running"]

@@ -70,7 +70,7 @@ class Fault(enum.Enum):
     WRONG_FEDERATION = "a member's update for another federation"
     NOT_A_MEMBER = "an update signed by a node that is not a member"
     WRONG_SENDER = "a member's good update relayed by another member's node"
-    BAD_SIGNATURE = "a member's header edited after signing (num_examples raised)"
+    BAD_SIGNATURE = "a member's header edited after signing (another payload digest)"
     WRONG_LAYOUT = "an update of another layout (7 rows, not 6), declared as such"
     WRONG_TENSOR_SHAPE = "a header claiming the round's layout over tensors of another shape"
     NAN = "a NaN in the tensors"
@@ -226,7 +226,6 @@ def oversized_header(node: Identity, fid: str) -> bytes:
         kind="plain",
         payload_sha256="0" * 64,
         payload_len=fed_wire.MAX_PAYLOAD + 1,
-        num_examples=12,
     )
     return msgspec.json.encode(sign_struct(node, header))
 
@@ -249,7 +248,7 @@ def faulty(fault: Fault, arena: Arena) -> tuple[bytes, bytes]:
             return signed_update(sender, fid=fid)
         case Fault.BAD_SIGNATURE:
             header, payload = signed_update(sender, fid=fid)
-            return json.dumps(json.loads(header) | {"num_examples": 10_000}).encode(), payload
+            return json.dumps(json.loads(header) | {"payload_sha256": "ab" * 32}).encode(), payload
         case Fault.WRONG_LAYOUT:
             other = adapter(rows=7)
             return signed_update(sender, encode_tensors(other), fid=fid, layout=Layout.of(other).digest())
@@ -318,10 +317,15 @@ def test_a_bad_update_is_refused_over_the_stream_with_a_recorded_and_logged_reas
     r = ROUND - 1 if fault is Fault.WRONG_ROUND else ROUND
     assert len(logs) == 1 and f"rejected an update: {expected.reason}: round {r}: " in logs[0], logs
     if expected.recorded:
+        # recorded under the node that sent it (the stream's authenticated peer), not the member its header names
+        sent_by = arena.first.fingerprint if fault is Fault.WRONG_SENDER else claimed_member(header)
         assert [(row.federation, row.round, row.member, row.reason) for row in rows] == [
-            (arena.fid, r, claimed_member(header), expected.reason)
+            (arena.fid, r, sent_by, expected.reason)
         ]
-        assert rows[0].detail.startswith(f"round {r}: ") and rows[0].detail[:200] in verdict.detail
+        claim = f"claimed to be from {claimed_member(header)}: " if sent_by != claimed_member(header) else ""
+        assert rows[0].detail.startswith(f"{claim}round {r}: ") and rows[0].detail.removeprefix(claim)[:200] in (
+            verdict.detail
+        )
     else:
         assert rows == []
     # the round's own counter sees only the updates that reached it

@@ -10,7 +10,7 @@ from tests.daemon_harness import Daemon
 
 
 def post(daemon: Daemon, path: str, body: object) -> httpx.Response:
-    return httpx.post(f"{daemon.url}{path}", json=body, timeout=30)
+    return httpx.post(f"{daemon.url}{path}", json=body, headers=daemon.auth, timeout=30)
 
 
 def test_feedback_on_a_chat_answer_is_stored(daemon: Daemon) -> None:

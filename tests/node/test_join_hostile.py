@@ -28,11 +28,12 @@ CONFIG = P2PConfig(dial_timeout=5, negotiate_timeout=5)
 def creator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, str]]:
     """A daemon that created an HE federation (it holds the CKKS secret it seals to members): (daemon, its id)."""
     tmp = tmp_path_factory.mktemp("join-hostile")
-    (tmp / "data.txt").write_text("a paragraph to train on\n")
     d = start_daemon(tmp / "creator")
     try:
-        spec = {"name": "secrets", "mode": "he", "data": str(tmp / "data.txt"), "min_members": 3, "quorum": 2}
-        created = httpx.post(f"{d.url}/v1/federations", json=spec, timeout=120)
+        (d.home / "data").mkdir()
+        (d.home / "data" / "data.txt").write_text("a paragraph to train on\n")
+        spec = {"name": "secrets", "mode": "he", "data": str(d.home / "data" / "data.txt"), "min_members": 3}
+        created = httpx.post(f"{d.url}/v1/federations", json=spec, headers=d.auth, timeout=120)
         assert created.status_code == 200, created.text
         yield d, created.json()["federation_id"]
     finally:

@@ -22,12 +22,15 @@ def test_an_encrypted_backup_restores_the_same_identity(tmp_path: Path) -> None:
     original = fingerprint(keys(a, "show"))
     backup = tmp_path / "backup.pem"
     # Act
+    short = keys(a, "export", str(tmp_path / "weak.pem"), passphrase="hunter2")
     exported = keys(a, "export", str(backup), passphrase="correct horse")
     wrong = keys(b, "import", str(backup), passphrase="wrong")
     imported = keys(b, "import", str(backup), passphrase="correct horse")
     again = keys(b, "import", str(backup), passphrase="correct horse")
     # Assert
-    assert exported.returncode == 0 and backup.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert short.returncode == 1 and "at least 12 characters" in short.stderr and not (tmp_path / "weak.pem").exists()
+    assert exported.returncode == 0
+    assert backup.read_bytes().startswith(b"-----BEGIN MIRADOR ENCRYPTED PRIVATE KEY-----")
     assert oct(backup.stat().st_mode & 0o777) == "0o600"
     assert wrong.returncode == 1 and "passphrase" in wrong.stderr
     assert imported.returncode == 0 and fingerprint(keys(b, "show")) == original

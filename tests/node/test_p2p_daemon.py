@@ -33,7 +33,7 @@ def test_two_daemons_connect_and_a_third_bootstraps(tmp_path: Path) -> None:
             timeout=60,
         )
         c = start_daemon(tmp_path / "c", {"MIRADOR_P2P_BOOTSTRAP": a_addr})
-        bad = httpx.post(f"{b.url}/v1/node/connect", json={"addr": "/ip4/127.0.0.1/tcp/1"}, timeout=30)
+        bad = httpx.post(f"{b.url}/v1/node/connect", json={"addr": "/ip4/127.0.0.1/tcp/1"}, headers=b.auth, timeout=30)
         status = httpx.get(f"{a.url}/v1/node/status", timeout=10).json()["p2p"]
         # Assert
         assert cli.returncode == 0, cli.stderr

@@ -164,7 +164,7 @@ def test_provider_killed_mid_transfer_of_a_50mb_model_the_pull_resumes_from_anot
         events: list[dict] = []
         killed_at = -1
         body = {"target": "big@1.0.0", "trust_publisher": True}
-        with httpx.stream("POST", f"{c.url}/v1/market/pull", json=body, timeout=300) as resp:
+        with httpx.stream("POST", f"{c.url}/v1/market/pull", json=body, headers=c.auth, timeout=300) as resp:
             for line in resp.iter_lines():
                 event = json.loads(line)
                 events.append(event)
@@ -199,8 +199,9 @@ def test_market_api_errors_name_what_was_wrong(five: list[Daemon]) -> None:
     url = five[1].url
     # Act
     bad_name = httpx.get(f"{url}/v1/market/search", params={"name": "Not A Name!"}, timeout=30)
-    unknown = httpx.post(f"{url}/v1/market/announce", json={"name": "never-published"}, timeout=30)
-    extra_field = httpx.post(f"{url}/v1/market/pull", json={"target": "x", "mirror": True}, timeout=30)
+    auth = five[1].auth
+    unknown = httpx.post(f"{url}/v1/market/announce", json={"name": "never-published"}, headers=auth, timeout=30)
+    extra_field = httpx.post(f"{url}/v1/market/pull", json={"target": "x", "mirror": True}, headers=auth, timeout=30)
     # Assert
     assert bad_name.status_code == 400 and bad_name.json()["error"]["param"] == "name"
     assert unknown.status_code == 404 and "published nothing named" in unknown.json()["error"]["message"]

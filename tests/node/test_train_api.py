@@ -57,11 +57,15 @@ def chat(node: Daemon, model: str, content: str) -> httpx.Response:
 
 def test_api_training_installs_a_new_version_that_serves_at_once(node: Daemon, tmp_path: Path) -> None:
     # Arrange
-    data = tmp_path / "notes.txt"
+    data = node.home / "data" / "notes.txt"  # the API reads data under MIRADOR_HOME/data only
+    data.parent.mkdir(exist_ok=True)
     data.write_text(corpus(40))
     # Act
-    started = httpx.post(f"{node.url}/v1/train", json={"adapter": "notes", "data": str(data), "steps": 6}, timeout=10)
-    busy = httpx.post(f"{node.url}/v1/train", json={"adapter": "other", "data": str(data)}, timeout=10)
+    auth = node.auth
+    started = httpx.post(
+        f"{node.url}/v1/train", json={"adapter": "notes", "data": str(data), "steps": 6}, headers=auth, timeout=10
+    )
+    busy = httpx.post(f"{node.url}/v1/train", json={"adapter": "other", "data": str(data)}, headers=auth, timeout=10)
     final, seen = wait_done(node, started.json()["id"])
     reply = chat(node, "base:notes", "What did the rent cost?")
     # Assert
@@ -89,10 +93,13 @@ def test_feedback_trains_the_next_version(node: Daemon) -> None:
         {"completion_id": first["id"], "correction": "Groceries came to 185 dollars."},
         {"completion_id": second["id"], "rating": 5},
     ):
-        assert httpx.post(f"{node.url}/v1/feedback", json=body, timeout=10).status_code == 200
+        assert httpx.post(f"{node.url}/v1/feedback", json=body, headers=node.auth, timeout=10).status_code == 200
     # Act
     started = httpx.post(
-        f"{node.url}/v1/train", json={"adapter": "notes", "from_feedback": True, "steps": 3}, timeout=10
+        f"{node.url}/v1/train",
+        json={"adapter": "notes", "from_feedback": True, "steps": 3},
+        headers=node.auth,
+        timeout=10,
     )
     final, _ = wait_done(node, started.json()["id"])
     # Assert

@@ -89,7 +89,7 @@ class Aggregator:
         accepted = state.close()
         if len(accepted) < descriptor.quorum:
             raise FederationError(f"only {len(accepted)} of quorum {descriptor.quorum} updates by the deadline")
-        updates = [(a.member, a.payload, a.header.num_examples) for a in accepted]
+        updates = [(a.member, a.payload) for a in accepted]  # equal weights (federation.privacy.combine)
         with ctx.events.timed(fid, r, "combine") as measure:
             combined = await trio.to_thread.run_sync(lambda: combine(updates, layout, descriptor, context))
             measure.nbytes = len(combined.payload)

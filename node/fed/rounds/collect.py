@@ -8,6 +8,7 @@ from typing import Any
 
 import trio
 
+from crypto.signed import key_fingerprint
 from federation.messages import MessageError, UpdateHeader, decode_update_header
 from federation.round import Accepted, Rejected, RoundState
 from node.fed import wire as fed_wire
@@ -45,10 +46,17 @@ class UpdateCollector:
             self.accepted(fid)
         return verdict_of(result)
 
-    def _reject_closed(self, header: UpdateHeader, detail: str) -> None:
+    def _record(self, header: UpdateHeader, sender: str, reason: str, detail: str) -> None:
+        """Record a refused update under the node that sent it (authenticated by the stream's Noise handshake), never
+        under the member its header names: an outsider must not be able to write refusals in a member's name."""
+        if sender != header.member:
+            detail = f"claimed to be from {header.member}: {detail}"
+        self.state.reject(header.federation_id, header.round, sender, reason, detail)
+
+    def _reject_closed(self, header: UpdateHeader, sender: str, detail: str) -> None:
         """Record an update for a round not open here, if the federation is ours (another's id names nothing)."""
         if self.state.federation(header.federation_id) is not None:
-            self.state.reject(header.federation_id, header.round, header.member, ROUND_CLOSED, detail)
+            self._record(header, sender, ROUND_CLOSED, detail)
 
     async def serve(self, stream: Libp2pStream) -> None:
         """Receive one member's update for an open round: the header is judged first (a refused update's payload is
@@ -61,14 +69,15 @@ class UpdateCollector:
             verdict = fed_wire.Verdict(accepted=False, reason="malformed", detail=str(exc)[:1000])
             await fed_wire.send_verdict(stream, verdict)
             return
+        sender = key_of(stream.remote_peer)
+        sent_by = key_fingerprint(sender) or f"peer {stream.remote_peer}"
         round_state = self.rounds.get((header.federation_id, header.round))
         if round_state is None:
             detail = f"round {header.round}: no such round of federation {header.federation_id[:16]}… is open"
-            await trio.to_thread.run_sync(self._reject_closed, header, detail)
+            await trio.to_thread.run_sync(self._reject_closed, header, sent_by, detail)
             log.info("round %s: rejected an update: %s: %s", header.round, ROUND_CLOSED, detail)
             await fed_wire.send_verdict(stream, fed_wire.Verdict(accepted=False, reason=ROUND_CLOSED, detail=detail))
             return
-        sender = key_of(stream.remote_peer)
         refused = round_state.admit_header(header, sender=sender)
         if refused is None:
             payload = await fed_wire.ask_payload(stream, header.payload_len)
@@ -77,10 +86,7 @@ class UpdateCollector:
         else:
             result = refused
         if isinstance(result, Rejected):
-            reason, detail = str(result.reason), result.detail
-            await trio.to_thread.run_sync(
-                self.state.reject, header.federation_id, header.round, header.member, reason, detail
-            )
+            await trio.to_thread.run_sync(self._record, header, sent_by, str(result.reason), result.detail)
             log.info("round %s: rejected an update: %s", header.round, result)
         else:
             self.accepted(header.federation_id)

@@ -161,7 +161,6 @@ class Member:
             layout_digest=layout.digest(),
             kind=out.kind,
             payload=out.payload,
-            num_examples=max(1, trained.examples),
         )
         if opened.aggregator == ctx.identity.fingerprint:
             verdict = self.collector.offer_local(fid, r, header, out.payload)

@@ -127,7 +127,6 @@ def train_member(
     if privatized:
         update = privatize(update, cfg.clip_norm, cfg.noise_multiplier, rng or np.random.default_rng())
     metrics: dict[str, Any] = {
-        "num-examples": int(result.examples),
         "train-loss": float(result.train_loss),
         "heldout-loss-before": float(result.heldout_loss_before),
         "heldout-loss-after": float(result.heldout_loss_after),

@@ -223,11 +223,9 @@ def _read_replies(replies: Sequence[Message], size: int) -> tuple[list[Any], dic
         try:
             update = np.asarray(msg.content.array_records[ARRAYS_KEY][UPDATE_KEY].numpy(), dtype=np.float32)
             reported = dict(msg.content.metric_records[METRICS_KEY])
-            examples = reported.get("num-examples", 1)
-            weight = int(examples) if isinstance(examples, int | float) else 1
             if update.shape != (size,) or not np.isfinite(update).all():
                 raise ValueError(f"update of shape {update.shape} (expected ({size},)) or not finite")
-            updates.append(Update(member, update, max(1, weight)))
+            updates.append(Update(member, update, 1))  # equal weights: a declared size is neither checked nor private
         except (KeyError, ValueError, TypeError) as exc:
             failures.append({"member": member, "reason": f"unusable reply: {exc}"})
             continue
