@@ -32,6 +32,8 @@ from marketplace.manifest import NAME_RE
 SCHEMA = "mirador.federation/v1"
 INVITE_SCHEMA = "mirador.invite/v1"
 JOIN_SCHEMA = "mirador.join/v1"
+ADMISSION_SCHEMA = "mirador.fed.admission/v1"
+MAX_ADMISSION_BYTES = 2048
 KEY_PREFIX = "/mirador-fed/"
 MAX_DHT_KEY_BYTES = 50
 KEY_DIGITS = MAX_DHT_KEY_BYTES - len(KEY_PREFIX)
@@ -445,9 +447,58 @@ def verify_join(
 
 
 def verify_admitted(descriptor: FederationDescriptor, data: bytes) -> Member:
-    """A member admitted earlier: `verify_join` judged at the time the request was made (for member lists)."""
+    """A member stored before admissions were signed: `verify_join` judged at the time the request says it was made.
+
+    Only for this node's own store: a request from a peer is a member only with the creator's AdmissionRecord
+    (`verify_admission`), because a joiner chooses its request's time and could back-date it into an invite's
+    validity."""
     request = decode_strict(data, JoinRequest, MAX_JOIN_BYTES, JOIN_SCHEMA, JoinError)
     return verify_join(descriptor, data, now=request.time)
+
+
+class AdmissionRecord(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """The creator's signed word that it admitted a join request (by its sha256) at `admitted_at`, by its own clock."""
+
+    schema: str
+    federation_id: Sha256Hex
+    joiner: Fingerprint
+    request_sha256: Sha256Hex
+    admitted_at: UnixTime
+    signature: SignatureB64 = ""
+
+
+def sign_admission(
+    identity: Identity, descriptor: FederationDescriptor, request: bytes, now: float | None = None
+) -> bytes:
+    """The AdmissionRecord (JSON bytes) of a join request the creator `identity` has just verified."""
+    joiner = decode_strict(request, JoinRequest, MAX_JOIN_BYTES, JOIN_SCHEMA, JoinError).joiner
+    admission = AdmissionRecord(
+        schema=ADMISSION_SCHEMA,
+        federation_id=descriptor.federation_id,
+        joiner=joiner,
+        request_sha256=hashlib.sha256(request).hexdigest(),
+        admitted_at=int(time.time() if now is None else now),
+    )
+    return msgspec.json.encode(sign_struct(identity, admission))
+
+
+def verify_admission(descriptor: FederationDescriptor, request: bytes, admission: bytes) -> Member:
+    """The member a join request and its AdmissionRecord admit: the admission is the creator's (signature), names this
+    federation, the joiner and the request's sha256, and the request is valid at `admitted_at` (the creator's clock,
+    not the time the joiner wrote into its request); else JoinError."""
+    adm = decode_strict(admission, AdmissionRecord, MAX_ADMISSION_BYTES, ADMISSION_SCHEMA, JoinError)
+    if adm.federation_id != descriptor.federation_id:
+        raise JoinError(FederationReason.OTHER_FEDERATION, f"the admission is for federation {adm.federation_id[:16]}…")
+    if not signature_valid(descriptor.creator_key, adm.signature, adm):
+        raise JoinError(
+            FederationReason.NOT_CREATOR, f"the admission is not signed by the creator {descriptor.creator}"
+        )
+    if adm.request_sha256 != hashlib.sha256(request).hexdigest():
+        raise JoinError(FederationReason.INCONSISTENT, "the admission is for another join request")
+    member = verify_join(descriptor, request, now=adm.admitted_at)
+    if member.fingerprint != adm.joiner:
+        raise JoinError(FederationReason.INCONSISTENT, f"the admission names {adm.joiner}, not {member.fingerprint}")
+    return member
 
 
 def _check_x25519(text: str) -> None:

@@ -59,8 +59,10 @@ class ArtifactRefused(Refused):
 
 @dataclass
 class _ChainWalk:
-    """One pull's walk through chain references: the envelopes already pulled, how deep it is."""
+    """One pull's walk through chain references: the envelopes already pulled, how deep it is, and whether the user
+    allowed the pulled name to switch publishers (never for what a chain references)."""
 
+    replace_publisher: bool = False
     seen: set[str] = field(default_factory=set)
     depth: int = 0
 
@@ -129,6 +131,7 @@ class Marketplace:
             raise ArtifactRefused("publishing needs the node's identity")
         publisher = self.identity.fingerprint
         artifact = f"{name}@{version}"
+        self._check_owner(name, publisher, "publish", artifact, False)
         try:
             self.registry.check_not_rollback(name, publisher, version)
             files, digests = _artifact_files(path)
@@ -175,11 +178,22 @@ class Marketplace:
         return Installed(folder, manifest, envelope_cid, publisher, True)
 
     # pull ---------------------------------------------------------------------------------------------------------
-    def pull(self, target: str, *, trust_publisher: bool = False, progress: Progress | None = None) -> Installed:
-        """Pull `NAME[@VERSION]` or an envelope CID: verify everything, then install atomically."""
+    def pull(
+        self,
+        target: str,
+        *,
+        trust_publisher: bool = False,
+        replace_publisher: bool = False,
+        progress: Progress | None = None,
+    ) -> Installed:
+        """Pull `NAME[@VERSION]` or an envelope CID: verify everything, then install atomically.
+
+        A name installed here belongs to the publisher it came from: an envelope for the same name by another
+        publisher is refused (`publisher_conflict`) unless `replace_publisher`, which installs it and removes the
+        other publisher's versions of that name."""
         cids = self._candidates(target)
         try:
-            return self._pull_cid(cids[0], target, trust_publisher, progress, _ChainWalk())
+            return self._pull_cid(cids[0], target, trust_publisher, progress, _ChainWalk(replace_publisher))
         except ArtifactRefused:
             raise
         except (ContentStoreError, OSError) as exc:
@@ -212,7 +226,7 @@ class Marketplace:
         """Pull one envelope and its files; `expected` is the chain reference that named it (checked before use)."""
         with tempfile.TemporaryDirectory(dir=self._staging_root()) as tmp:
             env_path = Path(tmp) / ENVELOPE_FILE
-            self.store.fetch(envelope_cid, env_path)
+            self.store.fetch(envelope_cid, env_path, max_bytes=MAX_ENVELOPE_BYTES)  # before anything else is read
             envelope = env_path.read_bytes()
             if expected is not None and hashlib.sha256(envelope).hexdigest() != expected.envelope_sha256:
                 detail = f"the envelope at {envelope_cid} is not the one the chain references (sha256 differs)"
@@ -223,21 +237,43 @@ class Marketplace:
             if expected is not None and (manifest.name, manifest.version) != (expected.name, expected.version):
                 detail = f"the chain references {target}, the envelope is {manifest.name}@{manifest.version}"
                 raise self._refuse("pull", target, publisher, detail, "reference_mismatch")
+            self._check_owner(manifest.name, publisher, "pull", target, walk.replace_publisher and expected is None)
             staged = Path(tmp) / "artifact"
             staged.mkdir()
             for entry in manifest.files:
                 dest = staged / entry.name
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                self.store.fetch(entry.cid, dest, _per_file(progress, entry.name))
+                self.store.fetch(entry.cid, dest, _per_file(progress, entry.name), max_bytes=entry.size)
             self._check_staged(staged, verified, manifest, target, publisher)
             if manifest.kind == "chain":  # what a chain uses is in place before the chain is
                 self._pull_references(manifest, envelope_cid, trust_publisher, progress, walk)
             shutil.copyfile(env_path, staged / ENVELOPE_FILE)
             folder = self._install(staged, manifest)
         self._record(manifest, publisher, envelope, envelope_cid, folder)
+        self._drop_other_publishers(manifest.name, publisher, folder)
         trust = "trusted" if verified.publisher_trusted else "untrusted, allowed by --trust-publisher"
         self.registry.audit("pull", f"{manifest.name}@{manifest.version}", publisher, "ok", f"{envelope_cid} ({trust})")
         return Installed(folder, manifest, envelope_cid, publisher, verified.publisher_trusted)
+
+    def _check_owner(self, name: str, publisher: str, action: str, target: str, replace: bool) -> None:
+        """Refuse `name` by `publisher` if this node holds `name` from another publisher (unless `replace`)."""
+        owners = {r.publisher for r in self.registry.artifacts(name)} - {publisher}
+        if owners and not replace:
+            detail = (
+                f"{name} is installed here from {', '.join(sorted(owners))}; this one is by {publisher} "
+                "(pull with --replace-publisher to switch publishers: the other's versions are removed)"
+            )
+            raise self._refuse(action, target, publisher, detail, "publisher_conflict")
+
+    def _drop_other_publishers(self, name: str, publisher: str, installed: Path) -> None:
+        """Forget (and delete the folders of) `name`'s versions by other publishers (after an explicit replace)."""
+        for record in self.registry.artifacts(name):
+            if record.publisher == publisher:
+                continue
+            self.registry.remove(record.name, record.version, record.publisher)
+            if Path(record.folder) != installed:  # the same version's folder now holds the new publisher's files
+                shutil.rmtree(record.folder, ignore_errors=True)
+            self.registry.audit("replace", f"{record.name}@{record.version}", record.publisher, "removed", publisher)
 
     def _pull_references(
         self, chain: Manifest, chain_cid: str, trust_publisher: bool, progress: Progress | None, walk: "_ChainWalk"

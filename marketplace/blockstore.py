@@ -20,7 +20,7 @@ from pathlib import Path
 
 from crypto.refusal import SingleReason
 from marketplace.cid import DAG_PB, RAW, Cid, CidError
-from marketplace.unixfs import Progress, UnixfsError, decode_pbnode, root_size, walk_file
+from marketplace.unixfs import Progress, UnixfsError, check_declared_size, decode_pbnode, root_size, walk_file
 
 
 class BlockNotFoundError(LookupError):
@@ -155,7 +155,9 @@ class BlockStore:
         """The bytes of a stored file, every block verified as it is read."""
         return walk_file(Cid.of(root), self.get)
 
-    def export(self, root: Cid | str, dest: Path, progress: Progress | None = None) -> int:
+    def export(
+        self, root: Cid | str, dest: Path, progress: Progress | None = None, max_bytes: int | None = None
+    ) -> int:
         """Write a stored file to `dest` atomically (temp file beside it, fsync, rename); returns its size.
 
         On any failure (missing or corrupt block, bad DAG, disk error) the temp file is removed and `dest` is left
@@ -163,6 +165,7 @@ class BlockStore:
         """
         cid = Cid.of(root)
         total = self.size(cid)
+        check_declared_size(cid, total, max_bytes)  # the walk then checks that every subtree adds up to it
         return write_atomically(dest, self.cat(cid), total, progress)
 
 

@@ -23,6 +23,7 @@ from marketplace.unixfs import (
     Profile,
     Progress,
     StreamingImporter,
+    check_declared_size,
     check_profile,
     decode_pbnode,
     import_blocks,
@@ -57,8 +58,10 @@ class ContentStore(Protocol):
         """Import a file; returns its root CID. `progress(bytes_done, bytes_total)` is called as it reads."""
         ...
 
-    def fetch(self, cid: str | Cid, dest: Path, progress: Progress | None = None) -> None:
-        """Write the file of `cid` to `dest` atomically, verified against the CID."""
+    def fetch(self, cid: str | Cid, dest: Path, progress: Progress | None = None, max_bytes: int | None = None) -> None:
+        """Write the file of `cid` to `dest` atomically, verified against the CID. A file whose root declares more
+        than `max_bytes` is refused before anything is written (a DAG that links one block again and again grows
+        with every link)."""
         ...
 
     def has(self, cid: str | Cid) -> bool:
@@ -102,10 +105,10 @@ class EmbeddedStore:
         self.blocks.sync()
         return AddResult(str(result.root), result.size, result.profile)
 
-    def fetch(self, cid: str | Cid, dest: Path, progress: Progress | None = None) -> None:
+    def fetch(self, cid: str | Cid, dest: Path, progress: Progress | None = None, max_bytes: int | None = None) -> None:
         """Export a stored file to `dest` (temp + fsync + rename); nothing is left behind on failure."""
         try:
-            self.blocks.export(Cid.of(cid), Path(dest), progress)
+            self.blocks.export(Cid.of(cid), Path(dest), progress, max_bytes)
         except (CidError, CorruptBlockError, LookupError, ValueError) as e:
             raise ContentStoreError(f"cannot fetch {cid} from the embedded store: {e}") from e
 
@@ -223,7 +226,7 @@ class IpfsDaemonStore:
         if remote.multihash != cid.multihash:
             raise ContentVerificationError(f"IPFS daemon at {self.api} stored block {cid} as {remote}")
 
-    def fetch(self, cid: str | Cid, dest: Path, progress: Progress | None = None) -> None:
+    def fetch(self, cid: str | Cid, dest: Path, progress: Progress | None = None, max_bytes: int | None = None) -> None:
         """Stream `cat` from the daemon into a temp file beside `dest`, recomputing the CID; rename only if it matches.
 
         The CID is recomputed with the profile its shape implies (v0 -> `v0`, v1 -> `v1-raw`), so content the
@@ -231,6 +234,7 @@ class IpfsDaemonStore:
         """
         cid = Cid.of(cid)
         total = root_size(cid, self.get_block(cid))
+        check_declared_size(cid, total, max_bytes)
         importer = StreamingImporter(profile_of(cid))
         try:
             write_atomically(Path(dest), self._verified_stream(cid, importer), total, progress)

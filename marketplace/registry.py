@@ -156,6 +156,13 @@ class Registry:
                 ),
             )
 
+    def remove(self, name: str, version: str, publisher: str) -> None:
+        """Forget one installed version (its folder is the caller's to delete)."""
+        with self._lock:
+            self._conn.execute(
+                "DELETE FROM mp_artifacts WHERE name = ? AND version = ? AND publisher = ?", (name, version, publisher)
+            )
+
     def artifacts(self, name: str | None = None) -> list[ArtifactRecord]:
         """Installed artifacts (of one name, or all), highest version first within a name."""
         with self._lock:

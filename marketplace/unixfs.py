@@ -416,6 +416,15 @@ def root_size(cid: Cid, block: bytes) -> int:
     return fs.filesize if fs.filesize is not None else len(fs.data)
 
 
+def check_declared_size(cid: Cid, declared: int, max_bytes: int | None) -> None:
+    """Refuse a file whose root declares more than `max_bytes` (UnixfsError), before any of it is walked.
+
+    The root's size bounds everything below it: `walk_file` checks that each subtree yields exactly what its parent
+    declared, so a block linked twice is counted twice."""
+    if max_bytes is not None and declared > max_bytes:
+        raise UnixfsError(f"{cid} declares {declared} bytes, more than the {max_bytes} expected")
+
+
 def walk_file(root: Cid, get_block: Callable[[Cid], bytes]) -> Iterator[bytes]:
     """Yield a UnixFS file's bytes in order; `get_block` must return verified block bytes for a CID.
 

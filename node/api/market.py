@@ -81,7 +81,11 @@ async def pull(request: Request) -> StreamingResponse:
         async with send:
             try:
                 outcome = await service.pull(
-                    req.target, trust_publisher=req.trust_publisher, install=req.install, progress=progress
+                    req.target,
+                    trust_publisher=req.trust_publisher,
+                    install=req.install,
+                    progress=progress,
+                    replace_publisher=req.replace_publisher,
                 )
                 event = {"event": "done"} | outcome.document()
             except ArtifactRefused as exc:

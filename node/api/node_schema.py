@@ -80,4 +80,5 @@ class PullRequest(_Closed):
 
     target: str = Field(min_length=1, max_length=256)
     trust_publisher: bool = False
+    replace_publisher: bool = False  # a name installed from another publisher switches to this one's
     install: bool = True

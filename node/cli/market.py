@@ -170,7 +170,9 @@ def cmd_pull(home: NodeHome, args: argparse.Namespace) -> int:
     if client is not None and client.get("/v1/node/status")["p2p"].get("market", {}).get("enabled"):
         return _pull_through_node(client, args)
     with _progress_bar() as bar:
-        done = _market(home).pull(args.target, trust_publisher=args.trust_publisher, progress=bar)
+        done = _market(home).pull(
+            args.target, trust_publisher=args.trust_publisher, replace_publisher=args.replace_publisher, progress=bar
+        )
     trust = "trusted publisher" if done.publisher_trusted else "UNTRUSTED publisher, allowed by --trust-publisher"
     print(f"pulled {done.manifest.name}@{done.manifest.version} from {done.publisher} ({trust}) into {done.folder}")
     if done.manifest.kind == "adapter" and not args.no_install:
@@ -190,7 +192,12 @@ def _daemon(home: NodeHome) -> Any:
 
 def _pull_through_node(client: Any, args: argparse.Namespace) -> int:
     """Ask the running node to pull from the network; show its progress events."""
-    body = {"target": args.target, "trust_publisher": args.trust_publisher, "install": not args.no_install}
+    body = {
+        "target": args.target,
+        "trust_publisher": args.trust_publisher,
+        "replace_publisher": args.replace_publisher,
+        "install": not args.no_install,
+    }
     result: dict[str, Any] = {}
     with _progress_bar() as bar:
         for event in client.stream_lines("/v1/market/pull", body):
@@ -373,6 +380,11 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> l
         pull = s.add_parser("pull", help="fetch and verify NAME[@VERSION] or a CID")
         pull.add_argument("target")
         pull.add_argument("--trust-publisher", action="store_true", help="accept a publisher you do not trust yet")
+        pull.add_argument(
+            "--replace-publisher",
+            action="store_true",
+            help="the name is installed from another publisher: switch to this one (its versions are removed)",
+        )
         pull.add_argument("--no-install", action="store_true", help="adapters: do not install into the adapter store")
         pull.set_defaults(market_func=cmd_pull)
         search = s.add_parser("search", help="versions of NAME announced on the network, by any publisher")

@@ -15,8 +15,9 @@ from crypto.refusal import Refused
 from crypto.sealing import SealError, seal, unseal, x25519_public_of
 from federation.descriptor import (
     FederationDescriptor,
+    sign_admission,
     sign_join,
-    verify_admitted,
+    verify_admission,
     verify_descriptor,
     verify_join,
 )
@@ -73,8 +74,16 @@ class JoinProtocol:
         if row is None:
             return fed_wire.Refusal(reason="unknown_federation", detail="this node is not in that federation")
         descriptor = row.descriptor
-        member = verify_join(descriptor, request)
-        admitted = self.membership.members(fid).get(member.fingerprint)
+        if descriptor.creator != self.identity.fingerprint:
+            return fed_wire.Refusal(reason="not_creator", detail="only the federation's creator admits members")
+        member = verify_join(descriptor, request)  # invites judged by this node's clock, not the request's
+        members = self.membership.members(fid)
+        admitted = members.get(member.fingerprint)
+        if member.invite_nonce and any(
+            m.invite_nonce == member.invite_nonce for fp, m in members.items() if fp != member.fingerprint
+        ):
+            detail = "this invite was already used by another node (an invite admits one node, once)"
+            return fed_wire.Refusal(reason="invite_used", detail=detail)
         if admitted is not None and admitted.role != member.role:
             # A role never changes: an aggregator-only node asking again as a member would get the HE secret while
             # it stays an aggregator candidate, and could decrypt every member's update.
@@ -87,12 +96,16 @@ class JoinProtocol:
             secret = self.state.he_secret(fid)
             if member.role == "member" and secret is not None:
                 sealed = fed_wire.b64(seal(fed_wire.unb64(member.x25519, "x25519"), secret, seal_context(fid, member)))
-        self.state.add_member(fid, member, request)
-        trio.from_thread.run_sync(self.gossip, fid, "member", request)
+        if admitted is not None:  # the same request again: its stored admission stands
+            admission = next(r.admission for r in self.state.member_rows(fid) if r.fingerprint == member.fingerprint)
+        else:
+            admission = sign_admission(self.identity, descriptor, request)
+        self.state.add_member(fid, member, request, admission)
+        trio.from_thread.run_sync(self.gossip, fid, "member", fed_wire.encode_admitted(request, admission))
         rows = self.state.member_rows(fid)
         return fed_wire.Welcome(
             descriptor=fed_wire.b64(row.descriptor_bytes),
-            members=[fed_wire.b64(r.join_request) for r in rows],
+            members=[fed_wire.b64(fed_wire.encode_admitted(r.join_request, r.admission)) for r in rows],
             he_public=he_public,
             he_secret_sealed=sealed,
             global_round=row.global_round,
@@ -121,11 +134,11 @@ class JoinProtocol:
         fid = descriptor.federation_id
         if verify_descriptor(fed_wire.unb64(welcome.descriptor, "descriptor")).federation_id != fid:
             raise FederationError("the member answered with another federation's descriptor")
-        members = [
-            (verify_admitted(descriptor, fed_wire.unb64(m, "member")), fed_wire.unb64(m, "member"))
-            for m in welcome.members
-        ]
-        if self.identity.fingerprint not in {m.fingerprint for m, _ in members}:
+        members = []
+        for entry in welcome.members:
+            request, admission = fed_wire.decode_admitted(fed_wire.unb64(entry, "member"))
+            members.append((verify_admission(descriptor, request, admission), request, admission))
+        if self.identity.fingerprint not in {m.fingerprint for m, _, _ in members}:
             raise FederationError("the welcome does not list us as a member")
         secret = b""
         if descriptor.uses_he:
@@ -143,8 +156,8 @@ class JoinProtocol:
                     raise FederationError(f"the HE secret context could not be unsealed: {exc}") from None
                 SecretContext.from_bytes(secret)
         self.state.add_federation(descriptor_bytes, "aggregator" if role == "aggregator" else "member")
-        for member, raw in members:
-            self.state.add_member(fid, member, raw)
+        for member, request, admission in members:
+            self.state.add_member(fid, member, request, admission)
         if descriptor.uses_he:
             self.state.save_he_public(fid, fed_wire.unb64(welcome.he_public, "he_public"))
             if secret:

@@ -3,7 +3,7 @@ change), their keys, the round's aggregator candidates; and the mapping between 
 
 from typing import Any
 
-from federation.descriptor import FederationDescriptor, Member, verify_admitted
+from federation.descriptor import FederationDescriptor, Member, verify_admission, verify_admitted
 
 
 class Membership:
@@ -22,7 +22,12 @@ class Membership:
         cached = self._cache.get(fid)
         if cached is not None and cached[0] == len(rows):
             return cached[1]
-        members = {r.fingerprint: verify_admitted(row.descriptor, r.join_request) for r in rows}
+        members = {
+            r.fingerprint: verify_admission(row.descriptor, r.join_request, r.admission)
+            if r.admission
+            else verify_admitted(row.descriptor, r.join_request)  # stored before admissions were signed
+            for r in rows
+        }
         self._cache[fid] = (len(rows), members)
         return members
 

@@ -23,10 +23,11 @@ from federation.descriptor import (
     LocalDpSgd,
     Privacy,
     StrategySpec,
+    sign_admission,
     sign_descriptor,
     sign_join,
+    verify_admission,
     verify_descriptor,
-    verify_join,
 )
 from federation.ledger import PrivacyLedger
 from node.adapters.store import AdapterStore
@@ -182,7 +183,8 @@ class FederationNode:
         fid = descriptor.federation_id
         self.state.add_federation(data, "creator")
         request = sign_join(self.identity, fid, fed_wire.b64(x25519_public_of(self.identity)))
-        self.state.add_member(fid, verify_join(descriptor, request), request)
+        admission = sign_admission(self.identity, descriptor, request)
+        self.state.add_member(fid, verify_admission(descriptor, request, admission), request, admission)
         self._save_settings(fid, {"data": spec.get("data"), "train_options": spec.get("train_options", {})})
         if he is not None:
             secret = SecretContext.generate(

@@ -31,7 +31,7 @@ import trio
 
 from crypto.identity import Identity
 from crypto.refusal import Refused
-from federation.descriptor import FederationDescriptor, verify_admitted
+from federation.descriptor import FederationDescriptor, verify_admission
 from federation.messages import choose_aggregator, verify_round_done, verify_round_open
 from marketplace.content_store import EmbeddedStore
 from node.core.fsutil import remove_stale
@@ -157,9 +157,10 @@ class FederationService:
         inbox = self.ctx.inbox(fid)
         keys, candidates = self.membership.keys(fid), self.membership.candidates(descriptor)
         try:
-            if notice.kind == "member":
-                member = verify_admitted(descriptor, data)
-                self.state.add_member(fid, member, data)
+            if notice.kind == "member":  # a join request and the creator's admission of it
+                request, admission = fed_wire.decode_admitted(data)
+                member = verify_admission(descriptor, request, admission)
+                self.state.add_member(fid, member, request, admission)
             elif notice.kind == "round.open":
                 opened = verify_round_open(data, fid, keys, candidates)
                 if opened.round not in inbox.opens:

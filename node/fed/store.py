@@ -85,6 +85,7 @@ CREATE TABLE IF NOT EXISTS fed_members (
     x25519_b64 TEXT NOT NULL,
     join_request BLOB NOT NULL,
     joined_at REAL NOT NULL,
+    admission BLOB NOT NULL DEFAULT x'',
     PRIMARY KEY (federation, fingerprint)
 ) STRICT;
 CREATE TABLE IF NOT EXISTS fed_rounds (
@@ -182,6 +183,7 @@ class MemberRow:
     x25519_b64: str
     join_request: bytes
     joined_at: float
+    admission: bytes = b""  # the creator's AdmissionRecord (empty for members stored before it was signed)
 
 
 @dataclass(frozen=True)
@@ -237,6 +239,9 @@ class FederationStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(fed_members)")}
+        if "admission" not in columns:  # a store made before admissions were signed (issue 14)
+            self._conn.execute("ALTER TABLE fed_members ADD COLUMN admission BLOB NOT NULL DEFAULT x''")
         self._lock = threading.Lock()
 
     @contextmanager
@@ -354,8 +359,16 @@ class FederationStore:
             )
 
     # members --------------------------------------------------------------------------------------------------------
-    def add_member(self, federation: str, member: Member, join_request: bytes, now: float | None = None) -> bool:
-        """Store an admitted member (from `verify_join`) with its signed join request; False if already stored.
+    def add_member(
+        self,
+        federation: str,
+        member: Member,
+        join_request: bytes,
+        admission: bytes = b"",
+        now: float | None = None,
+    ) -> bool:
+        """Store an admitted member (from `verify_admission`) with its signed join request and the creator's
+        admission of it; False if already stored.
 
         The join request must be the member's own, signed, for this federation. The same member again is a no-op;
         another Ed25519 or X25519 key for a stored fingerprint raises MemberConflictError.
@@ -376,8 +389,9 @@ class FederationStore:
                     )
                 return False
             self._conn.execute(
-                "INSERT INTO fed_members VALUES (?, ?, ?, ?, ?, ?)",
-                (federation, member.fingerprint, member.key, member.x25519, request, _now(now)),
+                "INSERT INTO fed_members (federation, fingerprint, key_b64, x25519_b64, join_request, joined_at, "
+                "admission) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (federation, member.fingerprint, member.key, member.x25519, request, _now(now), bytes(admission)),
             )
         return True
 
@@ -390,11 +404,11 @@ class FederationStore:
         _check_id(federation)
         with self._lock:
             rows = self._conn.execute(
-                "SELECT federation, fingerprint, key_b64, x25519_b64, join_request, joined_at FROM fed_members "
-                "WHERE federation = ? ORDER BY fingerprint",
+                "SELECT federation, fingerprint, key_b64, x25519_b64, join_request, joined_at, admission "
+                "FROM fed_members WHERE federation = ? ORDER BY fingerprint",
                 (federation,),
             ).fetchall()
-        return [MemberRow(r[0], r[1], r[2], r[3], bytes(r[4]), float(r[5])) for r in rows]
+        return [MemberRow(r[0], r[1], r[2], r[3], bytes(r[4]), float(r[5]), bytes(r[6])) for r in rows]
 
     # rounds ---------------------------------------------------------------------------------------------------------
     def open_round(

@@ -32,6 +32,26 @@ class WireError(SingleReason):
     REASON = "bad_message"
 
 
+class AdmittedMember(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """A member as the federation passes it on (welcome lists, gossip): its signed join request and the creator's
+    signed admission of it, both base64."""
+
+    request: Annotated[str, msgspec.Meta(max_length=MAX_JOIN * 2)]
+    admission: Annotated[str, msgspec.Meta(max_length=4096)]
+
+
+def encode_admitted(request: bytes, admission: bytes) -> bytes:
+    """An AdmittedMember's JSON bytes."""
+    return msgspec.json.encode(AdmittedMember(request=b64(request), admission=b64(admission)))
+
+
+def decode_admitted(data: bytes) -> tuple[bytes, bytes]:
+    """(join request, admission) from an AdmittedMember's JSON bytes; WireError if malformed."""
+    member = decode(data, AdmittedMember, "member")
+    assert isinstance(member, AdmittedMember)
+    return unb64(member.request, "member request"), unb64(member.admission, "member admission")
+
+
 class JoinRefused(Refused):
     """The member we asked refused our join request: its reason code and detail."""
 

@@ -27,7 +27,7 @@ from libp2p.peer.id import ID
 from crypto.refusal import SingleReason
 from marketplace.blockstore import BlockNotFoundError, BlockStore, CorruptBlockError
 from marketplace.cid import DAG_PB, RAW, SHA2_256, Cid, CidError
-from marketplace.unixfs import UnixfsError, decode_pbnode, decode_unixfs, root_size
+from marketplace.unixfs import UnixfsError, check_declared_size, decode_pbnode, decode_unixfs, root_size
 from node.p2p.framing import ByteStream, FrameError, FrameTimeout, FrameTruncated, receive_frame, send_frame
 from node.p2p.host import P2PNode
 
@@ -203,8 +203,10 @@ class _Fetch:
         progress: Callable[[int, int], None] | None,
         batch: int,
         read_timeout: float,
+        max_bytes: int | None = None,
     ) -> None:
         self.root = root
+        self.max_bytes = max_bytes
         self.open_stream = open_stream
         self.blocks = blocks
         self.progress = progress
@@ -276,6 +278,11 @@ class _Fetch:
         """A verified block's links, its own file bytes, and the file size if it is the root."""
         try:
             total = root_size(cid, data) if cid == self.root else None
+            if total is not None:  # the root bounds the whole file: refuse a bomb before fetching anything under it
+                check_declared_size(cid, total, self.max_bytes)
+        except UnixfsError as exc:
+            raise FetchError(f"{self.root}: {exc}") from None
+        try:
             if cid.codec == RAW:
                 return [], len(data), total
             node = decode_pbnode(data)
@@ -431,6 +438,7 @@ async def fetch_dag(
     *,
     batch: int = 16,
     read_timeout: float = 10.0,
+    max_bytes: int | None = None,
 ) -> FetchReport:
     """Fetch every missing block of the file DAG under `root` into `blocks`, from `providers` in parallel.
 
@@ -441,5 +449,5 @@ async def fetch_dag(
     """
     if not 1 <= batch <= MAX_CIDS:
         raise ValueError(f"batch must be 1 to {MAX_CIDS}, got {batch}")
-    fetch = _Fetch(Cid.of(root), open_stream, blocks, progress, batch, read_timeout)
+    fetch = _Fetch(Cid.of(root), open_stream, blocks, progress, batch, read_timeout, max_bytes)
     return await fetch.run(providers)

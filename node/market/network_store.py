@@ -44,7 +44,14 @@ class NetworkStore:
         """Add a local file to the embedded store."""
         return self.local.add(path, profile, progress)
 
-    def fetch(self, cid: str | Cid, dest: Path, progress: Progress | None = None, first: Sequence[ID] = ()) -> None:
+    def fetch(
+        self,
+        cid: str | Cid,
+        dest: Path,
+        progress: Progress | None = None,
+        max_bytes: int | None = None,
+        first: Sequence[ID] = (),
+    ) -> None:
         """Fetch the missing blocks of `cid` from peers (every block verified), then export the file to `dest`.
 
         `first`: peers known to hold it (e.g. the aggregator that signed a round's result), asked before the DHT's
@@ -53,10 +60,10 @@ class NetworkStore:
         root = Cid.of(cid)
         if not self.local.has(root):
             try:
-                trio.from_thread.run(self._fetch_remote, root, progress, tuple(first))
+                trio.from_thread.run(self._fetch_remote, root, progress, tuple(first), max_bytes)
             except FetchError as exc:
                 raise ContentStoreError(str(exc)) from None
-        self.local.fetch(root, dest)
+        self.local.fetch(root, dest, max_bytes=max_bytes)
 
     def has(self, cid: str | Cid) -> bool:
         """Whether every block of `cid` is stored locally."""
@@ -69,11 +76,13 @@ class NetworkStore:
     def close(self) -> None:
         """Nothing to release."""
 
-    async def _fetch_remote(self, root: Cid, progress: Progress | None, first: tuple[ID, ...] = ()) -> None:
+    async def _fetch_remote(
+        self, root: Cid, progress: Progress | None, first: tuple[ID, ...] = (), max_bytes: int | None = None
+    ) -> None:
         connected = [peer for peer in first if peer in self.node.peers() and peer != self.node.peer_id]
         if connected:
             try:
-                await self._fetch_from(root, connected, progress)
+                await self._fetch_from(root, connected, progress, max_bytes)
                 return
             except FetchError as exc:  # the blocks it did verify are kept: the providers below fetch only the rest
                 log.info("fetch of %s from %s failed (%s); asking the DHT's providers", root, connected, exc)
@@ -87,15 +96,17 @@ class NetworkStore:
         reachable = await self._reachable(providers)
         if not reachable:
             raise ContentStoreError(f"none of the {len(providers)} providers of {root} could be reached")
-        await self._fetch_from(root, reachable, progress)
+        await self._fetch_from(root, reachable, progress, max_bytes)
 
-    async def _fetch_from(self, root: Cid, peers: list[ID], progress: Progress | None) -> None:
+    async def _fetch_from(
+        self, root: Cid, peers: list[ID], progress: Progress | None, max_bytes: int | None = None
+    ) -> None:
         async def open_stream(peer: ID) -> ByteStream:
             return await self.node.open_stream(peer, PROTOCOL)
 
         try:
             with trio.fail_after(FETCH_TIMEOUT_S):
-                report = await fetch_dag(root, peers, open_stream, self.local.blocks, progress)
+                report = await fetch_dag(root, peers, open_stream, self.local.blocks, progress, max_bytes=max_bytes)
         except FetchError as exc:
             self.failures.update(exc.failures)
             raise

@@ -199,12 +199,20 @@ class MarketService:
             db.close()
 
     async def pull(
-        self, target: str, *, trust_publisher: bool, install: bool, progress: PullProgress | None = None
+        self,
+        target: str,
+        *,
+        trust_publisher: bool,
+        install: bool,
+        progress: PullProgress | None = None,
+        replace_publisher: bool = False,
     ) -> PullOutcome:
         """Resolve `target` through the DHT, fetch from providers, verify, install; then provide it ourselves."""
         async with self._pull_lock:
             try:
-                outcome = await trio.to_thread.run_sync(self._pull_sync, target, trust_publisher, install, progress)
+                outcome = await trio.to_thread.run_sync(
+                    self._pull_sync, target, trust_publisher, install, progress, replace_publisher
+                )
             except BaseException:
                 self.pulls_failed += 1
                 raise
@@ -214,7 +222,12 @@ class MarketService:
         return outcome
 
     def _pull_sync(
-        self, target: str, trust_publisher: bool, install: bool, progress: PullProgress | None
+        self,
+        target: str,
+        trust_publisher: bool,
+        install: bool,
+        progress: PullProgress | None,
+        replace_publisher: bool = False,
     ) -> PullOutcome:
         db = Registry(self.home.state_db)
         try:
@@ -222,7 +235,9 @@ class MarketService:
             resolver = DhtResolver(self.registry, self._trusted, LocalResolver(db))
             market = Marketplace(self.home.root / "artifacts", store, db, self.identity, resolver)
             started = time.monotonic()
-            done = market.pull(target, trust_publisher=trust_publisher, progress=progress)
+            done = market.pull(
+                target, trust_publisher=trust_publisher, replace_publisher=replace_publisher, progress=progress
+            )
             log.info("pulled %s in %.1f s from %s", target, time.monotonic() - started, store.fetched_from)
         finally:
             db.close()

@@ -455,3 +455,49 @@ def test_a_join_request_carries_the_role_and_stays_verifiable_in_member_lists(
     assert stale.value.reason is FederationReason.STALE  # a fresh join must be recent; an admitted member stays valid
     with pytest.raises(JoinError):
         sign_join(joiner, fid, X25519, now=NOW, role="boss")
+
+
+# --- admissions: a member is who the creator admitted, by the creator's clock -----------------------------------------
+
+
+def test_a_back_dated_request_with_an_expired_bearer_invite_is_no_member(
+    creator: Identity, descriptor: FederationDescriptor
+) -> None:
+    # Arrange: a `*` invite valid for 10 minutes at NOW; an hour later mallory signs a request dated NOW + 60
+    from federation.descriptor import sign_admission, verify_admission
+
+    fid = descriptor.federation_id
+    mallory = Identity.generate()
+    invite = issue_invite(creator, fid, "*", ttl_s=600, now=NOW)
+    back_dated = sign_join(mallory, fid, X25519, invite=invite, now=NOW + 60)
+    self_admitted = sign_admission(mallory, descriptor, back_dated, now=NOW + 60)
+    honest = sign_join(creator, fid, X25519, now=NOW)
+    other_admission = sign_admission(creator, descriptor, honest, now=NOW)
+
+    # Act / Assert: the creator, judging now, refuses it; nobody can stand in for the creator's admission
+    with pytest.raises(JoinError) as at_creator:
+        verify_join(descriptor, back_dated, now=NOW + 3600)
+    assert at_creator.value.reason is FederationReason.STALE
+    with pytest.raises(JoinError) as forged:
+        verify_admission(descriptor, back_dated, self_admitted)
+    assert forged.value.reason is FederationReason.NOT_CREATOR
+    with pytest.raises(JoinError) as borrowed:
+        verify_admission(descriptor, back_dated, other_admission)
+    assert borrowed.value.reason is FederationReason.INCONSISTENT
+    with pytest.raises(JoinError) as late:  # the creator's clock is the admission time: its invite had expired
+        verify_admission(descriptor, back_dated, sign_admission(creator, descriptor, back_dated, now=NOW + 3600))
+    assert late.value.reason in (FederationReason.STALE, FederationReason.EXPIRED)
+
+
+def test_an_admission_by_the_creator_makes_a_member_at_the_creators_time(
+    creator: Identity, joiner: Identity, descriptor: FederationDescriptor
+) -> None:
+    from federation.descriptor import sign_admission, verify_admission
+
+    fid = descriptor.federation_id
+    invite = issue_invite(creator, fid, joiner.fingerprint, ttl_s=600, now=NOW)
+    request = sign_join(joiner, fid, X25519, invite=invite, now=NOW + 5, role="aggregator")
+
+    member = verify_admission(descriptor, request, sign_admission(creator, descriptor, request, now=NOW + 10))
+
+    assert (member.fingerprint, member.role) == (joiner.fingerprint, "aggregator")

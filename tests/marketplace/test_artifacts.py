@@ -3,6 +3,7 @@
 import base64
 import enum
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -383,3 +384,64 @@ def test_a_chain_reference_must_name_exactly_what_was_pulled(
     # Assert
     assert refused.value.reason == ("name_mismatch" if lie == "name" else "reference_mismatch"), refused.value
     assert b.registry.artifacts() == [], "neither the chain nor what it wrongly references was installed"
+
+
+def test_a_dag_bomb_is_refused_before_it_is_written(tmp_path: Path, store: EmbeddedStore, alice: Identity) -> None:
+    # Arrange: an "envelope" and a signed file entry whose CIDs are DAGs linking one 256 KiB block 174 times
+    from marketplace.cid import DAG_PB, RAW, Cid
+    from marketplace.unixfs import encode_file_node
+
+    leaf = bytes(256 * 1024)
+    leaf_cid = Cid.for_block(leaf, RAW)
+    store.blocks.put(leaf_cid, leaf)
+    node = encode_file_node([(leaf_cid.to_bytes(), len(leaf), len(leaf))] * 174)
+    bomb_cid = Cid.for_block(node, DAG_PB)
+    store.blocks.put(bomb_cid, node)
+    signed = craft(store, tmp_path, alice, GOOD, cid_of=lambda n, c: str(bomb_cid))  # the file entry is the bomb
+    b = make_node(tmp_path, "b", store, Identity.generate())
+    b.registry.trust(alice.fingerprint, alice.public_key_b64(), "alice")
+    staging = b.root / ".staging"
+
+    # Act
+    with pytest.raises(ArtifactRefused) as as_envelope:
+        b.market.pull(str(bomb_cid))
+    with pytest.raises(ArtifactRefused) as as_file:
+        b.market.pull(put_envelope(store, tmp_path, signed))
+
+    # Assert: refused at the root's declared size (43.5 MiB), before a byte of the file was written
+    assert f"declares {174 * len(leaf)} bytes, more than the {8 * 1024 * 1024} expected" in as_envelope.value.detail
+    assert f"declares {174 * len(leaf)} bytes, more than the {len(GOOD['notes.txt'])} expected" in as_file.value.detail
+    assert not any(staging.rglob("*.part")) and b.registry.artifacts() == []
+
+
+def test_another_publisher_cannot_overwrite_an_installed_name(
+    tmp_path: Path, store: EmbeddedStore, alice: Identity, adapter_folder: Path
+) -> None:
+    # Arrange: alice's finance@1.0.0 is installed on b; mallory publishes her own finance@1.0.0 and 0.9.0
+    a = make_node(tmp_path, "a", store, alice)
+    b = make_node(tmp_path, "b", store, Identity.generate())
+    b.registry.trust(alice.fingerprint, alice.public_key_b64(), "alice")
+    b.market.pull(publish(a, adapter_folder))
+    mallory_id = Identity.generate()
+    mallory = make_node(tmp_path, "m", store, mallory_id)
+    evil = tmp_path / "evil"
+    shutil.copytree(adapter_folder, evil)
+    (evil / "README.md").write_text("not alice's\n")
+    older = publish(mallory, evil, version="0.9.0")
+    same_version = publish(mallory, evil)
+
+    # Act: the user passes --trust-publisher (anyone's signature is accepted), not --replace-publisher
+    refused = []
+    for cid in (same_version, older):
+        with pytest.raises(ArtifactRefused) as exc:
+            b.market.pull(cid, trust_publisher=True)
+        refused.append(exc.value)
+    kept = [(r.publisher, r.version) for r in b.registry.artifacts("finance")]
+    alice_files = sorted(p.name for p in (b.root / "finance" / "1.0.0").iterdir())
+    replaced = b.market.pull(same_version, trust_publisher=True, replace_publisher=True)
+
+    # Assert
+    assert [e.reason for e in refused] == ["publisher_conflict"] * 2, refused
+    assert kept == [(alice.fingerprint, "1.0.0")] and "README.md" not in alice_files
+    assert [(r.publisher, r.version) for r in b.registry.artifacts("finance")] == [(mallory_id.fingerprint, "1.0.0")]
+    assert (replaced.folder / "README.md").read_text() == "not alice's\n"

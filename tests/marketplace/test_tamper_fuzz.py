@@ -51,8 +51,9 @@ REASONS: dict[Corruption, tuple[str, ...]] = {
     Corruption.BLOCK_APPENDED: ("is corrupt",),
     Corruption.FIELD_EDITED: ("bad signature",),
     Corruption.FILES_SWAPPED: ("bad signature",),
-    Corruption.FILES_SWAPPED_RESIGNED: ("does not match the signed", "the manifest says"),
-    Corruption.SIZE_EDITED_RESIGNED: ("the manifest says",),
+    # a file larger than its signed size is refused at its root's declared size, before it is written
+    Corruption.FILES_SWAPPED_RESIGNED: ("does not match the signed", "the manifest says", "bytes, more than the"),
+    Corruption.SIZE_EDITED_RESIGNED: ("the manifest says", "bytes, more than the"),
     Corruption.RESIGNED_UNTRUSTED: ("is not trusted",),
     Corruption.REPLAYED_OLDER: ("rollback refused",),
     Corruption.ENVELOPE_GARBAGE: ("envelope", "JSON", "payload"),

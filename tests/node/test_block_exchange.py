@@ -17,7 +17,7 @@ from libp2p.peer.id import ID
 
 from crypto.identity import Identity
 from marketplace.blockstore import BlockStore
-from marketplace.cid import DAG_PB, Cid, multihash_sha256
+from marketplace.cid import DAG_PB, RAW, Cid, multihash_sha256
 from marketplace.content_store import EmbeddedStore
 from marketplace.unixfs import CHUNK_SIZE, Profile, decode_pbnode, encode_file_node
 from node.market.block_exchange import (
@@ -445,3 +445,34 @@ def test_server_refuses_malformed_wants_and_keeps_serving(tmp_path: Path) -> Non
         (BLOCK, store.get(leaf)),
         (BLOCK, store.get(leaf)),
     ]
+
+
+def bomb(store: BlockStore, links: int = 174) -> tuple[Cid, int]:
+    """A UnixFS file whose root links one 256 KiB leaf `links` times: a few blocks that declare `links` x 256 KiB."""
+    leaf = bytes(CHUNK_SIZE)
+    leaf_cid = Cid.for_block(leaf, RAW)
+    store.put(leaf_cid, leaf)
+    root = encode_file_node([(leaf_cid.to_bytes(), CHUNK_SIZE, CHUNK_SIZE)] * links)
+    root_cid = Cid.for_block(root, DAG_PB)
+    store.put(root_cid, root)
+    return root_cid, links * CHUNK_SIZE
+
+
+def test_a_dag_bomb_is_refused_at_its_root_before_anything_under_it_is_fetched(tmp_path: Path) -> None:
+    # Arrange: 2 distinct blocks (256 KiB) that declare 43.5 MiB; the caller expects at most 1 MiB
+    provider_store = BlockStore(tmp_path / "provider")
+    root, declared = bomb(provider_store)
+    local = BlockStore(tmp_path / "local")
+
+    async def main() -> None:
+        with trio.fail_after(DEADLINE):
+            async with running_nodes(2) as (provider, client):
+                BlockServer(provider_store).attach(provider)
+                peers = await connect_all(client, [provider])
+                # Act
+                with pytest.raises(FetchError, match=f"declares {declared} bytes, more than the 1048576 expected"):
+                    await fetch_dag(root, peers, opener(client), local, max_bytes=1 << 20)
+
+    trio.run(main)
+    # Assert: nothing was stored, not even the root
+    assert stored_blocks(local) == 0

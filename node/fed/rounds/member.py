@@ -114,7 +114,8 @@ class Member:
         def fetch() -> dict[str, np.ndarray]:
             with ctx.scratch() as tmp:
                 path = Path(tmp) / "global.safetensors"
-                store.fetch(opened.global_cid, path, first=[peer_of(ctx.membership.keys(fid)[opened.aggregator])])
+                first = [peer_of(ctx.membership.keys(fid)[opened.aggregator])]
+                store.fetch(opened.global_cid, path, max_bytes=MAX_GLOBAL_BYTES, first=first)
                 data = path.read_bytes()
             return decode_tensors(data, Layout.of(ctx.initial_global(descriptor)), MAX_GLOBAL_BYTES)
 
@@ -208,7 +209,7 @@ class Member:
             def fetch() -> bytes:
                 with ctx.scratch() as tmp:
                     path = Path(tmp) / "aggregate.bin"
-                    store.fetch(done.aggregate_cid, path, first=[aggregator])
+                    store.fetch(done.aggregate_cid, path, max_bytes=fed_wire.MAX_PAYLOAD, first=[aggregator])
                     return path.read_bytes()
 
             def decode(payload: bytes) -> dict[str, np.ndarray]:
