@@ -107,7 +107,7 @@ def parse_envelope(data: bytes, *, expected_payload_type: str | None = None) -> 
         raise EnvelopeError(f"envelope is {len(data)} bytes, more than the limit of {MAX_ENVELOPE_BYTES}")
     try:
         wire = _decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise EnvelopeError(f"not a DSSE envelope: {exc}") from exc
     if not wire.signatures:
         raise EnvelopeError("unsigned (no signatures)")

@@ -65,7 +65,7 @@ def decode_strict(
         raise error(StructReason.OVERSIZED, f"{kind.__name__} is {len(data)} bytes; the limit is {limit}")
     try:
         value = msgspec.json.decode(data, type=kind)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:  # invalid UTF-8; nesting too deep
         raise error(StructReason.MALFORMED, f"not a {kind.__name__}: {exc}") from None
     found = getattr(value, "schema", None)
     if schema is not None and found != schema:

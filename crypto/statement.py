@@ -173,7 +173,7 @@ def parse_statement(payload: bytes) -> Statement:
     """Decode and check a Mirador in-toto Statement v1; raise StatementError naming the fault."""
     try:
         wire = _decoder.decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise StatementError(str(exc)) from exc
     if wire.type != STATEMENT_TYPE:
         raise StatementError(f"_type is {wire.type!r}, expected {STATEMENT_TYPE!r}")

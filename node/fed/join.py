@@ -6,15 +6,19 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
 import trio
 
 from crypto.he import PublicContext, SecretContext
 from crypto.identity import Identity
 from crypto.refusal import Refused
 from crypto.sealing import SealError, seal, unseal, x25519_public_of
+from crypto.signed import decode_strict
 from federation.descriptor import (
+    JOIN_SCHEMA,
+    MAX_JOIN_BYTES,
     FederationDescriptor,
+    JoinError,
+    JoinRequest,
     sign_admission,
     sign_join,
     verify_admission,
@@ -63,13 +67,7 @@ class JoinProtocol:
             return fed_wire.Refusal(reason=str(exc.reason)[:64], detail=exc.detail[:1024])
 
     def _admit(self, request: bytes) -> fed_wire.Welcome | fed_wire.Refusal:
-        try:
-            fields = msgspec.json.decode(request)
-        except msgspec.DecodeError as exc:
-            return fed_wire.Refusal(reason="malformed", detail=str(exc)[:1024])
-        fid = fields.get("federation_id") if isinstance(fields, dict) else None
-        if not isinstance(fid, str):
-            return fed_wire.Refusal(reason="malformed", detail="not a join request (no federation_id string)")
+        fid = decode_strict(request, JoinRequest, MAX_JOIN_BYTES, JOIN_SCHEMA, JoinError).federation_id
         row = self.state.federation(fid)
         if row is None:
             return fed_wire.Refusal(reason="unknown_federation", detail="this node is not in that federation")

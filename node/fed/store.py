@@ -659,7 +659,7 @@ def _matching_join(federation: str, member: Member, data: bytes) -> bytes:
         raise MemberConflictError(f"the join request is {len(data)} bytes; the limit is {MAX_JOIN_BYTES}")
     try:
         request = msgspec.json.decode(data, type=JoinRequest)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise MemberConflictError(f"not a join request: {exc}") from None
     found = (request.federation_id, request.joiner, request.key, request.x25519)
     if found != (federation, member.fingerprint, member.key, member.x25519):

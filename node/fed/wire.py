@@ -102,7 +102,7 @@ def decode(data: bytes, kind: type[msgspec.Struct], what: str) -> msgspec.Struct
     """Strictly decode a JSON struct, naming `what` in the error."""
     try:
         return msgspec.json.decode(data, type=kind)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:  # invalid UTF-8; nesting too deep
         raise WireError(f"{what}: {exc}") from None
 
 

@@ -76,7 +76,7 @@ def decode_want(payload: bytes) -> list[Cid]:
     try:
         want = _WANT_DECODER.decode(payload)
         return [Cid.parse(text) for text in want.cids]
-    except (msgspec.DecodeError, CidError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, CidError) as exc:
         raise WantError(str(exc)) from None
 
 

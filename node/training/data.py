@@ -125,7 +125,7 @@ def _from_jsonl(text: str, source: str) -> list[Example]:
             record = _DECODER.decode(line)
         except msgspec.ValidationError as exc:
             raise DataError(f"{where}: {_explain(str(exc))}") from None
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise DataError(f"{where}: invalid JSON ({str(exc).removeprefix('JSON is malformed: ')})") from None
         examples.append(_to_example(record, where))
     return examples

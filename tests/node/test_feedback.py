@@ -58,12 +58,14 @@ def test_bad_feedback_is_refused(daemon: Daemon, body: dict, status: int, needle
         ({"adapter": "x"}, "exactly one of 'data'"),
         ({"adapter": "x", "data": "/tmp/a.txt", "from_feedback": True}, "exactly one of 'data'"),
         ({"adapter": "../x", "from_feedback": True}, "'adapter'"),
-        ({"adapter": "x", "data": "/nonexistent/a.jsonl"}, "does not exist"),
+        ({"adapter": "x", "data": "{home}/data/missing.jsonl"}, "does not exist"),
         ({"adapter": "x", "from_feedback": True, "dp": {"epsilon": -1}}, "'dp.epsilon'"),
         ({"adapter": "x", "from_feedback": True, "target": "everything"}, "'target'"),
     ],
 )
 def test_bad_training_requests_are_refused(daemon: Daemon, body: dict, needle: str) -> None:
+    if isinstance(body.get("data"), str):
+        body = body | {"data": body["data"].format(home=daemon.home)}
     response = post(daemon, "/v1/train", body)
     assert response.status_code == 400
     assert needle in response.json()["error"]["message"]

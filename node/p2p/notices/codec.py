@@ -136,7 +136,7 @@ def _decode_body(data: bytes) -> Notice:
     try:
         notice: Notice = _union_decoder(tuple(_TYPES.values())).decode(data)
         notice.check()
-    except (msgspec.MsgspecError, ValueError) as exc:
+    except (msgspec.MsgspecError, ValueError, RecursionError) as exc:
         raise NoticeError(NoticeReason.INVALID, str(exc)) from None
     return notice
 
