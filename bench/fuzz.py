@@ -18,7 +18,8 @@ process sends, per protocol, valid messages mutated by a seeded RNG:
 A host the daemon blacklists (every refusal costs score) is replaced by a fresh identity. Each message waits at most
 `--wait-s` for an answer, then its stream is closed; "hangs" counts messages whose stream the daemon neither
 answered nor closed in that time (its own read deadlines end them later). After each session the daemon must still
-run; at the end it must answer a chat and serve the artifact's blocks to a fresh host. RSS is the daemon's VmRSS.
+run; at the end it must answer a chat, serve the artifact's blocks and answer a DHT query for its registry record to a
+fresh host. RSS is the daemon's VmRSS.
 Prints a table per protocol and writes bench/results/fuzz.json.
 
     .venv/bin/python bench/fuzz.py [--messages 10000] [--seed 1] [--wait-s 0.5]
@@ -357,8 +358,9 @@ def prepare(root: Path) -> Target:
     return Target(d, created.json()["federation_id"], envelope, record, identity_fp)
 
 
-async def blocks_still_served(target: Target, scratch: Path) -> bool:
-    """A fresh host fetches the published artifact's envelope from the daemon over the block exchange."""
+async def still_serving(target: Target, scratch: Path) -> tuple[bool, bool]:
+    """(blocks, dht): a fresh host fetches the published artifact's envelope from the daemon over the block exchange,
+    and reads the daemon's registry record for it from the daemon's DHT."""
     node, _ = registry_node(Identity.generate(), CONFIG)
     async with node:
         peer = await node.connect(target.addr)
@@ -369,7 +371,12 @@ async def blocks_still_served(target: Target, scratch: Path) -> bool:
 
         with trio.fail_after(30):
             await fetch_dag(Cid.parse(target.envelope_cid), [peer], open_stream, store)
-        return True
+        assert node.dht is not None
+        with trio.move_on_after(30):
+            key = record_key("fuzzed", target.publisher).encode()
+            value = await node.dht.value_store._get_from_peer(peer, key)
+            return True, isinstance(value, bytes) and bool(value)
+        return True, False
 
 
 def run_fuzz(root: Path, messages: int, seed: int, wait_s: float = 0.5) -> dict[str, Any]:
@@ -396,7 +403,7 @@ def run_fuzz(root: Path, messages: int, seed: int, wait_s: float = 0.5) -> dict[
             if d.proc.poll() is not None:
                 raise RuntimeError(f"the daemon died during {protocol}")
         chat = d.chat().status_code
-        served = trio.run(blocks_still_served, target, root / "fetched")
+        served, dht_answers = trio.run(still_serving, target, root / "fetched")
         status = httpx.get(f"{d.url}/v1/node/status", timeout=10).json()
         return {
             "seed": seed,
@@ -407,6 +414,7 @@ def run_fuzz(root: Path, messages: int, seed: int, wait_s: float = 0.5) -> dict[
             "alive": d.proc.poll() is None,
             "chat_status": chat,
             "blocks_served": served,
+            "dht_answers": dht_answers,
             "rss_kib_before": rss_before,
             "rss_kib_after": rss_kib(pid),
             "stream_refusals": status["p2p"].get("stream_refusals", {}),
@@ -428,8 +436,9 @@ def print_table(report: dict[str, Any]) -> None:
     growth = report["rss_kib_after"] - report["rss_kib_before"]
     print(
         f"daemon alive: {report['alive']}; chat afterwards: {report['chat_status']}; blocks served: "
-        f"{report['blocks_served']}; RSS {report['rss_kib_before'] / 1024:.0f} -> {report['rss_kib_after'] / 1024:.0f}"
-        f" MiB ({growth / 1024:+.0f} MiB); peers blacklisted: {report['blacklisted']}"
+        f"{report['blocks_served']}; DHT answers: {report['dht_answers']}; "
+        f"RSS {report['rss_kib_before'] / 1024:.0f} -> {report['rss_kib_after'] / 1024:.0f} MiB "
+        f"({growth / 1024:+.0f} MiB); peers blacklisted: {report['blacklisted']}"
     )
     handler_errors = {k: v for k, v in report["stream_refusals"].items() if k.endswith("handler_error")}
     print(f"stream refusals: {report['stream_refusals']}; handler errors (bugs): {handler_errors or 'none'}")

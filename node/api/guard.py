@@ -43,44 +43,45 @@ class BrowserGuardMiddleware:
     def _origin_allowed(self, origin: str) -> bool:
         return "*" in self.origins or origin.rstrip("/").lower() in self.origins
 
+    def _refusal(self, headers: dict[bytes, str], origin: str | None, method: str) -> ApiError | None:
+        """Why this request is refused (a foreign Host, a cross-origin browser request, a non-JSON change), or None."""
+        host = headers.get(b"host")
+        if host is not None and host_name(host) not in self.hosts:
+            return ApiError(
+                403,
+                f"Host {host!r} is not this node (add it to [api] allowed_hosts if you reach the node by that name)",
+                code="host_not_allowed",
+            )
+        cross_site = headers.get(b"sec-fetch-site", "") in ("cross-site", "same-site")
+        if (origin is not None or cross_site) and not (origin is not None and self._origin_allowed(origin)):
+            return ApiError(
+                403,
+                f"cross-origin requests from {origin or 'another site'} are refused "
+                "(add the origin to [api] allowed_origins to allow a web app)",
+                code="origin_not_allowed",
+            )
+        content_type = headers.get(b"content-type", "").split(";")[0].strip().lower()
+        if method in STATE_CHANGING and content_type != "application/json":
+            return ApiError(
+                415,
+                f"{method} requests must be 'Content-Type: application/json' (got {content_type or 'none'!r})",
+                code="unsupported_media_type",
+            )
+        return None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI entry point."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        host = headers.get(b"host")
-        if host is not None and host_name(host) not in self.hosts:
-            refusal = ApiError(
-                403,
-                f"Host {host!r} is not this node (add it to [api] allowed_hosts if you reach the node by that name)",
-                code="host_not_allowed",
-            )
+        origin, method = headers.get(b"origin"), scope["method"]
+        refusal = self._refusal(headers, origin, method)
+        if refusal is not None:
             await refusal.response()(scope, receive, send)
             return
-        origin = headers.get(b"origin")
-        cross_site = headers.get(b"sec-fetch-site", "") in ("cross-site", "same-site")
-        if (origin is not None or cross_site) and not (origin is not None and self._origin_allowed(origin)):
-            refusal = ApiError(
-                403,
-                f"cross-origin requests from {origin or 'another site'} are refused "
-                "(add the origin to [api] allowed_origins to allow a web app)",
-                code="origin_not_allowed",
-            )
-            await refusal.response()(scope, receive, send)
-            return
-        method = scope["method"]
         if origin is not None and method == "OPTIONS":
             await _preflight(origin)(scope, receive, send)
-            return
-        content_type = headers.get(b"content-type", "").split(";")[0].strip().lower()
-        if method in STATE_CHANGING and content_type != "application/json":
-            refusal = ApiError(
-                415,
-                f"{method} requests must be 'Content-Type: application/json' (got {content_type or 'none'!r})",
-                code="unsupported_media_type",
-            )
-            await refusal.response()(scope, receive, send)
             return
         if origin is None:
             await self.app(scope, receive, send)

@@ -94,21 +94,25 @@ class JoinProtocol:
             secret = self.state.he_secret(fid)
             if member.role == "member" and secret is not None:
                 sealed = fed_wire.b64(seal(fed_wire.unb64(member.x25519, "x25519"), secret, seal_context(fid, member)))
-        if admitted is not None:  # the same request again: its stored admission stands
-            admission = next(r.admission for r in self.state.member_rows(fid) if r.fingerprint == member.fingerprint)
-        else:
-            admission = sign_admission(self.identity, descriptor, request)
-        self.state.add_member(fid, member, request, admission)
-        trio.from_thread.run_sync(self.gossip, fid, "member", fed_wire.encode_admitted(request, admission))
-        rows = self.state.member_rows(fid)
+        admission = sign_admission(self.identity, descriptor, request) if admitted is None else b""
+        self.state.add_member(fid, member, request, admission)  # the same node with other keys: MemberConflictError
+        rows = self.state.member_rows(fid)  # an admitted node asking again gets its stored request and admission
+        entries = {r.fingerprint: self._admitted_entry(descriptor, r) for r in rows}
+        trio.from_thread.run_sync(self.gossip, fid, "member", entries[member.fingerprint])
         return fed_wire.Welcome(
             descriptor=fed_wire.b64(row.descriptor_bytes),
-            members=[fed_wire.b64(fed_wire.encode_admitted(r.join_request, r.admission)) for r in rows],
+            members=[fed_wire.b64(entries[r.fingerprint]) for r in rows],
             he_public=he_public,
             he_secret_sealed=sealed,
             global_round=row.global_round,
             global_cid=row.global_cid,
         )
+
+    def _admitted_entry(self, descriptor: FederationDescriptor, row: Any) -> bytes:
+        """A stored member as the federation passes it on: its request and admission (a member stored before
+        admissions were signed gets one now, dated when it was stored)."""
+        admission = row.admission or sign_admission(self.identity, descriptor, row.join_request, now=row.joined_at)
+        return fed_wire.encode_admitted(row.join_request, admission)
 
     async def join(self, descriptor_bytes: bytes, via: str, role: str, invite: bytes | None) -> FederationDescriptor:
         """Join the federation of `descriptor_bytes` through the admitted member with key `via` (base64)."""
