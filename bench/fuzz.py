@@ -65,6 +65,7 @@ from tests.daemon_harness import Daemon, start_daemon
 PROTOCOLS = ("fed.join", "fed.update", "blocks", "dht", "notices", "http")
 KAD = "/ipfs/kad/1.0.0"
 CONFIG = P2PConfig(dial_timeout=5, negotiate_timeout=5)
+MAX_REFUSED_CONNECTS = 5  # consecutive refused connections before the rest of a protocol's messages are skipped
 SESSION = 200  # messages per fuzzing host before a fresh one (a blacklisted host is replaced at once)
 POST_ROUTES = (
     "/v1/chat/completions",
@@ -273,17 +274,26 @@ def http_message(rng: random.Random, target: Target, client: httpx.Client) -> st
 
 async def session(protocol: str, count: int, rng: random.Random, target: Target, tally: Tally, wait_s: float) -> None:
     """`count` messages of `protocol` from fresh hosts (one per SESSION messages, or when the daemon drops it)."""
-    left = count
+    left, refused_in_a_row = count, 0
     while left > 0:
+        if (
+            refused_in_a_row >= MAX_REFUSED_CONNECTS
+        ):  # the daemon stopped taking our connections: counted, not waited on
+            for _ in range(left):
+                tally.add(protocol, "not_sent (connections refused)")
+            return
         identity = Identity.generate()
         node, _ = registry_node(identity, CONFIG)
         async with node:
             try:
-                peer = await node.connect(target.addr)
+                with trio.fail_after(10):
+                    peer = await node.connect(target.addr)
             except Exception:
                 tally.add(protocol, "connect_refused")
                 left -= 1
+                refused_in_a_row += 1
                 continue
+            refused_in_a_row = 0
             for _ in range(min(SESSION, left)):
                 left -= 1
                 try:
@@ -317,6 +327,15 @@ def rss_kib(pid: int) -> int:
 def prepare(root: Path) -> Target:
     """Start the daemon, create an HE federation, publish an artifact; what the fuzzer needs to know."""
     d = start_daemon(root / "victim")
+    try:
+        return _prepared(d, root)
+    except BaseException:
+        d.stop()
+        raise
+
+
+def _prepared(d: Daemon, root: Path) -> Target:
+    """Create the federation, publish the artifact, read what the fuzzer needs."""
     (d.home / "data").mkdir()
     (d.home / "data" / "notes.txt").write_text("notes\n")
     spec = {"name": "fuzzed", "mode": "he", "data": str(d.home / "data" / "notes.txt"), "min_members": 3}
@@ -403,7 +422,11 @@ def run_fuzz(root: Path, messages: int, seed: int, wait_s: float = 0.5) -> dict[
             if d.proc.poll() is not None:
                 raise RuntimeError(f"the daemon died during {protocol}")
         chat = d.chat().status_code
-        served, dht_answers = trio.run(still_serving, target, root / "fetched")
+        try:
+            served, dht_answers = trio.run(still_serving, target, root / "fetched")
+            after_error = ""
+        except Exception as exc:  # reported, not raised: the counts above are the run's result
+            served, dht_answers, after_error = False, False, f"{type(exc).__name__}: {str(exc)[:300]}"
         status = httpx.get(f"{d.url}/v1/node/status", timeout=10).json()
         return {
             "seed": seed,
@@ -415,6 +438,7 @@ def run_fuzz(root: Path, messages: int, seed: int, wait_s: float = 0.5) -> dict[
             "chat_status": chat,
             "blocks_served": served,
             "dht_answers": dht_answers,
+            "after_error": after_error,
             "rss_kib_before": rss_before,
             "rss_kib_after": rss_kib(pid),
             "stream_refusals": status["p2p"].get("stream_refusals", {}),
@@ -440,6 +464,8 @@ def print_table(report: dict[str, Any]) -> None:
         f"RSS {report['rss_kib_before'] / 1024:.0f} -> {report['rss_kib_after'] / 1024:.0f} MiB "
         f"({growth / 1024:+.0f} MiB); peers blacklisted: {report['blacklisted']}"
     )
+    if report["after_error"]:
+        print(f"afterwards a fresh host could not use the node: {report['after_error']}")
     handler_errors = {k: v for k, v in report["stream_refusals"].items() if k.endswith("handler_error")}
     print(f"stream refusals: {report['stream_refusals']}; handler errors (bugs): {handler_errors or 'none'}")
 

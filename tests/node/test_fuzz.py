@@ -16,7 +16,8 @@ def test_a_seeded_fuzz_run_leaves_the_node_serving(tmp_path: Path) -> None:
     report = run_fuzz(tmp_path, messages=600, seed=11)
 
     # Assert
-    assert report["alive"] and report["chat_status"] == 200 and report["blocks_served"] and report["dht_answers"]
+    assert report["alive"] and report["chat_status"] == 200 and report["after_error"] == ""
+    assert report["blocks_served"] and report["dht_answers"]
     assert report["handler_errors"] == [], report["handler_errors"]
     assert not any(k.endswith("handler_error") for k in report["stream_refusals"]), report["stream_refusals"]
     counts = report["per_protocol"]
