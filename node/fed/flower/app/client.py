@@ -122,6 +122,7 @@ def train_member(
     if trained.keys() != global_tensors.keys():
         raise RuntimeError("the trained adapter's tensors differ from the global adapter's")
     update = flatten(trained) - flatten(global_tensors)
+    raw_norm = float(np.linalg.norm(update.astype(np.float64)))
     privatized = cfg.noise_multiplier > 0
     if privatized:
         update = privatize(update, cfg.clip_norm, cfg.noise_multiplier, rng or np.random.default_rng())
@@ -129,6 +130,7 @@ def train_member(
         "train-loss": float(result.train_loss),
         "heldout-loss-before": float(result.heldout_loss_before),
         "heldout-loss-after": float(result.heldout_loss_after),
+        "update-norm": raw_norm,  # L2 norm of the raw update, before clipping and noise
         "clip-norm": float(cfg.clip_norm),
         "noise-multiplier": float(cfg.noise_multiplier),
         "privatized": int(privatized),
