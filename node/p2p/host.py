@@ -42,6 +42,8 @@ from libp2p.tools.anyio_service import background_trio_service
 from crypto.identity import Identity
 from crypto.refusal import Refused
 from node.core.fsutil import atomic_write_bytes
+from node.p2p.dht_guard import DhtGuard
+from node.p2p.inbound import hold_slots_per_connection
 
 _CLOSE_TIMEOUT = 5.0
 log = logging.getLogger(__name__)
@@ -103,7 +105,7 @@ def build_host(key_pair: KeyPair, config: P2PConfig) -> IHost:
         inbound_stream_protocol_negotiation_timeout=config.negotiate_timeout,
         outbound_stream_protocol_negotiation_timeout=config.negotiate_timeout,
     )
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
@@ -112,6 +114,8 @@ def build_host(key_pair: KeyPair, config: P2PConfig) -> IHost:
         negotiate_timeout=config.negotiate_timeout,
         connection_config=connection_config,
     )
+    hold_slots_per_connection(host.get_network())
+    return host
 
 
 def tcp_multiaddr(host: str, port: int) -> multiaddr.Multiaddr:
@@ -167,6 +171,8 @@ class P2PNode:
         self.host: IHost = build_host(self.key_pair, self.config)
         # Created before the host listens, so that no connection is made before they see it.
         self.dht = _dht(self.host, validators or {}) if self.config.dht else None
+        if self.dht is not None:
+            DhtGuard(self.dht, self.refused).install(self.host)
         self.gossipsub = _gossipsub() if self.config.pubsub else None
         self.pubsub = Pubsub(self.host, self.gossipsub) if self.gossipsub is not None else None
         self._stack: AsyncExitStack | None = None

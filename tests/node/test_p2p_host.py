@@ -216,3 +216,36 @@ def test_disconnect_also_closes_connections_that_arrive_while_closing() -> None:
     # Assert: redials landed during the close, and no connection is left open on one side and forgotten on the other
     assert isinstance(outcome["closed"], int) and outcome["closed"] >= 2, outcome
     assert outcome["closer sees"] == outcome["redialer sees"], outcome
+
+
+def test_inbound_slots_come_back_when_connections_close() -> None:
+    # Arrange: a node that holds at most 4 inbound connections at once (py-libp2p's inbound cap is max - min)
+    small = P2PConfig(dht=False, pubsub=False, dial_timeout=5, negotiate_timeout=5, max_connections=4)
+    outcome: dict[str, object] = {"connected": 0}
+
+    async def main() -> None:
+        with trio.fail_after(DEADLINE * 2):
+            async with P2PNode(Identity.generate(), small) as node:
+                target = node.listen_addrs[0]
+                # Act: 12 fresh peers, one after the other, each closing its connection before the next
+                for _ in range(12):
+                    async with P2PNode(Identity.generate(), BARE) as visitor:
+                        await visitor.connect(target)
+                        outcome["connected"] = int(str(outcome["connected"])) + 1
+                await wait_for(lambda: not node.peers())
+                # ...then 6 at once: the cap still bounds concurrent connections
+                async with contextlib.AsyncExitStack() as stack:
+                    at_once = [await stack.enter_async_context(P2PNode(Identity.generate(), BARE)) for _ in range(6)]
+                    results = []
+                    for visitor in at_once:
+                        try:
+                            await visitor.connect(target)
+                            results.append(True)
+                        except P2PError:
+                            results.append(False)
+                    outcome["at once"] = results
+
+    trio.run(main)
+    # Assert: every sequential peer got in (the old code refused every peer after the 4th), and at most 4 at once
+    assert outcome["connected"] == 12, outcome
+    assert outcome["at once"] == [True] * 4 + [False] * 2, outcome
