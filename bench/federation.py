@@ -710,7 +710,9 @@ def flower_run(
         assert link.address is not None
         conn = Connection(link.address)
         for path in data:
-            dep.supernode(link.address, {"data": str(path), "base": str(base)}, max_wait_time=120.0)
+            dep.supernode(
+                link.address, {"data": str(path), "base": str(base), "report-timings": True}, max_wait_time=120.0
+            )
         result["start_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         run_id = run_app(conn, run_config)

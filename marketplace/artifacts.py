@@ -125,8 +125,10 @@ class Marketplace:
         references: list[ArtifactRef] | None = None,
         benchmarks: dict[str, float] | None = None,
         progress: Progress | None = None,
+        leave_out: frozenset[str] = frozenset(),
     ) -> Installed:
-        """Sign and publish a file or folder as `name@version`; it is also installed locally."""
+        """Sign and publish a file or folder as `name@version` (a folder's files but those named in `leave_out`);
+        it is also installed locally."""
         if self.identity is None:
             raise ArtifactRefused("publishing needs the node's identity")
         publisher = self.identity.fingerprint
@@ -134,7 +136,7 @@ class Marketplace:
         self._check_owner(name, publisher, "publish", artifact, False)
         try:
             self.registry.check_not_rollback(name, publisher, version)
-            files, digests = _artifact_files(path)
+            files, digests = _artifact_files(path, leave_out)
             for n, p in files.items():
                 check_file_name(n)
                 check_file_format(p)
@@ -417,13 +419,14 @@ def _looks_like_cid(text: str) -> bool:
         return False
 
 
-def _artifact_files(path: Path) -> tuple[dict[str, Path], dict[str, str]]:
-    """(name -> path, name -> sha256) of the files to publish: one file, or every file of a folder (no symlinks)."""
+def _artifact_files(path: Path, leave_out: frozenset[str]) -> tuple[dict[str, Path], dict[str, str]]:
+    """(name -> path, name -> sha256) of the files to publish: one file, or every file of a folder but those in
+    `leave_out` (no symlinks)."""
     if path.is_file():
         return {path.name: path}, {path.name: sha256_file(path)}
     if not path.is_dir():
         raise ValueError(f"{path}: no such file or folder")
-    digests = folder_digests(path, ignore=frozenset({ENVELOPE_FILE}))  # refuses symlinks and special files
+    digests = folder_digests(path, ignore=frozenset({ENVELOPE_FILE}) | leave_out)  # refuses symlinks, special files
     if not digests:
         raise ValueError(f"{path}: the folder is empty")
     return {n: path / n for n in digests}, digests

@@ -21,7 +21,8 @@ from node.core.fsutil import atomic_write_text, fsync_dir
 GGUF_FILE = "adapter.gguf"
 CURRENT_FILE = "current"
 # files a version folder may hold besides the GGUF: peft's safetensors and config, training facts
-EXTRA_FILES = ("adapter_model.safetensors", "adapter_config.json", "training.json")
+TRAINING_FILE = "training.json"  # what a training run did and measured, per-step losses included
+EXTRA_FILES = ("adapter_model.safetensors", "adapter_config.json", TRAINING_FILE)
 _VERSION = re.compile(r"^v([1-9][0-9]{0,8})$")
 
 

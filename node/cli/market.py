@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from node.adapters.store import TRAINING_FILE
 from node.core.home import NodeHome
 
 PASSPHRASE_ENV = "MIRADOR_KEY_PASSPHRASE"
@@ -96,7 +97,12 @@ def cmd_publish(home: NodeHome, args: argparse.Namespace) -> int:
         cfg = load_config(home.config_file)
         _, base = resolve_model(cfg.model)
         setting = cfg.inference.extra_buffers
-        benchmarks = publish_benchmarks(path, args.kind, base, lambda p: choose(p, setting, home.probe_cache).use)
+        benchmarks = publish_benchmarks(
+            path, args.kind, base, lambda p: choose(p, setting, home.probe_cache).use, args.with_training_log
+        )
+    leave_out = frozenset() if args.with_training_log or args.kind != "adapter" else frozenset({TRAINING_FILE})
+    if path.is_dir() and leave_out and (path / TRAINING_FILE).is_file():
+        print(f"{TRAINING_FILE} (per-step losses on your data) is not published; --with-training-log to include it")
     with _progress_bar() as bar:
         done = _market(home).publish(
             path,
@@ -108,6 +114,7 @@ def cmd_publish(home: NodeHome, args: argparse.Namespace) -> int:
             adapter=adapter,
             benchmarks=benchmarks,
             progress=bar,
+            leave_out=leave_out,
         )
     figures = ", ".join(f"{k} {v:g}" for k, v in benchmarks.items())
     print(f"measured at publish: {figures}" if figures else "no benchmark figures measured")
@@ -375,6 +382,11 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> l
             pub.add_argument("--kind", choices=["model", "adapter"], default="model")
             pub.add_argument("--description", default="")
             pub.add_argument("--no-bench", action="store_true", help="skip measuring generation speed for the manifest")
+            pub.add_argument(
+                "--with-training-log",
+                action="store_true",
+                help=f"adapters: also publish {TRAINING_FILE} (per-step losses) and the held-out loss on your data",
+            )
         pub.add_argument("--license", default="Apache-2.0")
         pub.set_defaults(market_func=cmd_publish if kind == "model" else cmd_chain_publish)
         pull = s.add_parser("pull", help="fetch and verify NAME[@VERSION] or a CID")

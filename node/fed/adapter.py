@@ -31,7 +31,7 @@ import safetensors.numpy
 from federation.descriptor import LocalDpSgd
 from federation.update import Layout
 from node.adapters.check import BaseDims, base_dims_of_file, check_adapter_file
-from node.adapters.store import EXTRA_FILES, GGUF_FILE, AdapterStore, AdapterVersion
+from node.adapters.store import EXTRA_FILES, GGUF_FILE, TRAINING_FILE, AdapterStore, AdapterVersion
 from node.core.fsutil import atomic_write_text, fsync_dir, remove_stale
 from node.core.home import NodeHome
 from node.training.lora_export import GGUF_NAMES, LoraShape, write_gguf_lora
@@ -40,7 +40,6 @@ from node.training.trainer import TARGET_MODULES
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
-TRAINING_FILE = "training.json"
 INIT_SCHEMA = "mirador.fed-init/v1"  # domain separator of the round-1 seed derivation; changing it changes the init
 ARCHITECTURE = "llama"  # the peft naming and the GGUF export (q/k row permutation) are those of Llama
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")

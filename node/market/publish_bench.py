@@ -49,10 +49,11 @@ def generation_tok_s(
 
 
 def publish_benchmarks(
-    path: Path, kind: str, base_model: Path, extra_buffers: Callable[[Path], bool]
+    path: Path, kind: str, base_model: Path, extra_buffers: Callable[[Path], bool], with_training_log: bool = False
 ) -> dict[str, float]:
     """Figures for the manifest: generation tok/s (of the model, or of the base with the adapter) and, for a
-    trained adapter, its held-out loss and ε from training.json. `extra_buffers` is the node's choice for a GGUF."""
+    trained adapter, its ε and δ from training.json, and its held-out loss only `with_training_log` (a loss on the
+    user's own data is not covered by the ledger). `extra_buffers` is the node's choice for a GGUF."""
     folder = path if path.is_dir() else path.parent
     ggufs = [path] if path.suffix == ".gguf" else sorted(folder.glob("*.gguf"))
     figures: dict[str, float] = {}
@@ -65,7 +66,8 @@ def publish_benchmarks(
     training = folder / "training.json"
     if kind == "adapter" and training.is_file():
         facts = json.loads(training.read_text())
-        for key, name in (("heldout_loss_after", "heldout_loss"), ("epsilon", "epsilon"), ("delta", "delta")):
+        shared = (("epsilon", "epsilon"), ("delta", "delta"))
+        for key, name in (("heldout_loss_after", "heldout_loss"), *shared) if with_training_log else shared:
             if isinstance(facts.get(key), int | float):
                 figures[name] = float(facts[key])
     return figures

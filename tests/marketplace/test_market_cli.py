@@ -109,9 +109,10 @@ def test_an_adapter_published_by_one_home_is_pulled_and_served_by_another(tmp_pa
     folder = tmp_path / "tutor"
     folder.mkdir()
     write_adapter(folder / "adapter.gguf", base_dims_of_file(embedded_model_path()), r=8, seed=1, std=0.1)
-    cid = published_cid(
-        cli(alice, ipfs, "model", "publish", str(folder), "--name", "tutor", "--version", "1.0.0", "--kind", "adapter")
-    )
+    training = {"losses": [4.1, 3.9], "heldout_loss_after": 3.5, "epsilon": 7.9, "delta": 1e-5}
+    (folder / "training.json").write_text(json.dumps(training))  # per-step losses on alice's own data
+    publish = cli(alice, ipfs, "model", "publish", str(folder), "--name", "tutor", "--version=1.0.0", "--kind=adapter")
+    cid = published_cid(publish)
     cli(alice, ipfs, "keys", "export", "--public", str(tmp_path / "alice.pem"))
     cli(bob, ipfs, "trust", "add", str(tmp_path / "alice.pem"))
     # Act
@@ -130,5 +131,10 @@ def test_an_adapter_published_by_one_home_is_pulled_and_served_by_another(tmp_pa
     # Assert
     assert pulled.returncode == 0, pulled.stderr
     assert "installed as adapter tutor@v1" in pulled.stdout
+    assert "training.json (per-step losses on your data) is not published" in publish.stdout
+    installed = bob / "artifacts" / "tutor" / "1.0.0"
+    assert sorted(p.name for p in installed.iterdir()) == ["adapter.gguf", "envelope.json"]
+    assert "measured at publish: generation_tok_s" in publish.stdout and "heldout_loss" not in publish.stdout
+    assert "epsilon 7.9" in publish.stdout
     assert answers["base:tutor"][0] == "tutor@v1" and answers["base"][0] == "none"
     assert answers["base:tutor"][1] != answers["base"][1]

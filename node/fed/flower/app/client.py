@@ -6,9 +6,14 @@ SuperNode's data with `node.training.trainer.train_adapter`, and replies with th
 flat float32 vector (`arrays["update"]`), privatized when `noise-multiplier > 0` (clip to `clip-norm`, add
 Gaussian noise of std `noise-multiplier x clip-norm`), plus metrics.
 
+What leaves the member is the (privatized) update and the privacy settings it was released under (`clip-norm`,
+`noise-multiplier`, `privatized`): nothing the ledger does not cover. The raw update norm, the training and held-out
+losses and the dataset size stay in this SuperNode's log; the training time is sent only when the node's own
+config says `report-timings = true` (for benchmarks on one's own machines: it grows with the data file's size).
+
 Node config (`flower-supernode --node-config`, see `node.fed.flower.engine.start_supernode`):
 `data` (required: a `.txt` or `.jsonl` training file on this machine), `base` (a torch twin folder) or
-`models` (where to build it from the embedded GGUF once; default `$MIRADOR_HOME/models`).
+`models` (where to build it from the embedded GGUF once; default `$MIRADOR_HOME/models`), `report-timings`.
 """
 
 import logging
@@ -54,7 +59,7 @@ def train(msg: Message, context: Context) -> Message:
     if not isinstance(data, str) or not data:
         raise AppConfigError("this SuperNode has no 'data' in its node config (--node-config data=PATH)")
     base = resolve_base(_node_str(context, "base"), _node_str(context, "models"))
-    update, metrics = train_member(
+    update, metrics, local = train_member(
         base,
         Path(data).expanduser(),
         global_tensors,
@@ -64,12 +69,9 @@ def train(msg: Message, context: Context) -> Message:
         alpha=float(settings["alpha"]),  # type: ignore[arg-type]
         cfg=cfg,
     )
-    log.info(
-        "round %s: update norm %.4g, privatized %s",
-        settings.get("server-round"),
-        metrics["update-norm"],
-        bool(metrics["privatized"]),
-    )
+    log.info("round %s, kept on this node: %s; sent: %s", settings.get("server-round"), local, metrics)
+    if context.node_config.get("report-timings") is True:
+        metrics["train-seconds"] = local["train-seconds"]
     reply = RecordDict({ARRAYS_KEY: ArrayRecord({UPDATE_KEY: Array(update)}), METRICS_KEY: MetricRecord(metrics)})
     return Message(reply, reply_to=msg)
 
@@ -92,8 +94,9 @@ def train_member(
     alpha: float,
     cfg: AppConfig,
     rng: np.random.Generator | None = None,
-) -> tuple[Vector, dict[str, Any]]:
-    """One member's local round: (update vector, metrics). The update is privatized when noise-multiplier > 0."""
+) -> tuple[Vector, dict[str, Any], dict[str, Any]]:
+    """One member's local round: (update vector, metrics to send, figures kept on this node). The update is
+    privatized when noise-multiplier > 0."""
     import transformers
 
     from node.training.data import load_examples
@@ -127,16 +130,18 @@ def train_member(
     if privatized:
         update = privatize(update, cfg.clip_norm, cfg.noise_multiplier, rng or np.random.default_rng())
     metrics: dict[str, Any] = {
-        "train-loss": float(result.train_loss),
-        "heldout-loss-before": float(result.heldout_loss_before),
-        "heldout-loss-after": float(result.heldout_loss_after),
-        "update-norm": raw_norm,  # L2 norm of the raw update, before clipping and noise
         "clip-norm": float(cfg.clip_norm),
         "noise-multiplier": float(cfg.noise_multiplier),
         "privatized": int(privatized),
+    }
+    local = {
+        "examples": len(examples),
+        "train-loss": round(float(result.train_loss), 4),
+        "heldout-loss": [round(float(result.heldout_loss_before), 4), round(float(result.heldout_loss_after), 4)],
+        "update-norm": round(raw_norm, 4),  # of the raw update, before clipping and noise
         "train-seconds": round(time.monotonic() - began, 3),
     }
-    return update.astype(np.float32), metrics
+    return update.astype(np.float32), metrics, local
 
 
 def privatize(vector: Vector, clip_norm: float, noise_multiplier: float, rng: np.random.Generator) -> Vector:

@@ -9,7 +9,7 @@
    `global += aggregate`.
 3. Write `out` (a folder, absent or empty; built in a temp folder and renamed): the final global adapter as
    `adapter_model.safetensors` + `adapter_config.json`, `adapter.gguf` for llama.cpp when the base is known,
-   and `summary.json` (per round: members, failures, metrics, losses, aggregate norm).
+   and `summary.json` (per round: members, failures, the metrics members sent, aggregate norm).
 """
 
 import hashlib
@@ -244,21 +244,14 @@ def _jsonable(value: Any) -> Any:
 def _round_summary(
     rnd: int, aggregate: Any, metrics: dict[str, Any], failures: list[dict[str, str]], sampled: list[int], secs: float
 ) -> dict[str, Any]:
+    """One round's record in summary.json (members' metrics are only what they chose to send)."""
     members = list(aggregate.members)
-
-    def mean(key: str) -> float | None:
-        values = [metrics[m][key] for m in members if isinstance(metrics.get(m, {}).get(key), int | float)]
-        return finite_or_none(sum(values) / len(values)) if values else None
-
     return {
         "round": rnd,
         "sampled": [str(n) for n in sampled],
         "members": members,
         "failures": failures,
         "metrics": {m: metrics[m] for m in members if m in metrics},
-        "train_loss": mean("train-loss"),
-        "heldout_loss_before": mean("heldout-loss-before"),
-        "heldout_loss_after": mean("heldout-loss-after"),
         "aggregate_norm": finite_or_none(float(np.linalg.norm(np.asarray(aggregate.vector, dtype=np.float64)))),
         "seconds": round(secs, 3),
     }
