@@ -86,6 +86,7 @@ from federation.descriptor import (
     sign_descriptor,
     verify_descriptor,
 )
+from federation.policy import PrivacyPolicy
 from federation.privacy import MAX_PLAIN_BYTES, combine, mean_update, release
 from federation.update import Layout, decode_tensors, encode_tensors, flatten, unflatten
 from marketplace.content_store import EmbeddedStore
@@ -104,6 +105,8 @@ from node.p2p.notices import TOPIC, NoticeBoard
 RANK, ALPHA, TARGETS = 4, 8.0, ("q_proj", "v_proj")
 DELTA_NORM = 0.5  # the stub trainer's update norm (under the clip norm 1.0: clipping changes nothing)
 CLIP_NORM, NOISE = 1.0, 1.0
+# Overhead over many rounds of stub training (no data): a budget no node's default policy would accept.
+BENCH_POLICY = PrivacyPolicy(max_epsilon_per_dataset=1e5)
 DEADLINE_S = 60  # the round deadline; rounds close earlier, as soon as every trainer sent
 CONVERGE_S = 30.0
 KB = 1000
@@ -198,7 +201,9 @@ def make_node(index: int, root: Path, gguf: Path) -> BenchNode:
     local = EmbeddedStore(home.root / "blocks")
     BlockServer(local.blocks).attach(p2p)  # what MarketService does in the daemon: members fetch aggregates here
     adapters = AdapterStore(home.adapters_dir, base_dims(gguf))
-    fed = FederationNode(home, identity, gguf, adapters, p2p, notices, registry, local, trainer=stub_trainer(index))
+    fed = FederationNode(
+        home, identity, gguf, adapters, p2p, notices, registry, local, trainer=stub_trainer(index), policy=BENCH_POLICY
+    )
     fed.service.events.subscribe(REC.hook(index))
     return BenchNode(index, home, identity, p2p, notices, local, fed)
 

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import msgspec
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from crypto.identity import Identity
+from federation.policy import PrivacyPolicy
 from node.adapters.personalities import ManifestFile
 from node.adapters.store import AdapterStore
 from node.api.app import create_app
@@ -176,7 +178,16 @@ def build_state(home: NodeHome, cfg: NodeConfig, options: StartOptions) -> NodeS
     p2p, notices, market = _network(home, identity, cfg)
     federations = (
         FederationNode(
-            home, identity, path, store, p2p, notices, market.registry, market.local, cfg.federation.keep_released
+            home,
+            identity,
+            path,
+            store,
+            p2p,
+            notices,
+            market.registry,
+            market.local,
+            cfg.federation.keep_released,
+            policy=PrivacyPolicy(**msgspec.structs.asdict(cfg.privacy)),
         )
         if p2p is not None and notices is not None and market is not None
         else None

@@ -88,6 +88,16 @@ class FederationSection(_Section, frozen=True):
     keep_released: bool = False  # keep a copy of every update this node released (federations/<id>/released/)
 
 
+class PrivacySection(_Section, frozen=True):
+    """[privacy]: this node's own limits on any federation it trains in (federation.policy.PrivacyPolicy)."""
+
+    max_epsilon_per_dataset: Annotated[float, msgspec.Meta(gt=0, le=1e6)] = 10.0
+    max_epsilon_per_round: Annotated[float, msgspec.Meta(gt=0, le=1e6)] = 5.0
+    min_noise_multiplier: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 0.5
+    max_delta: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 1e-5
+    allow_without_dp: bool = True  # `he` federations: the decrypted mean carries no DP guarantee
+
+
 class NodeConfig(_Section, frozen=True):
     """The whole validated `node.toml`."""
 
@@ -95,6 +105,7 @@ class NodeConfig(_Section, frozen=True):
     api: ApiSection = ApiSection()
     model: ModelSection = ModelSection()
     federation: FederationSection = FederationSection()
+    privacy: PrivacySection = PrivacySection()
     inference: InferenceSection = InferenceSection()
     store: StoreSection = StoreSection()
     p2p: P2PSection = P2PSection()

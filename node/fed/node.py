@@ -30,6 +30,8 @@ from federation.descriptor import (
     verify_descriptor,
 )
 from federation.ledger import PrivacyLedger
+from federation.policy import PrivacyPolicy, check_descriptor
+from federation.privacy import round_spend
 from node.adapters.store import AdapterStore
 from node.core.fsutil import atomic_write_text
 from node.core.home import NodeHome
@@ -64,14 +66,17 @@ class FederationNode:
         local: Any,  # marketplace.content_store.EmbeddedStore
         keep_released: bool = False,
         trainer: Trainer | None = None,
+        policy: PrivacyPolicy | None = None,
     ) -> None:
-        """`trainer` replaces local training through the training subprocess (bench/federation.py's stub)."""
+        """`trainer` replaces local training through the training subprocess (bench/federation.py's stub);
+        `policy` is this node's [privacy] (defaults otherwise)."""
         if p2p.dht is None:
             raise FederationError("federations need the DHT")
         self.home, self.identity, self.gguf, self.adapters = home, identity, gguf, adapters
         self.state = FederationStore.for_home(home)
         self.dht = DhtFederations(p2p.dht)
         self.ledger_path = home.state_db
+        self.policy = policy or PrivacyPolicy()
         self._initial: dict[str, dict[str, np.ndarray]] = {}
         if swept := sweep_local_runs(home):
             log.info("removed %d federation training folder(s) left by a previous run", swept)
@@ -171,6 +176,7 @@ class FederationNode:
             admission=spec.get("admission", "open"),
         )
         descriptor = verify_descriptor(data)
+        check_descriptor(descriptor, self.policy, round_spend(descriptor))  # the creator is its first member
         fid = descriptor.federation_id
         await trio.to_thread.run_sync(self._create_locally, data, descriptor, spec, he)
         await self.dht.publish(data)
@@ -205,6 +211,8 @@ class FederationNode:
         """Find the federation in the DHT and join it through its creator."""
         descriptor_bytes = await self._descriptor_bytes(name, creator)
         descriptor = verify_descriptor(descriptor_bytes)
+        if role == "member":  # an aggregator-only member releases nothing of its own
+            check_descriptor(descriptor, self.policy, round_spend(descriptor))
         await self.service.join(descriptor_bytes, descriptor.creator_key, role, invite)
         self._save_settings(descriptor.federation_id, {"data": data, "train_options": dict(train_options or {})})
         return self.summary(descriptor.federation_id)
