@@ -52,7 +52,7 @@ UnixTime = Annotated[int, msgspec.Meta(ge=0, le=2**40)]
 ModuleName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")]
 ParamName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 StrategyName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
-PrivacyMode = Literal["dp", "he", "he+dp"]
+PrivacyMode = Literal["dp", "he", "he+dp", "dp-user", "he+dp-user"]
 Admission = Literal["open", "invite"]
 
 S = TypeVar("S", bound=msgspec.Struct)
@@ -184,8 +184,14 @@ class FederationDescriptor(msgspec.Struct, forbid_unknown_fields=True, frozen=Tr
 
     @property
     def uses_dp(self) -> bool:
-        """True if updates are clipped and noised (mode 'dp' or 'he+dp')."""
+        """True if what is released is differentially private (every mode but 'he')."""
         return "dp" in self.privacy.mode
+
+    @property
+    def user_level(self) -> bool:
+        """True if the unit of privacy is a member's whole update ('dp-user', 'he+dp-user'): the update is clipped and
+        noised once per round, which only large federations can afford."""
+        return self.privacy.mode.endswith("-user")
 
 
 def descriptor_key(name: str, creator: str) -> str:

@@ -1,14 +1,17 @@
 """What leaves a member, what the aggregator makes of it, and how members apply it, per privacy mode.
 
-- `dp`: the member clips its update (the change of the adapter over the round) to C and adds N(0, (z·C)²): every
-  released update is the output of an accounted Gaussian mechanism (one spend (z, q=1, T=1) per round: the unit
-  is the member's whole update, so the guarantee is per member, not per example). The aggregator may use any
-  strategy, robust ones included.
+- `dp-user`: the member clips its update (the change of the adapter over the round) to C and adds N(0, (z·C)²):
+  every released update is the output of an accounted Gaussian mechanism (one spend (z, q=1, T=1) per round: the
+  unit is the member's whole update, so the guarantee is per member, not per example; add/remove adjacency,
+  sensitivity C). The aggregator may use any strategy, robust ones included. Its noise has norm z·C·√(d/n) in the
+  mean of n updates of d values: only federations of thousands of members learn (`check_user_level`).
+- `dp` (and `he+dp`): for now the same mechanism as `dp-user` (`he+dp-user`); example-level DP-SGD replaces it.
 - `he`: the member clips to C (bounding any one member's influence) and encrypts under the federation's CKKS key;
   the aggregator adds ciphertexts without a secret key; members decrypt the sum and divide by the count.
-- `he+dp`: like `he`, but each member also adds its share 1/quorum of the noise variance, so whenever at least a
-  quorum of members contribute, the decrypted sum carries at least N(0, (z·C)²): the released aggregate is DP
-  (spend (z, 1, 1) per round) while no single update is seen in clear by anyone.
+- `he+dp-user`: like `he`, but each member also adds its share 1/quorum of the noise variance, so whenever at least
+  a quorum of members contribute, the decrypted sum carries at least N(0, (z·C)²), while no single update is seen in
+  clear by anyone. A member who decrypts knows its own share, so one update is protected by the others' shares
+  only: the spend is (z·√((k−1)/k), 1, 1) at a quorum of k (`effective_noise_multiplier`).
 
 Encrypted aggregation is an unweighted mean (each contributor counts once); plain aggregation follows the strategy.
 """
@@ -45,9 +48,58 @@ class Release:
     vector: np.ndarray
 
 
+MAX_NOISE_TO_UPDATE = 1.0  # user-level DP: noise larger than a clipped update in the mean drowns what is learned
+
+
+def noise_share(descriptor: FederationDescriptor) -> float:
+    """The fraction of the variance (z·C)² each member adds: 1/quorum under HE (the decrypted sum of at least a
+    quorum of shares carries all of it), 1 in clear."""
+    return 1.0 / descriptor.quorum if descriptor.uses_he else 1.0
+
+
+def effective_noise_multiplier(descriptor: FederationDescriptor) -> float:
+    """The z that protects one member's update against the others.
+
+    In clear every member adds the whole noise: z. Under HE the noise is split into shares, and every member who
+    decrypts the sum knows its own share: with a quorum of k contributors, one update is hidden by the k − 1 other
+    shares only, (k − 1)/k of the variance, so z·√((k − 1)/k) (z/√2 at a quorum of 2: ε 6.58 instead of 4.39 for
+    z = 1). Adjacency: add or remove one member's update, whose L2 norm is clipped to C (sensitivity C)."""
+    z = descriptor.privacy.dp.noise_multiplier
+    if not descriptor.uses_he:
+        return z
+    k = descriptor.quorum
+    return z * math.sqrt((k - 1) / k)
+
+
 def round_spend(descriptor: FederationDescriptor) -> Spend | None:
     """The privacy cost of releasing one round's update under this federation (None in `he` mode: no DP claim)."""
-    return Spend(descriptor.privacy.dp.noise_multiplier, 1.0, 1) if descriptor.uses_dp else None
+    return Spend(effective_noise_multiplier(descriptor), 1.0, 1) if descriptor.uses_dp else None
+
+
+def noise_to_update(descriptor: FederationDescriptor, params: int, members: int) -> float:
+    """Expected L2 norm of the noise in the mean of `members` released updates of `params` values, over the norm C
+    of one clipped update: z·√(share·params/members)."""
+    return descriptor.privacy.dp.noise_multiplier * math.sqrt(noise_share(descriptor) * params / members)
+
+
+def members_needed(descriptor: FederationDescriptor, params: int, ratio: float = MAX_NOISE_TO_UPDATE) -> int:
+    """The fewest contributors per round for which `noise_to_update` is at most `ratio`."""
+    z = descriptor.privacy.dp.noise_multiplier
+    return max(descriptor.quorum, math.ceil(z * z * noise_share(descriptor) * params / (ratio * ratio)))
+
+
+def check_user_level(descriptor: FederationDescriptor, params: int, members: int) -> float:
+    """Raise PrivacyError unless a user-level federation of `members` contributors per round learns anything
+    (noise no larger than an update in the mean); the noise-to-update ratio otherwise."""
+    ratio = noise_to_update(descriptor, params, members)
+    if ratio > MAX_NOISE_TO_UPDATE:
+        raise PrivacyError(
+            f"in mode {descriptor.privacy.mode!r} with {members} members the noise in the mean update would be "
+            f"{ratio:.3g}× a clipped update (z = {descriptor.privacy.dp.noise_multiplier:g}, {params} parameters): "
+            f"it needs about {members_needed(descriptor, params)} members per round; use mode 'dp' (example-level "
+            "DP-SGD) for small federations"
+        )
+    return ratio
 
 
 def release(
@@ -62,8 +114,7 @@ def release(
     vector = flatten(dict(delta), layout)
     rng = rng or default_rng()
     if descriptor.uses_dp:
-        share = 1.0 / descriptor.quorum if descriptor.uses_he else 1.0
-        vector = privatize(vector, dp.clip_norm, dp.noise_multiplier, rng, share=share)
+        vector = privatize(vector, dp.clip_norm, dp.noise_multiplier, rng, share=noise_share(descriptor))
     else:
         vector, _ = clip_l2(vector, dp.clip_norm)
     vector = vector.astype(np.float32)
@@ -163,5 +214,4 @@ def noise_std_of_sum(descriptor: FederationDescriptor, contributors: int) -> flo
     if not descriptor.uses_dp:
         return 0.0
     dp = descriptor.privacy.dp
-    share = 1.0 / descriptor.quorum if descriptor.uses_he else 1.0
-    return dp.noise_multiplier * dp.clip_norm * math.sqrt(share * contributors)
+    return dp.noise_multiplier * dp.clip_norm * math.sqrt(noise_share(descriptor) * contributors)

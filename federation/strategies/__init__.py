@@ -83,7 +83,7 @@ STRATEGIES: Mapping[str, StrategyEntry] = {
 }
 
 # Privacy mode → whether a strategy that needs the clear updates (not only their sum) can run.
-MODES: Mapping[str, bool] = {"dp": True, "he": False, "he+dp": False}
+MODES: Mapping[str, bool] = {"dp": True, "he": False, "he+dp": False, "dp-user": True, "he+dp-user": False}
 
 
 def _spec(name: str) -> StrategyEntry:

@@ -23,7 +23,7 @@ class CreateRequest(_Closed):
     """`POST /v1/federations`: a new federation with this node as creator and first member."""
 
     name: str = Field(pattern=NAME)
-    mode: Literal["dp", "he", "he+dp"] = "dp"
+    mode: Literal["dp", "he", "he+dp", "dp-user", "he+dp-user"] = "dp"
     data: str = Field(min_length=1, max_length=4096)
     rank: int = Field(default=4, ge=1, le=256)
     alpha: float = Field(default=8.0, gt=0)
@@ -35,6 +35,7 @@ class CreateRequest(_Closed):
     strategy_params: dict[str, int | float] = Field(default_factory=dict, max_length=32)
     quorum: int = Field(default=2, ge=2)
     min_members: int = Field(default=2, ge=2)
+    expected_members: int | None = Field(default=None, ge=2, le=10_000_000)  # dp-user: contributors per round
     round_deadline_s: int = Field(default=300, ge=1, le=86400)
     local_steps: int = Field(default=20, ge=1, le=10000)
     epsilon_budget: float = Field(default=8.0, gt=0)

@@ -58,6 +58,8 @@ def cmd_create(home: NodeHome, args: argparse.Namespace) -> int:
     }
     if args.noise_multiplier is not None:
         body["noise_multiplier"] = args.noise_multiplier
+    if args.expected_members is not None:
+        body["expected_members"] = args.expected_members
     if args.strategy_param:
         body["strategy_params"] = _options(args.strategy_param)
     doc = _client(home).post("/v1/federations", body)
@@ -205,7 +207,7 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> ar
     create = s.add_parser("create", help="create a federation (this node becomes its first member)")
     create.add_argument("name")
     create.add_argument("--data", required=True, help="this node's training data (.txt or .jsonl)")
-    create.add_argument("--mode", choices=["dp", "he", "he+dp"], default="dp")
+    create.add_argument("--mode", choices=["dp", "he", "he+dp", "dp-user", "he+dp-user"], default="dp")
     create.add_argument("--rank", type=int, default=4)
     create.add_argument("--clip-norm", type=float, default=1.0)
     create.add_argument("--noise-multiplier", type=float, help="z (default 1.0 in dp and he+dp)")
@@ -213,6 +215,9 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> ar
     create.add_argument("--strategy-param", action="append", default=[], metavar="KEY=NUMBER")
     create.add_argument("--quorum", type=int, default=2)
     create.add_argument("--min-members", type=int, default=2)
+    create.add_argument(
+        "--expected-members", type=int, help="dp-user modes: contributors per round you expect (default: min members)"
+    )
     create.add_argument("--deadline", type=int, default=300, help="seconds a round stays open")
     create.add_argument("--local-steps", type=int, default=20)
     create.add_argument("--epsilon-budget", type=float, default=8.0)

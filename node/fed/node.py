@@ -3,6 +3,7 @@ plus what the API and CLI ask of it (create, join, leave, status, rounds)."""
 
 import json
 import logging
+import math
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,12 +32,12 @@ from federation.descriptor import (
 )
 from federation.ledger import PrivacyLedger
 from federation.policy import PrivacyPolicy, check_descriptor
-from federation.privacy import round_spend
+from federation.privacy import check_user_level, round_spend
 from node.adapters.store import AdapterStore
 from node.core.fsutil import atomic_write_text
 from node.core.home import NodeHome
 from node.fed import wire as fed_wire
-from node.fed.adapter import initial_adapter, install_global, sweep_local_runs, train_locally
+from node.fed.adapter import adapter_shapes, base_dims, initial_adapter, install_global, sweep_local_runs, train_locally
 from node.fed.dht import DhtFederations
 from node.fed.errors import FederationError
 from node.fed.rounds.member import Trained, Trainer
@@ -177,6 +178,15 @@ class FederationNode:
         )
         descriptor = verify_descriptor(data)
         check_descriptor(descriptor, self.policy, round_spend(descriptor))  # the creator is its first member
+        if descriptor.user_level:
+            a = descriptor.adapter
+            shapes = await trio.to_thread.run_sync(lambda: adapter_shapes(base_dims(self.gguf), a.rank, a.targets))
+            params = sum(math.prod(shape) for shape in shapes.values())
+            members = int(spec.get("expected_members") or descriptor.min_members)
+            ratio = check_user_level(descriptor, params, members)
+            log.info(
+                "federation %s: noise in the mean update ≈ %.3g× an update at %d members", spec["name"], ratio, members
+            )
         fid = descriptor.federation_id
         await trio.to_thread.run_sync(self._create_locally, data, descriptor, spec, he)
         await self.dht.publish(data)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from crypto.dp import epsilon
 from crypto.he import HEKeyError, SecretContext
 from crypto.identity import Identity
 from federation.descriptor import (
@@ -18,10 +19,13 @@ from federation.descriptor import (
 from federation.privacy import (
     PrivacyError,
     apply_update,
+    check_user_level,
     combine,
     delta_of,
     mean_update,
+    members_needed,
     noise_std_of_sum,
+    noise_to_update,
     release,
     round_spend,
 )
@@ -154,3 +158,47 @@ def test_every_update_weighs_the_same_whatever_its_member_trained_on() -> None:
     assert combined.count == 10
     for name in SHAPES:
         np.testing.assert_allclose(mean[name], np.full(SHAPES[name], 0.8, np.float32), rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["he+dp-user", "he+dp"])
+def test_an_he_member_is_protected_only_by_the_other_members_noise_shares(mode: str) -> None:
+    # Arrange: quorum 3, z = 1; a decrypting member subtracts its own share (1/3 of the variance) from the sum
+    fed = descriptor(mode, noise=1.0, clip=1.0)
+    own = noise_std_of_sum(fed, 1)
+    others = np.sqrt(noise_std_of_sum(fed, 3) ** 2 - own**2)  # what is left around one update at the quorum
+    # Act
+    spend = round_spend(fed)
+    # Assert: the accounted z is the others' noise over C, and its ε is above the z = 1 one
+    assert spend is not None and spend.noise_multiplier == pytest.approx(others / 1.0)
+    assert epsilon([spend], 1e-5) > epsilon([(1.0, 1.0, 1)], 1e-5)
+
+
+def test_at_a_quorum_of_two_the_corrected_epsilon_is_6_58_not_4_39() -> None:
+    # Arrange: the issue's figures (z = 1, q = 1, one round, δ = 1e-5)
+    privacy = Privacy(mode="he+dp-user", dp=DpParams(clip_norm=1.0, noise_multiplier=1.0), he=HeParams())
+    signed = sign_descriptor(
+        Identity.generate(),
+        name="pair",
+        base_sha256="ab" * 32,
+        adapter=AdapterConfig(rank=4, alpha=8.0, targets=("q_proj",)),
+        privacy=privacy,
+        quorum=2,
+        min_members=2,
+    )
+    # Act
+    spend = round_spend(verify_descriptor(signed))
+    # Assert
+    assert spend is not None and epsilon([spend], 1e-5) == pytest.approx(6.58, abs=0.01)
+    assert epsilon([(1.0, 1.0, 1)], 1e-5) == pytest.approx(4.39, abs=0.01)
+
+
+@pytest.mark.parametrize("mode", ["dp-user", "he+dp-user"])
+def test_user_level_noise_is_refused_below_the_members_it_needs(mode: str) -> None:
+    # Arrange: z = 1 on 10,000 parameters
+    fed = descriptor(mode, noise=1.0, clip=1.0)
+    needed = members_needed(fed, 10_000)
+    # Act / Assert: the noise in the mean is at most one clipped update exactly from `needed` members on
+    assert noise_to_update(fed, 10_000, needed) <= 1.0 < noise_to_update(fed, 10_000, needed - 1)
+    assert check_user_level(fed, 10_000, needed) <= 1.0
+    with pytest.raises(PrivacyError, match=f"needs about {needed} members"):
+        check_user_level(fed, 10_000, 4)

@@ -1,6 +1,7 @@
 """A node's [privacy] policy against a real creator: a federation whose signed rules break it is not joined, and the
 refusal names the rule (issue 15). Two real daemons on 127.0.0.1; the creator's own policy allows what it creates."""
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,3 +77,22 @@ def test_the_default_policy_also_refuses_to_create_such_a_federation(
     # Assert
     assert created.returncode != 0 and "noise_too_weak" in created.stderr, created.stderr
     assert federations(node) == []
+
+
+def test_a_user_level_federation_whose_noise_would_drown_its_updates_is_not_created(
+    pair: tuple[Daemon, Daemon], tmp_path: Path
+) -> None:
+    # Arrange: z = 1, q,v rank 4 on SmolLM2-135M: 30 layers × 4 × ((576 + 576) + (576 + 192)) = 230,400 parameters,
+    # so the mean of 4 members' updates holds noise ≈ √(230,400 / 4) = 240× a clipped update
+    creator, _ = pair
+    data = write_data(tmp_path / "mine.txt", "bees", seed=4)
+    args = ["federation", "create", "crowd", "--data", str(data), "--mode", "dp-user", "--min-members", "4"]
+    # Act
+    small = cli(creator, *args)
+    needed = re.search(r"needs about (\d+) members", small.stderr)
+    told = cli(creator, *args, "--expected-members", needed.group(1) if needed else "0")
+    # Assert
+    assert small.returncode != 0 and "would be 240× a clipped update" in small.stderr, small.stderr
+    assert needed is not None and int(needed.group(1)) == 230_400  # z² · d at a ratio of 1
+    assert told.returncode == 0, told.stderr
+    assert [f["mode"] for f in federations(creator) if f["name"] == "crowd"] == ["dp-user"]
