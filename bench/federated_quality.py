@@ -26,6 +26,8 @@ Training runs through the project's own code paths: `node.fed.adapter.initial_ad
   number of nodes), encrypted. The noise comes from a seeded numpy generator (reproducible runs; the node itself
   seeds from `secrets`). epsilon is `crypto.dp.epsilon` (opacus PRV accountant) of the released history
   [(z, q=1, T=rounds)] at the descriptor's delta; the unit of privacy is a node's whole update, not one example.
+  These rows run the federation modes `dp-user` and `he+dp-user` (what `dp` and `he+dp` meant before issue 15, whose
+  example-level DP-SGD rows are yet to be added here).
 
 Evaluation: the trainer's own held-out metric (`node.training.trainer.evaluate_loss`: mean over examples of each
 example's mean next-token cross-entropy, first `max_length` tokens of each entry, no gradients) on every domain's
@@ -359,8 +361,10 @@ def federate(
     descriptor = None
     secret = public = None
     if mode != "fedavg":
+        # the dp rows here are the update-level mechanisms (modes dp-user, he+dp-user since issue 15)
+        user_mode = f"{mode}-user" if mode in ("dp", "he+dp") else mode
         descriptor = make_descriptor(
-            mode, setup, privacy["clip"], privacy["z"], privacy["delta"], len(domains), privacy["budget"]
+            user_mode, setup, privacy["clip"], privacy["z"], privacy["delta"], len(domains), privacy["budget"]
         )
         if descriptor.uses_he:
             he = descriptor.privacy.he

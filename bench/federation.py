@@ -87,7 +87,7 @@ from federation.descriptor import (
     verify_descriptor,
 )
 from federation.policy import PrivacyPolicy
-from federation.privacy import MAX_PLAIN_BYTES, combine, mean_update, release
+from federation.privacy import MAX_PLAIN_BYTES, combine, mean_update, release, round_spend
 from federation.update import Layout, decode_tensors, encode_tensors, flatten, unflatten
 from marketplace.content_store import EmbeddedStore
 from node.adapters.store import AdapterStore
@@ -107,6 +107,7 @@ DELTA_NORM = 0.5  # the stub trainer's update norm (under the clip norm 1.0: cli
 CLIP_NORM, NOISE = 1.0, 1.0
 # Overhead over many rounds of stub training (no data): a budget no node's default policy would accept.
 BENCH_POLICY = PrivacyPolicy(max_epsilon_per_dataset=1e5)
+STUB_SAMPLE_RATE = 0.01
 DEADLINE_S = 60  # the round deadline; rounds close earlier, as soon as every trainer sent
 CONVERGE_S = 30.0
 KB = 1000
@@ -167,12 +168,18 @@ REC = Recorder()
 def stub_trainer(index: int, norm: float = DELTA_NORM) -> Callable[..., Trained]:
     """A Trainer that returns at once: the global tensors plus a delta seeded by (node, round) of L2 norm `norm`."""
 
-    def train(descriptor: FederationDescriptor, global_tensors: Mapping[str, np.ndarray], r: int, stop: Any) -> Trained:
+    def train(
+        descriptor: FederationDescriptor, global_tensors: Mapping[str, np.ndarray], r: int, stop: Any, account: Any
+    ) -> Trained:
+        # example-level modes: accounted as a DP-SGD run at q = STUB_SAMPLE_RATE would be (the stub trains nothing)
+        spend = round_spend(descriptor, STUB_SAMPLE_RATE) if descriptor.example_level else None
+        if spend is not None:
+            account(spend, "")  # no dataset: the stub reads none
         rng = np.random.default_rng([index, r])
         noise = {k: rng.standard_normal(v.shape) for k, v in sorted(global_tensors.items())}
         scale = norm / float(np.sqrt(sum(float(np.sum(x * x)) for x in noise.values())))
         tensors = {k: (global_tensors[k] + scale * noise[k]).astype(np.float32) for k in global_tensors}
-        return Trained(tensors, 24, 1.0, 0.9)
+        return Trained(tensors, 24, 1.0, 0.9, spend)
 
     return train
 
@@ -535,10 +542,11 @@ def he_section(gguf: Path, counts: list[int], reps: int, seed: int) -> dict[str,
     layout = Layout.of(tensors)
     digest = file_digest(gguf)
     quorum = max(counts)
-    desc = {mode: bench_descriptor(mode, quorum, digest) for mode in MODES}
+    # the update-level mechanisms (clip, noise, noise share) are what release() itself costs: the -user modes
+    desc = {mode: bench_descriptor(f"{mode}-user" if "dp" in mode else mode, quorum, digest) for mode in MODES}
     secret = SecretContext.generate(HEParams())
     public = secret.public()
-    deltas = [stub_trainer(i)(desc["dp"], tensors, 1, None).tensors for i in range(quorum)]
+    deltas = [stub_trainer(i)(desc["dp"], tensors, 1, None, None).tensors for i in range(quorum)]
     deltas = [{k: (d[k] - tensors[k]).astype(np.float32) for k in tensors} for d in deltas]
     vectors = [flatten(d, layout) for d in deltas]
     print(f"he: {layout.size} values; encrypting {quorum} updates for the aggregation inputs", file=sys.stderr)

@@ -188,6 +188,12 @@ class FederationDescriptor(msgspec.Struct, forbid_unknown_fields=True, frozen=Tr
         return "dp" in self.privacy.mode
 
     @property
+    def example_level(self) -> bool:
+        """True if members train with DP-SGD ('dp', 'he+dp'): the unit of privacy is one training example, clipped
+        per example to C, noised with z, Poisson-sampled; the released update is post-processing of that run."""
+        return self.uses_dp and not self.user_level
+
+    @property
     def user_level(self) -> bool:
         """True if the unit of privacy is a member's whole update ('dp-user', 'he+dp-user'): the update is clipped and
         noised once per round, which only large federations can afford."""
@@ -221,6 +227,8 @@ def check_consistency(descriptor: FederationDescriptor) -> None:
     privacy = descriptor.privacy
     if descriptor.uses_dp and privacy.dp.noise_multiplier <= 0:
         raise bad(f"privacy.dp.noise_multiplier must be > 0 in mode {privacy.mode!r}")
+    if descriptor.example_level and privacy.dp.local_dp_sgd is not None:
+        raise bad(f"privacy.dp.local_dp_sgd: mode {privacy.mode!r} trains with DP-SGD at the federation's z and C")
     if descriptor.uses_he:
         if privacy.he is None:
             raise bad(f"privacy.he is required in mode {privacy.mode!r}")

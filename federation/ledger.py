@@ -6,9 +6,12 @@ repeats the budget check inside the same write transaction, so two threads canno
 exceed the budget. The connection uses WAL with synchronous=FULL: a committed spend survives a power loss.
 
 ε comes from crypto.dp.epsilon (opacus PRV accountant) over the federation's history [(z, q, T)], one entry per
-round. `total` composes the histories of ALL federations as one sequence of mechanisms on the same data: the
-conservative (basic sequential) composition across federations, correct whatever data each federation used, and
-loose if the federations trained on disjoint data.
+round. Every entry also names the dataset it touched (the sha256 of the data file; '' when unknown): a dataset's ε
+composes everything that touched it, every round of every federation and every local DP-SGD run, and a release is
+refused when it would take either its federation past the federation's budget or its dataset past the node's
+(`DatasetBudget`). `total` composes the histories of ALL entries as one sequence of mechanisms on the same data: the
+conservative (basic sequential) composition, correct whatever data each federation used, and loose if they trained
+on disjoint data.
 
 One connection per instance and per thread (sqlite3's default same-thread check): create a ledger in each thread.
 The file is created with mode 0600, and tightened to 0600 if it was group/world accessible.
@@ -38,9 +41,11 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     steps INTEGER NOT NULL CHECK (steps >= 1),
     delta REAL NOT NULL CHECK (delta > 0 AND delta < 1),
     time REAL NOT NULL,
+    dataset TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (federation, round)
 ) STRICT
 """
+_ADD_DATASET = f"ALTER TABLE {TABLE} ADD COLUMN dataset TEXT NOT NULL DEFAULT ''"  # ledgers from before issue 15
 
 
 class LedgerError(ValueError):
@@ -52,7 +57,16 @@ class DuplicateRoundError(LedgerError):
 
 
 class BudgetExceededError(LedgerError):
-    """Recording a spend that would take the federation over its ε budget."""
+    """Recording a spend that would take the federation over its ε budget, or its dataset over the node's."""
+
+
+@dataclass(frozen=True)
+class DatasetBudget:
+    """The dataset a release comes from (sha256 of its file) and the most ε the node lets it spend, at `delta`."""
+
+    digest: str
+    epsilon: float
+    delta: float
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,9 @@ class PrivacyLedger:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute(_SCHEMA)
+        columns = {row[1] for row in self._conn.execute(f"PRAGMA table_info({TABLE})")}
+        if "dataset" not in columns:
+            self._conn.execute(_ADD_DATASET)
 
     def close(self) -> None:
         """Close the database connection."""
@@ -118,6 +135,25 @@ class PrivacyLedger:
         ).fetchall()
         return [Spend(*row) for row in rows]
 
+    def dataset_history(self, digest: str) -> list[Spend]:
+        """Every spend on the dataset `digest` (rounds of all federations, local runs), in time order."""
+        rows = self._conn.execute(
+            f"SELECT noise_multiplier, sample_rate, steps FROM {TABLE} WHERE dataset = ? ORDER BY time", (digest,)
+        ).fetchall()
+        return [Spend(*row) for row in rows]
+
+    def datasets(self) -> dict[str, list[str]]:
+        """Each dataset digest ('' : unknown) with the federations (or local runs) that spent on it."""
+        found: dict[str, list[str]] = {}
+        rows = self._conn.execute(f"SELECT DISTINCT dataset, federation FROM {TABLE} ORDER BY dataset, federation")
+        for dataset, federation in rows:
+            found.setdefault(dataset, []).append(federation)
+        return found
+
+    def spent_on(self, digest: str, delta: float) -> float:
+        """ε spent so far on the dataset `digest` at `delta`."""
+        return epsilon(self.dataset_history(digest), delta)
+
     def rounds(self, federation: str) -> list[int]:
         """The rounds recorded for the federation, ascending."""
         _check_federation(federation)
@@ -134,14 +170,29 @@ class PrivacyLedger:
         return epsilon([Spend(*row) for row in rows], delta)
 
     def check_budget(
-        self, federation: str, round: int, next_spend: Sequence[float], delta: float, budget: float
+        self,
+        federation: str,
+        round: int,
+        next_spend: Sequence[float],
+        delta: float,
+        budget: float,
+        dataset: DatasetBudget | None = None,
     ) -> BudgetDecision:
-        """Decide, before releasing `round`, whether its spend keeps the federation's ε within `budget`."""
+        """Decide, before releasing `round`, whether its spend keeps the federation's ε within `budget` (and the
+        dataset's within the node's limit)."""
         _check_round(round)
         _check_budget_value(budget)
-        return self._decide(federation, round, merge_history([next_spend])[0], delta, budget)
+        return self._decide(federation, round, merge_history([next_spend])[0], delta, budget, dataset)
 
-    def _decide(self, federation: str, round: int, spend: Spend, delta: float, budget: float) -> BudgetDecision:
+    def _decide(
+        self,
+        federation: str,
+        round: int,
+        spend: Spend,
+        delta: float,
+        budget: float,
+        dataset: DatasetBudget | None = None,
+    ) -> BudgetDecision:
         """The budget decision from the current history (call inside a transaction to make it binding)."""
         history = self.history(federation)
         before = epsilon(history, delta)
@@ -154,6 +205,18 @@ class PrivacyLedger:
                 f"(federation {federation!r}: ε={before:.4g} spent so far, δ={delta:g})"
             )
             return BudgetDecision(False, before, after, reason)
+        if dataset is not None and dataset.digest:
+            _check_budget_value(dataset.epsilon)
+            on_data = self.dataset_history(dataset.digest)
+            data_after = epsilon([*on_data, spend], dataset.delta)
+            if data_after > dataset.epsilon:
+                reason = (
+                    f"releasing round {round} of {federation!r} would take dataset {dataset.digest[:12]}… to "
+                    f"ε={data_after:.4g} > privacy.max_epsilon_per_dataset {dataset.epsilon:g} "
+                    f"(ε={epsilon(on_data, dataset.delta):.4g} spent on it so far by {len(on_data)} entries, "
+                    f"δ={dataset.delta:g})"
+                )
+                return BudgetDecision(False, before, after, reason)
         return BudgetDecision(True, before, after)
 
     def _has_round(self, federation: str, round: int) -> bool:
@@ -172,8 +235,10 @@ class PrivacyLedger:
         *,
         budget: float | None = None,
         now: float | None = None,
+        dataset: DatasetBudget | None = None,
     ) -> None:
-        """Record a release atomically; with `budget`, refuse it (BudgetExceededError) if it would exceed it."""
+        """Record a release atomically, on `dataset`'s account; with `budget`, refuse it (BudgetExceededError) if it
+        would exceed it or the dataset's limit."""
         _check_federation(federation)
         _check_round(round)
         z, q, steps = merge_history([spend])[0]
@@ -183,23 +248,31 @@ class PrivacyLedger:
             _check_budget_value(budget)
         self._conn.execute("BEGIN IMMEDIATE")
         try:
-            self._insert(federation, round, Spend(z, q, steps), delta, budget, now)
+            self._insert(federation, round, Spend(z, q, steps), delta, budget, now, dataset)
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
 
     def _insert(
-        self, federation: str, round: int, spend: Spend, delta: float, budget: float | None, now: float | None
+        self,
+        federation: str,
+        round: int,
+        spend: Spend,
+        delta: float,
+        budget: float | None,
+        now: float | None,
+        dataset: DatasetBudget | None,
     ) -> None:
-        """Check for a duplicate (and the budget), then insert; runs inside the write transaction."""
+        """Check for a duplicate (and the budgets), then insert; runs inside the write transaction."""
         if self._has_round(federation, round):
             raise DuplicateRoundError(f"round {round} of {federation!r} is already in the privacy ledger")
         if budget is not None:
-            decision = self._decide(federation, round, spend, delta, budget)
+            decision = self._decide(federation, round, spend, delta, budget, dataset)
             if not decision:
                 raise BudgetExceededError(decision.reason)
         self._conn.execute(
-            f"INSERT INTO {TABLE} VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (federation, round, *spend, delta, time.time() if now is None else now),
+            f"INSERT INTO {TABLE} (federation, round, noise_multiplier, sample_rate, steps, delta, time, dataset) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (federation, round, *spend, delta, time.time() if now is None else now, dataset.digest if dataset else ""),
         )

@@ -5,7 +5,10 @@
   unit is the member's whole update, so the guarantee is per member, not per example; add/remove adjacency,
   sensitivity C). The aggregator may use any strategy, robust ones included. Its noise has norm z·C·√(d/n) in the
   mean of n updates of d values: only federations of thousands of members learn (`check_user_level`).
-- `dp` (and `he+dp`): for now the same mechanism as `dp-user` (`he+dp-user`); example-level DP-SGD replaces it.
+- `dp`: each member trains from the global adapter with DP-SGD (opacus: Poisson sampling at its own rate q,
+  per-example clipping to C, noise z·C per step) for the federation's `local_steps`; the update is released as it
+  is (post-processing). Unit of privacy: one training example; spend (z, q, local_steps) per round.
+- `he+dp`: the same training; the update is CKKS-encrypted and summed blind, as in `he`.
 - `he`: the member clips to C (bounding any one member's influence) and encrypts under the federation's CKKS key;
   the aggregator adds ciphertexts without a secret key; members decrypt the sum and divide by the count.
 - `he+dp-user`: like `he`, but each member also adds its share 1/quorum of the noise variance, so whenever at least
@@ -71,9 +74,28 @@ def effective_noise_multiplier(descriptor: FederationDescriptor) -> float:
     return z * math.sqrt((k - 1) / k)
 
 
-def round_spend(descriptor: FederationDescriptor) -> Spend | None:
-    """The privacy cost of releasing one round's update under this federation (None in `he` mode: no DP claim)."""
-    return Spend(effective_noise_multiplier(descriptor), 1.0, 1) if descriptor.uses_dp else None
+def round_spend(descriptor: FederationDescriptor, sample_rate: float | None = None) -> Spend | None:
+    """The privacy cost of one round's release under this federation (None in `he` mode: no DP claim).
+
+    Example-level modes: `local_steps` steps of DP-SGD at the federation's z with this node's Poisson `sample_rate`
+    (its expected batch over its number of examples), which they require. User-level modes: one Gaussian release of
+    the whole update (q = 1) at the effective z."""
+    if not descriptor.uses_dp:
+        return None
+    if descriptor.example_level:
+        if sample_rate is None or not 0 < sample_rate <= 1:
+            raise PrivacyError(f"mode {descriptor.privacy.mode!r} is accounted with a sample rate in (0, 1]")
+        return Spend(descriptor.privacy.dp.noise_multiplier, sample_rate, descriptor.local_steps)
+    return Spend(effective_noise_multiplier(descriptor), 1.0, 1)
+
+
+def unit_of_privacy(descriptor: FederationDescriptor) -> str:
+    """What one ε of this federation protects, in words (for `federation status` and the API)."""
+    if descriptor.example_level:
+        return "one training example of this node's data (a paragraph or a chat exchange), by DP-SGD"
+    if descriptor.user_level:
+        return "all of this node's data in a round (its whole update, clipped and noised)"
+    return "none: updates are encrypted, the decrypted mean carries no DP guarantee"
 
 
 def noise_to_update(descriptor: FederationDescriptor, params: int, members: int) -> float:
@@ -108,21 +130,33 @@ def release(
     descriptor: FederationDescriptor,
     he: HEContext | None = None,
     rng: np.random.Generator | None = None,
+    trained: Spend | None = None,
 ) -> Release:
-    """Privatize (and encrypt, under HE) one member's update `delta` = local adapter − global adapter."""
+    """Privatize (and encrypt, under HE) one member's update `delta` = local adapter − global adapter.
+
+    In example-level modes `delta` must come from DP-SGD training that spent `trained` (required, and checked
+    against the federation's z and steps): the update is released as it is, post-processing of that run."""
     dp = descriptor.privacy.dp
     vector = flatten(dict(delta), layout)
-    rng = rng or default_rng()
-    if descriptor.uses_dp:
-        vector = privatize(vector, dp.clip_norm, dp.noise_multiplier, rng, share=noise_share(descriptor))
+    if descriptor.example_level:
+        if trained is None:
+            raise PrivacyError(f"mode {descriptor.privacy.mode!r} releases only updates trained with DP-SGD")
+        spend = round_spend(descriptor, trained.sample_rate)
+        if spend != trained:
+            raise PrivacyError(f"the update was trained at {trained}, the federation's rounds are {spend}")
+    elif descriptor.uses_dp:
+        share = noise_share(descriptor)
+        vector = privatize(vector, dp.clip_norm, dp.noise_multiplier, rng or default_rng(), share=share)
+        spend = round_spend(descriptor)
     else:
         vector, _ = clip_l2(vector, dp.clip_norm)
+        spend = None
     vector = vector.astype(np.float32)
     if not descriptor.uses_he:
-        return Release("plain", encode_tensors(unflatten(vector, layout)), round_spend(descriptor), vector)
+        return Release("plain", encode_tensors(unflatten(vector, layout)), spend, vector)
     if he is None:
         raise PrivacyError(f"mode {descriptor.privacy.mode!r} needs the federation's CKKS context to release")
-    return Release("ckks", encrypt_vector(he, vector).serialize(), round_spend(descriptor), vector)
+    return Release("ckks", encrypt_vector(he, vector).serialize(), spend, vector)
 
 
 @dataclass(frozen=True)
@@ -210,8 +244,9 @@ def delta_of(local: Mapping[str, np.ndarray], global_tensors: Mapping[str, np.nd
 
 
 def noise_std_of_sum(descriptor: FederationDescriptor, contributors: int) -> float:
-    """Std of the Gaussian noise in the sum of `contributors` released updates (for reports and tests)."""
-    if not descriptor.uses_dp:
+    """Std of the Gaussian noise added to the sum of `contributors` released updates (for reports and tests; the
+    noise of example-level modes is inside each member's training, not added to its update)."""
+    if not descriptor.user_level:
         return 0.0
     dp = descriptor.privacy.dp
     return dp.noise_multiplier * dp.clip_norm * math.sqrt(noise_share(descriptor) * contributors)

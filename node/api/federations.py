@@ -109,7 +109,11 @@ async def federations(request: Request) -> dict[str, Any]:
     check_auth(request)
     fed = _federations(request)
     rows = await trio.to_thread.run_sync(lambda: [fed.summary(r.id) for r in fed.state.federations(False)])
-    return {"federations": rows, "epsilon_total": await trio.to_thread.run_sync(fed.privacy_total)}
+    return {
+        "federations": rows,
+        "epsilon_total": await trio.to_thread.run_sync(fed.privacy_total),
+        "datasets": await trio.to_thread.run_sync(fed.privacy_by_dataset),
+    }
 
 
 @router.get("/v1/federations/{fid}/rounds")

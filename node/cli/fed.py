@@ -111,6 +111,7 @@ def cmd_status(home: NodeHome, args: argparse.Namespace) -> int:
         print(f"{f['name']} ({f['federation_id'][:16]}…) {state}, {f['role']}, mode {f['mode']}, {f['strategy']}")
         print(f"  round {f['global_round']} applied, adapter {f['adapter']}, {len(f['members'])} members")
         print(f"  privacy: ε = {f['epsilon_spent']:.3f} of {f['epsilon_budget']:g} at δ = {f['delta']:g}")
+        print(f"  unit of privacy: {f['unit_of_privacy']}")
         status = f["status"]
         if status:
             now = str(status.get("phase", "?"))
@@ -119,6 +120,11 @@ def cmd_status(home: NodeHome, args: argparse.Namespace) -> int:
             print(f"  now: {now}")
             if last := status.get("last_abandoned"):
                 print(f"  last abandoned: round {last['round']}: {last['reason']}")
+    for d in doc["datasets"]:
+        print(
+            f"dataset {d['dataset'][:16]}: ε = {d['epsilon_spent']:.3f} of {d['epsilon_limit']:g} at δ = {d['delta']:g}"
+            f" (privacy.max_epsilon_per_dataset), spent by {', '.join(d['spent_by'])}"
+        )
     print(f"ε over all federations: {doc['epsilon_total']:.3f} (δ = 1e-5)")
     return 0
 
@@ -210,7 +216,7 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> ar
     create.add_argument("--mode", choices=["dp", "he", "he+dp", "dp-user", "he+dp-user"], default="dp")
     create.add_argument("--rank", type=int, default=4)
     create.add_argument("--clip-norm", type=float, default=1.0)
-    create.add_argument("--noise-multiplier", type=float, help="z (default 1.0 in dp and he+dp)")
+    create.add_argument("--noise-multiplier", type=float, help="z (default 1.0 in every mode but he)")
     create.add_argument("--strategy", default="fedavg", help="fedavg, fedmedian, fedtrimmedavg, krum, bulyan")
     create.add_argument("--strategy-param", action="append", default=[], metavar="KEY=NUMBER")
     create.add_argument("--quorum", type=int, default=2)

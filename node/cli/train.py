@@ -90,8 +90,12 @@ def cmd_train(home: NodeHome, args: argparse.Namespace) -> int:
     if run.status != "done":
         print(f"mirador: training failed: {run.error} (log: {run_folder(home, run) / 'job.log'})", file=sys.stderr)
         return 1
+    from node.training.privacy import record_local_run
+
     res = run.result or {}
-    eps = f", ε = {res['epsilon']:.2f} at δ = {res['delta']:g}" if res.get("epsilon") is not None else ""
+    eps = ""
+    if record_local_run(home, run, data):
+        eps = f", ε = {res['epsilon']:.2f} at δ = {res['delta']:g} (in the privacy ledger, on this data's account)"
     print(
         f"installed {args.adapter}@{run.version}: held-out loss {res.get('heldout_loss_before', float('nan')):.3f} → "
         f"{res.get('heldout_loss_after', float('nan')):.3f} in {res.get('seconds', 0):.0f} s{eps}"

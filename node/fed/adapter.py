@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,29 @@ class LocalTrainingError(RuntimeError):
 
 class LocalTrainingStopped(LocalTrainingError):
     """The local training job was stopped (the `stop` event was set) before it finished."""
+
+
+@dataclass(frozen=True)
+class RoundDpSgd:
+    """DP-SGD at a federation's parameters (example-level modes): noise z and per-example clip C from the
+    descriptor, this node's Poisson sample rate q, accounted at δ before the run."""
+
+    noise_multiplier: float
+    sample_rate: float
+    max_grad_norm: float
+    delta: float
+
+
+def round_sample_rate(data: Path, options: Mapping[str, Any] | None = None) -> float:
+    """The Poisson sample rate of this node's DP-SGD rounds: its batch size over its training examples (the held-out
+    ones excluded), at most 1."""
+    from node.training.data import load_examples
+    from node.training.trainer import TrainConfig, split_examples
+
+    given = {k: v for k, v in (options or {}).items() if k in ("batch_size", "holdout_fraction")}
+    config = TrainConfig(**given)
+    train, _ = split_examples(load_examples(data), config)
+    return min(1.0, config.batch_size / len(train))
 
 
 @dataclass(frozen=True)
@@ -284,7 +307,7 @@ def train_locally(
     data: Path,
     steps: int,
     seed: int,
-    dp_sgd: LocalDpSgd | None,
+    dp_sgd: LocalDpSgd | RoundDpSgd | None,
     stop: threading.Event | None = None,
     *,
     options: Mapping[str, Any] | None = None,
@@ -292,7 +315,8 @@ def train_locally(
 ) -> LocalResult:
     """Train the global adapter on local `data` (blocking, training subprocess at nice 19); never installs anything.
 
-    `dp_sgd` (epsilon, delta, max_grad_norm) turns on DP-SGD for this run; `options` may set the
+    `dp_sgd` turns on DP-SGD for this run: to a target ε (LocalDpSgd), or at a round's z and q (RoundDpSgd: the
+    run is checked to have used exactly those); `options` may set the
     other TrainConfig fields (batch_size, max_length, learning_rate, threads, ...). Raises LocalTrainingError with
     the job's message when it fails, LocalTrainingStopped when `stop` ended it.
     """
@@ -310,12 +334,14 @@ def train_locally(
         "seed": seed,
         "split_seed": 0,  # the same held-out examples every round: their loss stays comparable across rounds
     }
-    if dp_sgd is not None:
+    if isinstance(dp_sgd, LocalDpSgd):
         config["dp"] = {
             "epsilon": float(dp_sgd.epsilon),
             "delta": float(dp_sgd.delta),
             "max_grad_norm": float(dp_sgd.max_grad_norm),
         }
+    elif dp_sgd is not None:
+        config["dp"] = asdict(dp_sgd)
     run = TrainRun(id=f"{RUN_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}", adapter="federation")
     folder = run_folder(home, run)
     folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -336,6 +362,10 @@ def train_locally(
     if Layout.of(capture.tensors) != Layout.of(state):
         raise LocalTrainingError("the trained adapter's tensors do not have the global adapter's layout")
     facts = capture.training
+    if isinstance(dp_sgd, RoundDpSgd):
+        used = (facts.get("noise_multiplier"), facts.get("sample_rate"), facts.get("steps"))
+        if used != (dp_sgd.noise_multiplier, dp_sgd.sample_rate, steps):
+            raise LocalTrainingError(f"the DP-SGD run used (z, q, steps) = {used}, not the accounted {dp_sgd}")
     return LocalResult(
         tensors=capture.tensors,
         examples=int(facts["examples"]),

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from crypto.dp import epsilon
+from crypto.dp import Spend, epsilon
 from crypto.he import HEParams, SecretContext
 from crypto.identity import Identity
 from crypto.sealing import x25519_public_of
@@ -32,15 +32,24 @@ from federation.descriptor import (
 )
 from federation.ledger import PrivacyLedger
 from federation.policy import PrivacyPolicy, check_descriptor
-from federation.privacy import check_user_level, round_spend
+from federation.privacy import check_user_level, round_spend, unit_of_privacy
 from node.adapters.store import AdapterStore
 from node.core.fsutil import atomic_write_text
 from node.core.home import NodeHome
 from node.fed import wire as fed_wire
-from node.fed.adapter import adapter_shapes, base_dims, initial_adapter, install_global, sweep_local_runs, train_locally
+from node.fed.adapter import (
+    RoundDpSgd,
+    adapter_shapes,
+    base_dims,
+    initial_adapter,
+    install_global,
+    round_sample_rate,
+    sweep_local_runs,
+    train_locally,
+)
 from node.fed.dht import DhtFederations
 from node.fed.errors import FederationError
-from node.fed.rounds.member import Trained, Trainer
+from node.fed.rounds.member import Account, Trained, Trainer
 from node.fed.service import FederationService
 from node.fed.store import FederationStore
 from node.market.registry_dht import DhtRegistry
@@ -94,6 +103,7 @@ class FederationNode:
             self._install,
             self._initial_global,
             keep_released,
+            self.policy,
         )
 
     # the service's hooks ---------------------------------------------------------------------------------------------
@@ -105,12 +115,27 @@ class FederationNode:
         atomic_write_text(self.state.federation_dir(fid) / SETTINGS_FILE, json.dumps(dict(settings), indent=2), 0o600)
 
     def _train(
-        self, descriptor: FederationDescriptor, global_tensors: Mapping[str, np.ndarray], r: int, stop: threading.Event
+        self,
+        descriptor: FederationDescriptor,
+        global_tensors: Mapping[str, np.ndarray],
+        r: int,
+        stop: threading.Event,
+        account: Account,
     ) -> Trained:
         settings = self._settings(descriptor.federation_id)
         data = settings.get("data")
         if not data:
             raise FederationError(f"no local data set for federation {descriptor.name} (join with --data FILE)")
+        options = settings.get("train_options") or None
+        dataset = file_digest(Path(data))
+        spend = self._round_spend(descriptor, data, options)
+        if spend is not None:
+            account(spend, dataset)  # refused past the federation's budget or the dataset's limit: nothing is trained
+        dp_sgd: LocalDpSgd | RoundDpSgd | None = descriptor.privacy.dp.local_dp_sgd
+        if descriptor.example_level:
+            assert spend is not None
+            dp = descriptor.privacy.dp
+            dp_sgd = RoundDpSgd(spend.noise_multiplier, spend.sample_rate, dp.clip_norm, dp.delta)
         a = descriptor.adapter
         result = train_locally(
             self.home,
@@ -122,11 +147,27 @@ class FederationNode:
             Path(data),
             descriptor.local_steps,
             seed=r,
-            dp_sgd=descriptor.privacy.dp.local_dp_sgd,
+            dp_sgd=dp_sgd,
             stop=stop,
-            options=settings.get("train_options") or None,
+            options=options,
         )
-        return Trained(result.tensors, result.examples, result.heldout_loss_before, result.heldout_loss_after)
+        trained_spend = spend if descriptor.example_level else None  # user-level: the release's noise is the spend
+        return Trained(
+            result.tensors,
+            result.examples,
+            result.heldout_loss_before,
+            result.heldout_loss_after,
+            trained_spend,
+            dataset,
+        )
+
+    def _round_spend(self, descriptor: FederationDescriptor, data: str | None, options: Any) -> Spend | None:
+        """What one round of `descriptor` costs this node on `data` (example-level modes need the data)."""
+        if not descriptor.example_level:
+            return round_spend(descriptor)
+        if not data:
+            raise FederationError(f"mode {descriptor.privacy.mode!r}: a member trains on local data (give --data)")
+        return round_spend(descriptor, round_sample_rate(Path(data), options))
 
     def _install(self, descriptor: FederationDescriptor, tensors: Mapping[str, np.ndarray]) -> str:
         a = descriptor.adapter
@@ -177,7 +218,10 @@ class FederationNode:
             admission=spec.get("admission", "open"),
         )
         descriptor = verify_descriptor(data)
-        check_descriptor(descriptor, self.policy, round_spend(descriptor))  # the creator is its first member
+        spend = await trio.to_thread.run_sync(
+            self._round_spend, descriptor, spec.get("data"), spec.get("train_options")
+        )
+        check_descriptor(descriptor, self.policy, spend)  # the creator is its first member
         if descriptor.user_level:
             a = descriptor.adapter
             shapes = await trio.to_thread.run_sync(lambda: adapter_shapes(base_dims(self.gguf), a.rank, a.targets))
@@ -222,7 +266,8 @@ class FederationNode:
         descriptor_bytes = await self._descriptor_bytes(name, creator)
         descriptor = verify_descriptor(descriptor_bytes)
         if role == "member":  # an aggregator-only member releases nothing of its own
-            check_descriptor(descriptor, self.policy, round_spend(descriptor))
+            spend = await trio.to_thread.run_sync(self._round_spend, descriptor, data, train_options)
+            check_descriptor(descriptor, self.policy, spend)
         await self.service.join(descriptor_bytes, descriptor.creator_key, role, invite)
         self._save_settings(descriptor.federation_id, {"data": data, "train_options": dict(train_options or {})})
         return self.summary(descriptor.federation_id)
@@ -263,6 +308,7 @@ class FederationNode:
             "epsilon_spent": round(spent, 4),
             "epsilon_budget": d.epsilon_budget,
             "delta": d.privacy.dp.delta,
+            "unit_of_privacy": unit_of_privacy(d),
             "he_secret_here": self.state.he_secret(fid) is not None,
             "status": self.service.status_of.get(fid, {}),
         }
@@ -285,6 +331,21 @@ class FederationNode:
         """ε over every federation (composed), at δ = 1e-5."""
         with PrivacyLedger(self.ledger_path) as ledger:
             return float(ledger.total(1e-5))
+
+    def privacy_by_dataset(self) -> list[dict[str, Any]]:
+        """Per dataset (sha256 of its file): ε spent over everything that touched it, of the node's limit."""
+        delta, limit = self.policy.max_delta, self.policy.max_epsilon_per_dataset
+        with PrivacyLedger(self.ledger_path) as ledger:
+            return [
+                {
+                    "dataset": digest or "unknown (recorded before datasets were)",
+                    "epsilon_spent": round(ledger.spent_on(digest, delta), 4),
+                    "epsilon_limit": limit,
+                    "delta": delta,
+                    "spent_by": spenders,
+                }
+                for digest, spenders in ledger.datasets().items()
+            ]
 
 
 def adapter_name(descriptor: FederationDescriptor) -> str:

@@ -33,6 +33,7 @@ from crypto.identity import Identity
 from crypto.refusal import Refused
 from federation.descriptor import FederationDescriptor, verify_admission
 from federation.messages import choose_aggregator, verify_round_done, verify_round_open
+from federation.policy import PrivacyPolicy
 from marketplace.content_store import EmbeddedStore
 from node.core.fsutil import remove_stale
 from node.fed import wire as fed_wire
@@ -71,6 +72,7 @@ class FederationService:
         install_global: Callable[[FederationDescriptor, Mapping[str, np.ndarray]], str],
         initial_global: Callable[[FederationDescriptor], dict[str, np.ndarray]],
         keep_released: bool = False,
+        policy: PrivacyPolicy | None = None,
     ) -> None:
         self.root, self.identity, self.p2p, self.notices, self.state = root, identity, p2p, notices, state
         self._nursery: trio.Nursery | None = None
@@ -92,7 +94,7 @@ class FederationService:
         )
         self.joins = JoinProtocol(identity, p2p, state, self.membership, self._gossip, self._dial)
         self.collector = UpdateCollector(state, self._accepted)
-        self.member = Member(self.ctx, self.collector, trainer, ledger_path, keep_released)
+        self.member = Member(self.ctx, self.collector, trainer, ledger_path, keep_released, policy)
         self.aggregator = Aggregator(self.ctx, self.collector, self.member)
 
     @property

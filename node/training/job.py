@@ -1,7 +1,8 @@
 """The training subprocess: `python -m node.training.job SPEC_JSON_PATH`.
 
 Spec (JSON, strict): {"gguf": path, "models_dir": path, "data": path | null, "examples": jsonl path | null,
-"config": {TrainConfig fields; "dp": {"epsilon", "delta", "max_grad_norm"} | null}, "out_dir": path}.
+"config": {TrainConfig fields; "dp": {"epsilon" | "noise_multiplier" + "sample_rate", "delta", "max_grad_norm"} |
+null}, "out_dir": path}.
 
 Stdout carries only JSON lines, one per event, flushed: `started`, `dequantizing` (only when the torch twin of the
 GGUF is not cached yet), `progress` (once per step), then `done` (with the TrainResult) or `error`. Everything else
@@ -31,9 +32,11 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class _DPSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    epsilon: float
+    epsilon: float | None = None
     delta: float = 1e-5
     max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
 
 
 class _ConfigSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -96,7 +99,7 @@ def train_config(spec: JobSpec) -> Any:
     kwargs = {k: v for k, v in given.items() if not isinstance(v, msgspec.UnsetType)}
     dp = kwargs.get("dp")
     if isinstance(dp, _DPSpec):
-        kwargs["dp"] = DPConfig(epsilon=dp.epsilon, delta=dp.delta, max_grad_norm=dp.max_grad_norm)
+        kwargs["dp"] = DPConfig(**msgspec.structs.asdict(dp))
     return TrainConfig(**kwargs)
 
 

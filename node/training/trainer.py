@@ -35,15 +35,31 @@ _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"  # private-use code points delimiti
 
 @dataclass(frozen=True)
 class DPConfig:
-    """DP-SGD target: (epsilon, delta) over the whole run; per-example gradients clipped to max_grad_norm."""
+    """DP-SGD: per-example gradients clipped to max_grad_norm, Poisson-sampled batches, Gaussian noise.
 
-    epsilon: float
+    Either a target `epsilon` over the whole run at `delta` (the noise multiplier is found for it; the sample rate is
+    batch_size / examples), or a given `noise_multiplier` and `sample_rate` (a federation round: the node accounted
+    (z, q, steps) before training, so the run must use exactly those)."""
+
+    epsilon: float | None = None
     delta: float = 1e-5
     max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+        if (self.epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("dp: give a target epsilon, or a noise_multiplier with a sample_rate")
+        if (self.noise_multiplier is None) != (self.sample_rate is None):
+            raise ValueError("dp: a noise_multiplier needs its sample_rate, and a sample_rate its noise_multiplier")
+        if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon > 0):
             raise ValueError(f"dp.epsilon must be a positive number, got {self.epsilon!r}")
+        if self.noise_multiplier is not None and not (
+            math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0
+        ):
+            raise ValueError(f"dp.noise_multiplier must be a positive number, got {self.noise_multiplier!r}")
+        if self.sample_rate is not None and not 0 < self.sample_rate <= 1:
+            raise ValueError(f"dp.sample_rate must be in (0, 1], got {self.sample_rate!r}")
         if not 0 < self.delta < 1:
             raise ValueError(f"dp.delta must be in (0, 1), got {self.delta!r}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
@@ -453,15 +469,19 @@ class _Run:
         assert dp is not None
         n = len(self.encoded)
         loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=min(cfg.batch_size, n))
-        sample_rate = 1 / len(loader)  # what opacus derives from the loader for Poisson sampling
-        sigma = get_noise_multiplier(
-            target_epsilon=dp.epsilon,
-            target_delta=dp.delta,
-            sample_rate=sample_rate,
-            steps=cfg.steps,
-            accountant="prv",
-            epsilon_tolerance=0.01,
-        )
+        if dp.noise_multiplier is not None and dp.sample_rate is not None:
+            sigma, sample_rate = dp.noise_multiplier, dp.sample_rate
+        else:
+            assert dp.epsilon is not None
+            sample_rate = 1 / len(loader)  # what opacus derives from the loader for Poisson sampling
+            sigma = get_noise_multiplier(
+                target_epsilon=dp.epsilon,
+                target_delta=dp.delta,
+                sample_rate=sample_rate,
+                steps=cfg.steps,
+                accountant="prv",
+                epsilon_tolerance=0.01,
+            )
         self.model.train()
         opt = torch.optim.AdamW(self._params(), lr=cfg.learning_rate, weight_decay=0.0)
         engine = PrivacyEngine(accountant="prv")
@@ -475,6 +495,11 @@ class _Run:
             grad_sample_mode="hooks",
         )
         sampler = dp_loader.batch_sampler
+        if dp.sample_rate is not None:  # exactly the accounted q (opacus' loader would use 1 / its length)
+            from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+            sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate)
+            dp_opt.expected_batch_size = max(1, round(sample_rate * n))  # gradients are averaged over it
         started = time.monotonic()
         step = 0
         try:
@@ -492,11 +517,13 @@ class _Run:
             bool(p.detach().abs().sum() > 0) for n, p in self.model.named_parameters() if "lora_B" in n
         ):
             raise RuntimeError("after DP training the peft model does not hold trained LoRA weights (opacus #820)")
-        return {
-            "epsilon": float(engine.get_epsilon(dp.delta)),
-            "noise_multiplier": float(sigma),
-            "sample_rate": float(sample_rate),
-        }
+        if dp.sample_rate is not None:
+            from crypto.dp import epsilon
+
+            spent = epsilon([(float(sigma), float(sample_rate), cfg.steps)], dp.delta)
+        else:
+            spent = float(engine.get_epsilon(dp.delta))
+        return {"epsilon": spent, "noise_multiplier": float(sigma), "sample_rate": float(sample_rate)}
 
     def _private_step(self, gsm: Any, dp_opt: Any, indices: list[int]) -> float:
         """One logical DP step over physical chunks; an empty Poisson batch still takes a noise-only step."""

@@ -57,7 +57,7 @@ def full_kwargs(**over: Any) -> dict[str, Any]:
         "base_sha256": BASE,
         "adapter": AdapterConfig(rank=8, alpha=16, targets=("v_proj", "q_proj")),
         "privacy": Privacy(
-            mode="he+dp",
+            mode="he+dp-user",
             dp=DpParams(
                 clip_norm=1.0,
                 noise_multiplier=0.8,
@@ -139,7 +139,14 @@ def leaf_paths(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ..
         yield path
 
 
-LITERAL_SWAPS: dict[Any, Any] = {"dp": "he", "he+dp": "dp", "open": "invite", "invite": "open", 8192: 16384}
+LITERAL_SWAPS: dict[Any, Any] = {
+    "dp": "he",
+    "he+dp": "dp",
+    "he+dp-user": "he+dp",
+    "open": "invite",
+    "invite": "open",
+    8192: 16384,
+}
 
 
 def edited(value: Any, other_key: str) -> Any:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from opacus.accountants import PRVAccountant
 
-from federation.ledger import BudgetExceededError, DuplicateRoundError, LedgerError, PrivacyLedger
+from federation.ledger import BudgetExceededError, DatasetBudget, DuplicateRoundError, LedgerError, PrivacyLedger
 
 DELTA = 1e-5
 FED = "fed-finance"
@@ -110,3 +110,48 @@ def test_existing_open_file_is_tightened(tmp_path: Path) -> None:
     os.chmod(path, 0o644)
     PrivacyLedger(path).close()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+DATA_A, DATA_B = "aa" * 32, "bb" * 32
+
+
+def test_a_dataset_composes_every_federation_and_local_run_that_touched_it(ledger: PrivacyLedger) -> None:
+    # Arrange: two federations and a local DP-SGD run on dataset A, one federation on dataset B
+    limit = opacus_epsilon(((1.0, 0.1, 120),))  # room for 120 steps at (1.0, 0.1) on one dataset
+    on_a = DatasetBudget(DATA_A, limit, DELTA)
+    ledger.record(FED, 1, (1.0, 0.1, 50), DELTA, budget=100.0, dataset=on_a)
+    ledger.record("fed-law", 1, (1.0, 0.1, 40), DELTA, budget=100.0, dataset=on_a)
+    ledger.record("train:run-1", 0, (1.0, 0.1, 20), DELTA, budget=100.0, dataset=on_a)
+    ledger.record("fed-law", 2, (1.0, 0.1, 50), DELTA, budget=100.0, dataset=DatasetBudget(DATA_B, limit, DELTA))
+    # Act: a round of a third federation on A that fits its own budget, but not the dataset's limit
+    decision = ledger.check_budget("fed-new", 1, (1.0, 0.1, 20), DELTA, 100.0, on_a)
+    # Assert
+    assert ledger.spent_on(DATA_A, DELTA) == pytest.approx(opacus_epsilon(((1.0, 0.1, 110),)), rel=0.01)
+    assert ledger.spent_on(DATA_B, DELTA) == pytest.approx(opacus_epsilon(((1.0, 0.1, 50),)), rel=0.01)
+    assert not decision and "privacy.max_epsilon_per_dataset" in decision.reason, decision
+    assert ledger.check_budget("fed-new", 1, (1.0, 0.1, 10), DELTA, 100.0, on_a)  # 120 steps in all still fit
+    with pytest.raises(BudgetExceededError, match="max_epsilon_per_dataset"):
+        ledger.record("fed-new", 1, (1.0, 0.1, 20), DELTA, budget=100.0, dataset=on_a)
+    assert ledger.datasets() == {DATA_A: [FED, "fed-law", "train:run-1"], DATA_B: ["fed-law"]}
+
+
+def test_a_ledger_from_before_datasets_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
+    # Arrange: the table as it was (no dataset column), with one spend
+    import sqlite3
+
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TABLE privacy_ledger (federation TEXT NOT NULL, round INTEGER NOT NULL, noise_multiplier REAL NOT NULL,"
+        " sample_rate REAL NOT NULL, steps INTEGER NOT NULL, delta REAL NOT NULL, time REAL NOT NULL,"
+        " PRIMARY KEY (federation, round)) STRICT"
+    )
+    conn.execute("INSERT INTO privacy_ledger VALUES ('old', 1, 1.0, 1.0, 1, 1e-5, 0.0)")
+    conn.commit()
+    conn.close()
+    # Act
+    with PrivacyLedger(path) as ledger:
+        ledger.record(FED, 1, ROUND_SPEND, DELTA, dataset=DatasetBudget(DATA_A, 100.0, DELTA))
+        # Assert
+        assert ledger.history("old") == [(1.0, 1.0, 1)]
+        assert ledger.datasets() == {"": ["old"], DATA_A: [FED]}

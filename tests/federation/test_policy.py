@@ -18,8 +18,13 @@ def descriptor(**over: Any) -> Any:
     return verify_descriptor(make_descriptor(CREATOR, **over))
 
 
-def dp(z: float, delta: float = 1e-5) -> Privacy:
-    return Privacy(mode="dp", dp=DpParams(clip_norm=1.0, noise_multiplier=z, delta=delta))
+def dp(z: float, delta: float = 1e-5, mode: str = "dp-user") -> Privacy:
+    return Privacy(mode=mode, dp=DpParams(clip_norm=1.0, noise_multiplier=z, delta=delta))  # type: ignore[arg-type]
+
+
+def spend_of(d: Any) -> Any:
+    """One round's spend; example-level rounds at a sample rate of 0.5 (a node with twice its batch of examples)."""
+    return round_spend(d, 0.5) if d.example_level else round_spend(d)
 
 
 BROKEN: dict[str, tuple[dict[str, Any], PolicyRule]] = {
@@ -28,6 +33,10 @@ BROKEN: dict[str, tuple[dict[str, Any], PolicyRule]] = {
     "large delta": ({"privacy": dp(1.0, delta=1e-3)}, PolicyRule.DELTA_TOO_LARGE),
     "budget above the node's": ({"epsilon_budget": 50.0}, PolicyRule.BUDGET_TOO_LARGE),
     "one round costs too much": ({"privacy": dp(0.6)}, PolicyRule.ROUND_EPSILON_TOO_LARGE),
+    "20 DP-SGD steps at q = 0.5 cost too much": (
+        {"privacy": dp(0.6, mode="dp"), "local_steps": 20},
+        PolicyRule.ROUND_EPSILON_TOO_LARGE,
+    ),
 }
 
 
@@ -38,7 +47,7 @@ def test_a_descriptor_that_breaks_a_rule_is_refused_naming_it(case: str) -> None
     d = descriptor(**over)
     # Act
     with pytest.raises(PolicyRefused) as refused:
-        check_descriptor(d, PrivacyPolicy(), round_spend(d))
+        check_descriptor(d, PrivacyPolicy(), spend_of(d))
     # Assert
     assert refused.value.reason == rule
     assert f"privacy.{'max_delta' if rule is PolicyRule.DELTA_TOO_LARGE else ''}" in refused.value.detail
@@ -46,7 +55,7 @@ def test_a_descriptor_that_breaks_a_rule_is_refused_naming_it(case: str) -> None
 
 def test_the_default_federation_fits_the_default_policy_and_its_round_epsilon_is_checked() -> None:
     # Arrange: z = 1 at q = 1 costs ε ≈ 4.39 per round at δ = 1e-5
-    d = descriptor()
+    d = descriptor(privacy=dp(1.0))
     per_round = epsilon([round_spend(d)], 1e-5)  # type: ignore[list-item]
     # Act / Assert
     check_descriptor(d, PrivacyPolicy(), round_spend(d))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from crypto.dp import epsilon
+from crypto.dp import Spend, epsilon
 from crypto.he import HEKeyError, SecretContext
 from crypto.identity import Identity
 from federation.descriptor import (
@@ -80,9 +80,9 @@ def test_he_aggregate_equals_plaintext_fedavg_and_the_aggregator_cannot_decrypt(
     assert not public.has_secret_key
 
 
-def test_dp_release_is_clipped_and_noised_with_std_z_times_c() -> None:
+def test_dp_user_release_is_clipped_and_noised_with_std_z_times_c() -> None:
     # Arrange: an update far larger than C
-    fed = descriptor("dp", noise=0.5, clip=1.0)
+    fed = descriptor("dp-user", noise=0.5, clip=1.0)
     big = {k: np.full(s, 3.0, np.float32) for k, s in SHAPES.items()}
     layout = Layout.of(big)
     # Act
@@ -96,9 +96,9 @@ def test_dp_release_is_clipped_and_noised_with_std_z_times_c() -> None:
     assert np.std(vector - signal) == pytest.approx(0.5, rel=0.05)
 
 
-def test_he_dp_members_add_a_quorum_share_of_the_noise() -> None:
+def test_he_dp_user_members_add_a_quorum_share_of_the_noise() -> None:
     # Arrange: zero updates, so the decrypted sum is pure noise
-    fed = descriptor("he+dp", noise=1.0, clip=1.0)
+    fed = descriptor("he+dp-user", noise=1.0, clip=1.0)
     secret = SecretContext.generate()
     zeros = [{k: np.zeros(s, np.float32) for k, s in SHAPES.items()} for _ in range(4)]
     layout = Layout.of(zeros[0])
@@ -121,7 +121,7 @@ def test_robust_strategy_is_used_on_plain_updates() -> None:
     honest = np.concatenate([np.mean([d[k] for d in updates[:3]], axis=0).ravel() for k in sorted(SHAPES)])
     distance = {}
     for strategy in ("fedmedian", "fedavg"):
-        fed = descriptor("dp", noise=1e-9, clip=1e6, strategy=strategy)
+        fed = descriptor("dp-user", noise=1e-9, clip=1e6, strategy=strategy)
         # Act
         released = [release(d, layout, fed) for d in updates]
         combined = combine([(f"m{i}", r.payload) for i, r in enumerate(released)], layout, fed)
@@ -160,10 +160,9 @@ def test_every_update_weighs_the_same_whatever_its_member_trained_on() -> None:
         np.testing.assert_allclose(mean[name], np.full(SHAPES[name], 0.8, np.float32), rtol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["he+dp-user", "he+dp"])
-def test_an_he_member_is_protected_only_by_the_other_members_noise_shares(mode: str) -> None:
+def test_an_he_member_is_protected_only_by_the_other_members_noise_shares() -> None:
     # Arrange: quorum 3, z = 1; a decrypting member subtracts its own share (1/3 of the variance) from the sum
-    fed = descriptor(mode, noise=1.0, clip=1.0)
+    fed = descriptor("he+dp-user", noise=1.0, clip=1.0)
     own = noise_std_of_sum(fed, 1)
     others = np.sqrt(noise_std_of_sum(fed, 3) ** 2 - own**2)  # what is left around one update at the quorum
     # Act
@@ -202,3 +201,33 @@ def test_user_level_noise_is_refused_below_the_members_it_needs(mode: str) -> No
     assert check_user_level(fed, 10_000, needed) <= 1.0
     with pytest.raises(PrivacyError, match=f"needs about {needed} members"):
         check_user_level(fed, 10_000, 4)
+
+
+@pytest.mark.parametrize("mode", ["dp", "he+dp"])
+def test_an_example_level_update_leaves_as_trained_at_the_accounted_spend(mode: str) -> None:
+    # Arrange: an update far larger than C (C bounds each example's gradient, not the update)
+    fed = descriptor(mode, noise=0.7, clip=1.0)
+    secret = SecretContext.generate()
+    big = {k: np.full(s, 3.0, np.float32) for k, s in SHAPES.items()}
+    layout = Layout.of(big)
+    trained = round_spend(fed, 0.05)
+    # Act
+    out = release(big, layout, fed, secret.public(), trained=trained)
+    # Assert: no noise and no clipping were added; the spend is the DP-SGD run's (z, q, local steps)
+    assert out.spend == (0.7, 0.05, fed.local_steps)
+    assert np.array_equal(out.vector, np.concatenate([big[k].ravel() for k in sorted(SHAPES)]))
+    assert noise_std_of_sum(fed, 4) == 0.0
+
+
+def test_an_example_level_update_without_its_dp_sgd_run_or_at_another_spend_does_not_leave() -> None:
+    # Arrange
+    fed = descriptor("dp", noise=0.7, clip=1.0)
+    update = deltas(1)[0]
+    layout = Layout.of(update)
+    # Act / Assert
+    with pytest.raises(PrivacyError, match="only updates trained with DP-SGD"):
+        release(update, layout, fed)
+    with pytest.raises(PrivacyError, match="trained at"):
+        release(update, layout, fed, trained=Spend(0.3, 0.05, fed.local_steps))  # less noise than the federation's
+    with pytest.raises(PrivacyError, match="sample rate"):
+        round_spend(fed)

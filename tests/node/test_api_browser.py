@@ -112,7 +112,7 @@ def test_an_allowed_origin_gets_cors_answers(daemon: tuple[Daemon, Path]) -> Non
 def test_a_change_needs_the_home_token_and_inference_does_not(daemon: tuple[Daemon, Path]) -> None:
     # Arrange: another local user (or a page that got past the browser guard) knows the port, not the token
     d, notes = daemon
-    spec = {"name": "needs-token", "mode": "dp", "data": str(notes)}
+    spec = {"name": "needs-token", "mode": "he", "data": str(notes)}
 
     # Act
     without = httpx.post(f"{d.url}/v1/federations", json=spec, timeout=30)

@@ -1,5 +1,6 @@
 """Federated rounds between real daemons on 127.0.0.1: join through the DHT, train, privatize, aggregate, apply."""
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +69,26 @@ def test_four_daemons_complete_three_rounds(mode: str, four: list[Daemon], tmp_p
         assert status["global_round"] >= rounds_wanted
         if v["epsilon_spent"] > 0:  # the status shows the ledger's ε as of the last release
             assert status["epsilon_spent"] == pytest.approx(v["epsilon_spent"], rel=1e-3)
+    if mode != "he":  # example-level DP-SGD: 2 local steps per round at q = batch 2 / 22 training examples, z = 1
+        from opacus.accountants import PRVAccountant
+
+        def independent(rounds_released: int) -> float:
+            accountant = PRVAccountant()
+            for _ in range(2 * rounds_released):
+                accountant.step(noise_multiplier=1.0, sample_rate=2 / 22)
+            return float(accountant.get_epsilon(delta=1e-5))
+
+        for node in trainers:
+            spent = federations(node)[0]["epsilon_spent"]
+            released = sum(fingerprint(node) in r["contributors"] for r in rounds(node, fid))
+            # the ledger records a round before its update leaves: one round may be in flight, not yet aggregated
+            assert any(spent == pytest.approx(independent(k), rel=0.02) for k in (released, released + 1)), spent
+            assert "training example" in federations(node)[0]["unit_of_privacy"]
+            # the ledger keeps that spend on the account of the data file it came from (its sha256)
+            datasets = httpx.get(f"{node.url}/v1/federations", timeout=10).json()["datasets"]
+            digest = hashlib.sha256(data[four.index(node)].read_bytes()).hexdigest()
+            assert [(d["dataset"], d["spent_by"]) for d in datasets] == [(digest, [fid])], datasets
+            assert datasets[0]["epsilon_spent"] >= spent
     if he:
         # The aggregator-only node aggregated every round and never held the secret key
         aggregator = views[3]

@@ -45,7 +45,7 @@ def create(d: Daemon, tmp_path: Path, name: str, *args: str) -> str:
 @pytest.mark.parametrize(
     ("name", "rules", "refusal"),
     [
-        ("weak", ["--noise-multiplier", "0.001", "--epsilon-budget", "1000000"], "noise_too_weak"),
+        ("weak", ["--mode", "dp-user", "--noise-multiplier", "0.001", "--epsilon-budget", "1000000"], "noise_too_weak"),
         ("lavish", ["--noise-multiplier", "1.0", "--epsilon-budget", "50"], "budget_too_large"),
     ],
 )

@@ -1,5 +1,6 @@
 """Training through a running daemon and the CLI: progress, install as a new version, served without restart."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -126,10 +127,15 @@ def test_cli_dp_training_reports_and_records_epsilon(node: Daemon, tmp_path: Pat
     # Act
     trained = cli("train", "--data", str(data), "--adapter", "private", "--steps", "4", "--dp", "--epsilon", "8")
     listed = cli("adapter", "list", "--json")
+    ledger = json.loads(cli("federation", "status", "--json").stdout)["datasets"]
     bad = cli("train", "--data", str(tmp_path / "missing.txt"), "--adapter", "x")
     # Assert
     assert trained.returncode == 0, trained.stderr
     assert "installed private@v1" in trained.stdout and "ε = " in trained.stdout
     epsilon = {row["name"]: row["epsilon"] for row in json.loads(listed.stdout)}["private"]
     assert 0 < epsilon <= 8.0 + 1e-6
+    # the run is in the privacy ledger, on the account of this data file (where federation rounds compose with it)
+    on_data = [d for d in ledger if d["dataset"] == hashlib.sha256(data.read_bytes()).hexdigest()]
+    assert len(on_data) == 1 and len(on_data[0]["spent_by"]) == 1 and on_data[0]["spent_by"][0].startswith("train:")
+    assert on_data[0]["epsilon_spent"] == pytest.approx(epsilon, rel=0.02)
     assert bad.returncode == 2 and "no such file" in bad.stderr

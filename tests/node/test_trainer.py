@@ -189,6 +189,24 @@ def test_dp_takes_noise_only_steps_on_empty_poisson_batches(torch_base_folder: P
     assert json.loads((tmp_path / "tiny" / "training.json").read_text())["losses"] == result.losses
 
 
+def test_dp_at_a_given_noise_and_sample_rate_samples_and_accounts_at_exactly_those(
+    torch_base_folder: Path, tmp_path: Path
+) -> None:
+    # Arrange: a federation round's DP-SGD: z and q fixed before training (q = 0.02 on 54 examples: a Poisson batch is
+    # empty with probability 0.98^54 ≈ 0.34; at opacus' own rate for batch 4, 1/14, it would be ≈ 0.02)
+    from crypto.dp import epsilon
+
+    examples = [Example(text=t) for t in beekeeping_texts(60, seed=2)]
+    dp = DPConfig(noise_multiplier=0.9, sample_rate=0.02, delta=1e-5, max_grad_norm=1.0)
+    config = TrainConfig(steps=30, batch_size=4, max_length=32, seed=5, dp=dp)
+    # Act
+    result = train_adapter(torch_base_folder, examples, config, tmp_path / "round")
+    # Assert
+    assert (result.noise_multiplier, result.sample_rate) == (0.9, 0.02)
+    assert result.epsilon == pytest.approx(epsilon([(0.9, 0.02, 30)], 1e-5))
+    assert result.losses.count(None) >= 5, result.losses  # ≈ 10 of 30 steps expected empty at q = 0.02
+
+
 def test_chat_loss_is_on_assistant_tokens_and_tokens_match_serving(torch_base_folder: Path) -> None:
     # Arrange
     from transformers import AutoTokenizer
@@ -243,6 +261,12 @@ def test_bad_dp_config_names_the_field() -> None:
         DPConfig(epsilon=0)
     with pytest.raises(ValueError, match=r"^dp.delta must"):
         DPConfig(epsilon=1, delta=1.5)
+    with pytest.raises(ValueError, match=r"^dp: give a target epsilon, or"):
+        DPConfig(epsilon=1, noise_multiplier=1.0, sample_rate=0.1)
+    with pytest.raises(ValueError, match=r"^dp: a noise_multiplier needs its sample_rate"):
+        DPConfig(noise_multiplier=1.0)
+    with pytest.raises(ValueError, match=r"^dp.sample_rate must"):
+        DPConfig(noise_multiplier=1.0, sample_rate=1.5)
 
 
 def run_job(spec: dict[str, Any], path: Path) -> tuple[int, list[dict[str, Any]], str]:

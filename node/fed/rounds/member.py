@@ -15,8 +15,9 @@ import trio
 from crypto.dp import Spend
 from crypto.he import SecretContext
 from federation.descriptor import FederationDescriptor
-from federation.ledger import PrivacyLedger
+from federation.ledger import DatasetBudget, PrivacyLedger
 from federation.messages import Kind, RoundDone, RoundOpen, sign_update_header
+from federation.policy import PrivacyPolicy
 from federation.privacy import apply_update, delta_of, mean_update, release
 from federation.update import Layout, decode_tensors, encode_tensors, unflatten
 from node.core.fsutil import atomic_write_bytes
@@ -31,15 +32,21 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Trained:
-    """A member's local training result for one round."""
+    """A member's local training result for one round (`spend`: what its DP-SGD run cost, in example-level modes;
+    `dataset`: the sha256 of the data file it trained on, '' when unknown)."""
 
     tensors: dict[str, np.ndarray]
     examples: int
     loss_before: float
     loss_after: float
+    spend: Spend | None = None
+    dataset: str = ""
 
 
-Trainer = Callable[[FederationDescriptor, Mapping[str, np.ndarray], int, threading.Event], Trained]
+# Called with a round's spend and the dataset it touches before training starts; raises when the federation's
+# budget or the node's limit for that dataset would not hold.
+Account = Callable[[Spend, str], None]
+Trainer = Callable[[FederationDescriptor, Mapping[str, np.ndarray], int, threading.Event, Account], Trained]
 
 
 class Member:
@@ -52,9 +59,11 @@ class Member:
         trainer: Trainer,
         ledger_path: Path,
         keep_released: bool = False,
+        policy: PrivacyPolicy | None = None,
     ) -> None:
         self.ctx, self.collector, self.trainer = ctx, collector, trainer
         self.ledger_path, self.keep_released = ledger_path, keep_released
+        self.policy = policy or PrivacyPolicy()
 
     async def round(self, descriptor: FederationDescriptor, r: int, train: bool = True) -> None:
         """Take part in round r: train and send our update (if `train`), then apply (or, without the HE secret,
@@ -136,8 +145,12 @@ class Member:
         self, descriptor: FederationDescriptor, r: int, opened: RoundOpen, global_tensors: dict[str, np.ndarray]
     ) -> None:
         fid, ctx = descriptor.federation_id, self.ctx
+
+        def account(spend: Spend, dataset: str) -> None:
+            self._check(descriptor, r, spend, dataset)
+
         with ctx.events.timed(fid, r, "train"):
-            trained = await trio.to_thread.run_sync(self.trainer, descriptor, global_tensors, r, ctx.stop)
+            trained = await trio.to_thread.run_sync(self.trainer, descriptor, global_tensors, r, ctx.stop, account)
         layout = Layout.of(global_tensors)
         he = None
         if descriptor.uses_he:
@@ -147,12 +160,14 @@ class Member:
             he = SecretContext.from_bytes(secret).public()
         with ctx.events.timed(fid, r, "release") as measure:
             out = await trio.to_thread.run_sync(
-                lambda: release(delta_of(trained.tensors, global_tensors), layout, descriptor, he)
+                lambda: release(
+                    delta_of(trained.tensors, global_tensors), layout, descriptor, he, trained=trained.spend
+                )
             )
             measure.nbytes = len(out.payload)
         if out.spend is not None:  # in a worker thread: the first ε computation imports opacus (seconds)
             with ctx.events.timed(fid, r, "ledger"):
-                await trio.to_thread.run_sync(self._spend, descriptor, r, out.spend)
+                await trio.to_thread.run_sync(self._spend, descriptor, r, out.spend, trained.dataset)
         if self.keep_released:
             await trio.to_thread.run_sync(self._keep, fid, r, out.vector, layout)
         header = sign_update_header(
@@ -184,14 +199,28 @@ class Member:
         folder.mkdir(mode=0o700, exist_ok=True)
         atomic_write_bytes(folder / f"r{r}.safetensors", encode_tensors(unflatten(vector, layout)), 0o600)
 
-    def _spend(self, descriptor: FederationDescriptor, r: int, spend: Spend) -> None:
-        """Check the budget, then record the spend, before anything is released (refuse past the budget)."""
+    def _dataset(self, digest: str) -> DatasetBudget:
+        """The dataset `digest` with the node's limit on what it may spend."""
+        return DatasetBudget(digest, self.policy.max_epsilon_per_dataset, self.policy.max_delta)
+
+    def _check(self, descriptor: FederationDescriptor, r: int, spend: Spend, dataset: str) -> None:
+        """Refuse (FederationError) a round whose spend would not fit the federation's budget or the dataset's
+        limit, before anything is trained."""
         fid, delta = descriptor.federation_id, descriptor.privacy.dp.delta
         with PrivacyLedger(self.ledger_path) as ledger:
-            decision = ledger.check_budget(fid, r, spend, delta, descriptor.epsilon_budget)
+            decision = ledger.check_budget(fid, r, spend, delta, descriptor.epsilon_budget, self._dataset(dataset))
+        if not decision.allowed:
+            raise FederationError(f"privacy budget: {decision.reason}")
+
+    def _spend(self, descriptor: FederationDescriptor, r: int, spend: Spend, dataset: str) -> None:
+        """Check the budgets, then record the spend, before anything is released (refuse past either)."""
+        fid, delta = descriptor.federation_id, descriptor.privacy.dp.delta
+        on = self._dataset(dataset)
+        with PrivacyLedger(self.ledger_path) as ledger:
+            decision = ledger.check_budget(fid, r, spend, delta, descriptor.epsilon_budget, on)
             if not decision.allowed:
                 raise FederationError(f"privacy budget: {decision.reason}")
-            ledger.record(fid, r, spend, delta, budget=descriptor.epsilon_budget)
+            ledger.record(fid, r, spend, delta, budget=descriptor.epsilon_budget, dataset=on)
         self.ctx.status_of.setdefault(fid, {}).update(
             epsilon_spent=round(decision.epsilon_after, 4), epsilon_budget=descriptor.epsilon_budget, delta=delta
         )
