@@ -34,7 +34,9 @@ from federation.update import Layout, encode_tensors
 SHAPES = {"layers.0.q_proj.lora_A.weight": (4, 96), "layers.0.q_proj.lora_B.weight": (96, 4)}
 
 
-def descriptor(mode: str, noise: float = 0.0, clip: float = 100.0, strategy: str = "fedavg") -> FederationDescriptor:
+def descriptor(
+    mode: str, noise: float = 0.0, clip: float = 100.0, strategy: str = "fedavg", quorum: int = 3
+) -> FederationDescriptor:
     privacy = Privacy(
         mode=mode,  # type: ignore[arg-type]
         dp=DpParams(clip_norm=clip, noise_multiplier=noise),
@@ -47,7 +49,7 @@ def descriptor(mode: str, noise: float = 0.0, clip: float = 100.0, strategy: str
         adapter=AdapterConfig(rank=4, alpha=8.0, targets=("q_proj",)),
         privacy=privacy,
         strategy=StrategySpec(name=strategy),
-        quorum=3,
+        quorum=quorum,
         min_members=4,
     )
     return verify_descriptor(signed)
@@ -174,18 +176,9 @@ def test_an_he_member_is_protected_only_by_the_other_members_noise_shares() -> N
 
 def test_at_a_quorum_of_two_the_corrected_epsilon_is_6_58_not_4_39() -> None:
     # Arrange: the figures (z = 1, q = 1, one round, δ = 1e-5)
-    privacy = Privacy(mode="he+dp-user", dp=DpParams(clip_norm=1.0, noise_multiplier=1.0), he=HeParams())
-    signed = sign_descriptor(
-        Identity.generate(),
-        name="pair",
-        base_sha256="ab" * 32,
-        adapter=AdapterConfig(rank=4, alpha=8.0, targets=("q_proj",)),
-        privacy=privacy,
-        quorum=2,
-        min_members=2,
-    )
+    fed = descriptor("he+dp-user", noise=1.0, clip=1.0, quorum=2)
     # Act
-    spend = round_spend(verify_descriptor(signed))
+    spend = round_spend(fed)
     # Assert
     assert spend is not None and epsilon([spend], 1e-5) == pytest.approx(6.58, abs=0.01)
     assert epsilon([(1.0, 1.0, 1)], 1e-5) == pytest.approx(4.39, abs=0.01)
