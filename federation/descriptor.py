@@ -98,12 +98,19 @@ class JoinError(FederationRefused):
 # --- the descriptor ---------------------------------------------------------------------------------------------
 
 
-class AdapterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    """The LoRA every member trains: rank, alpha and the target modules (sorted, unique)."""
+class AdapterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True, omit_defaults=True):
+    """The LoRA every member trains: rank, alpha and the target modules (sorted, unique).
+
+    `freeze_a` is FFA-LoRA (Sun et al., ICLR 2024, https://arxiv.org/abs/2403.12313): every lora_A stays at the
+    initialisation seeded by the federation id, only lora_B is trained and aggregated, so the mean of the members'
+    B·A products is exactly the aggregate's B·A (averaging A and B separately is not), DP-SGD clips and noises half
+    the dimensions, and an update is half the bytes. Omitted from the signed bytes when false, so descriptors signed
+    before the field existed keep their signatures (and their A+B meaning)."""
 
     rank: Annotated[int, msgspec.Meta(ge=1, le=256)]
     alpha: Annotated[float, msgspec.Meta(gt=0, le=4096)]
     targets: Annotated[tuple[ModuleName, ...], msgspec.Meta(min_length=1, max_length=64)]
+    freeze_a: bool = False
 
 
 class LocalDpSgd(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

@@ -34,6 +34,7 @@ from federation.strategies.base import Update
 from federation.update import Layout, decode_tensors, encode_tensors, flatten, unflatten
 
 MAX_PLAIN_BYTES = 256 * 1024 * 1024
+LORA_A_SUFFIX = ".lora_A.weight"  # peft's name of the down-projection, frozen under FFA-LoRA
 
 
 class PrivacyError(ValueError):
@@ -224,23 +225,39 @@ def mean_update(
     return unflatten(mean.astype(np.float32), layout)
 
 
+def update_layout(descriptor: FederationDescriptor, global_tensors: Mapping[str, np.ndarray]) -> Layout:
+    """The tensors a round's update carries: all of the adapter's, or only the lora_B ones under FFA-LoRA."""
+    frozen = descriptor.adapter.freeze_a
+    return Layout.of({k: v for k, v in global_tensors.items() if not (frozen and k.endswith(LORA_A_SUFFIX))})
+
+
 def apply_update(global_tensors: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The next global adapter: global + mean update, tensor by tensor (same names and shapes required)."""
-    if set(global_tensors) != set(mean):
+    """The next global adapter: global + mean update on the tensors the update carries, the others kept as they are."""
+    if not mean or not set(mean) <= set(global_tensors):
         raise PrivacyError("the aggregate's tensors are not the global adapter's")
     out = {}
     for name, value in global_tensors.items():
+        if name not in mean:
+            out[name] = value.astype(np.float32)
+            continue
         if value.shape != mean[name].shape:
             raise PrivacyError(f"{name}: aggregate shape {mean[name].shape}, global {value.shape}")
         out[name] = (value.astype(np.float32) + mean[name].astype(np.float32)).astype(np.float32)
     return out
 
 
-def delta_of(local: Mapping[str, np.ndarray], global_tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """local − global, tensor by tensor (the member's update over the round)."""
+def delta_of(
+    local: Mapping[str, np.ndarray], global_tensors: Mapping[str, np.ndarray], layout: Layout | None = None
+) -> dict[str, np.ndarray]:
+    """local − global on the tensors of `layout` (default: all), the member's update over the round; every tensor
+    outside `layout` (lora_A under FFA-LoRA) must not have moved."""
     if set(local) != set(global_tensors):
         raise PrivacyError("the locally trained adapter's tensors are not the global adapter's")
-    return {k: (local[k].astype(np.float32) - global_tensors[k].astype(np.float32)) for k in global_tensors}
+    names = layout.names if layout is not None else tuple(sorted(global_tensors))
+    for name in sorted(set(global_tensors) - set(names)):
+        if not np.array_equal(local[name], global_tensors[name]):
+            raise PrivacyError(f"{name} is frozen in this federation but local training changed it")
+    return {k: (local[k].astype(np.float32) - global_tensors[k].astype(np.float32)) for k in names}
 
 
 def noise_std_of_sum(descriptor: FederationDescriptor, contributors: int) -> float:

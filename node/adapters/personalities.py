@@ -3,7 +3,8 @@
 A personality is the shared base model plus one or more LoRA adapters with scales, and the keywords that
 select it. Routing (documented in README):
 - `model = "base"` (or "base:" with no adapter) → the base model, no routing;
-- `model = "base:NAME"` → the base with adapter NAME at scale 1.0;
+- `model = "base:NAME"` → the base with adapter NAME at scale 1.0; `"base:NAME+OTHER"` → both at scale 1.0 (a
+  federation's global adapter with this node's personal one: `base:fed-club+fed-club-me`);
 - `model = "<personality>"` → that personality;
 - `model = "auto"` or the served model id → keyword routing on the latest user message: its words (Unicode
   word characters, case-insensitive) are matched against each personality's `load_on` keywords (a keyword of
@@ -135,7 +136,10 @@ def route(
     if model == BASE or model == f"{BASE}:":
         return Route(None)
     if model.startswith(f"{BASE}:"):
-        return Route(f"{BASE}:{model[len(BASE) + 1 :]}", ((model[len(BASE) + 1 :], 1.0),))
+        names = model[len(BASE) + 1 :].split("+")
+        if len(set(names)) != len(names) or not all(re.match(NAME_RE, n) for n in names):
+            raise UnknownModelError(model)
+        return Route(model, tuple((n, 1.0) for n in names))
     for p in personalities:
         if p.name == model:
             return Route(p.name, p.adapters)

@@ -28,6 +28,7 @@ class CreateRequest(_Closed):
     rank: int = Field(default=4, ge=1, le=256)
     alpha: float = Field(default=8.0, gt=0)
     targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1, max_length=7)
+    lora: Literal["ffa", "ab"] = "ffa"  # ffa: lora_A frozen at its seeded init, only lora_B trained and aggregated
     clip_norm: float = Field(default=1.0, gt=0)
     noise_multiplier: float | None = Field(default=None, ge=0)
     delta: float = Field(default=1e-5, gt=0, lt=1)
@@ -41,6 +42,7 @@ class CreateRequest(_Closed):
     epsilon_budget: float = Field(default=8.0, gt=0)
     admission: Literal["open", "invite"] = "open"
     train_options: dict[str, int | float] = Field(default_factory=dict, max_length=16)
+    personal: bool = True  # train and serve a personal adapter beside the global one
 
 
 class JoinRequestBody(_Closed):
@@ -52,6 +54,7 @@ class JoinRequestBody(_Closed):
     role: Literal["member", "aggregator"] = "member"
     invite: str | None = Field(default=None, max_length=8192)
     train_options: dict[str, int | float] = Field(default_factory=dict, max_length=16)
+    personal: bool = True  # train and serve a personal adapter beside the global one
 
 
 def _federations(request: Request) -> FederationNode:
@@ -98,7 +101,7 @@ async def join(request: Request) -> dict[str, Any]:
         raise ApiError(400, "'invite' is not base64 (give the token as issued)", param="invite") from None
     try:
         with trio.fail_after(60):
-            return await fed.join(req.name, req.creator, data, req.role, invite, req.train_options)
+            return await fed.join(req.name, req.creator, data, req.role, invite, req.train_options, req.personal)
     except (FederationRefused, FederationError, WireError, P2PError, ValueError, trio.TooSlowError) as exc:
         raise _refused(exc) from None
 

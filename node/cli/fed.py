@@ -46,6 +46,7 @@ def cmd_create(home: NodeHome, args: argparse.Namespace) -> int:
         "mode": args.mode,
         "data": _imported(home, args.data),
         "rank": args.rank,
+        "lora": args.lora,
         "clip_norm": args.clip_norm,
         "strategy": args.strategy,
         "quorum": args.quorum,
@@ -55,6 +56,7 @@ def cmd_create(home: NodeHome, args: argparse.Namespace) -> int:
         "epsilon_budget": args.epsilon_budget,
         "admission": args.admission,
         "train_options": _options(args.train_option),
+        "personal": args.personal,
     }
     if args.noise_multiplier is not None:
         body["noise_multiplier"] = args.noise_multiplier
@@ -72,7 +74,7 @@ def cmd_join(home: NodeHome, args: argparse.Namespace) -> int:
     """Join a federation (P2P), or run a Flower SuperNode (--engine flower)."""
     if args.engine == "flower":
         return _flower_join(home, args)
-    body: dict[str, Any] = {"name": args.name, "creator": args.creator, "role": args.role}
+    body: dict[str, Any] = {"name": args.name, "creator": args.creator, "role": args.role, "personal": args.personal}
     if args.data:
         body["data"] = _imported(home, args.data)
     if args.invite:
@@ -120,6 +122,12 @@ def cmd_status(home: NodeHome, args: argparse.Namespace) -> int:
             print(f"  now: {now}")
             if last := status.get("last_abandoned"):
                 print(f"  last abandoned: round {last['round']}: {last['reason']}")
+            if personal := status.get("personal"):
+                before, after = status.get("personal_heldout_loss", ["?", "?"])
+                print(f"  personal adapter {personal} (held-out loss {before} → {after} over the global alone)")
+                print(f"  serve both as model {status['serve_as']}")
+            if error := status.get("personal_error"):
+                print(f"  personal adapter not trained: {error}")
     for d in doc["datasets"]:
         print(
             f"dataset {d['dataset'][:16]}: ε = {d['epsilon_spent']:.3f} of {d['epsilon_limit']:g} at δ = {d['delta']:g}"
@@ -206,6 +214,16 @@ def run(home: NodeHome, args: argparse.Namespace) -> int:
     return 1
 
 
+def _personal_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-personal",
+        dest="personal",
+        action="store_false",
+        help="do not train a personal adapter (fed-NAME-me) over each new global; by default it is, on the same "
+        "data (with DP-SGD, accounted, in dp modes) and served with it as model base:fed-NAME+fed-NAME-me",
+    )
+
+
 def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
     """Register `mirador federation ...`."""
     top = sub.add_parser("federation", help="private federated learning of shared adapters with other nodes")
@@ -215,6 +233,12 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> ar
     create.add_argument("--data", required=True, help="this node's training data (.txt or .jsonl)")
     create.add_argument("--mode", choices=["dp", "he", "he+dp", "dp-user", "he+dp-user"], default="dp")
     create.add_argument("--rank", type=int, default=4)
+    create.add_argument(
+        "--lora",
+        choices=["ffa", "ab"],
+        default="ffa",
+        help="ffa: lora_A frozen at a seeded init, only lora_B trained and averaged (exact aggregation); ab: both",
+    )
     create.add_argument("--clip-norm", type=float, default=1.0)
     create.add_argument("--noise-multiplier", type=float, help="z (default 1.0 in every mode but he)")
     create.add_argument("--strategy", default="fedavg", help="fedavg, fedmedian, fedtrimmedavg, krum, bulyan")
@@ -229,6 +253,7 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> ar
     create.add_argument("--epsilon-budget", type=float, default=8.0)
     create.add_argument("--admission", choices=["open", "invite"], default="open")
     create.add_argument("--train-option", action="append", default=[], metavar="KEY=NUMBER")
+    _personal_flag(create)
     create.set_defaults(fed_func=cmd_create)
     join = s.add_parser("join", help="join a federation (or, --engine flower ADDRESS, run a Flower SuperNode)")
     join.add_argument("name", help="the federation's name (flower: the SuperLink ADDRESS host:port)")
@@ -237,6 +262,7 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> ar
     join.add_argument("--role", choices=["member", "aggregator"], default="member")
     join.add_argument("--invite", help="a file holding the invite token (base64)")
     join.add_argument("--train-option", action="append", default=[], metavar="KEY=NUMBER")
+    _personal_flag(join)
     join.add_argument("--engine", choices=["p2p", "flower"], default="p2p")
     join.add_argument("--workdir", default=".", help="flower: where logs go")
     join.add_argument("--insecure", action="store_true", help="flower: no TLS (loopback tests only)")

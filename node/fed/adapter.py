@@ -44,7 +44,9 @@ INIT_SCHEMA = "mirador.fed-init/v1"  # domain separator of the round-1 seed deri
 ARCHITECTURE = "llama"  # the peft naming and the GGUF export (q/k row permutation) are those of Llama
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 # settings train_locally fixes itself; the rest of TrainConfig (batch_size, max_length, ...) may be given as options
-_FIXED_OPTIONS = frozenset({"targets", "steps", "rank", "alpha", "seed", "split_seed", "dp", "init_adapter"})
+_FIXED_OPTIONS = frozenset(
+    {"targets", "steps", "rank", "alpha", "seed", "split_seed", "dp", "init_adapter", "freeze_a", "merge_adapter"}
+)
 _LOG_TAIL_LINES = 20
 RUN_PREFIX = "fed-"  # run ids (and scratch folders under train/) of federation rounds; user runs never start so
 
@@ -270,6 +272,13 @@ def install_global(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def load_peft_tensors(folder: Path) -> dict[str, np.ndarray]:
+    """The float32 tensors of the adapter_model.safetensors in `folder`."""
+    return {
+        k: v.astype(np.float32, copy=False) for k, v in safetensors.numpy.load_file(str(folder / WEIGHTS_FILE)).items()
+    }
+
+
 class _CapturingStore(AdapterStore):
     """Stands in for the adapter store in `run_training`: keeps the trained tensors and facts, installs nothing."""
 
@@ -284,10 +293,7 @@ class _CapturingStore(AdapterStore):
         for needed in (WEIGHTS_FILE, TRAINING_FILE):
             if not (folder / needed).is_file():
                 raise ValueError(f"the training job wrote no {needed}")
-        self.tensors = {
-            k: v.astype(np.float32, copy=False)
-            for k, v in safetensors.numpy.load_file(str(folder / WEIGHTS_FILE)).items()
-        }
+        self.tensors = load_peft_tensors(folder)
         self.training = json.loads((folder / TRAINING_FILE).read_text(encoding="utf-8"))
         return AdapterVersion(name, "local", folder)
 
@@ -312,16 +318,21 @@ def train_locally(
     *,
     options: Mapping[str, Any] | None = None,
     on_update: Callable[[TrainRun], None] | None = None,
+    freeze_a: bool = False,
+    under: Mapping[str, np.ndarray] | None = None,
 ) -> LocalResult:
     """Train the global adapter on local `data` (blocking, training subprocess at nice 19); never installs anything.
 
     `dp_sgd` turns on DP-SGD for this run: to a target ε (LocalDpSgd), or at a round's z and q (RoundDpSgd: the
     run is checked to have used exactly those); `options` may set the
-    other TrainConfig fields (batch_size, max_length, learning_rate, threads, ...). Raises LocalTrainingError with
+    other TrainConfig fields (batch_size, max_length, learning_rate, threads, ...); `freeze_a` trains only lora_B
+    (FFA-LoRA); `under` (a LoRA of the same shape, e.g. the federation's global) is merged into the base first, so the
+    tensors trained are an adapter served together with it (a personal adapter). Raises LocalTrainingError with
     the job's message when it fails, LocalTrainingStopped when `stop` ended it.
     """
     key = targets_key(targets)
     state = _checked_tensors(global_tensors, base_dims(gguf), rank, targets)
+    merged = None if under is None else _checked_tensors(under, base_dims(gguf), rank, targets)
     extra = dict(options or {})
     if fixed := sorted(_FIXED_OPTIONS & set(extra)):
         raise ValueError(f"options may not set {', '.join(fixed)}: train_locally sets them from its arguments")
@@ -333,6 +344,7 @@ def train_locally(
         "alpha": float(alpha),
         "seed": seed,
         "split_seed": 0,  # the same held-out examples every round: their loss stays comparable across rounds
+        "freeze_a": freeze_a,
     }
     if isinstance(dp_sgd, LocalDpSgd):
         config["dp"] = {
@@ -352,6 +364,9 @@ def train_locally(
         init = folder / "global.safetensors"
         safetensors.numpy.save_file(state, str(init), metadata={"format": "pt"})
         config["init_adapter"] = str(init)
+        if merged is not None:
+            safetensors.numpy.save_file(merged, str(folder / "under.safetensors"), metadata={"format": "pt"})
+            config["merge_adapter"] = str(folder / "under.safetensors")
         run_training(run, home, gguf, capture, config, data=data, on_update=on_update, stop=stop)
         if run.status == "stopped":
             raise LocalTrainingStopped(run.error or "local training was stopped")

@@ -30,9 +30,10 @@ from federation.descriptor import (
     verify_admission,
     verify_descriptor,
 )
-from federation.ledger import PrivacyLedger
+from federation.ledger import DatasetBudget, PrivacyLedger
 from federation.policy import PrivacyPolicy, check_descriptor
-from federation.privacy import check_user_level, round_spend, unit_of_privacy
+from federation.privacy import LORA_A_SUFFIX, check_user_level, round_spend, unit_of_privacy
+from federation.update import Layout
 from node.adapters.store import AdapterStore
 from node.core.fsutil import atomic_write_text
 from node.core.home import NodeHome
@@ -43,6 +44,7 @@ from node.fed.adapter import (
     base_dims,
     initial_adapter,
     install_global,
+    load_peft_tensors,
     round_sample_rate,
     sweep_local_runs,
     train_locally,
@@ -104,6 +106,7 @@ class FederationNode:
             self._initial_global,
             keep_released,
             self.policy,
+            personalize=self._personalize if trainer is None else None,  # a stub trainer: no personal training
         )
 
     # the service's hooks ---------------------------------------------------------------------------------------------
@@ -150,6 +153,7 @@ class FederationNode:
             dp_sgd=dp_sgd,
             stop=stop,
             options=options,
+            freeze_a=a.freeze_a,
         )
         trained_spend = spend if descriptor.example_level else None  # user-level: the release's noise is the spend
         return Trained(
@@ -174,6 +178,71 @@ class FederationNode:
         return install_global(
             self.adapters, adapter_name(descriptor), tensors, self.gguf, a.rank, a.alpha, a.targets
         ).key
+
+    def _personalize(
+        self, descriptor: FederationDescriptor, global_tensors: Mapping[str, np.ndarray], r: int, stop: threading.Event
+    ) -> dict[str, Any] | None:
+        """Train this node's personal adapter on top of the new global (its own data, `local_steps` steps, from the
+        last personal one) and install it as `fed-<name>-me`; None when the member chose none or has no data.
+
+        It never leaves the node, but it is trained on the same data: in example-level modes with DP-SGD at the
+        federation's z and C and this node's q, checked against and recorded in the dataset's ledger (before the
+        adapter is installed), so a personal adapter published later is covered like everything else."""
+        settings = self._settings(descriptor.federation_id)
+        data = settings.get("data")
+        if not settings.get("personal", True) or not data:
+            return None
+        a, name = descriptor.adapter, personal_name(descriptor)
+        options = settings.get("train_options") or None
+        start = self._current_tensors(name, descriptor)
+        dataset = file_digest(Path(data))
+        spend = round_spend(descriptor, round_sample_rate(Path(data), options)) if descriptor.example_level else None
+        key, delta = f"personal:{descriptor.federation_id}", descriptor.privacy.dp.delta
+        on = DatasetBudget(dataset, self.policy.max_epsilon_per_dataset, self.policy.max_delta)
+        dp_sgd = None
+        if spend is not None:
+            with PrivacyLedger(self.ledger_path) as ledger:
+                decision = ledger.check_budget(key, r, spend, delta, self.policy.max_epsilon_per_dataset, on)
+            if not decision.allowed:
+                raise FederationError(f"personal adapter not trained: {decision.reason}")
+            dp = descriptor.privacy.dp
+            dp_sgd = RoundDpSgd(spend.noise_multiplier, spend.sample_rate, dp.clip_norm, dp.delta)
+        result = train_locally(
+            self.home,
+            self.gguf,
+            start,
+            a.rank,
+            a.alpha,
+            a.targets,
+            Path(data),
+            descriptor.local_steps,
+            seed=r,
+            dp_sgd=dp_sgd,
+            stop=stop,
+            options=options,
+            under=global_tensors,
+        )
+        if spend is not None:
+            with PrivacyLedger(self.ledger_path) as ledger:
+                ledger.record(key, r, spend, delta, budget=self.policy.max_epsilon_per_dataset, dataset=on)
+        version = install_global(self.adapters, name, result.tensors, self.gguf, a.rank, a.alpha, a.targets)
+        return {
+            "personal": version.key,
+            "serve_as": f"base:{adapter_name(descriptor)}+{name}",
+            "personal_heldout_loss": [round(result.heldout_loss_before, 4), round(result.heldout_loss_after, 4)],
+        }
+
+    def _current_tensors(self, name: str, descriptor: FederationDescriptor) -> dict[str, np.ndarray]:
+        """The installed adapter `name`'s tensors when they fit the federation's LoRA; its zero-B start otherwise."""
+        a = descriptor.adapter
+        try:
+            folder = self.adapters.current(name).gguf.parent
+            tensors = load_peft_tensors(folder)
+            if Layout.of(tensors) == Layout.of(self._initial_global(descriptor)):
+                return tensors
+        except (LookupError, OSError, ValueError):
+            pass
+        return initial_adapter(self.gguf, a.rank, a.alpha, a.targets, seed=f"{descriptor.federation_id}/personal")
 
     def _initial_global(self, descriptor: FederationDescriptor) -> dict[str, np.ndarray]:
         fid = descriptor.federation_id
@@ -207,6 +276,7 @@ class FederationNode:
                 rank=int(spec.get("rank", 4)),
                 alpha=float(spec.get("alpha", 8.0)),
                 targets=tuple(spec.get("targets", ("q_proj", "v_proj"))),
+                freeze_a=spec.get("lora", "ffa") == "ffa",
             ),
             privacy=privacy,
             strategy=StrategySpec(name=spec.get("strategy", "fedavg"), params=dict(spec.get("strategy_params", {}))),
@@ -225,7 +295,9 @@ class FederationNode:
         if descriptor.user_level:
             a = descriptor.adapter
             shapes = await trio.to_thread.run_sync(lambda: adapter_shapes(base_dims(self.gguf), a.rank, a.targets))
-            params = sum(math.prod(shape) for shape in shapes.values())
+            params = sum(
+                math.prod(shape) for name, shape in shapes.items() if not (a.freeze_a and name.endswith(LORA_A_SUFFIX))
+            )
             members = int(spec.get("expected_members") or descriptor.min_members)
             ratio = check_user_level(descriptor, params, members)
             log.info(
@@ -245,7 +317,14 @@ class FederationNode:
         request = sign_join(self.identity, fid, fed_wire.b64(x25519_public_of(self.identity)))
         admission = sign_admission(self.identity, descriptor, request)
         self.state.add_member(fid, verify_admission(descriptor, request, admission), request, admission)
-        self._save_settings(fid, {"data": spec.get("data"), "train_options": spec.get("train_options", {})})
+        self._save_settings(
+            fid,
+            {
+                "data": spec.get("data"),
+                "train_options": spec.get("train_options", {}),
+                "personal": bool(spec.get("personal", True)),
+            },
+        )
         if he is not None:
             secret = SecretContext.generate(
                 HEParams(he.poly_modulus_degree, tuple(he.coeff_mod_bit_sizes), he.global_scale_bits)
@@ -261,15 +340,18 @@ class FederationNode:
         role: str,
         invite: bytes | None,
         train_options: Mapping[str, Any] | None = None,
+        personal: bool = True,
     ) -> dict[str, Any]:
-        """Find the federation in the DHT and join it through its creator."""
+        """Find the federation in the DHT and join it through its creator (`personal`: train and serve a personal
+        adapter beside the global one after every applied round)."""
         descriptor_bytes = await self._descriptor_bytes(name, creator)
         descriptor = verify_descriptor(descriptor_bytes)
         if role == "member":  # an aggregator-only member releases nothing of its own
             spend = await trio.to_thread.run_sync(self._round_spend, descriptor, data, train_options)
             check_descriptor(descriptor, self.policy, spend)
         await self.service.join(descriptor_bytes, descriptor.creator_key, role, invite)
-        self._save_settings(descriptor.federation_id, {"data": data, "train_options": dict(train_options or {})})
+        settings = {"data": data, "train_options": dict(train_options or {}), "personal": personal}
+        self._save_settings(descriptor.federation_id, settings)
         return self.summary(descriptor.federation_id)
 
     async def _descriptor_bytes(self, name: str, creator: str) -> bytes:
@@ -346,6 +428,11 @@ class FederationNode:
                 }
                 for digest, spenders in ledger.datasets().items()
             ]
+
+
+def personal_name(descriptor: FederationDescriptor) -> str:
+    """The adapter this member trains for itself beside the federation's global one."""
+    return f"{adapter_name(descriptor)[:61]}-me"
 
 
 def adapter_name(descriptor: FederationDescriptor) -> str:

@@ -42,7 +42,7 @@ from node.fed.membership import Membership
 from node.fed.notices import FederationNotice
 from node.fed.rounds.aggregator import Aggregator
 from node.fed.rounds.collect import UpdateCollector
-from node.fed.rounds.context import SCRATCH_PREFIX, RoundContext, describe
+from node.fed.rounds.context import SCRATCH_PREFIX, Personalize, RoundContext, describe
 from node.fed.rounds.events import Phase, PhaseEvent, RoundEvents
 from node.fed.rounds.member import Member, Trained, Trainer
 from node.market.registry_dht import DhtRegistry
@@ -73,6 +73,7 @@ class FederationService:
         initial_global: Callable[[FederationDescriptor], dict[str, np.ndarray]],
         keep_released: bool = False,
         policy: PrivacyPolicy | None = None,
+        personalize: Personalize | None = None,
     ) -> None:
         self.root, self.identity, self.p2p, self.notices, self.state = root, identity, p2p, notices, state
         self._nursery: trio.Nursery | None = None
@@ -91,6 +92,7 @@ class FederationService:
             gossip=self._gossip,
             dial=self._dial,
             spawn=self._spawn,
+            personalize=personalize,
         )
         self.joins = JoinProtocol(identity, p2p, state, self.membership, self._gossip, self._dial)
         self.collector = UpdateCollector(state, self._accepted)

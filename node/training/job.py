@@ -54,6 +54,8 @@ class _ConfigSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     threads: int | msgspec.UnsetType | None = msgspec.UNSET
     physical_batch_size: int | msgspec.UnsetType | None = msgspec.UNSET
     init_adapter: str | msgspec.UnsetType | None = msgspec.UNSET
+    freeze_a: bool | msgspec.UnsetType = msgspec.UNSET
+    merge_adapter: str | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class JobSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

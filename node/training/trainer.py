@@ -84,6 +84,8 @@ class TrainConfig:
     threads: int | None = None  # torch threads; None = every core
     physical_batch_size: int | None = None  # examples per forward pass; None = min(batch_size, 8)
     init_adapter: str | None = None  # peft adapter_model.safetensors to start from (a federation's global adapter)
+    freeze_a: bool = False  # FFA-LoRA: lora_A keeps its initial values, only lora_B is trained
+    merge_adapter: str | None = None  # a LoRA (same rank, alpha, targets) merged into the base first: served with it
 
     def __post_init__(self) -> None:
         if self.targets not in TARGET_MODULES:
@@ -108,6 +110,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         if not (isinstance(self.holdout_fraction, int | float) and 0 < self.holdout_fraction <= 0.5):
             raise ValueError(f"holdout_fraction must be in (0, 0.5], got {self.holdout_fraction!r}")
+        if not isinstance(self.freeze_a, bool):
+            raise ValueError(f"freeze_a must be true or false, got {self.freeze_a!r}")
         if self.dp is not None and not isinstance(self.dp, DPConfig):
             raise ValueError(f"dp must be a DPConfig or None, got {self.dp!r}")
 
@@ -332,9 +336,13 @@ def train_adapter(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_enc = [encode_example(tokenizer, e, config.max_length) for e in train]
     held_enc = [encode_example(tokenizer, e, config.max_length) for e in held]
+    if config.merge_adapter is not None:
+        base = merged_base(base, config, Path(config.merge_adapter))
     model = get_peft_model(base, lora_config(config.rank, config.alpha, config.targets))
     if config.init_adapter is not None:
         load_initial_adapter(model, Path(config.init_adapter))
+    if config.freeze_a:
+        freeze_lora_a(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     before = evaluate_loss(model, held_enc, config, pad_id)
     run = _Run(model, train_enc, config, pad_id, on_progress)
@@ -384,6 +392,27 @@ def load_initial_adapter(model: Any, path: Path) -> None:
             f"wrong shape {wrong[:3]}"
         )
     set_peft_model_state_dict(model, {k: torch.from_numpy(v.astype("float32")) for k, v in given.items()})
+
+
+def merged_base(base: Any, config: TrainConfig, path: Path) -> Any:
+    """The base with the LoRA in `path` merged into its weights (a personal adapter trains on top of a federation's
+    global one: serving both at scale 1 computes exactly what was trained, W + ΔW_global + ΔW_personal)."""
+    from peft import get_peft_model
+
+    with_global = get_peft_model(base, lora_config(config.rank, config.alpha, config.targets))
+    load_initial_adapter(with_global, path)
+    return with_global.merge_and_unload()
+
+
+def freeze_lora_a(model: Any) -> None:
+    """FFA-LoRA: stop training every lora_A (the optimizer, clipping and noise then see only lora_B)."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if ".lora_A." in name:
+            param.requires_grad_(False)
+            frozen += 1
+    if not frozen:
+        raise ValueError("freeze_a: the model has no lora_A parameters")
 
 
 class _Run:

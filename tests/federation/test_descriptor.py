@@ -55,7 +55,7 @@ def full_kwargs(**over: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "name": "finance-club",
         "base_sha256": BASE,
-        "adapter": AdapterConfig(rank=8, alpha=16, targets=("v_proj", "q_proj")),
+        "adapter": AdapterConfig(rank=8, alpha=16, targets=("v_proj", "q_proj"), freeze_a=True),
         "privacy": Privacy(
             mode="he+dp-user",
             dp=DpParams(
@@ -117,6 +117,19 @@ def test_the_federation_id_is_stable_and_names_the_content(creator: Identity, de
     assert other.federation_id != descriptor.federation_id
 
 
+def test_a_descriptor_signed_before_ffa_lora_keeps_its_signature_and_means_a_plus_b(creator: Identity) -> None:
+    # Arrange: the bytes a node signed before AdapterConfig had freeze_a (the field absent)
+    kwargs = full_kwargs(adapter=AdapterConfig(rank=8, alpha=16, targets=("q_proj", "v_proj")))
+    old = sign_descriptor(creator, **kwargs)
+    # Act
+    body = json.loads(old)
+    verified = verify_descriptor(old)
+    # Assert: nothing new in the signed bytes, A+B; the FFA one names freeze_a and is another federation
+    assert "freeze_a" not in body["adapter"] and verified.adapter.freeze_a is False
+    ffa = verify_descriptor(sign_descriptor(creator, **full_kwargs()))
+    assert ffa.adapter.freeze_a is True and ffa.federation_id != verified.federation_id
+
+
 def test_the_dht_key_fits_py_libp2p_walks_and_is_checked(creator: Identity, signed: bytes) -> None:
     key = descriptor_key("finance-club", creator.fingerprint)
     assert key.startswith("/mirador-fed/") and len(key.encode()) <= 50
@@ -154,7 +167,7 @@ def edited(value: Any, other_key: str) -> Any:
     if value in LITERAL_SWAPS and not isinstance(value, float):
         return LITERAL_SWAPS[value]
     if isinstance(value, bool):
-        raise AssertionError("no booleans in a descriptor")
+        return not value
     if isinstance(value, int):
         return value + 1 if value < 60 or value > 100 else value - 1
     if isinstance(value, float):
@@ -179,7 +192,7 @@ def expected_reason(path: tuple[Any, ...]) -> FederationReason:
 def test_every_field_edited_under_the_old_signature_is_refused(signed: bytes, joiner: Identity) -> None:
     body = json.loads(signed)
     paths = [p for p in leaf_paths(body) if p != ("signature",)]
-    assert len(paths) == 29
+    assert len(paths) == 30
     assert {p[0] for p in paths} == set(FederationDescriptor.__struct_fields__) - {"signature"}
     for path in paths:
         tampered = copy.deepcopy(body)

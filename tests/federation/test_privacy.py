@@ -28,6 +28,7 @@ from federation.privacy import (
     noise_to_update,
     release,
     round_spend,
+    update_layout,
 )
 from federation.update import Layout, encode_tensors
 
@@ -35,7 +36,12 @@ SHAPES = {"layers.0.q_proj.lora_A.weight": (4, 96), "layers.0.q_proj.lora_B.weig
 
 
 def descriptor(
-    mode: str, noise: float = 0.0, clip: float = 100.0, strategy: str = "fedavg", quorum: int = 3
+    mode: str,
+    noise: float = 0.0,
+    clip: float = 100.0,
+    strategy: str = "fedavg",
+    quorum: int = 3,
+    freeze_a: bool = False,
 ) -> FederationDescriptor:
     privacy = Privacy(
         mode=mode,  # type: ignore[arg-type]
@@ -46,7 +52,7 @@ def descriptor(
         Identity.generate(),
         name="fed-test",
         base_sha256="ab" * 32,
-        adapter=AdapterConfig(rank=4, alpha=8.0, targets=("q_proj",)),
+        adapter=AdapterConfig(rank=4, alpha=8.0, targets=("q_proj",), freeze_a=freeze_a),
         privacy=privacy,
         strategy=StrategySpec(name=strategy),
         quorum=quorum,
@@ -224,3 +230,58 @@ def test_an_example_level_update_without_its_dp_sgd_run_or_at_another_spend_does
         release(update, layout, fed, trained=Spend(0.3, 0.05, fed.local_steps))  # less noise than the federation's
     with pytest.raises(PrivacyError, match="sample rate"):
         round_spend(fed)
+
+
+A_NAME, B_NAME = "layers.0.q_proj.lora_A.weight", "layers.0.q_proj.lora_B.weight"
+
+
+@pytest.mark.parametrize("mode", ["he", "dp-user"])
+def test_ffa_lora_aggregates_the_product_exactly_and_never_moves_a(mode: str) -> None:
+    # Arrange: FFA-LoRA; every member starts each round from the global, A is the seeded init, B starts at zero
+    fed = descriptor(mode, noise=1e-9 if mode == "dp-user" else 0.0, quorum=2, freeze_a=True)
+    secret = SecretContext.generate() if fed.uses_he else None
+    rng = np.random.default_rng(11)
+    global_tensors = {A_NAME: rng.uniform(-0.1, 0.1, SHAPES[A_NAME]).astype(np.float32)}
+    global_tensors[B_NAME] = np.zeros(SHAPES[B_NAME], np.float32)
+    initial_a = global_tensors[A_NAME].copy()
+    layout = update_layout(fed, global_tensors)
+
+    for _ in range(3):
+        # Act: four members train B only, release, the aggregator combines, every member applies the mean
+        locals_ = [
+            {A_NAME: global_tensors[A_NAME], B_NAME: global_tensors[B_NAME] + rng.normal(0, 0.01, SHAPES[B_NAME])}
+            for _ in range(4)
+        ]
+        released = [
+            release(delta_of(m, global_tensors, layout), layout, fed, secret.public() if secret else None)
+            for m in locals_
+        ]
+        combined = combine([(f"m{i}", r.payload) for i, r in enumerate(released)], layout, fed, secret)
+        mean = mean_update(combined.kind, combined.payload, combined.count, layout, secret)
+        global_tensors = apply_update(global_tensors, mean)
+
+        # Assert: B·A of the aggregate is the mean of the members' B·A products (float32 tolerance); A is unchanged
+        wanted = np.mean([m[B_NAME].astype(np.float64) @ m[A_NAME] for m in locals_], axis=0)
+        got = global_tensors[B_NAME].astype(np.float64) @ global_tensors[A_NAME]
+        assert np.abs(got - wanted).max() < 1e-5 * np.abs(wanted).max()  # float32 (and CKKS) rounding
+        assert np.array_equal(global_tensors[A_NAME], initial_a)
+    assert layout.names == (B_NAME,)  # the update carries lora_B alone: half the bytes of A+B here
+    assert len(released[0].vector) == np.prod(SHAPES[B_NAME])
+
+
+def test_averaging_a_and_b_apart_is_not_the_mean_of_the_products() -> None:
+    # Arrange: why FFA-LoRA: members that train A and B (mode A+B) from the same start
+    rng = np.random.default_rng(3)
+    members = [{k: rng.normal(0, 0.1, s) for k, s in SHAPES.items()} for _ in range(4)]
+    # Act
+    of_means = np.mean([m[B_NAME] for m in members], axis=0) @ np.mean([m[A_NAME] for m in members], axis=0)
+    mean_of_products = np.mean([m[B_NAME] @ m[A_NAME] for m in members], axis=0)
+    # Assert: the separate means miss most of the product
+    assert np.linalg.norm(of_means - mean_of_products) > 0.5 * np.linalg.norm(mean_of_products)
+
+
+def test_an_ffa_member_whose_training_moved_a_is_refused() -> None:
+    fed = descriptor("he", freeze_a=True)
+    base, local = deltas(2, seed=8)
+    with pytest.raises(PrivacyError, match="frozen in this federation"):
+        delta_of(local, base, update_layout(fed, base))

@@ -129,9 +129,12 @@ def create_and_join(
     quorum: int,
     aggregator_only: Daemon | None = None,
     noise: float | None = 1.0,
+    personal: bool = False,
 ) -> str:
     """nodes[0] creates federation 'club' (2 local steps, C = 1, ε budget 100); the others join through it, each
-    with its own data, `aggregator_only` as an aggregator without data. Returns the federation id."""
+    with its own data, `aggregator_only` as an aggregator without data; members train personal adapters only with
+    `personal`. Returns the federation id."""
+    no_personal = [] if personal else ["--no-personal"]
     a = nodes[0]
     trainers = [n for n in nodes if n is not aggregator_only]
     created = cli(
@@ -157,11 +160,12 @@ def create_and_join(
         "100",
         *(["--noise-multiplier", str(noise)] if noise is not None else []),
         *TRAIN,
+        *no_personal,
     )
     assert created.returncode == 0, created.stderr
     view = federations(a)[0]
     for node, f in zip(nodes[1:], data[1:], strict=True):
-        role = ["--role", "aggregator"] if node is aggregator_only else ["--data", str(f), *TRAIN]
+        role = ["--role", "aggregator"] if node is aggregator_only else ["--data", str(f), *TRAIN, *no_personal]
         joined = cli(node, "federation", "join", "club", "--creator", view["creator"], *role)
         assert joined.returncode == 0, joined.stderr + joined.stdout
     return str(view["federation_id"])

@@ -187,16 +187,21 @@ def test_train_locally_returns_trained_tensors_and_installs_nothing(
     assert (config.task_type, config.bias, config.lora_dropout) == ("CAUSAL_LM", "none", 0.0)
 
 
-def test_train_locally_with_dp_sgd_on_every_module_reports_its_epsilon(
+def test_train_locally_with_dp_sgd_and_frozen_a_on_every_module_reports_its_epsilon(
     gguf: Path, dims: BaseDims, home: NodeHome, data: Path
 ) -> None:
-    # Arrange
+    # Arrange: FFA-LoRA under opacus (the frozen lora_A have no per-example gradients)
     start = initial_adapter(gguf, 2, 4.0, ALL, seed="fed-dp")
     dp = LocalDpSgd(epsilon=8.0, delta=1e-5, max_grad_norm=1.0)
     # Act
-    result = train_locally(home, gguf, start, 2, 4.0, ALL, data, steps=2, seed=0, dp_sgd=dp, options=FAST)
-    # Assert
+    result = train_locally(
+        home, gguf, start, 2, 4.0, ALL, data, steps=2, seed=0, dp_sgd=dp, options=FAST, freeze_a=True
+    )
+    # Assert: every lora_A bit for bit as it started, every lora_B trained
     assert Layout.of(result.tensors) == Layout.of(start)
+    a_names = [k for k in start if k.endswith("lora_A.weight")]
+    assert a_names and all(np.array_equal(result.tensors[k], start[k]) for k in a_names)
+    assert all(result.tensors[k].any() for k in start if k.endswith("lora_B.weight"))
     assert result.epsilon is not None and 0 < result.epsilon <= 8.0 + 1e-9
     assert result.noise_multiplier is not None and result.noise_multiplier > 0
     assert result.examples > 0 and math.isfinite(result.heldout_loss_after)
@@ -223,4 +228,30 @@ def test_a_failed_or_stopped_local_job_raises_and_cleans_up(
         train_locally(home, gguf, start, 2, 16.0, QV, good, steps=1, seed=0, dp_sgd=None, options={"steps": 9})
     with pytest.raises(ValueError, match="rank-2 LoRA"):
         train_locally(home, gguf, start, 2, 16.0, ALL, good, steps=1, seed=0, dp_sgd=None)
+    assert_nothing_left(home, dims)
+
+
+def test_a_personal_adapter_trains_on_top_of_the_merged_global(
+    gguf: Path, dims: BaseDims, home: NodeHome, data: Path
+) -> None:
+    # Arrange: a global adapter that changes the model (lora_B nonzero), a personal one starting at zero B
+    start = initial_adapter(gguf, 2, 16.0, QV, seed="fed-global")
+    rng = np.random.default_rng(4)
+    global_tensors = {
+        k: (rng.normal(0, 0.05, v.shape).astype(np.float32) if k.endswith("lora_B.weight") else v)
+        for k, v in start.items()
+    }
+    personal = initial_adapter(gguf, 2, 16.0, QV, seed="fed-global/personal")
+    # Act: the global trained on its own, and the personal trained over the merged global
+    alone = train_locally(home, gguf, global_tensors, 2, 16.0, QV, data, steps=1, seed=1, dp_sgd=None, options=FAST)
+    over = train_locally(
+        home, gguf, personal, 2, 16.0, QV, data, steps=1, seed=1, dp_sgd=None, options=FAST, under=global_tensors
+    )
+    plain = train_locally(home, gguf, personal, 2, 16.0, QV, data, steps=1, seed=1, dp_sgd=None, options=FAST)
+    # Assert: before training, base + merged global + zero personal is exactly base + global (the same held-out
+    # loss), not the base alone; what comes back is the personal adapter's layout, never the global's values
+    assert over.heldout_loss_before == pytest.approx(alone.heldout_loss_before, abs=1e-4)
+    assert abs(over.heldout_loss_before - plain.heldout_loss_before) > 1e-3
+    assert Layout.of(over.tensors) == Layout.of(personal)
+    assert all(np.array_equal(over.tensors[k], personal[k]) is False for k in personal if k.endswith("lora_B.weight"))
     assert_nothing_left(home, dims)

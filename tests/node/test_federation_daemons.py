@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def test_four_daemons_complete_three_rounds(mode: str, four: list[Daemon], tmp_p
         quorum=3,
         aggregator_only=d if he else None,
         noise=None if mode == "he" else 1.0,
+        personal=mode != "he",  # example-level modes: the personal adapters' DP-SGD runs share the dataset's ledger
     )
     # Act
     wait_for(
@@ -84,25 +86,51 @@ def test_four_daemons_complete_three_rounds(mode: str, four: list[Daemon], tmp_p
             # the ledger records a round before its update leaves: one round may be in flight, not yet aggregated
             assert any(spent == pytest.approx(independent(k), rel=0.02) for k in (released, released + 1)), spent
             assert "training example" in federations(node)[0]["unit_of_privacy"]
-            # the ledger keeps that spend on the account of the data file it came from (its sha256)
+            # the ledger keeps that spend, and the personal adapter's DP-SGD runs, on the account of the data file
+            # they came from (its sha256): its ε is PRV over every run on that file, 2 steps each
             datasets = httpx.get(f"{node.url}/v1/federations", timeout=10).json()["datasets"]
             digest = hashlib.sha256(data[four.index(node)].read_bytes()).hexdigest()
-            assert [(d["dataset"], d["spent_by"]) for d in datasets] == [(digest, [fid])], datasets
-            assert datasets[0]["epsilon_spent"] >= spent
+            assert [(d["dataset"], sorted(d["spent_by"])) for d in datasets] == [
+                (digest, sorted([fid, f"personal:{fid}"]))
+            ], datasets
+            with sqlite3.connect(f"file:{node.home / 'state.db'}?mode=ro", uri=True) as db:
+                runs = db.execute("SELECT COUNT(*) FROM privacy_ledger WHERE dataset = ?", (digest,)).fetchone()[0]
+            assert runs >= released + 2  # the personal runs after rounds 1 and 2 came before round 3 was applied
+            assert datasets[0]["epsilon_spent"] == pytest.approx(independent(runs), rel=0.02)
+            # the personal adapter serves beside the global one
+            status = federations(node)[0]["status"]
+            assert status["serve_as"] == "base:fed-club+fed-club-me" and status["personal"].startswith("fed-club-me")
+        reply = httpx.post(
+            f"{a.url}/v1/chat/completions",
+            json={
+                "model": "base:fed-club+fed-club-me",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 3,
+            },
+            timeout=60,
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"] is not None
     if he:
         # The aggregator-only node aggregated every round and never held the secret key
         aggregator = views[3]
         assert not aggregator["he_secret_here"] and not list((d.home / "federations").rglob("he_secret.bin"))
         assert {r["aggregator"] for r in docs[0]} == {fingerprint(d)}
         assert all(v["he_secret_here"] for v in views[:3])
-    # The applied global moved by the mean of what the trainers released (decrypted CKKS sum / n under HE)
+    # The applied global's lora_B moved by the mean of what the trainers released (decrypted CKKS sum / n under
+    # HE); FFA-LoRA (the default): the updates carry lora_B alone and every lora_A stays at its seeded init
     from node.fed.adapter import initial_adapter
     from node.inference.models import embedded_model_path
 
     start = initial_adapter(embedded_model_path(), 4, 8.0, ["q_proj", "v_proj"], seed=fid)
-    first = tensors(a.home / "adapters" / "fed-club" / "v1" / "adapter_model.safetensors")
+    installed = a.home / "adapters" / "fed-club"
+    first = tensors(installed / "v1" / "adapter_model.safetensors")
     released = [tensors(n.home / "federations" / fid / "released" / "r1.safetensors") for n in trainers]
-    for name, value in first.items():
+    assert all(set(rel) == {k for k in start if k.endswith("lora_B.weight")} for rel in released)
+    for name, rel in released[0].items():
         mean = np.mean([rel[name] for rel in released], axis=0)
         scale = max(np.abs(mean).max(), 1e-12)
-        assert np.abs((value - start[name]) - mean).max() <= 1e-5 * scale, name
+        assert np.abs((first[name] - start[name]) - mean).max() <= 1e-5 * scale, name
+    for version in sorted(installed.glob("v*")):
+        applied = tensors(version / "adapter_model.safetensors")
+        assert all(np.array_equal(applied[k], start[k]) for k in start if k.endswith("lora_A.weight")), version

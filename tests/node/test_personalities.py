@@ -53,6 +53,11 @@ def test_explicit_choices_skip_keywords(personalities: list) -> None:
     msg = "my budget"
     assert route("base", msg, personalities, BASE_IDS) == Route(None)
     assert route("base:finance", msg, personalities, BASE_IDS) == Route("base:finance", (("finance", 1.0),))
+    both = route("base:fed-club+fed-club-me", msg, personalities, BASE_IDS)
+    assert both == Route("base:fed-club+fed-club-me", (("fed-club", 1.0), ("fed-club-me", 1.0)))
+    for bad in ("base:a+a", "base:a+", "base:+b", "base:a b"):
+        with pytest.raises(UnknownModelError):
+            route(bad, msg, personalities, BASE_IDS)
     chef = route("chef", msg, personalities, BASE_IDS)
     assert chef.personality == "chef" and chef.adapters == (("cooking", 1.0), ("finance", 0.3))
     assert chef.label == "chef" and Route(None).label == "base"

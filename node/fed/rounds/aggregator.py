@@ -10,9 +10,8 @@ import trio
 from crypto.he import PublicContext
 from federation.descriptor import FederationDescriptor
 from federation.messages import sign_round_done, sign_round_open, verify_round_done, verify_round_open
-from federation.privacy import combine
+from federation.privacy import combine, update_layout
 from federation.round import Decision, RoundState
-from federation.update import Layout
 from node.fed import wire as fed_wire
 from node.fed.errors import FederationError
 from node.fed.rounds.collect import UpdateCollector
@@ -57,7 +56,7 @@ class Aggregator:
             global_cid=cid,
             members=members,
         )
-        layout = Layout.of(global_tensors)
+        layout = update_layout(descriptor, global_tensors)
         he_public = ctx.state.he_public(fid) if descriptor.uses_he else None
         context = PublicContext.from_bytes(he_public) if he_public else None
         state = RoundState(

@@ -30,6 +30,8 @@ MAX_GLOBAL_BYTES = 256 * 1024 * 1024
 
 InstallGlobal = Callable[[FederationDescriptor, Mapping[str, np.ndarray]], str]
 InitialGlobal = Callable[[FederationDescriptor], dict[str, np.ndarray]]
+# train and install this member's personal adapter over a new global (blocking; None: none wanted), its status
+Personalize = Callable[[FederationDescriptor, Mapping[str, np.ndarray], int, threading.Event], dict[str, Any] | None]
 
 
 @dataclass
@@ -48,6 +50,7 @@ class RoundContext:
     gossip: Callable[[str, str, bytes], None]
     dial: Callable[[Any], Awaitable[None]]
     spawn: Callable[..., None]  # start a background task in the service's nursery
+    personalize: Personalize | None = None
     events: RoundEvents = field(default_factory=RoundEvents)
     inboxes: dict[str, Inbox] = field(default_factory=dict)
     status_of: dict[str, dict[str, Any]] = field(default_factory=dict)

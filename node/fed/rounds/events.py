@@ -22,6 +22,7 @@ Phase = Literal[
     "fetch",  # the aggregate fetched by CID
     "decode",  # the mean update from the aggregate (decode, or decrypt)
     "install",  # the new global installed as the next adapter version
+    "personal",  # this member's personal adapter trained over the new global and installed
     "notice_open",  # a RoundOpen first reached this node (started = when it arrived)
     "notice_done",  # a RoundDone first reached this node
 ]

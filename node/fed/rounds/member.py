@@ -18,10 +18,11 @@ from federation.descriptor import FederationDescriptor
 from federation.ledger import DatasetBudget, PrivacyLedger
 from federation.messages import Kind, RoundDone, RoundOpen, sign_update_header
 from federation.policy import PrivacyPolicy
-from federation.privacy import apply_update, delta_of, mean_update, release
+from federation.privacy import apply_update, delta_of, mean_update, release, update_layout
 from federation.update import Layout, decode_tensors, encode_tensors, unflatten
 from node.core.fsutil import atomic_write_bytes
 from node.fed import wire as fed_wire
+from node.fed.adapter import LocalTrainingStopped
 from node.fed.errors import FederationError
 from node.fed.membership import peer_of
 from node.fed.rounds.collect import UpdateCollector
@@ -151,7 +152,7 @@ class Member:
 
         with ctx.events.timed(fid, r, "train"):
             trained = await trio.to_thread.run_sync(self.trainer, descriptor, global_tensors, r, ctx.stop, account)
-        layout = Layout.of(global_tensors)
+        layout = update_layout(descriptor, global_tensors)
         he = None
         if descriptor.uses_he:
             secret = ctx.state.he_secret(fid)
@@ -161,7 +162,7 @@ class Member:
         with ctx.events.timed(fid, r, "release") as measure:
             out = await trio.to_thread.run_sync(
                 lambda: release(
-                    delta_of(trained.tensors, global_tensors), layout, descriptor, he, trained=trained.spend
+                    delta_of(trained.tensors, global_tensors, layout), layout, descriptor, he, trained=trained.spend
                 )
             )
             measure.nbytes = len(out.payload)
@@ -245,7 +246,8 @@ class Member:
                 secret = ctx.state.he_secret(fid)
                 kind: Kind = "ckks" if descriptor.uses_he else "plain"
                 context = SecretContext.from_bytes(secret) if secret else None
-                return mean_update(kind, payload, len(done.contributors), Layout.of(global_tensors), context)
+                layout = update_layout(descriptor, global_tensors)
+                return mean_update(kind, payload, len(done.contributors), layout, context)
 
             def apply(mean: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
                 new_global = apply_update(global_tensors, mean)
@@ -263,3 +265,22 @@ class Member:
             ctx.finish(fid, done, "applied")
             ctx.status_of[fid].update(last_applied=r, adapter=version)
         log.info("federation %s: round %d applied (%s)", descriptor.name, r, version)
+        if ctx.personalize is not None and ctx.identity.fingerprint in ctx.membership.keys(fid, "member"):
+            await self._personalize(descriptor, r, new_global)
+
+    async def _personalize(self, descriptor: FederationDescriptor, r: int, new_global: dict[str, np.ndarray]) -> None:
+        """Train this member's personal adapter over the new global; a failure is logged, the rounds go on."""
+        fid, ctx = descriptor.federation_id, self.ctx
+        assert ctx.personalize is not None
+        try:
+            with ctx.events.timed(fid, r, "personal"):
+                facts = await trio.to_thread.run_sync(ctx.personalize, descriptor, new_global, r, ctx.stop)
+        except LocalTrainingStopped:
+            return
+        except Exception as exc:  # the personal adapter is optional; the federation goes on
+            log.warning("federation %s: personal adapter after round %d: %s", descriptor.name, r, exc)
+            ctx.status_of[fid].update(personal_error=str(exc)[:300])
+            return
+        if facts:
+            ctx.status_of[fid].update(facts, personal_error=None)
+            log.info("federation %s: personal adapter %s trained over round %d", descriptor.name, facts["personal"], r)
