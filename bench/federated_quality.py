@@ -75,8 +75,11 @@ from bench.common import positive_int, write_json
 ROOT = Path(__file__).resolve().parent.parent
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 INSTALL_HINT = "`bash scripts/install.sh --bench` (which runs `apt-get install -y fortunes`)"
-DEFAULT_DOMAINS = "computers,definitions,songs-poems,startrek"
-MODES = ("local", "fedavg", "dp", "he", "he+dp")
+FED_MODES = ("fedavg", "he", "dp", "he+dp", "dp-user")
+DEFAULT_ROWS = (
+    "fedavg:ffa,fedavg:ab,fedavg:ffa:personal,he:ffa,he:ab,"
+    "dp:ffa:8,dp:ab:8,dp:ffa:3,dp:ab:3,dp:ffa:1,dp:ab:1,he+dp:ffa:8,he+dp:ab:8,dp-user:ffa:8,dp-user:ab:8"
+)
 _OVERSTRIKE = re.compile(r".\x08")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
@@ -256,22 +259,69 @@ class Setup:
     targets: tuple[str, ...]
     steps: int
     options: dict[str, Any]
+    dp_options: dict[str, Any]  # DP-SGD rows: their own batch size and learning rate (the same steps)
     parallel: int
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One federated row: the mode, the LoRA variant (ffa: lora_A frozen; ab: both trained and averaged), the target
+    ε over the whole run (DP modes), and whether members also train personal adapters over each new global."""
+
+    mode: str  # fedavg | he | dp | he+dp | dp-user
+    lora: str  # ffa | ab
+    epsilon: float | None = None
+    personal: bool = False
+
+    @property
+    def key(self) -> str:
+        """The row's name in --rows and in the JSON: mode:lora[:epsilon][:personal]."""
+        parts = [self.mode, self.lora] + ([f"{self.epsilon:g}"] if self.epsilon is not None else [])
+        return ":".join(parts + (["personal"] if self.personal else []))
+
+    @property
+    def example_level(self) -> bool:
+        """DP-SGD inside each member's training (dp, he+dp)."""
+        return self.mode in ("dp", "he+dp")
+
+
+def parse_row(text: str) -> RowSpec:
+    """`mode:lora[:epsilon][:personal]` (e.g. dp:ffa:8, fedavg:ffa:personal); ValueError naming what is wrong."""
+    parts = text.split(":")
+    if len(parts) < 2 or parts[0] not in FED_MODES or parts[1] not in ("ffa", "ab"):
+        raise ValueError(f"row {text!r}: expected MODE:ffa|ab[:EPSILON][:personal], MODE one of {FED_MODES}")
+    personal = parts[-1] == "personal"
+    rest = parts[2 : len(parts) - personal]
+    dp = parts[0] not in ("fedavg", "he")
+    if len(rest) != int(dp):
+        raise ValueError(f"row {text!r}: {'give' if dp else 'no'} a target epsilon for mode {parts[0]}")
+    eps = float(rest[0]) if rest else None
+    if eps is not None and not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"row {text!r}: epsilon must be a positive number")
+    if personal and parts[0] != "fedavg":
+        raise ValueError(f"row {text!r}: personal adapters are measured over the FedAvg rows")
+    return RowSpec(parts[0], parts[1], eps, personal)
 
 
 def train_nodes(
     setup: Setup,
     domains: Sequence[Domain],
-    start: Mapping[str, np.ndarray],
+    starts: Sequence[Mapping[str, np.ndarray]],
     steps: int,
     seed: int,
     label: str,
     progress: Progress,
+    *,
+    dp_sgd: Any = None,
+    freeze_a: bool = False,
+    under: Mapping[str, np.ndarray] | None = None,
 ) -> list[Any]:
-    """Train every node from `start` for `steps` steps (`parallel` jobs at a time); their LocalResults in node order."""
+    """Train every node from its start for `steps` steps (`parallel` jobs at a time); their LocalResults in node
+    order. `dp_sgd` (a RoundDpSgd), `freeze_a` and `under` (a global merged under a personal adapter) are
+    node.fed.adapter.train_locally's."""
     from node.fed.adapter import train_locally
 
-    def one(d: Domain) -> Any:
+    def one(d: Domain, start: Mapping[str, np.ndarray]) -> Any:
         result = train_locally(
             setup.home,
             setup.gguf,
@@ -282,8 +332,10 @@ def train_nodes(
             d.train_file,
             steps,
             seed=seed,
-            dp_sgd=None,
-            options=setup.options,
+            dp_sgd=dp_sgd,
+            options=setup.dp_options if dp_sgd is not None else setup.options,
+            freeze_a=freeze_a,
+            under=under,
         )
         progress.step(
             f"{label} {d.name}: {result.steps} steps in {result.seconds:.0f} s, trainer held-out loss "
@@ -292,11 +344,11 @@ def train_nodes(
         return result
 
     with ThreadPoolExecutor(max_workers=setup.parallel) as pool:
-        return list(pool.map(one, domains))
+        return list(pool.map(one, domains, starts))
 
 
-def make_descriptor(mode: str, setup: Setup, clip: float, z: float, delta: float, quorum: int, budget: float) -> Any:
-    """A real signed and verified FederationDescriptor of `mode` for this experiment."""
+def make_descriptor(spec: RowSpec, setup: Setup, clip: float, z: float, delta: float, quorum: int) -> Any:
+    """A real signed and verified FederationDescriptor of the row's mode and LoRA variant."""
     from crypto.identity import Identity
     from federation.descriptor import (
         AdapterConfig,
@@ -309,37 +361,50 @@ def make_descriptor(mode: str, setup: Setup, clip: float, z: float, delta: float
     from node.training.base_model import file_digest
 
     privacy = Privacy(
-        mode=mode,  # type: ignore[arg-type]  # one of the PrivacyMode literals
-        dp=DpParams(clip_norm=clip, noise_multiplier=z if "dp" in mode else 0.0, delta=delta),
-        he=HeParams() if "he" in mode else None,
+        mode=spec.mode,  # type: ignore[arg-type]  # one of the PrivacyMode literals
+        dp=DpParams(clip_norm=clip, noise_multiplier=z if "dp" in spec.mode else 0.0, delta=delta),
+        he=HeParams() if "he" in spec.mode else None,
     )
     data = sign_descriptor(
         Identity.generate(),
-        name=f"bench-{mode.replace('+', '-')}",
+        name=f"bench-{spec.mode.replace('+', '-')}",
         base_sha256=file_digest(setup.gguf),
-        adapter=AdapterConfig(rank=setup.rank, alpha=setup.alpha, targets=setup.targets),
+        adapter=AdapterConfig(rank=setup.rank, alpha=setup.alpha, targets=setup.targets, freeze_a=spec.lora == "ffa"),
         privacy=privacy,
         quorum=quorum,
         min_members=quorum,
         local_steps=setup.steps,
-        epsilon_budget=budget,
+        epsilon_budget=1e6,
     )
     return verify_descriptor(data)
 
 
-def fedavg_refusal(setup: Setup, clip: float, delta: float, quorum: int) -> str:
-    """Why plain FedAvg is not a descriptor (mode dp with noise multiplier 0): the descriptor's own refusal."""
-    from federation.descriptor import DescriptorError
+def noise_for(target: float, sample_rate: float, steps: int, delta: float) -> float:
+    """The smallest noise multiplier z (to 0.1 %) whose PRV ε over `steps` Poisson-sampled releases at
+    `sample_rate` is at most `target`: the bench's calibration, the node's own accountant."""
+    from crypto.dp import epsilon
 
-    try:
-        make_descriptor("dp", setup, clip, 0.0, delta, quorum, 1.0)
-    except DescriptorError as exc:
-        return str(exc)
-    return "accepted (mode dp with z = 0)"
+    low, high = 0.05, 200.0
+    if epsilon([(high, sample_rate, steps)], delta) > target:
+        raise ValueError(f"ε = {target} is out of reach at q = {sample_rate:.4g}, {steps} steps")
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        low, high = (low, mid) if epsilon([(mid, sample_rate, steps)], delta) <= target else (mid, high)
+    return high
+
+
+def concatenated(first: Mapping[str, np.ndarray], second: Mapping[str, np.ndarray]) -> Tensors:
+    """Two LoRAs of rank r as one of rank 2r (A stacked, B side by side): at alpha 2·alpha its scale alpha'/2r
+    equals each one's alpha/r, so it computes exactly W + ΔW_first + ΔW_second."""
+    out: Tensors = {}
+    for name, a in first.items():
+        axis = 0 if name.endswith("lora_A.weight") else 1
+        out[name] = np.concatenate([a, second[name]], axis=axis).astype(np.float32)
+    return out
 
 
 def federate(
-    mode: str,
+    spec: RowSpec,
     setup: Setup,
     domains: Sequence[Domain],
     initial: Tensors,
@@ -347,25 +412,50 @@ def federate(
     seed: int,
     privacy: Mapping[str, float],
     evaluator: Evaluator,
+    personal_evaluator: "Evaluator | None",
     progress: Progress,
     eval_every_round: bool,
 ) -> dict[str, Any]:
-    """R rounds of one mode; the final global adapter's losses, per-round losses and update statistics."""
+    """R rounds of one row; the final global adapter's losses, per-round losses and update statistics (and, with
+    personal adapters, each node's loss with the global + its personal adapter)."""
+    from crypto.dp import epsilon
     from crypto.he import HEParams, SecretContext
-    from federation.privacy import apply_update, combine, delta_of, mean_update, noise_std_of_sum, release
+    from federation.privacy import (
+        apply_update,
+        combine,
+        delta_of,
+        mean_update,
+        noise_std_of_sum,
+        release,
+        round_spend,
+        update_layout,
+    )
     from federation.strategies import make_strategy
     from federation.strategies.base import Update
-    from federation.update import Layout, flatten, unflatten
+    from federation.update import flatten, unflatten
+    from node.fed.adapter import RoundDpSgd, initial_adapter, round_sample_rate
 
-    layout = Layout.of(initial)
-    descriptor = None
-    secret = public = None
-    if mode != "fedavg":
-        # the dp rows here are the update-level mechanisms (modes dp-user, he+dp-user since issue 15)
-        user_mode = f"{mode}-user" if mode in ("dp", "he+dp") else mode
-        descriptor = make_descriptor(
-            user_mode, setup, privacy["clip"], privacy["z"], privacy["delta"], len(domains), privacy["budget"]
-        )
+    n = len(domains)
+    steps = setup.steps
+    descriptor = secret = public = dp_sgd = None
+    z = 0.0
+    if spec.mode != "fedavg":
+        if spec.example_level:
+            q = round_sample_rate(domains[0].train_file, setup.dp_options)  # every node holds as many entries
+            assert spec.epsilon is not None
+            z = noise_for(spec.epsilon, q, rounds * steps, privacy["delta"])
+            clip = privacy["example_clip"]
+        elif spec.mode == "dp-user":
+            assert spec.epsilon is not None
+            z = noise_for(spec.epsilon, 1.0, rounds, privacy["delta"])  # one release per round, noise share 1
+            clip = privacy["clip"]
+        else:
+            clip = privacy["clip"]
+        descriptor = make_descriptor(spec, setup, clip, z, privacy["delta"], n)
+        if descriptor.example_level:
+            spend = round_spend(descriptor, q)
+            assert spend is not None
+            dp_sgd = RoundDpSgd(spend.noise_multiplier, spend.sample_rate, clip, privacy["delta"])
         if descriptor.uses_he:
             he = descriptor.privacy.he
             assert he is not None
@@ -373,14 +463,22 @@ def federate(
                 HEParams(he.poly_modulus_degree, tuple(he.coeff_mod_bit_sizes), he.global_scale_bits)
             )
             public = secret.public()
+    freeze_a = spec.lora == "ffa"
+    layout = update_layout(descriptor, initial) if descriptor is not None else _ffa_layout(initial, freeze_a)
     global_tensors = dict(initial)
+    personal = [
+        initial_adapter(setup.gguf, setup.rank, setup.alpha, setup.targets, seed=f"bench-personal-{d.name}")
+        for d in domains
+    ]
+    history: list[tuple[float, float, int]] = []
     per_round: list[dict[str, Any]] = []
     for r in range(1, rounds + 1):
+        label = f"{spec.key} round {r}/{rounds}"
         results = train_nodes(
-            setup, domains, global_tensors, setup.steps, seed + r, f"{mode} round {r}/{rounds}", progress
+            setup, domains, [global_tensors] * n, steps, seed + r, label, progress, dp_sgd=dp_sgd, freeze_a=freeze_a
         )
         began = time.monotonic()
-        deltas = [delta_of(res.tensors, global_tensors) for res in results]
+        deltas = [delta_of(res.tensors, global_tensors, layout) for res in results]
         norms = [float(np.linalg.norm(flatten(d, layout).astype(np.float64))) for d in deltas]
         payload_bytes = 0
         if descriptor is None:
@@ -391,21 +489,31 @@ def federate(
             mean = unflatten(strategy.aggregate(updates).vector.astype(np.float32), layout)
         else:
             sent = []
-            for i, (d, delta) in enumerate(zip(domains, deltas, strict=True)):
-                rng = np.random.default_rng([seed, r, i, MODES.index(mode)])
-                out = release(delta, layout, descriptor, public, rng=rng)
-                payload_bytes += len(out.payload)
-                sent.append((d.name, out.payload))
+            for i, (d, delta, res) in enumerate(zip(domains, deltas, results, strict=True)):
+                rng = np.random.default_rng([seed, r, i, FED_MODES.index(spec.mode)])
+                spent = round_spend(descriptor, res.sample_rate) if descriptor.example_level else None
+                released = release(delta, layout, descriptor, public, rng=rng, trained=spent)
+                payload_bytes += len(released.payload)
+                sent.append((d.name, released.payload))
+                if i == 0 and released.spend is not None:  # every node spends the same: node 0's history
+                    history.append(tuple(released.spend))  # type: ignore[arg-type]
             combined = combine(sent, layout, descriptor, public)
             mean = mean_update(combined.kind, combined.payload, combined.count, layout, secret)
         global_tensors = apply_update(global_tensors, mean)
         aggregate_s = time.monotonic() - began
+        if spec.personal:
+            personal = [
+                res.tensors
+                for res in train_nodes(
+                    setup, domains, personal, steps, seed + r, f"{label} personal", progress, under=global_tensors
+                )
+            ]
         losses = evaluator.losses(global_tensors) if (eval_every_round or r == rounds) else None
         own, other = own_other({d.name: losses for d in domains}) if losses else (math.nan, math.nan)
         mean_norm = float(np.linalg.norm(flatten(mean, layout).astype(np.float64)))
         progress.step(
-            f"{mode} round {r}/{rounds}: aggregated in {aggregate_s:.1f} s, update norms "
-            f"{', '.join(f'{n:.2f}' for n in norms)}, mean-update norm {mean_norm:.2f}"
+            f"{label}: aggregated in {aggregate_s:.1f} s, update norms "
+            f"{', '.join(f'{x:.2f}' for x in norms)}, mean-update norm {mean_norm:.2f}"
             + (f"; global own {own:.3f} other {other:.3f}" if losses else "")
         )
         per_round.append(
@@ -415,7 +523,7 @@ def federate(
                 "own": own if losses else None,
                 "other": other if losses else None,
                 "update_norms": norms,
-                "clipped": [n > privacy["clip"] for n in norms] if descriptor is not None else None,
+                "clipped": [x > clip for x in norms] if descriptor is not None and not spec.example_level else None,
                 "mean_update_norm": mean_norm,
                 "payload_bytes": payload_bytes,
                 "aggregate_s": aggregate_s,
@@ -423,14 +531,34 @@ def federate(
                 "train_s": [res.seconds for res in results],
             }
         )
-    noise_std = noise_std_of_sum(descriptor, len(domains)) / len(domains) if descriptor is not None else 0.0
-    return {
+    out: dict[str, Any] = {
         "losses": per_round[-1]["losses"],
         "rounds": per_round,
         "descriptor": _describe(descriptor),
-        "noise_std_per_value_of_mean_update": noise_std,
-        "expected_noise_norm_of_mean_update": noise_std * math.sqrt(layout.size),
+        "noise_multiplier": z,
+        "epsilon": epsilon(history, privacy["delta"]) if history else None,
+        "epsilon_history": [list(h) for h in history],
+        "update_values": layout.size,
     }
+    if descriptor is not None and descriptor.user_level:
+        noise_std = noise_std_of_sum(descriptor, n) / n
+        out["expected_noise_norm_of_mean_update"] = noise_std * math.sqrt(layout.size)
+    if spec.personal:
+        assert personal_evaluator is not None
+        out["personal_losses"] = {
+            d.name: personal_evaluator.losses(concatenated(global_tensors, p))
+            for d, p in zip(domains, personal, strict=True)
+        }
+        progress.step(f"{spec.key}: global + personal adapters evaluated")
+    return out
+
+
+def _ffa_layout(tensors: Tensors, freeze_a: bool) -> Any:
+    """The update layout without a descriptor (the FedAvg rows): lora_B only under FFA-LoRA."""
+    from federation.privacy import LORA_A_SUFFIX
+    from federation.update import Layout
+
+    return Layout.of({k: v for k, v in tensors.items() if not (freeze_a and k.endswith(LORA_A_SUFFIX))})
 
 
 def _describe(descriptor: Any) -> dict[str, Any] | None:
@@ -466,31 +594,90 @@ def print_domains(rows: Sequence[Row], domains: Sequence[Domain]) -> None:
             print(f"{label:<{width}}  " + "  ".join(f"{losses[n]:12.3f}" for n in names))
 
 
+SETTINGS = {  # name: (domains, training entries per node, held-out cap)
+    "large": ("people,definitions,cookie,computers", 900, 100),
+    "small": ("computers,definitions,songs-poems,startrek", 180, 40),
+}
+
+
+def gain_kept(row: Row, base: Row, reference: Row) -> float:
+    """The share of `reference`'s held-out loss gain over the base that `row` keeps (mean over domains)."""
+    gain = base.own - reference.own
+    return (base.own - row.own) / gain if gain > 0 else math.nan
+
+
+def personal_rows(
+    run: Mapping[str, Any], local: Mapping[str, Mapping[str, float]] | None, domains: Sequence[Domain]
+) -> dict[str, Any]:
+    """Per node: global + personal on its own domain against local-only, and on the others against the global."""
+    out: dict[str, Any] = {}
+    for d in domains:
+        mine = run["personal_losses"][d.name]
+        others = [x.name for x in domains if x.name != d.name]
+        out[d.name] = {
+            "own": mine[d.name],
+            "own_local_only": local[d.name][d.name] if local else None,
+            "other": float(np.mean([mine[o] for o in others])),
+            "other_global": float(np.mean([run["losses"][o] for o in others])),
+        }
+    return out
+
+
+def plot(path: Path, points: Mapping[str, list[tuple[float, float]]], title: str) -> bool:
+    """Gain kept (vs FedAvg of the same LoRA variant) against ε, one line per mode and variant; False without
+    matplotlib (`bash scripts/install.sh --bench` installs it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, xy in sorted(points.items()):
+        xy = sorted(xy)
+        ax.plot([x for x, _ in xy], [100 * y for _, y in xy], marker="o", label=label)
+    ax.axhline(100, color="grey", lw=0.8, ls=":")
+    ax.axhline(60, color="tab:red", lw=0.8, ls="--", label="goal at ε = 8: 60 %")
+    ax.set_xscale("log")
+    ax.set_xlabel("ε (δ = 1e-5), whole run")
+    ax.set_ylabel("% of FedAvg's held-out loss gain kept")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main() -> None:
-    """Run the experiment, print the tables, write the JSON."""
+    """Run the experiment, print the tables, write the JSON and the plot."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round of 2 steps, 24 train / 8 held-out entries")
-    ap.add_argument("--domains", default=DEFAULT_DOMAINS, help="comma-separated fortunes categories, one per node")
+    ap.add_argument("--setting", choices=sorted(SETTINGS), default="large", help="domains and data sizes")
+    ap.add_argument("--domains", default=None, help="comma-separated fortunes categories, one per node")
     ap.add_argument("--fortunes-dir", type=Path, default=FORTUNES_DIR)
-    ap.add_argument("--train-size", type=positive_int, default=None, help="training entries per node (default 180)")
+    ap.add_argument("--train-size", type=positive_int, default=None, help="training entries per node")
     ap.add_argument("--heldout-fraction", type=float, default=0.2)
-    ap.add_argument(
-        "--heldout-cap", type=positive_int, default=None, help="most held-out entries per node (default 40)"
-    )
+    ap.add_argument("--heldout-cap", type=positive_int, default=None, help="most held-out entries per node")
     ap.add_argument("--rounds", type=positive_int, default=None, help="federated rounds (default 4)")
-    ap.add_argument("--steps", type=positive_int, default=None, help="local steps per round (default 10)")
+    ap.add_argument("--steps", type=positive_int, default=None, help="local steps per round, every row (default 10)")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--batch-size", type=positive_int, default=4)
+    ap.add_argument("--dp-lr", type=float, default=None, help="learning rate of the DP-SGD rows (default --lr)")
+    ap.add_argument("--dp-batch-size", type=positive_int, default=None, help="expected batch of DP-SGD rows")
     ap.add_argument("--rank", type=positive_int, default=4)
     ap.add_argument("--alpha", type=float, default=8.0)
     ap.add_argument("--targets", default="q_proj,v_proj")
-    ap.add_argument("--batch-size", type=positive_int, default=4)
     ap.add_argument(
         "--max-length", type=positive_int, default=64, help="tokens per example, in training and evaluation"
     )
-    ap.add_argument("--clip", type=float, default=10.0, help="update clip norm C (dp, he, he+dp)")
-    ap.add_argument("--noise", type=float, default=1.0, help="noise multiplier z (dp, he+dp)")
+    ap.add_argument("--clip", type=float, default=10.0, help="update clip norm C (he, dp-user)")
+    ap.add_argument("--example-clip", type=float, default=1.0, help="per-example gradient clip C (dp, he+dp)")
     ap.add_argument("--delta", type=float, default=1e-5)
-    ap.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
+    ap.add_argument("--rows", default=DEFAULT_ROWS, help="MODE:ffa|ab[:EPSILON][:personal], comma-separated")
+    ap.add_argument("--no-local", action="store_true", help="skip the local-only row")
     ap.add_argument("--parallel", type=positive_int, default=4, help="local training jobs at a time")
     ap.add_argument("--threads", type=positive_int, default=1, help="torch threads per training job")
     ap.add_argument(
@@ -500,26 +687,28 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "mirador-bench-models")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "federated_quality.json")
+    ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "federated_quality.png")
     args = ap.parse_args()
+    default_domains, default_train, default_cap = SETTINGS[args.setting]
     rounds = args.rounds or (1 if args.quick else 4)
     steps = args.steps or (2 if args.quick else 10)
-    train_size = args.train_size or (24 if args.quick else 180)
-    heldout_cap = args.heldout_cap or (8 if args.quick else 40)
-    modes = [m for m in args.modes.split(",") if m]
-    if unknown := sorted(set(modes) - set(MODES)):
-        ap.error(f"--modes: unknown {unknown}; choose from {', '.join(MODES)}")
+    train_size = args.train_size or (24 if args.quick else default_train)
+    heldout_cap = args.heldout_cap or (8 if args.quick else default_cap)
+    try:
+        specs = [parse_row(r) for r in args.rows.split(",") if r]
+    except ValueError as exc:
+        ap.error(f"--rows: {exc}")
+    if len({s.key.removesuffix(":personal") for s in specs}) != len(specs):
+        ap.error("--rows: a row is listed twice (a :personal row also gives the row without it)")
     if not 0 < args.heldout_fraction < 1:
         ap.error(f"--heldout-fraction must be between 0 and 1, not {args.heldout_fraction}")
-    if len([n for n in args.domains.split(",") if n]) < 2:
+    domain_names = [n for n in (args.domains or default_domains).split(",") if n]
+    if len(domain_names) < 2:
         ap.error("--domains: give at least 2 categories (one per node; 'other' needs another domain)")
-    if not args.clip > 0 or args.noise < 0 or not 0 < args.delta < 1:
-        ap.error("--clip must be > 0, --noise ≥ 0 and --delta in (0, 1)")
-    dp_modes = [m for m in modes if m in ("dp", "he+dp")]
-    if dp_modes and args.noise == 0:
-        ap.error(f"--noise 0 adds no noise, so {', '.join(dp_modes)} would not be differentially private")
+    if not (args.clip > 0 and args.example_clip > 0 and 0 < args.delta < 1):
+        ap.error("--clip and --example-clip must be > 0 and --delta in (0, 1)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the twin is built from the local GGUF; never a hub
 
-    from crypto.dp import epsilon
     from node.core.home import NodeHome
     from node.fed.adapter import initial_adapter, targets_key
     from node.inference.models import embedded_model_path
@@ -528,11 +717,10 @@ def main() -> None:
     t_start = time.monotonic()
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="bench-fedq-"))
-    evaluator: Evaluator | None = None
+    evaluators: list[Evaluator] = []
     try:
-        names = [n for n in args.domains.split(",") if n]
         domains = load_domains(
-            names, args.fortunes_dir, work, train_size, args.heldout_fraction, heldout_cap, args.seed
+            domain_names, args.fortunes_dir, work, train_size, args.heldout_fraction, heldout_cap, args.seed
         )
         targets = tuple(sorted(t for t in args.targets.split(",") if t))
         gguf = embedded_model_path()
@@ -541,68 +729,63 @@ def main() -> None:
         base_folder = ensure_torch_base(args.models_dir, gguf)
         (work / "home").mkdir()
         (work / "home" / "models").symlink_to(args.models_dir.resolve())  # one twin for every training job
-        setup = Setup(
-            home=NodeHome(work / "home"),
-            gguf=gguf,
-            rank=args.rank,
-            alpha=args.alpha,
-            targets=targets,
-            steps=steps,
-            options={
-                "learning_rate": args.lr,
-                "batch_size": args.batch_size,
-                "max_length": args.max_length,
-                "threads": args.threads,
-                "holdout_fraction": 0.05,
-            },
-            parallel=args.parallel,
-        )
-        eps = epsilon([(args.noise, 1.0, rounds)], args.delta) if args.noise > 0 else math.inf
-        privacy = {
-            "clip": args.clip,
-            "z": args.noise,
-            "delta": args.delta,
-            "budget": min(1e6, max(1.0, math.ceil(eps))),
+        options = {
+            "learning_rate": args.lr,
+            "batch_size": args.batch_size,
+            "max_length": args.max_length,
+            "threads": args.threads,
+            "holdout_fraction": 0.05,
         }
-        evaluator = Evaluator(
-            base_folder, domains, args.rank, args.alpha, targets_key(targets), args.max_length, args.eval_threads
-        )
+        dp_options = options | {
+            "learning_rate": args.dp_lr or args.lr,
+            "batch_size": args.dp_batch_size or args.batch_size,
+        }
+        home = NodeHome(work / "home")
+        setup = Setup(home, gguf, args.rank, args.alpha, targets, steps, options, dp_options, args.parallel)
+        privacy = {"clip": args.clip, "example_clip": args.example_clip, "delta": args.delta}
+        key = targets_key(targets)
+        evaluator = Evaluator(base_folder, domains, args.rank, args.alpha, key, args.max_length, args.eval_threads)
+        evaluators.append(evaluator)
+        personal_evaluator = None
+        if any(s.personal for s in specs):  # global + personal as one LoRA of twice the rank (see `concatenated`)
+            personal_evaluator = Evaluator(
+                base_folder, domains, 2 * args.rank, 2 * args.alpha, key, args.max_length, args.eval_threads
+            )
+            evaluators.append(personal_evaluator)
         initial = initial_adapter(gguf, args.rank, args.alpha, targets, seed=f"bench-federated-quality-{args.seed}")
         n = len(domains)
-        fed_modes = [m for m in modes if m != "local"]
-        total = 1 + (2 * n if "local" in modes else 0) + len(fed_modes) * rounds * (n + 1)  # progress lines
+        total = 1 + (0 if args.no_local else 2 * n)
+        total += sum(rounds * (n + 1) + (rounds * n + 1 if s.personal else 0) for s in specs)
         progress = Progress(total)
         base_losses = evaluator.losses(None)
         progress.step("base model evaluated: " + ", ".join(f"{k} {v:.3f}" for k, v in base_losses.items()))
         b_own, b_other = own_other({d.name: base_losses for d in domains})
-        base = Row("base model (no adapter)", b_own, b_other, "", {"*": base_losses})
+        base = Row("base", b_own, b_other, "no adapter", {"*": base_losses})
         rows = [base]
         runs: dict[str, Any] = {}
+        local_losses: dict[str, dict[str, float]] | None = None
 
-        if "local" in modes:
-            results = train_nodes(setup, domains, initial, rounds * steps, args.seed, "local-only", progress)
-            per_node: dict[str, dict[str, float]] = {}
+        if not args.no_local:
+            results = train_nodes(setup, domains, [initial] * n, rounds * steps, args.seed, "local-only", progress)
+            local_losses = {}
             for d, res in zip(domains, results, strict=True):
-                per_node[d.name] = evaluator.losses(res.tensors)
-                progress.step(f"local-only {d.name} adapter evaluated: own {per_node[d.name][d.name]:.3f}")
-            own, other = own_other(per_node)
-            rows.append(
-                Row("local-only (each node's own adapter)", own, other, f"{rounds * steps} steps in one run", per_node)
-            )
+                local_losses[d.name] = evaluator.losses(res.tensors)
+                progress.step(f"local-only {d.name} adapter evaluated: own {local_losses[d.name][d.name]:.3f}")
+            own, other = own_other(local_losses)
+            rows.append(Row("local-only", own, other, f"each node alone, {rounds * steps} steps, A+B", local_losses))
             runs["local"] = {
-                "losses": per_node,
+                "losses": local_losses,
                 "trainer_heldout": {
                     d.name: [r.heldout_loss_before, r.heldout_loss_after] for d, r in zip(domains, results, strict=True)
                 },
                 "train_s": [r.seconds for r in results],
             }
 
-        refusal = fedavg_refusal(setup, args.clip, args.delta, n)
         failed: list[str] = []
-        for mode in fed_modes:
+        for spec in specs:
             try:
                 run = federate(
-                    mode,
+                    spec,
                     setup,
                     domains,
                     initial,
@@ -610,27 +793,47 @@ def main() -> None:
                     args.seed,
                     privacy,
                     evaluator,
+                    personal_evaluator,
                     progress,
                     args.eval_every_round,
                 )
-            except Exception as exc:  # one broken mode must not lose the others' results (written below)
-                print(f"{mode} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-                runs[mode] = {"error": f"{type(exc).__name__}: {exc}"}
-                failed.append(mode)
+            except Exception as exc:  # one broken row must not lose the others' results (written below)
+                print(f"{spec.key} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                runs[spec.key] = {"error": f"{type(exc).__name__}: {exc}"}
+                failed.append(spec.key)
                 continue
-            runs[mode] = run
+            runs[spec.key] = run
             own, other = own_other({d.name: run["losses"] for d in domains})
-            if mode == "fedavg":
-                label, notes = "FedAvg (unclipped, no noise, plain)", "federation.strategies FedAvg on raw deltas"
-            elif mode == "he":
-                label, notes = "he (CKKS, clipped mean)", f"C={args.clip}"
-            else:
-                label = f"{mode} (z={args.noise}, C={args.clip})"
-                notes = f"eps={eps:.2f} at delta={args.delta}"
-            rows.append(Row(label, own, other, notes, {"global": run["losses"]}))
+            notes = f"{run['update_values']} values/update"
+            if run["epsilon"] is not None:
+                notes += f", z={run['noise_multiplier']:.3g}, eps={run['epsilon']:.2f}"
+            name = spec.key.removesuffix(":personal")  # its global is that row (personal training leaves it alone)
+            rows.append(Row(name, own, other, notes, {"global": run["losses"]}))
+            if spec.personal:
+                per_node = run["personal_losses"]
+                p_own, p_other = own_other(per_node)
+                rows.append(Row(f"{name} + personal", p_own, p_other, "global + each node's own", per_node))
+                run["personal_vs"] = personal_rows(run, local_losses, domains)
 
+        by_key = {r.name: r for r in rows}
+        for r in rows:
+            lora = "ab" if ":ab" in r.name else "ffa"
+            reference = by_key.get(f"fedavg:{lora}")
+            if reference is not None and r is not base:
+                r.notes += f"; keeps {100 * gain_kept(r, base, reference):.0f} % of fedavg:{lora}'s gain"
         print_table(rows, base)
         print_domains(rows, domains)
+        points: dict[str, list[tuple[float, float]]] = {}
+        for spec in specs:
+            ref = by_key.get(f"fedavg:{spec.lora}")
+            if spec.epsilon is not None and spec.key in by_key and ref is not None:
+                kept = gain_kept(by_key[spec.key], base, ref)
+                points.setdefault(f"{spec.mode} ({spec.lora})", []).append((spec.epsilon, kept))
+        title = (
+            f"{n} nodes ({', '.join(d.name for d in domains)}), {len(domains[0].train)} entries each, "
+            f"{rounds} rounds x {steps} steps"
+        )
+        plotted = plot(args.plot, points, title) if points and not args.quick else False
         result = {
             "command": shlex.join([sys.executable, *sys.argv]),
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -652,24 +855,21 @@ def main() -> None:
                 for d in domains
             ],
             "setup": {
+                "setting": args.setting,
                 "rounds": rounds,
                 "steps_per_round": steps,
                 "local_only_steps": rounds * steps,
                 "rank": args.rank,
                 "alpha": args.alpha,
                 "targets": list(targets),
-                "learning_rate": args.lr,
-                "batch_size": args.batch_size,
-                "max_length": args.max_length,
+                "options": options,
+                "dp_options": dp_options,
                 "trainer_holdout_fraction": 0.05,
                 "adapter_values": int(sum(v.size for v in initial.values())),
-                "clip_norm": args.clip,
-                "noise_multiplier": args.noise,
+                "update_clip_norm": args.clip,
+                "example_clip_norm": args.example_clip,
                 "delta": args.delta,
-                "epsilon": eps if math.isfinite(eps) else None,
-                "epsilon_history": [[args.noise, 1.0, rounds]],
                 "quorum": n,
-                "fedavg_as_descriptor": refusal,
                 "seed": args.seed,
                 "parallel_jobs": args.parallel,
                 "threads_per_job": args.threads,
@@ -678,19 +878,21 @@ def main() -> None:
                 {"name": r.name, "own": r.own, "other": r.other, "notes": r.notes, "per_domain": r.per_domain}
                 for r in rows
             ],
+            "gain_kept": points,
+            "plot": str(args.plot) if plotted else None,
             "runs": runs,
             "total_s": time.monotonic() - t_start,
         }
         write_json(args.out, result)
         print(
-            f"\n{n} nodes, {rounds} rounds x {steps} steps, eps={eps:.3f} at delta={args.delta} for z={args.noise}; "
-            f"{result['total_s']:.0f} s; wrote {args.out}"
+            f"\n{n} nodes, {rounds} rounds x {steps} steps; {result['total_s']:.0f} s; wrote {args.out}"
+            + (f" and {args.plot}" if plotted else "")
         )
         if failed:
             sys.exit(f"failed: {', '.join(failed)}")
     finally:
-        if evaluator is not None:
-            evaluator.close()
+        for e in evaluators:
+            e.close()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -54,31 +54,51 @@ class PrivacyPolicy:
 def check_descriptor(descriptor: FederationDescriptor, policy: PrivacyPolicy, spend: Spend | None) -> None:
     """Raise PolicyRefused (the first rule broken) unless training in `descriptor`'s federation, releasing `spend`
     per round (None: no DP release), keeps `policy`."""
-    name = f"federation {descriptor.name!r}"
-    if not descriptor.uses_dp or spend is None:
-        if not policy.allow_without_dp:
-            raise PolicyRefused(
-                PolicyRule.NO_DP, f"{name} runs in mode {descriptor.privacy.mode!r} (no DP); privacy.allow_without_dp"
-            )
-        return
     dp = descriptor.privacy.dp
-    if dp.noise_multiplier < policy.min_noise_multiplier:
+    no_dp = None if descriptor.uses_dp and spend is not None else f"in mode {descriptor.privacy.mode!r} (no DP)"
+    check_release(
+        f"federation {descriptor.name!r}",
+        policy,
+        spend,
+        dp.noise_multiplier,
+        dp.delta,
+        descriptor.epsilon_budget,
+        no_dp,
+    )
+
+
+def check_release(
+    name: str,
+    policy: PrivacyPolicy,
+    spend: Spend | None,
+    noise_multiplier: float,
+    delta: float,
+    budget: float,
+    no_dp: str | None = None,
+) -> None:
+    """Raise PolicyRefused (the first rule broken) unless releasing `spend` per round (None, with `no_dp` saying why:
+    no DP release) at z = `noise_multiplier` and `delta` under an ε `budget` keeps `policy`; `name` says whose."""
+    if spend is None or no_dp is not None:
+        if not policy.allow_without_dp:
+            raise PolicyRefused(PolicyRule.NO_DP, f"{name} runs {no_dp or 'without DP'}; privacy.allow_without_dp")
+        return
+    if noise_multiplier < policy.min_noise_multiplier:
         raise PolicyRefused(
             PolicyRule.NOISE_TOO_WEAK,
-            f"{name} adds noise z = {dp.noise_multiplier:g}; privacy.min_noise_multiplier = "
+            f"{name} adds noise z = {noise_multiplier:g}; privacy.min_noise_multiplier = "
             f"{policy.min_noise_multiplier:g}",
         )
-    if dp.delta > policy.max_delta:
+    if delta > policy.max_delta:
         raise PolicyRefused(
-            PolicyRule.DELTA_TOO_LARGE, f"{name} accounts at δ = {dp.delta:g}; privacy.max_delta = {policy.max_delta:g}"
+            PolicyRule.DELTA_TOO_LARGE, f"{name} accounts at δ = {delta:g}; privacy.max_delta = {policy.max_delta:g}"
         )
-    if descriptor.epsilon_budget > policy.max_epsilon_per_dataset:
+    if budget > policy.max_epsilon_per_dataset:
         raise PolicyRefused(
             PolicyRule.BUDGET_TOO_LARGE,
-            f"{name} allows ε = {descriptor.epsilon_budget:g} in all; privacy.max_epsilon_per_dataset = "
+            f"{name} allows ε = {budget:g} in all; privacy.max_epsilon_per_dataset = "
             f"{policy.max_epsilon_per_dataset:g}",
         )
-    per_round = epsilon([spend], dp.delta)
+    per_round = epsilon([spend], delta)
     if per_round > policy.max_epsilon_per_round:
         raise PolicyRefused(
             PolicyRule.ROUND_EPSILON_TOO_LARGE,

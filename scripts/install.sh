@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
 # Install Mirador into ./.venv on a Debian machine: apt packages, the CPU build of torch, the project itself,
 # with --test (first argument) the test tools, and with --bench (any position) what bench/ needs beyond that: Debian's
-# fortunes package (the text corpus of bench/federated_quality.py). Safe to run again: it only installs what is
+# fortunes package (the text corpus of bench/federated_quality.py) and matplotlib (its plot). Safe to run again: it only installs what is
 # missing.
 # The first run builds llama.cpp from source (llama-cpp-python): about 5-10 minutes on 2 cores. pip caches the
 # built wheel, so later installs on the same machine take seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+tests=""
+[ "${1:-}" = "--test" ] && tests=1
 bench=""
 for arg in "$@"; do
   case "$arg" in --bench) bench=1 ;; esac
 done
+groups=()
+[ -n "$tests" ] && groups+=(test)
+[ -n "$bench" ] && groups+=(bench)
+extras=""
+[ ${#groups[@]} -gt 0 ] && extras="[$(IFS=,; echo "${groups[*]}")]"
 
 apt_packages=(build-essential cmake pkg-config git python3-dev python3-venv libgmp-dev)
 # the tests also start a real IPFS daemon (js-ipfs, from npm): Node.js and npm, unless already on the machine
-if [ -n "$extras" ] && ! { command -v node >/dev/null && command -v npm >/dev/null; }; then
+if [ -n "$tests" ] && ! { command -v node >/dev/null && command -v npm >/dev/null; }; then
   apt_packages+=(nodejs npm)
 fi
 # bench/federated_quality.py trains on categories of fortune cookies (/usr/share/games/fortunes)
@@ -53,6 +58,6 @@ export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
 echo "==> mirador${extras} and its pinned dependencies"
 "${pip[@]}" install -q -e ".${extras}"
 echo "==> installed: $(.venv/bin/mirador --version)"
-if [ -n "$extras" ]; then
+if [ -n "$tests" ]; then
   bash scripts/ipfs/install.sh
 fi

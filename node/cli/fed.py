@@ -192,7 +192,12 @@ def _flower_join(home: NodeHome, args: argparse.Namespace) -> int:
         raise ValueError("a SuperNode trains on local data: give --data FILE")
     if args.insecure and args.root_certificates:
         raise ValueError("give either --insecure or --root-certificates, not both")
-    node_config = {"data": str(Path(args.data).resolve()), "models": str(home.models_dir)}
+    node_config = {
+        "data": str(Path(args.data).resolve()),
+        "models": str(home.models_dir),
+        "home": str(home.root),  # its [privacy] policy and ledger account for every round
+        "superlink": args.name,
+    }
     code = join(
         Path(args.workdir).resolve(),
         args.name,

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from crypto.dp import epsilon
+from crypto.statement import sha256_file
+from federation.ledger import PrivacyLedger
 from node.fed.flower.app.client import privatize
 from node.fed.flower.app.common import AppConfig, AppConfigError, flatten, unflatten
 from node.fed.flower.cli import CONNECTION_NAME, Connection, flwr_cli, register_supernode, run_app, run_logs, wait_run
@@ -123,7 +126,11 @@ def test_superlink_and_two_supernodes_train_a_tiny_adapter_for_two_rounds(
         "node-wait": 60.0,
         "base": str(torch_base_folder),
         "out": str(out),
+        "noise-multiplier": 1.0,  # user-level DP: each round is one Gaussian release in every member's ledger
+        "clip-norm": 1.0,
+        "epsilon-budget": 8.0,
     }
+    homes = [tmp_path / f"home{i}" for i in range(len(data))]
     dep = FlowerDeployment(tmp_path / "flower")
     status, run_id, conn = "not started", None, None
     try:
@@ -131,7 +138,14 @@ def test_superlink_and_two_supernodes_train_a_tiny_adapter_for_two_rounds(
         assert link.address is not None
         conn = Connection(link.address)
         for i, path in enumerate(data):
-            config = {"data": str(path), "base": str(torch_base_folder), "report-timings": i == 0}
+            homes[i].mkdir()
+            config = {
+                "data": str(path),
+                "base": str(torch_base_folder),
+                "report-timings": i == 0,
+                "home": str(homes[i]),
+                "superlink": link.address,
+            }
             dep.supernode(link.address, config, max_wait_time=60.0)
         # Act
         run_id = run_app(conn, run_config)
@@ -168,6 +182,12 @@ def test_superlink_and_two_supernodes_train_a_tiny_adapter_for_two_rounds(
     assert all(v.shape[1] == 1 for v in lora_b)  # rank 1
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 1
     assert (out / "adapter.gguf").stat().st_size > 0
+    # every member accounted both rounds on its data file's account, under the run's ledger key
+    for home, path in zip(homes, data, strict=True):
+        with PrivacyLedger(home / "state.db") as ledger:
+            (key,) = ledger.datasets()[sha256_file(path)]
+            assert key == f"flower:{link.address}/{run_id}" and ledger.rounds(key) == [1, 2]
+            assert ledger.spent(key, 1e-5) == pytest.approx(epsilon([(1.0, 1.0, 2)], 1e-5))
     # nothing left running: not a pid of the trees, nor any process naming our ports or folders
     assert not ({pid for p in dep.processes for pid in p.seen} & live_pids())
     needles = [p.address for p in dep.processes if p.address] + [str(tmp_path)]

@@ -11,9 +11,15 @@ What leaves the member is the (privatized) update and the privacy settings it wa
 losses and the dataset size stay in this SuperNode's log; the training time is sent only when the node's own
 config says `report-timings = true` (for benchmarks on one's own machines: it grows with the data file's size).
 
+Every round is accounted in the node's privacy ledger under its `[privacy]` policy before training and recorded
+before the reply (`node.fed.flower.app.ledger`): a round the policy or a budget refuses raises, and the ServerApp
+counts a failure for this node.
+
 Node config (`flower-supernode --node-config`, see `node.fed.flower.engine.start_supernode`):
-`data` (required: a `.txt` or `.jsonl` training file on this machine), `base` (a torch twin folder) or
-`models` (where to build it from the embedded GGUF once; default `$MIRADOR_HOME/models`), `report-timings`.
+`data` (required: a `.txt` or `.jsonl` training file on this machine), `home` (the Mirador home whose `node.toml`
+policy and `state.db` ledger apply; default `$MIRADOR_HOME` or ~/.mirador), `superlink` (the address, part of the
+run's ledger key), `base` (a torch twin folder) or `models` (where to build it from the embedded GGUF once; default
+`$MIRADOR_HOME/models`), `report-timings`.
 """
 
 import logging
@@ -26,6 +32,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from node.core.home import NodeHome
 from node.fed.flower.app.common import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -41,6 +48,7 @@ from node.fed.flower.app.common import (
     torch_threads,
     write_peft_adapter,
 )
+from node.fed.flower.app.ledger import check_round, open_account, record_round
 
 log = logging.getLogger("flwr.mirador.client")
 
@@ -58,10 +66,15 @@ def train(msg: Message, context: Context) -> Message:
     data = context.node_config.get("data")
     if not isinstance(data, str) or not data:
         raise AppConfigError("this SuperNode has no 'data' in its node config (--node-config data=PATH)")
+    data_file = Path(data).expanduser()
+    home = NodeHome.from_env(_node_str(context, "home") or None)
+    r = int(settings["server-round"])  # type: ignore[arg-type]
+    account = open_account(home, data_file, f"{_node_str(context, 'superlink')}/{context.run_id}", cfg)
+    check_round(account, r, cfg)  # refused: no reply, the ServerApp counts a failure; nothing was trained
     base = resolve_base(_node_str(context, "base"), _node_str(context, "models"))
     update, metrics, local = train_member(
         base,
-        Path(data).expanduser(),
+        data_file,
         global_tensors,
         adapter_config=str(settings["adapter-config"]),
         targets=str(settings["targets"]),
@@ -69,7 +82,8 @@ def train(msg: Message, context: Context) -> Message:
         alpha=float(settings["alpha"]),  # type: ignore[arg-type]
         cfg=cfg,
     )
-    log.info("round %s, kept on this node: %s; sent: %s", settings.get("server-round"), local, metrics)
+    record_round(account, r, cfg)  # before the update leaves
+    log.info("round %s, kept on this node: %s; sent: %s", r, local, metrics)
     if context.node_config.get("report-timings") is True:
         metrics["train-seconds"] = local["train-seconds"]
     reply = RecordDict({ARRAYS_KEY: ArrayRecord({UPDATE_KEY: Array(update)}), METRICS_KEY: MetricRecord(metrics)})

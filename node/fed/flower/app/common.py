@@ -54,6 +54,8 @@ class AppConfig:
     seed: int = 0
     clip_norm: float = 1.0
     noise_multiplier: float = 0.0
+    delta: float = 1e-5  # the δ members account their releases at
+    epsilon_budget: float = 8.0  # ε a member may spend in this run (its node's [privacy] limits apply too)
     threads: int = 0  # torch threads per ClientApp; 0 = every core
     round_timeout: float = 600.0
     node_wait: float = 120.0
@@ -85,6 +87,10 @@ class AppConfig:
             raise AppConfigError(f"clip-norm must be > 0, got {self.clip_norm}")
         if self.noise_multiplier < 0:
             raise AppConfigError(f"noise-multiplier must be >= 0, got {self.noise_multiplier}")
+        if not 0 < self.delta < 1:
+            raise AppConfigError(f"delta must be in (0, 1), got {self.delta}")
+        if not self.epsilon_budget > 0:
+            raise AppConfigError(f"epsilon-budget must be > 0, got {self.epsilon_budget}")
         if self.threads < 0 or self.seed < 0:
             raise AppConfigError("threads and seed must be >= 0")
         for name in ("round_timeout", "node_wait", "alpha", "learning_rate"):
