@@ -41,6 +41,7 @@ def cmd_train(home: NodeHome, args: argparse.Namespace) -> int:
     from node.cli.adapter import open_store
     from node.core.config import load_config
     from node.inference.models import resolve_model
+    from node.training.privacy import ledger_account
     from node.training.runner import new_run, run_folder, run_training
 
     if args.dp and args.epsilon is None:
@@ -83,18 +84,17 @@ def cmd_train(home: NodeHome, args: argparse.Namespace) -> int:
             )
 
         try:
-            run = run_training(run, home, gguf, store, training_config(args), data, records, show)
+            account = ledger_account(home, data)  # the spend is recorded before the adapter is installed
+            run = run_training(run, home, gguf, store, training_config(args), data, records, show, account=account)
         except KeyboardInterrupt:
             print("mirador: training interrupted; nothing was installed", file=sys.stderr)
             return 130
     if run.status != "done":
         print(f"mirador: training failed: {run.error} (log: {run_folder(home, run) / 'job.log'})", file=sys.stderr)
         return 1
-    from node.training.privacy import record_local_run
-
     res = run.result or {}
     eps = ""
-    if record_local_run(home, run, data):
+    if res.get("epsilon") is not None:
         eps = f", ε = {res['epsilon']:.2f} at δ = {res['delta']:g} (in the privacy ledger, on this data's account)"
     print(
         f"installed {args.adapter}@{run.version}: held-out loss {res.get('heldout_loss_before', float('nan')):.3f} → "

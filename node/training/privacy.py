@@ -1,6 +1,8 @@
 """Local DP-SGD runs in the privacy ledger: a dataset's ε composes every run and every federation round on it."""
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from crypto.statement import sha256_file
 from federation.ledger import DatasetBudget, PrivacyLedger
@@ -10,10 +12,10 @@ from node.training.runner import TrainRun
 FEEDBACK_DATASET = "feedback"  # the ledger's name for the node's feedback, trained on as one growing dataset
 
 
-def record_local_run(home: NodeHome, run: TrainRun, data: Path | None) -> bool:
-    """Put a finished DP-SGD run's spend (z, q, steps) in the ledger on its dataset's account (the data file's
-    sha256, or the node's feedback as one dataset); False for a run without DP, which claims no ε."""
-    result = run.result or {}
+def record_local_run(home: NodeHome, run: TrainRun, result: Mapping[str, Any], data: Path | None) -> bool:
+    """Put a finished DP-SGD run's spend (z, q, steps; from its training `result`) in the ledger on its dataset's
+    account (the data file's sha256, or the node's feedback as one dataset); False for a run without DP, which
+    claims no ε."""
     z, q, steps, delta = (result.get(k) for k in ("noise_multiplier", "sample_rate", "steps", "delta"))
     if not (isinstance(z, float) and isinstance(q, float) and isinstance(steps, int) and isinstance(delta, float)):
         return False
@@ -22,3 +24,12 @@ def record_local_run(home: NodeHome, run: TrainRun, data: Path | None) -> bool:
         on = DatasetBudget(digest, 1e6, delta)  # recorded, not limited: the run has happened
         ledger.record(f"train:{run.id}", 0, (z, q, steps), delta, dataset=on)
     return True
+
+
+def ledger_account(home: NodeHome, data: Path | None) -> Callable[[TrainRun, Mapping[str, Any]], None]:
+    """The `account` hook of `run_training`: records the run's spend before its adapter is installed."""
+
+    def account(run: TrainRun, result: Mapping[str, Any]) -> None:
+        record_local_run(home, run, result, data)
+
+    return account

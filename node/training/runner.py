@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,8 +72,10 @@ def run_training(
     records: list[dict[str, Any]] | None = None,
     on_update: Callable[[TrainRun], None] | None = None,
     stop: threading.Event | None = None,
+    account: Callable[[TrainRun, Mapping[str, Any]], None] | None = None,
 ) -> TrainRun:
-    """Train (blocking), install the adapter on success; `run` is updated in place at every event."""
+    """Train (blocking), install the adapter on success; `run` is updated in place at every event. `account` is
+    called with the training result before the install (the privacy ledger): if it raises, nothing is installed."""
     folder = run_folder(home, run)
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     spec: dict[str, Any] = {
@@ -142,6 +144,12 @@ def run_training(
         update(status="failed", error=message or f"the training process exited with code {code}; see {log.name}")
         return run
     out = Path(spec["out_dir"])
+    if account is not None:
+        try:
+            account(run, last.get("result") or {})
+        except Exception as exc:  # an adapter whose spend is not in the ledger must not serve
+            update(status="failed", error=f"the run could not be recorded in the privacy ledger: {exc}")
+            return run
     try:
         installed = store.install(
             run.adapter, out / "adapter.gguf", [out / n for n in EXTRA_FILES if (out / n).exists()]

@@ -13,7 +13,7 @@ import trio
 from node.adapters.store import AdapterStore
 from node.core.home import NodeHome
 from node.training.feedback import FeedbackDB, training_records
-from node.training.privacy import record_local_run
+from node.training.privacy import ledger_account
 from node.training.runner import TrainRun, new_run, run_training
 
 
@@ -68,12 +68,13 @@ class TrainingService:
         self, run: TrainRun, config: dict[str, Any], data: Path | None, records: list[dict[str, Any]] | None
     ) -> None:
         try:
+            account = ledger_account(self.home, data)
             await trio.to_thread.run_sync(
-                lambda: run_training(run, self.home, self.gguf, self.store, config, data, records, stop=self._stop),
+                lambda: run_training(
+                    run, self.home, self.gguf, self.store, config, data, records, stop=self._stop, account=account
+                ),
                 limiter=self._limiter,
             )
-            if run.status == "done":
-                await trio.to_thread.run_sync(record_local_run, self.home, run, data)
         except Exception as exc:  # the runner reports job failures itself; this is a bug or an OS error
             run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
         finally:

@@ -139,3 +139,25 @@ def test_cli_dp_training_reports_and_records_epsilon(node: Daemon, tmp_path: Pat
     assert len(on_data) == 1 and len(on_data[0]["spent_by"]) == 1 and on_data[0]["spent_by"][0].startswith("train:")
     assert on_data[0]["epsilon_spent"] == pytest.approx(epsilon, rel=0.02)
     assert bad.returncode == 2 and "no such file" in bad.stderr
+
+
+def test_a_dp_run_the_ledger_cannot_record_installs_nothing(tmp_path: Path, torch_base_folder: Path) -> None:
+    # Arrange: a home whose ledger cannot be opened (state.db is a folder: sqlite refuses it)
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    (home / "models").symlink_to(torch_base_folder.parent.parent)
+    (home / "state.db").mkdir(mode=0o700)
+    data = tmp_path / "notes.txt"
+    data.write_text(corpus(30))
+    # Act
+    args = ["train", "--data", str(data), "--adapter", "private", "--steps", "2", "--dp", "--epsilon", "8"]
+    trained = subprocess.run(
+        [sys.executable, "-m", "node.cli", *args, "--max-length", "32"],
+        env=node_env(home, 1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    # Assert: the run fails, says why, and no adapter whose ε is not in the ledger serves
+    assert trained.returncode == 1 and "privacy ledger" in trained.stderr, trained.stderr
+    assert not (home / "adapters" / "private").exists() or not any((home / "adapters" / "private").iterdir())
