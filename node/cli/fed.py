@@ -126,6 +126,8 @@ def cmd_status(home: NodeHome, args: argparse.Namespace) -> int:
                 before, after = status.get("personal_heldout_loss", ["?", "?"])
                 print(f"  personal adapter {personal} (held-out loss {before} → {after} over the global alone)")
                 print(f"  serve both as model {status['serve_as']}")
+            if refused := status.get("budget_refused"):
+                print(f"  round {refused['round']} not trained: {refused['reason']}")
             if error := status.get("personal_error"):
                 print(f"  personal adapter not trained: {error}")
     for d in doc["datasets"]:

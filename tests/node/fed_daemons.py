@@ -106,11 +106,12 @@ def daemons(tmp_path: Path, twin: Path, n: int, env: dict[str, str] | None = Non
         stop_all(nodes)
 
 
-def restart(d: Daemon) -> Daemon:
-    """Start the daemon of `d`'s home again (same environment, a fresh API port) after it stopped or was killed."""
+def restart(d: Daemon, changes: dict[str, str] | None = None) -> Daemon:
+    """Start the daemon of `d`'s home again (same environment but `changes`, a fresh API port) after it stopped or
+    was killed."""
     assert d.proc.poll() is not None, "stop the daemon first"
     extra = {k: v for k, v in d.env.items() if k.startswith("MIRADOR_") and k != "MIRADOR_API_PORT"}
-    return wait_ready(spawn_daemon(d.home, extra))
+    return wait_ready(spawn_daemon(d.home, extra | (changes or {})))
 
 
 def tensors(path: Path) -> dict[str, np.ndarray]:
@@ -130,8 +131,10 @@ def create_and_join(
     aggregator_only: Daemon | None = None,
     noise: float | None = 1.0,
     personal: bool = False,
+    budget: float = 100.0,
+    name: str = "club",
 ) -> str:
-    """nodes[0] creates federation 'club' (2 local steps, C = 1, ε budget 100); the others join through it, each
+    """nodes[0] creates federation `name` (2 local steps, C = 1, ε `budget`); the others join through it, each
     with its own data, `aggregator_only` as an aggregator without data; members train personal adapters only with
     `personal`. Returns the federation id."""
     no_personal = [] if personal else ["--no-personal"]
@@ -141,7 +144,7 @@ def create_and_join(
         a,
         "federation",
         "create",
-        "club",
+        name,
         "--data",
         str(data[0]),
         "--mode",
@@ -157,15 +160,15 @@ def create_and_join(
         "--clip-norm",
         "1.0",
         "--epsilon-budget",
-        "100",
+        str(budget),
         *(["--noise-multiplier", str(noise)] if noise is not None else []),
         *TRAIN,
         *no_personal,
     )
     assert created.returncode == 0, created.stderr
-    view = federations(a)[0]
+    view = next(f for f in federations(a) if f["name"] == name)
     for node, f in zip(nodes[1:], data[1:], strict=True):
         role = ["--role", "aggregator"] if node is aggregator_only else ["--data", str(f), *TRAIN, *no_personal]
-        joined = cli(node, "federation", "join", "club", "--creator", view["creator"], *role)
+        joined = cli(node, "federation", "join", name, "--creator", view["creator"], *role)
         assert joined.returncode == 0, joined.stderr + joined.stdout
     return str(view["federation_id"])

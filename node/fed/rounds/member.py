@@ -211,6 +211,8 @@ class Member:
         with PrivacyLedger(self.ledger_path) as ledger:
             decision = ledger.check_budget(fid, r, spend, delta, descriptor.epsilon_budget, self._dataset(dataset))
         if not decision.allowed:
+            refused = {"round": r, "reason": decision.reason, "epsilon_after": round(decision.epsilon_after, 4)}
+            self.ctx.status_of.setdefault(fid, {})["budget_refused"] = refused
             raise FederationError(f"privacy budget: {decision.reason}")
 
     def _spend(self, descriptor: FederationDescriptor, r: int, spend: Spend, dataset: str) -> None:
