@@ -39,6 +39,7 @@ from node.core.fsutil import atomic_write_text
 from node.core.home import NodeHome
 from node.fed import wire as fed_wire
 from node.fed.adapter import (
+    LocalResult,
     RoundDpSgd,
     adapter_shapes,
     base_dims,
@@ -137,23 +138,9 @@ class FederationNode:
         dp_sgd: LocalDpSgd | RoundDpSgd | None = descriptor.privacy.dp.local_dp_sgd
         if descriptor.example_level:
             assert spend is not None
-            dp = descriptor.privacy.dp
-            dp_sgd = RoundDpSgd(spend.noise_multiplier, spend.sample_rate, dp.clip_norm, dp.delta)
-        a = descriptor.adapter
-        result = train_locally(
-            self.home,
-            self.gguf,
-            global_tensors,
-            a.rank,
-            a.alpha,
-            a.targets,
-            Path(data),
-            descriptor.local_steps,
-            seed=r,
-            dp_sgd=dp_sgd,
-            stop=stop,
-            options=options,
-            freeze_a=a.freeze_a,
+            dp_sgd = round_dp_sgd(descriptor, spend)
+        result = self._fit(
+            descriptor, global_tensors, Path(data), r, dp_sgd, stop, options, freeze_a=descriptor.adapter.freeze_a
         )
         trained_spend = spend if descriptor.example_level else None  # user-level: the release's noise is the spend
         return Trained(
@@ -205,23 +192,8 @@ class FederationNode:
                 decision = ledger.check_budget(key, r, spend, delta, self.policy.max_epsilon_per_dataset, on)
             if not decision.allowed:
                 raise FederationError(f"personal adapter not trained: {decision.reason}")
-            dp = descriptor.privacy.dp
-            dp_sgd = RoundDpSgd(spend.noise_multiplier, spend.sample_rate, dp.clip_norm, dp.delta)
-        result = train_locally(
-            self.home,
-            self.gguf,
-            start,
-            a.rank,
-            a.alpha,
-            a.targets,
-            Path(data),
-            descriptor.local_steps,
-            seed=r,
-            dp_sgd=dp_sgd,
-            stop=stop,
-            options=options,
-            under=global_tensors,
-        )
+            dp_sgd = round_dp_sgd(descriptor, spend)
+        result = self._fit(descriptor, start, Path(data), r, dp_sgd, stop, options, under=global_tensors)
         if spend is not None:
             with PrivacyLedger(self.ledger_path) as ledger:
                 ledger.record(key, r, spend, delta, budget=self.policy.max_epsilon_per_dataset, dataset=on)
@@ -231,6 +203,36 @@ class FederationNode:
             "serve_as": f"base:{adapter_name(descriptor)}+{name}",
             "personal_heldout_loss": [round(result.heldout_loss_before, 4), round(result.heldout_loss_after, 4)],
         }
+
+    def _fit(
+        self,
+        descriptor: FederationDescriptor,
+        start: Mapping[str, np.ndarray],
+        data: Path,
+        r: int,
+        dp_sgd: LocalDpSgd | RoundDpSgd | None,
+        stop: threading.Event,
+        options: Mapping[str, Any] | None,
+        **extra: Any,
+    ) -> LocalResult:
+        """Train the federation's LoRA from `start` for its `local_steps` on `data` (seeded by the round);
+        `extra`: train_locally's freeze_a or under."""
+        a = descriptor.adapter
+        return train_locally(
+            self.home,
+            self.gguf,
+            start,
+            a.rank,
+            a.alpha,
+            a.targets,
+            data,
+            descriptor.local_steps,
+            seed=r,
+            dp_sgd=dp_sgd,
+            stop=stop,
+            options=options,
+            **extra,
+        )
 
     def _current_tensors(self, name: str, descriptor: FederationDescriptor) -> dict[str, np.ndarray]:
         """The installed adapter `name`'s tensors when they fit the federation's LoRA; its zero-B start otherwise."""
@@ -428,6 +430,12 @@ class FederationNode:
                 }
                 for digest, spenders in ledger.datasets().items()
             ]
+
+
+def round_dp_sgd(descriptor: FederationDescriptor, spend: Spend) -> RoundDpSgd:
+    """DP-SGD at the federation's z, C and δ with this node's sample rate (example-level modes)."""
+    dp = descriptor.privacy.dp
+    return RoundDpSgd(spend.noise_multiplier, spend.sample_rate, dp.clip_norm, dp.delta)
 
 
 def personal_name(descriptor: FederationDescriptor) -> str:
