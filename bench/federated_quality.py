@@ -1,50 +1,48 @@
-"""Federated learning quality: held-out loss of local-only, FedAvg, dp, he and he+dp adapters on non-IID nodes.
+"""Federated learning quality: held-out loss of local-only, FedAvg, he, dp, he+dp, dp-user and personal adapters.
 
-Data: one category of Debian's `fortunes` package per node (`bash scripts/install.sh --bench` installs it; the files
-live in /usr/share/games/fortunes, entries separated by lines holding only `%`). Each category is cleaned
-(overstrike backspaces and control characters removed, blank lines inside an entry dropped so that the trainer's
-`.txt` format keeps one entry per paragraph, duplicates removed), shuffled with a fixed seed and cut into a held-out
-split (a fraction, capped) and a training split of the same size on every node; the training split is written as
-the `.txt` file the trainer reads (paragraphs separated by blank lines).
+Data: one category of Debian's `fortunes` package per node (`bash scripts/install.sh --bench` installs it and
+matplotlib; the files live in /usr/share/games/fortunes, entries separated by lines holding only `%`). Each category
+is cleaned (overstrike backspaces and control characters removed, blank lines inside an entry dropped so that the
+trainer's `.txt` format keeps one entry per paragraph, duplicates removed), shuffled with a fixed seed and cut into a
+held-out split (a fraction, capped) and a training split of the same size on every node. Settings: `large` (default:
+people, definitions, cookie, computers; 900 training entries per node, at most 100 held out) and `small` (computers,
+definitions, songs-poems, startrek; 180 and 40, the setting before issue 15).
 
 Training runs through the project's own code paths: `node.fed.adapter.initial_adapter` gives the round-0 adapter
 (seeded; lora_B zero, so it is the base model), `node.fed.adapter.train_locally` runs the real training subprocess
-(`python -m node.training.job`, torch + peft, nice 19) from a global adapter and returns the trained tensors. Rows:
+(`python -m node.training.job`, torch + peft + opacus, nice 19) from a global adapter and returns the trained
+tensors. Every federated row runs R rounds of `steps` local steps on every node (the same number of steps in every
+row); rows are named MODE:LORA[:EPSILON][:personal] (`--rows`):
 
-- base: the base model, no adapter.
-- local-only: each node trains its own adapter from the round-0 adapter for rounds x steps steps in one run.
-- fedavg: R rounds; each node trains `steps` steps from the global adapter, its update (local - global,
-  `federation.privacy.delta_of`) is neither clipped nor noised, and `federation.strategies` FedAvg (example-weighted
-  mean; every node has the same number of examples, so a plain mean) is added to the global adapter. A federation
-  descriptor cannot express this (mode `dp` refuses a noise multiplier of 0), so the descriptor machinery is bypassed
-  for this row only.
-- dp, he, he+dp: the same rounds through `federation.privacy` (`release`, `combine`, `mean_update`,
-  `apply_update`) with a real signed `FederationDescriptor` of that mode and, for the he modes, a real CKKS key set
-  (`crypto.he.SecretContext.generate()`; members encrypt under its public context, the aggregator sums with the
-  public context only, members decrypt). dp: every update clipped to C and noised with N(0, (z*C)^2); he: clipped
-  to C, encrypted, unweighted mean; he+dp: clipped to C, each member adds 1/quorum of the noise variance (quorum = the
-  number of nodes), encrypted. The noise comes from a seeded numpy generator (reproducible runs; the node itself
-  seeds from `secrets`). epsilon is `crypto.dp.epsilon` (opacus PRV accountant) of the released history
-  [(z, q=1, T=rounds)] at the descriptor's delta; the unit of privacy is a node's whole update, not one example.
-  These rows run the federation modes `dp-user` and `he+dp-user` (what `dp` and `he+dp` meant before issue 15, whose
-  example-level DP-SGD rows are yet to be added here).
+- base: the base model; local-only: each node trains its own adapter (A+B) for R x steps steps in one run.
+- fedavg: updates (local - global, `federation.privacy.delta_of`) neither clipped nor noised, averaged by
+  `federation.strategies` FedAvg with equal weights. A descriptor cannot express it (dp needs noise), so the
+  descriptor machinery is bypassed for this row only.
+- he, dp, he+dp, dp-user: a real signed `FederationDescriptor` of the mode and `federation.privacy` (`release`,
+  `combine`, `mean_update`, `apply_update`), with a real CKKS key set for the he modes. he: updates clipped to the
+  update norm C (--clip), encrypted, summed blind. dp, he+dp (example-level): members train with DP-SGD (opacus:
+  Poisson sampling at q = batch / training entries, per-example clipping to --example-clip, noise z) at the z that
+  makes R x steps steps at q cost the row's ε (PRV, `crypto.dp.epsilon`, δ = --delta; `noise_for`); the update is
+  released as trained. dp-user: one Gaussian release per round of the update clipped to --clip, z calibrated for R
+  releases at q = 1 (a member's whole update is the unit; seeded numpy noise).
+- LORA: ffa (lora_A frozen at the seeded init, only lora_B trained, sent and averaged: exact aggregation) or ab.
+- :personal: after each round every node also trains a personal adapter over the new global (`under=`, the
+  node's own data, the same steps); "+ personal" evaluates each node's global + personal pair (as one LoRA of twice
+  the rank, `concatenated`).
 
-Evaluation: the trainer's own held-out metric (`node.training.trainer.evaluate_loss`: mean over examples of each
-example's mean next-token cross-entropy, first `max_length` tokens of each entry, no gradients) on every domain's
-held-out split, with the torch twin of the embedded GGUF and the adapter loaded by
-`node.training.trainer.load_initial_adapter`. "own" is the mean over nodes of the loss on that node's domain (for
-local-only: each node's adapter on its own domain; for federated rows: the one global adapter on each domain);
-"other" is the mean over nodes of the mean loss on the other domains (for one global adapter both are the mean over
-all domains). The global adapter is evaluated after the last round, and after every round with --eval-every-round.
+Evaluation: the trainer's own held-out metric (`node.training.trainer.evaluate_loss`) on every domain's held-out
+split, with the torch twin of the embedded GGUF and the adapter loaded by `load_initial_adapter`. "own" is the mean
+over nodes of the loss on that node's domain (for local-only and personal pairs: each node's own model; for one
+global adapter: the mean over domains), "other" the mean over nodes of the mean loss on the other domains. "keeps"
+is the share of FedAvg's held-out loss gain over the base (same LoRA variant) that a row keeps; the plot draws it
+against ε per mode (docs/federated_quality.png).
 
-Cost: every local training is its own subprocess (torch import, model load, the trainer's held-out evaluation), so
---parallel jobs of --threads torch threads run side by side; on a loaded 2-core machine one thread per process was
-~4x faster than two. Defaults (4 nodes, 4 rounds x 10 steps, 5 rows) took ~35 min on 2 shared cores.
+Cost: every local training is its own subprocess; --parallel jobs of --threads torch threads run side by side.
 
-Prints a progress line per step and a table; writes bench/results/federated_quality.json.
+Prints a progress line per step and the tables; writes bench/results/federated_quality.json and the plot.
 
-    nice -n 10 .venv/bin/python bench/federated_quality.py [--quick] [--rounds 4] [--steps 10] [--clip 10]
-        [--noise 1.0] [--modes local,fedavg,dp,he,he+dp] [--domains computers,definitions,songs-poems,startrek]
+    nice -n 10 .venv/bin/python bench/federated_quality.py [--quick] [--setting large|small] [--rounds 4]
+        [--steps 10] [--dp-batch-size 16] [--rows fedavg:ffa:personal,fedavg:ab,dp:ffa:8,...]
 """
 
 import argparse

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import secrets
 import shutil
 import tempfile
 import time
@@ -394,6 +395,17 @@ def load_initial_adapter(model: Any, path: Path) -> None:
     set_peft_model_state_dict(model, {k: torch.from_numpy(v.astype("float32")) for k, v in given.items()})
 
 
+def secret_generator() -> Any:
+    """A torch generator seeded from the OS's CSPRNG: DP-SGD's noise and Poisson sampling must be unknown to anyone
+    who knows the run's settings, and `seed` (the round number in a federation) is public. (opacus' secure_mode,
+    which also resists floating-point attacks on the noise, needs torchcsprng, which has no wheel for this torch.)"""
+    import torch
+
+    generator = torch.Generator()
+    generator.manual_seed(secrets.randbits(63))
+    return generator
+
+
 def merged_base(base: Any, config: TrainConfig, path: Path) -> Any:
     """The base with the LoRA in `path` merged into its weights (a personal adapter trains on top of a federation's
     global one: serving both at scale 1 computes exactly what was trained, W + ΔW_global + ΔW_personal)."""
@@ -511,10 +523,13 @@ class _Run:
                 accountant="prv",
                 epsilon_tolerance=0.01,
             )
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
         self.model.train()
         opt = torch.optim.AdamW(self._params(), lr=cfg.learning_rate, weight_decay=0.0)
         engine = PrivacyEngine(accountant="prv")
-        gsm, dp_opt, dp_loader = engine.make_private(
+        secret = secret_generator()
+        gsm, dp_opt, _ = engine.make_private(
             module=self.model,
             optimizer=opt,
             data_loader=loader,
@@ -522,12 +537,12 @@ class _Run:
             max_grad_norm=dp.max_grad_norm,
             poisson_sampling=True,
             grad_sample_mode="hooks",
+            noise_generator=secret,
         )
-        sampler = dp_loader.batch_sampler
-        if dp.sample_rate is not None:  # exactly the accounted q (opacus' loader would use 1 / its length)
-            from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-
-            sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate)
+        # Poisson sampling at exactly the accounted q (opacus' loader would use 1 / its length), from the same secret
+        # generator as the noise: the global torch RNG is seeded by `seed`, which is public (a federation's round)
+        sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=secret)
+        if dp.sample_rate is not None:
             dp_opt.expected_batch_size = max(1, round(sample_rate * n))  # gradients are averaged over it
         started = time.monotonic()
         step = 0

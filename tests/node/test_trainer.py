@@ -207,6 +207,25 @@ def test_dp_at_a_given_noise_and_sample_rate_samples_and_accounts_at_exactly_tho
     assert result.losses.count(None) >= 5, result.losses  # ≈ 10 of 30 steps expected empty at q = 0.02
 
 
+def test_dp_noise_and_sampling_are_secret_even_when_the_seed_is_public(torch_base_folder: Path, tmp_path: Path) -> None:
+    # Arrange: a federation round's seed is its round number, which every member and the aggregator know
+    from safetensors.numpy import load_file
+
+    examples = [Example(text=t) for t in beekeeping_texts(20, seed=3)]
+    dp = DPConfig(noise_multiplier=1.0, sample_rate=0.25, delta=1e-5, max_grad_norm=1.0)
+    config = TrainConfig(steps=2, batch_size=4, max_length=32, seed=7, dp=dp)
+    plain = TrainConfig(steps=2, batch_size=4, max_length=32, seed=7)
+    # Act: the same run twice, with DP-SGD and without
+    runs = [train_adapter(torch_base_folder, examples, config, tmp_path / f"dp{i}") for i in range(2)]
+    base = [train_adapter(torch_base_folder, examples, plain, tmp_path / f"plain{i}") for i in range(2)]
+    # Assert: without DP the seed makes the run reproducible; with DP the noise (and the sample) cannot be replayed
+    dp_tensors = [load_file(str(tmp_path / f"dp{i}" / "adapter_model.safetensors")) for i in range(2)]
+    plain_tensors = [load_file(str(tmp_path / f"plain{i}" / "adapter_model.safetensors")) for i in range(2)]
+    assert all((plain_tensors[0][k] == plain_tensors[1][k]).all() for k in plain_tensors[0])
+    assert any((dp_tensors[0][k] != dp_tensors[1][k]).any() for k in dp_tensors[0] if "lora_B" in k)
+    assert runs[0].epsilon == runs[1].epsilon and base[0].epsilon is None
+
+
 def test_chat_loss_is_on_assistant_tokens_and_tokens_match_serving(torch_base_folder: Path) -> None:
     # Arrange
     from transformers import AutoTokenizer
