@@ -28,7 +28,7 @@ class CreateRequest(_Closed):
     rank: int = Field(default=4, ge=1, le=256)
     alpha: float = Field(default=8.0, gt=0)
     targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1, max_length=7)
-    lora: Literal["ffa", "ab"] = "ffa"  # ffa: lora_A frozen at its seeded init, only lora_B trained and aggregated
+    lora: Literal["ffa", "ab"] = "ab"  # ffa: lora_A frozen at its seeded init, only lora_B trained and aggregated
     clip_norm: float = Field(default=1.0, gt=0)
     noise_multiplier: float | None = Field(default=None, ge=0)
     delta: float = Field(default=1e-5, gt=0, lt=1)

@@ -243,8 +243,9 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> ar
     create.add_argument(
         "--lora",
         choices=["ffa", "ab"],
-        default="ffa",
-        help="ffa: lora_A frozen at a seeded init, only lora_B trained and averaged (exact aggregation); ab: both",
+        default="ab",
+        help="ab: lora_A and lora_B trained and averaged (learned more in docs/BENCHMARKS.md); ffa: lora_A frozen at "
+        "a seeded init, only lora_B trained and averaged (exact aggregation, half the bytes)",
     )
     create.add_argument("--clip-norm", type=float, default=1.0)
     create.add_argument("--noise-multiplier", type=float, help="z (default 1.0 in every mode but he)")

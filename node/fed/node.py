@@ -278,7 +278,7 @@ class FederationNode:
                 rank=int(spec.get("rank", 4)),
                 alpha=float(spec.get("alpha", 8.0)),
                 targets=tuple(spec.get("targets", ("q_proj", "v_proj"))),
-                freeze_a=spec.get("lora", "ffa") == "ffa",
+                freeze_a=spec.get("lora", "ab") == "ffa",
             ),
             privacy=privacy,
             strategy=StrategySpec(name=spec.get("strategy", "fedavg"), params=dict(spec.get("strategy_params", {}))),

@@ -133,10 +133,11 @@ def create_and_join(
     personal: bool = False,
     budget: float = 100.0,
     name: str = "club",
+    lora: str = "ab",
 ) -> str:
     """nodes[0] creates federation `name` (2 local steps, C = 1, ε `budget`); the others join through it, each
     with its own data, `aggregator_only` as an aggregator without data; members train personal adapters only with
-    `personal`. Returns the federation id."""
+    `personal`; `lora`: ab or ffa. Returns the federation id."""
     no_personal = [] if personal else ["--no-personal"]
     a = nodes[0]
     trainers = [n for n in nodes if n is not aggregator_only]
@@ -164,6 +165,8 @@ def create_and_join(
         *(["--noise-multiplier", str(noise)] if noise is not None else []),
         *TRAIN,
         *no_personal,
+        "--lora",
+        lora,
     )
     assert created.returncode == 0, created.stderr
     view = next(f for f in federations(a) if f["name"] == name)

@@ -51,6 +51,7 @@ def test_four_daemons_complete_three_rounds(mode: str, four: list[Daemon], tmp_p
         aggregator_only=d if he else None,
         noise=None if mode == "he" else 1.0,
         personal=mode != "he",  # example-level modes: the personal adapters' DP-SGD runs share the dataset's ledger
+        lora="ffa",  # exact aggregation through real daemons (the default, ab, runs in the other daemon tests)
     )
     # Act
     wait_for(
@@ -118,7 +119,7 @@ def test_four_daemons_complete_three_rounds(mode: str, four: list[Daemon], tmp_p
         assert {r["aggregator"] for r in docs[0]} == {fingerprint(d)}
         assert all(v["he_secret_here"] for v in views[:3])
     # The applied global's lora_B moved by the mean of what the trainers released (decrypted CKKS sum / n under
-    # HE); FFA-LoRA (the default): the updates carry lora_B alone and every lora_A stays at its seeded init
+    # HE); FFA-LoRA: the updates carry lora_B alone and every lora_A stays at its seeded init
     from node.fed.adapter import initial_adapter
     from node.inference.models import embedded_model_path
 
