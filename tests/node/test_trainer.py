@@ -177,10 +177,11 @@ def test_dp_training_reports_an_honest_epsilon(torch_base_folder: Path, tmp_path
 
 
 def test_dp_takes_noise_only_steps_on_empty_poisson_batches(torch_base_folder: Path, tmp_path: Path) -> None:
-    # Arrange: 2 training examples sampled at rate 1/2: with this seed two of the eight Poisson batches are empty
+    # Arrange: 2 training examples sampled at rate 1/2: a Poisson batch is empty with probability 1/4, so one of 40
+    # is empty but with probability 0.75^40 = 1e-5 (the sampling is secret, not seeded)
     examples = [Example(text=f"The hive number {i} is calm today.") for i in range(3)]
     dp = DPConfig(epsilon=8.0)
-    config = TrainConfig(steps=8, batch_size=1, max_length=16, holdout_fraction=0.34, seed=0, dp=dp)
+    config = TrainConfig(steps=40, batch_size=1, max_length=16, holdout_fraction=0.34, seed=0, dp=dp)
     # Act
     result = train_adapter(torch_base_folder, examples, config, tmp_path / "tiny")
     # Assert: empty batches are steps too (noise only, counted by the accountant), reported without a loss
@@ -193,18 +194,19 @@ def test_dp_at_a_given_noise_and_sample_rate_samples_and_accounts_at_exactly_tho
     torch_base_folder: Path, tmp_path: Path
 ) -> None:
     # Arrange: a federation round's DP-SGD: z and q fixed before training (q = 0.02 on 54 examples: a Poisson batch is
-    # empty with probability 0.98^54 ≈ 0.34; at opacus' own rate for batch 4, 1/14, it would be ≈ 0.02)
+    # empty with probability 0.98^54 ≈ 0.34, fewer than 5 of 60 with probability ~1e-6; at opacus' own rate for batch
+    # 4, 1/14, it would be ≈ 0.02 per step, 5 or more of 60 with probability ~0.005)
     from crypto.dp import epsilon
 
     examples = [Example(text=t) for t in beekeeping_texts(60, seed=2)]
     dp = DPConfig(noise_multiplier=0.9, sample_rate=0.02, delta=1e-5, max_grad_norm=1.0)
-    config = TrainConfig(steps=30, batch_size=4, max_length=32, seed=5, dp=dp)
+    config = TrainConfig(steps=60, batch_size=4, max_length=32, seed=5, dp=dp)
     # Act
     result = train_adapter(torch_base_folder, examples, config, tmp_path / "round")
     # Assert
     assert (result.noise_multiplier, result.sample_rate) == (0.9, 0.02)
-    assert result.epsilon == pytest.approx(epsilon([(0.9, 0.02, 30)], 1e-5))
-    assert result.losses.count(None) >= 5, result.losses  # ≈ 10 of 30 steps expected empty at q = 0.02
+    assert result.epsilon == pytest.approx(epsilon([(0.9, 0.02, 60)], 1e-5))
+    assert result.losses.count(None) >= 5, result.losses  # ≈ 20 of 60 steps expected empty at q = 0.02
 
 
 def test_dp_noise_and_sampling_are_secret_even_when_the_seed_is_public(torch_base_folder: Path, tmp_path: Path) -> None:
