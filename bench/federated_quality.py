@@ -55,6 +55,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -640,7 +641,7 @@ def plot(path: Path, points: Mapping[str, list[tuple[float, float]]], title: str
     ax.set_xscale("log")
     ax.set_xlabel("ε (δ = 1e-5), whole run")
     ax.set_ylabel("% of FedAvg's held-out loss gain kept")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
