@@ -242,8 +242,13 @@ class FederationNode:
             tensors = load_peft_tensors(folder)
             if Layout.of(tensors) == Layout.of(self._initial_global(descriptor)):
                 return tensors
-        except (LookupError, OSError, ValueError):
-            pass
+            log.warning(
+                "adapter %s does not fit federation %s's LoRA: the personal one starts over", name, descriptor.name
+            )
+        except LookupError:
+            pass  # none yet: the first personal adapter
+        except (OSError, ValueError) as exc:
+            log.warning("adapter %s unreadable (%s): the personal one starts over", name, exc)
         return initial_adapter(self.gguf, a.rank, a.alpha, a.targets, seed=f"{descriptor.federation_id}/personal")
 
     def _initial_global(self, descriptor: FederationDescriptor) -> dict[str, np.ndarray]:
