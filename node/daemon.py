@@ -42,6 +42,7 @@ from node.inference.extra_buffers import ProbeError, Setting, Verdict, choose
 from node.inference.models import BaseModel, ModelNotFoundError, resolve_model
 from node.market.registry_dht import registry_node
 from node.market.service import MarketService
+from node.memory.service import MemoryService
 from node.p2p.host import P2PConfig, P2PError, P2PNode  # before logging: importing libp2p resets its logger
 from node.p2p.notices import NoticeBoard
 from node.state import NodeState
@@ -175,6 +176,7 @@ def build_state(home: NodeHome, cfg: NodeConfig, options: StartOptions) -> NodeS
         raise StartupError(
             f"invalid personality manifest: {manifest.error.removesuffix(' (still serving the previous manifest)')}"
         )
+    memory = MemoryService(home.memory_dir, home.models_dir / "embed", cfg.memory) if cfg.memory.enabled else None
     p2p, notices, market = _network(home, identity, cfg)
     federations = (
         FederationNode(
@@ -207,6 +209,7 @@ def build_state(home: NodeHome, cfg: NodeConfig, options: StartOptions) -> NodeS
         manifest=manifest,
         feedback=feedback,
         training=TrainingService(home, path, store, feedback),
+        memory=memory,
         api_token=api_token,
         extra_buffers=verdict,
     )
@@ -274,6 +277,8 @@ async def _serve_in(
         return exc
     await nursery.start(state.engine.run)
     await nursery.start(state.training.run)
+    if state.memory is not None:
+        nursery.start_soon(_warm_memory, state.memory)
     stop_http = trio.Event()
 
     async def http(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -306,6 +311,16 @@ async def _serve_in(
     await trio.sleep(0.05)  # let the final SSE events reach their clients
     stop_http.set()
     return None
+
+
+async def _warm_memory(memory: MemoryService) -> None:
+    """Load the embedding model now (converted from its package the first time) rather than in a chat, when there
+    are memories to recall."""
+    try:
+        if await trio.to_thread.run_sync(memory.backend.namespaces):
+            await trio.to_thread.run_sync(lambda: memory.embedder)
+    except Exception:
+        log.exception("memory: the embedding model could not be loaded; memory answers 503 until it can")
 
 
 async def _start_p2p(state: NodeState, nursery: trio.Nursery) -> None:
@@ -391,6 +406,8 @@ def run_daemon(home: NodeHome, options: StartOptions) -> int:
             finally:
                 state.model.close()
                 state.feedback.close()
+                if state.memory is not None:
+                    state.memory.close()
         finally:
             lock.release()
     except StartupError as exc:

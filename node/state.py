@@ -24,6 +24,7 @@ from node.training.feedback import FeedbackDB
 if TYPE_CHECKING:
     from node.fed.node import FederationNode
     from node.market.service import MarketService
+    from node.memory.service import MemoryService
 from node.adapters.personalities import ManifestFile, Route, route
 from node.core.profiles import InferenceSettings
 from node.training.service import TrainingService
@@ -47,6 +48,7 @@ class NodeState:
     notices: NoticeBoard | None = None
     market: "MarketService | None" = None
     federations: "FederationNode | None" = None
+    memory: "MemoryService | None" = None
     extra_buffers: Verdict | None = None
     api_token: str = ""  # the per-home token of state-changing routes (node.core.api_token)
     started_at: float = field(default_factory=time.time)

@@ -6,11 +6,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from node.inference.llama_backend import LlamaModel
 from tests.daemon_harness import Daemon, extra_buffers_for_tests, running
+
+if TYPE_CHECKING:
+    from node.memory.embedder import Embedder
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +31,16 @@ def torch_base_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from node.training.base_model import ensure_torch_base
 
     return ensure_torch_base(tmp_path_factory.mktemp("models"), embedded_model_path())
+
+
+@pytest.fixture(scope="session")
+def embedder(tmp_path_factory: pytest.TempPathFactory) -> Iterator["Embedder"]:
+    """The sentence-embedding model (converted from its PyPI package once per session) on llama.cpp."""
+    from node.memory.embedder import Embedder
+
+    e = Embedder(tmp_path_factory.mktemp("embed"))
+    yield e
+    e.close()
 
 
 @pytest.fixture(scope="session")

@@ -119,6 +119,9 @@ def node_env(home: Path, port: int, extra: dict[str, str] | None = None) -> dict
     """Environment for a daemon or CLI call on `home`, listening on `port`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIRADOR_")}
     env |= {"MIRADOR_HOME": str(home), "MIRADOR_API_PORT": str(port), "MIRADOR_P2P_PORT": "0"}
+    # a remembered chat is recalled by the next similar one: tests of everything but memory need prompts as sent
+    # (exact token counts, greedy outputs compared across requests); memory tests turn it on
+    env["MIRADOR_MEMORY_REMEMBER_CHATS"] = "false"
     return env | (extra or {})
 
 

@@ -17,6 +17,7 @@ from node.api.federations import router as federation_routes
 from node.api.guard import BrowserGuardMiddleware
 from node.api.learning import router as learning_routes
 from node.api.market import router as market_routes
+from node.api.memory import router as memory_routes
 from node.api.node import router as node_routes
 from node.api.openai import router as openai_routes
 from node.api.openai_schema import describe_validation_errors
@@ -29,7 +30,7 @@ def create_app(node: NodeState) -> ASGIApp:
     """The ASGI app serving `node`."""
     app = FastAPI(title="Mirador node", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.node = node
-    for routes in (node_routes, openai_routes, learning_routes, market_routes, federation_routes):
+    for routes in (node_routes, openai_routes, learning_routes, market_routes, federation_routes, memory_routes):
         app.include_router(routes)
 
     @app.exception_handler(ApiError)

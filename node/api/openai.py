@@ -5,6 +5,7 @@ turns `Request` into a query parameter.
 """
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,16 +19,23 @@ from node.adapters.cache import AdapterRef
 from node.adapters.personalities import AUTO, Route, UnknownModelError
 from node.adapters.store import UnknownAdapterError
 from node.api.common import ApiError, check_auth, db_limiter, node_of, parse_body
+from node.api.memory import in_thread
 from node.api.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
     error_body,
 )
 from node.inference.engine import EngineBusy, EngineShuttingDown, GenerationRequest, Job
+from node.memory.record import DEFAULT_NAMESPACE, MemoryRefused, check_namespace
+from node.memory.service import MemoryService
 from node.state import NodeState
+
+log = logging.getLogger(__name__)
 
 PERSONALITY_HEADER = "X-Mirador-Personality"
 ADAPTERS_HEADER = "X-Mirador-Adapters"
+NAMESPACE_HEADER = "X-Mirador-Namespace"
+MEMORY_HEADER = "X-Mirador-Memory-Ids"
 _tokenize_limiter = trio.CapacityLimiter(2)
 router = APIRouter()
 
@@ -188,6 +196,56 @@ async def _collect(job: Job) -> str:
     return "".join(parts)
 
 
+class Recall(NamedTuple):
+    """The memory a chat used: its namespace (None: memory off for this request) and the memories injected."""
+
+    namespace: str | None
+    ids: list[str]
+    context: str = ""
+
+
+async def _recall(request: Request, node: NodeState, req: ChatCompletionRequest, latest: str | None) -> Recall:
+    """The memories to inject into this chat, from the request's namespace (field, header, or the default)."""
+    if node.memory is None or not req.memory:
+        return Recall(None, [])
+    raw = req.namespace or request.headers.get(NAMESPACE_HEADER) or DEFAULT_NAMESPACE
+    try:
+        namespace = check_namespace(raw)
+    except MemoryRefused as exc:
+        raise ApiError(400, exc.detail, param="namespace", code="memory_invalid_namespace") from None
+    budget = min(node.settings.memory_tokens, node.engine.n_ctx // 4)
+    if not latest or budget <= 0:
+        return Recall(namespace, [])
+    llama = node.model.llama
+    try:
+        context, ids = await in_thread(
+            node.memory.context_for, namespace, latest, budget, lambda t: len(llama.tokenize(t, False, False))
+        )
+    except ApiError:
+        raise
+    except Exception:
+        log.exception("memory: recall failed; answering without memories")
+        return Recall(namespace, [])
+    return Recall(namespace, ids, context)
+
+
+def with_memories(messages: list[dict[str, str]], context: str) -> list[dict[str, str]]:
+    """`messages` with the memories' block at the end of the system prompt (a system message first if none)."""
+    if not context:
+        return messages
+    if messages and messages[0]["role"] in ("system", "developer"):
+        first = messages[0] | {"content": f"{messages[0]['content']}\n\n{context}".strip()}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": context}, *messages]
+
+
+async def _remember(memory: MemoryService, namespace: str, user: str, answer: str, completion_id: str) -> None:
+    try:
+        await in_thread(memory.remember_exchange, namespace, user, answer, completion_id)
+    except Exception:
+        log.exception("memory: could not remember the exchange %s", completion_id)
+
+
 class _Admitted(NamedTuple):
     req: Any
     job: Job
@@ -202,11 +260,15 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
     node = node_of(request)
     req = await parse_body(request, schema)
     messages: list[dict[str, str]] | None = None  # only chat answers can get feedback
+    recall = Recall(None, [])
+    latest: str | None = None
     if isinstance(req, ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         latest = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
         chosen, adapters = _route(node, req.model, latest)
-        tokens = await trio.to_thread.run_sync(node.model.chat_tokens, messages, limiter=_tokenize_limiter)
+        recall = await _recall(request, node, req, latest)
+        prompt = with_memories(messages, recall.context)
+        tokens = await trio.to_thread.run_sync(node.model.chat_tokens, prompt, limiter=_tokenize_limiter)
     else:
         chosen, adapters = _route(node, req.model, req.text())
         tokens = await trio.to_thread.run_sync(node.model.completion_tokens, req.text(), limiter=_tokenize_limiter)
@@ -219,6 +281,9 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
         "personality": chosen.label,
     }
     headers = {PERSONALITY_HEADER: chosen.label, ADAPTERS_HEADER: ",".join(a.key for a in adapters) or "none"}
+    if recall.namespace is not None:
+        head["memory"] = {"namespace": recall.namespace, "ids": recall.ids}
+        headers |= {NAMESPACE_HEADER: recall.namespace, MEMORY_HEADER: ",".join(recall.ids) or "none"}
 
     async def record(answer: str) -> None:
         if messages is None or job.error or job.cut_by_shutdown:
@@ -227,6 +292,8 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
         await trio.to_thread.run_sync(
             node.feedback.record_completion, head["id"], chosen.label, keys, messages, answer, limiter=db_limiter
         )
+        if recall.namespace is not None and node.memory is not None and latest:
+            await _remember(node.memory, recall.namespace, latest, answer, head["id"])
 
     return _Admitted(req, job, head, headers, record)
 

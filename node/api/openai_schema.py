@@ -110,6 +110,8 @@ class ChatCompletionRequest(_GenerationRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    namespace: str | None = Field(default=None, min_length=1, max_length=63)  # Mirador: the memory to use
+    memory: bool = True  # Mirador: false = no memories injected and this exchange not remembered
     tools: list[Any] | None = None
 
     @field_validator("tools")

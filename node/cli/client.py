@@ -79,6 +79,16 @@ class DaemonClient:
                 if line.strip():
                     yield json.loads(line)
 
+    def get_lines(self, path: str) -> Iterator[dict[str, Any]]:
+        """GET a JSON-lines document and yield each line."""
+        with self._transport(), self.http.stream("GET", path) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                _json_or_raise(resp)
+            for line in resp.iter_lines():
+                if line.strip():
+                    yield json.loads(line)
+
     def stream_chat(self, body: dict[str, Any]) -> Iterator[str]:
         """POST a streamed chat completion and yield its text deltas."""
         with self._transport(), self.http.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as resp:

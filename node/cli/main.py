@@ -268,6 +268,13 @@ def cmd_federation(args: argparse.Namespace) -> int:
     return run(_home(args), args)
 
 
+def cmd_memory(args: argparse.Namespace) -> int:
+    """Dispatch `mirador memory ...`."""
+    from node.cli.memory import run
+
+    return run(_home(args), args)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Dispatch `mirador doctor`."""
     from node.cli.doctor import cmd_doctor as doctor
@@ -327,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     from node.cli.fed import add_parser as add_fed_parser
 
     add_fed_parser(sub).set_defaults(func=cmd_federation)
+    from node.cli.memory import add_parser as add_memory_parser
+
+    add_memory_parser(sub).set_defaults(func=cmd_memory)
     from node.cli.doctor import add_parser as add_doctor_parser
 
     add_doctor_parser(sub).set_defaults(func=cmd_doctor)

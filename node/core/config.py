@@ -61,6 +61,7 @@ class InferenceSection(_Section, frozen=True):
     batch_size: PositiveInt | None = None
     slots: Annotated[int, msgspec.Meta(ge=1, le=64)] | None = None
     adapter_cache_mb: PositiveInt | None = None
+    memory_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
     # llama.cpp's extra buffer types (weight repacking, e.g. AMX): auto = probed once in a child process per model,
     # llama.cpp build and CPU (node.inference.extra_buffers); on/off force them.
     extra_buffers: Literal["auto", "on", "off"] = "auto"
@@ -98,6 +99,22 @@ class PrivacySection(_Section, frozen=True):
     allow_without_dp: bool = True  # `he` federations: the decrypted mean carries no DP guarantee
 
 
+class MemorySection(_Section, frozen=True):
+    """[memory]: what the node remembers and how it recalls (node.memory)."""
+
+    enabled: bool = True
+    url: str = ""  # a Qdrant server (qdrant-client) instead of the embedded store under MIRADOR_HOME/memory
+    api_key: str = ""  # the Qdrant server's API key, if it needs one
+    remember_chats: bool = True  # each namespace can turn it off (`mirador memory config NS --chats off`)
+    inject: Annotated[int, msgspec.Meta(ge=0, le=32)] = 4  # memories injected into a chat at most
+    min_similarity: Annotated[float, msgspec.Meta(ge=-1, le=1)] = 0.35  # cosine floor of a dense match
+    half_life_days: Annotated[float, msgspec.Meta(gt=0)] = 30.0  # a memory unused this long weighs decay_weight less
+    decay_weight: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
+    mmr_lambda: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.7  # 1 = relevance only, lower = more diverse
+    route_similarity: Annotated[float, msgspec.Meta(ge=-1, le=1)] = 0.5  # `auto`: a personality this close answers
+    threads: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1  # the embedding model's threads
+
+
 class NodeConfig(_Section, frozen=True):
     """The whole validated `node.toml`."""
 
@@ -108,6 +125,7 @@ class NodeConfig(_Section, frozen=True):
     privacy: PrivacySection = PrivacySection()
     inference: InferenceSection = InferenceSection()
     store: StoreSection = StoreSection()
+    memory: MemorySection = MemorySection()
     p2p: P2PSection = P2PSection()
 
 

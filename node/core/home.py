@@ -75,6 +75,11 @@ class NodeHome:
         return self.root / "adapters"
 
     @property
+    def memory_dir(self) -> Path:
+        """Long-term memory: one embedded Qdrant shard per namespace (node.memory)."""
+        return self.root / "memory"
+
+    @property
     def personalities_file(self) -> Path:
         """The personality manifest (re-read by a running daemon when it changes)."""
         return self.root / "personalities.toml"

@@ -22,6 +22,7 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=T
     batch_size: Annotated[int, msgspec.Meta(ge=1)]
     slots: Annotated[int, msgspec.Meta(ge=1, le=64)]
     adapter_cache_mb: Annotated[int, msgspec.Meta(ge=1)]
+    memory_tokens: Annotated[int, msgspec.Meta(ge=0)]
 
 
 class InferenceSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -34,6 +35,7 @@ class InferenceSettings(msgspec.Struct, frozen=True, kw_only=True):
     batch_size: int
     slots: int
     adapter_cache_mb: int
+    memory_tokens: int = 0
     extra_buffers: Literal["auto", "on", "off"] = "auto"
 
 
