@@ -9,7 +9,9 @@ select it. Routing (documented in README):
 - `model = "auto"` or the served model id → keyword routing on the latest user message: its words (Unicode
   word characters, case-insensitive) are matched against each personality's `load_on` keywords (a keyword of
   several words must appear as consecutive words); the personality with the most distinct matching keywords
-  answers, ties broken by manifest order; no match → the base.
+  answers, ties broken by manifest order; no match → the base, unless the node's memory is on: then the
+  personality whose description and keywords are closest in meaning to the message answers, when its cosine
+  similarity reaches `[memory] route_similarity` (node.memory.routing).
 """
 
 import re
@@ -49,6 +51,13 @@ class Personality:
     base: str
     adapters: tuple[tuple[str, float], ...]
     keywords: tuple[tuple[str, ...], ...]
+    description: str = ""
+
+    @property
+    def profile_text(self) -> str:
+        """What semantic routing compares messages with: the description and the keywords."""
+        words_ = "; ".join(" ".join(k) for k in self.keywords)
+        return f"{self.description}. {words_}".strip(". ") if self.description else words_
 
 
 @dataclass(frozen=True)
@@ -105,7 +114,7 @@ def parse_manifest(text: str, source: str, base_ids: tuple[str, ...]) -> list[Pe
         keywords = tuple(tuple(words(k)) for k in spec.load_on)
         if any(not k for k in keywords):
             raise ManifestError(f"{where}: load_on has a keyword without any word characters")
-        out.append(Personality(name, spec.base, adapters, keywords))
+        out.append(Personality(name, spec.base, adapters, keywords, spec.description))
     return out
 
 

@@ -22,7 +22,8 @@ GGUF_FILE = "adapter.gguf"
 CURRENT_FILE = "current"
 # files a version folder may hold besides the GGUF: peft's safetensors and config, training facts
 TRAINING_FILE = "training.json"  # what a training run did and measured, per-step losses included
-EXTRA_FILES = ("adapter_model.safetensors", "adapter_config.json", TRAINING_FILE)
+PROVENANCE_FILE = "provenance.json"  # what the adapter was trained on, when that matters (memory: never published)
+EXTRA_FILES = ("adapter_model.safetensors", "adapter_config.json", TRAINING_FILE, PROVENANCE_FILE)
 _VERSION = re.compile(r"^v([1-9][0-9]{0,8})$")
 
 

@@ -11,7 +11,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from node.api.common import ApiError, check_auth, check_changes, data_file, db_limiter, node_of, parse_body
+from node.api.memory import in_thread, memory_of
 from node.api.node_schema import FeedbackRequest, TrainRequest
+from node.memory.record import MAX_TEXT_CHARS
+from node.memory.service import MemoryService, NewMemory
+from node.memory.training import memory_records
+from node.state import NodeState
 from node.training.feedback import GOOD_RATING, UnknownCompletionError
 from node.training.service import NothingToLearn, TrainingBusy
 
@@ -31,7 +36,31 @@ async def feedback(request: Request) -> Any:
     except UnknownCompletionError as exc:
         raise ApiError(404, str(exc), param="completion_id", code="completion_not_found") from None
     learns = req.correction is not None or (req.rating or 0) >= GOOD_RATING
-    return {"object": "feedback", "id": feedback_id, "completion_id": req.completion_id, "used_for_training": learns}
+    remembered = None
+    if req.correction is not None and node.memory is not None:
+        remembered = await _remember_correction(node.memory, node, req.completion_id, req.correction)
+    return {
+        "object": "feedback",
+        "id": feedback_id,
+        "completion_id": req.completion_id,
+        "used_for_training": learns,
+        "memory_id": remembered,  # the correction, remembered in the chat's namespace
+    }
+
+
+async def _remember_correction(
+    memory: MemoryService, node: NodeState, completion_id: str, correction: str
+) -> str | None:
+    """Remember a correction in the namespace the corrected chat used (not when memory was off for it)."""
+    namespace, question = await trio.to_thread.run_sync(
+        node.feedback.completion_memory, completion_id, limiter=db_limiter
+    )
+    if namespace is None:
+        return None
+    text = f"User: {question.strip()}\nCorrect answer: {correction.strip()}"[:MAX_TEXT_CHARS]
+    item = NewMemory(text=text, kind="correction", source=completion_id)
+    (added,) = await in_thread(memory.add, namespace, [item])
+    return added.id
 
 
 @router.post("/v1/train")
@@ -41,13 +70,25 @@ async def start_training(request: Request) -> Any:
     node = node_of(request)
     req = await parse_body(request, TrainRequest)
     data = data_file(request, req.data) if req.data is not None else None
+    memory = None
+    if req.from_memory is not None:
+        memory = (req.from_memory, await _memory_records(request, req.from_memory))
     try:
-        run = node.training.start(req.adapter, req.config(), data, req.from_feedback)
+        run = node.training.start(req.adapter, req.config(), data, req.from_feedback, memory=memory)
     except TrainingBusy as exc:
         raise ApiError(409, str(exc), code="training_busy") from None
     except NothingToLearn as exc:
-        raise ApiError(400, str(exc), param="from_feedback", code="no_feedback") from None
+        param = "from_memory" if memory is not None else "from_feedback"
+        raise ApiError(400, str(exc), param=param, code="nothing_to_learn" if memory else "no_feedback") from None
     return JSONResponse(run.to_json(), 202, headers={"Location": f"/v1/train/{run.id}"})
+
+
+async def _memory_records(request: Request, namespace: str) -> list[dict[str, Any]]:
+    """Training records from a namespace's memories (corrections and well-rated exchanges first)."""
+    node = node_of(request)
+    memory = memory_of(request)
+    ratings = await trio.to_thread.run_sync(node.feedback.ratings, limiter=db_limiter)
+    return await in_thread(lambda: memory_records(memory.all(namespace), ratings))
 
 
 @router.get("/v1/train/{run_id}")

@@ -40,6 +40,7 @@ class TrainRequest(_Closed):
     adapter: str = Field(pattern=NAME_RE)
     data: str | None = Field(default=None, min_length=1, max_length=4096)
     from_feedback: bool = False
+    from_memory: str | None = Field(default=None, min_length=1, max_length=63)  # a memory namespace
     target: Literal["qv", "all"] = "qv"
     steps: int | None = Field(default=None, ge=1, le=100_000)
     rank: int | None = Field(default=None, ge=1, le=256)
@@ -48,8 +49,11 @@ class TrainRequest(_Closed):
 
     @model_validator(mode="after")
     def _one_source(self) -> "TrainRequest":
-        if (self.data is None) == (not self.from_feedback):
-            raise ValueError("give exactly one of 'data' (a .txt or .jsonl path on the node) or 'from_feedback': true")
+        if [self.data is not None, self.from_feedback, self.from_memory is not None].count(True) != 1:
+            raise ValueError(
+                "give exactly one of 'data' (a .txt or .jsonl path on the node), 'from_feedback': true or "
+                "'from_memory': NAMESPACE"
+            )
         return self
 
     def config(self) -> dict[str, object]:

@@ -196,6 +196,22 @@ async def _collect(job: Job) -> str:
     return "".join(parts)
 
 
+async def _by_meaning(node: NodeState, model: str, chosen: Route, latest: str | None) -> tuple[str, float] | None:
+    """Under `auto`, when no keyword chose a personality: the one closest in meaning, if close enough."""
+    if node.memory is None or chosen.personality is not None or not latest:
+        return None
+    if model not in (AUTO, node.model.id):  # `base` means the base, never routed
+        return None
+    personalities = node.manifest.personalities()
+    if not personalities:
+        return None
+    try:
+        return await in_thread(node.memory.route, latest, personalities)
+    except Exception:
+        log.exception("semantic routing failed; the base answers")
+        return None
+
+
 class Recall(NamedTuple):
     """The memory a chat used: its namespace (None: memory off for this request) and the memories injected."""
 
@@ -261,11 +277,15 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
     req = await parse_body(request, schema)
     messages: list[dict[str, str]] | None = None  # only chat answers can get feedback
     recall = Recall(None, [])
+    meaning: tuple[str, float] | None = None
     latest: str | None = None
     if isinstance(req, ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         latest = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
         chosen, adapters = _route(node, req.model, latest)
+        meaning = await _by_meaning(node, req.model, chosen, latest)
+        if meaning is not None:
+            chosen, adapters = _route(node, meaning[0], latest)
         recall = await _recall(request, node, req, latest)
         prompt = with_memories(messages, recall.context)
         tokens = await trio.to_thread.run_sync(node.model.chat_tokens, prompt, limiter=_tokenize_limiter)
@@ -281,6 +301,8 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
         "personality": chosen.label,
     }
     headers = {PERSONALITY_HEADER: chosen.label, ADAPTERS_HEADER: ",".join(a.key for a in adapters) or "none"}
+    if meaning is not None:
+        head["route"] = {"by": "meaning", "similarity": round(meaning[1], 4)}
     if recall.namespace is not None:
         head["memory"] = {"namespace": recall.namespace, "ids": recall.ids}
         headers |= {NAMESPACE_HEADER: recall.namespace, MEMORY_HEADER: ",".join(recall.ids) or "none"}
@@ -290,7 +312,14 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
             return
         keys = [a.key for a in adapters]
         await trio.to_thread.run_sync(
-            node.feedback.record_completion, head["id"], chosen.label, keys, messages, answer, limiter=db_limiter
+            node.feedback.record_completion,
+            head["id"],
+            chosen.label,
+            keys,
+            messages,
+            answer,
+            recall.namespace,
+            limiter=db_limiter,
         )
         if recall.namespace is not None and node.memory is not None and latest:
             await _remember(node.memory, recall.namespace, latest, answer, head["id"])

@@ -83,9 +83,32 @@ def _adapter_info(path: Path, home: NodeHome) -> Any:
     return AdapterInfo(file_digest(gguf), model_id, lora)
 
 
+def _refuse_memory_trained(path: Path) -> None:
+    """Memory never leaves the node: an adapter trained on it (its provenance.json says so) is not published."""
+    from node.adapters.store import PROVENANCE_FILE
+    from node.memory.training import PROVENANCE
+
+    folder = path if path.is_dir() else path.parent
+    try:
+        provenance = json.loads((folder / PROVENANCE_FILE).read_text())
+    except FileNotFoundError:
+        return
+    except ValueError:
+        raise ValueError(
+            f"{folder / PROVENANCE_FILE} is unreadable: not publishing an adapter of unknown origin"
+        ) from None
+    if isinstance(provenance, dict) and PROVENANCE in provenance:
+        raise CliError(
+            f"this adapter was trained on the memory namespace {provenance[PROVENANCE]!r}, and memory never leaves "
+            "this node: it cannot be published (train one on a data file to share)"
+        )
+
+
 def cmd_publish(home: NodeHome, args: argparse.Namespace) -> int:
     """Sign and publish a model or adapter (file or folder)."""
     path = Path(args.path).resolve()
+    if args.kind == "adapter":
+        _refuse_memory_trained(path)
     adapter = _adapter_info(path, home) if args.kind == "adapter" else None
     benchmarks: dict[str, float] = {}
     if not args.no_bench:

@@ -34,6 +34,55 @@ def feedback_records(home: NodeHome, adapter: str) -> list[dict[str, Any]]:
         db.close()
 
 
+def memory_records(home: NodeHome, namespace: str) -> list[dict[str, Any]]:
+    """Training records from a memory namespace: through the running node, or from the store when none runs."""
+    import msgspec
+
+    from node.cli.client import DaemonClient, NotRunningError
+    from node.memory.record import Memory
+    from node.memory.training import memory_records as records_of
+    from node.training.feedback import FeedbackDB
+
+    ratings: dict[str, int] = {}
+    if home.state_db.exists():
+        db = FeedbackDB(home.state_db)
+        try:
+            ratings = db.ratings()
+        finally:
+            db.close()
+    try:
+        client = DaemonClient(home)
+    except NotRunningError:
+        return records_of(_stored_memories(home, namespace), ratings)
+    lines = client.get_lines(f"/v1/memory/export?namespace={namespace}")
+    return records_of((msgspec.convert(m, Memory) for m in lines), ratings)
+
+
+def _stored_memories(home: NodeHome, namespace: str) -> list[Any]:
+    """Every memory of `namespace`, read from the store itself (holding the home's lock: no daemon starts meanwhile)."""
+    from node.core.config import load_config
+    from node.core.runlock import RunLock
+    from node.memory.embedder import Embedder
+    from node.memory.service import open_backend
+
+    lock = RunLock(home)
+    lock.acquire()
+    try:
+        backend = open_backend(home.memory_dir, load_config(home.config_file).memory, Embedder.dimensions)
+        try:
+            out: list[Any] = []
+            offset = None
+            while True:
+                page, offset = backend.scroll(namespace, offset, 500)
+                out.extend(page)
+                if offset is None:
+                    return out
+        finally:
+            backend.close()
+    finally:
+        lock.release()
+
+
 def cmd_train(home: NodeHome, args: argparse.Namespace) -> int:
     """Train, show progress and ETA, install the adapter as the next version."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -59,6 +108,16 @@ def cmd_train(home: NodeHome, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    provenance = None
+    if args.from_memory:
+        from node.memory.record import check_namespace
+
+        records = memory_records(home, check_namespace(args.namespace))
+        if not records:
+            print(f"mirador: the memory namespace {args.namespace!r} holds nothing to learn from", file=sys.stderr)
+            return 2
+        provenance = {"memory": args.namespace}
+        print(f"learning from {len(records)} memories of namespace {args.namespace} (this adapter is never published)")
     home.ensure()
     _, gguf = resolve_model(load_config(home.config_file).model)
     store = open_store(home)
@@ -85,7 +144,18 @@ def cmd_train(home: NodeHome, args: argparse.Namespace) -> int:
 
         try:
             account = ledger_account(home, data)  # the spend is recorded before the adapter is installed
-            run = run_training(run, home, gguf, store, training_config(args), data, records, show, account=account)
+            run = run_training(
+                run,
+                home,
+                gguf,
+                store,
+                training_config(args),
+                data,
+                records,
+                show,
+                account=account,
+                provenance=provenance,
+            )
         except KeyboardInterrupt:
             print("mirador: training interrupted; nothing was installed", file=sys.stderr)
             return 130
@@ -110,6 +180,12 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> ar
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help=".txt (paragraphs) or .jsonl ({'text'} or chat {'messages'}) file")
     source.add_argument("--from-feedback", action="store_true", help="learn from corrections and well-rated answers")
+    source.add_argument(
+        "--from-memory",
+        action="store_true",
+        help="learn from a memory namespace (corrections and well-rated exchanges first; never published)",
+    )
+    train.add_argument("-n", "--namespace", default="default", help="with --from-memory: the namespace")
     train.add_argument("--target", choices=["qv", "all"], default="qv", help="adapt q,v (default) or all linear layers")
     train.add_argument("--steps", type=int, help="optimizer steps")
     train.add_argument("--rank", type=int, help="LoRA rank")

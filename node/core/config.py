@@ -111,7 +111,7 @@ class MemorySection(_Section, frozen=True):
     half_life_days: Annotated[float, msgspec.Meta(gt=0)] = 30.0  # a memory unused this long weighs decay_weight less
     decay_weight: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
     mmr_lambda: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.7  # 1 = relevance only, lower = more diverse
-    route_similarity: Annotated[float, msgspec.Meta(ge=-1, le=1)] = 0.5  # `auto`: a personality this close answers
+    route_similarity: Annotated[float, msgspec.Meta(ge=-1, le=1)] = 0.3  # `auto`: a personality this close answers
     threads: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1  # the embedding model's threads
 
 

@@ -1,7 +1,8 @@
 """The node's memory: remember (chats, documents, notes, corrections), recall (hybrid, decayed, diverse), forget.
 
 Every method blocks (embedding, the store): the daemon calls them in worker threads. Memory never leaves the node:
-nothing here is reachable from the publishing, gossip or federation code (tests/node/test_memory_private.py).
+nothing here is reachable from the publishing, gossip or federation code (tests/test_layering.py), and an adapter
+trained on memory is never published (node.memory.training).
 """
 
 import json
@@ -15,6 +16,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from node.adapters.personalities import Personality
 from node.core.config import MemorySection
 from node.core.fsutil import atomic_write_text
 from node.memory.backend import MemoryBackend, Mode, Search
@@ -31,6 +33,7 @@ from node.memory.record import (
     check_namespace,
     new_memory,
 )
+from node.memory.routing import SemanticRouter
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,7 @@ class MemoryService:
         self.root, self.cache, self.cfg = root, cache, cfg
         self._embedder = embedder
         self._owns_embedder = embedder is None
+        self.router = SemanticRouter(cfg.route_similarity)
         self.backend = backend if backend is not None else open_backend(root, cfg, Embedder.dimensions)
 
     @property
@@ -172,6 +176,10 @@ class MemoryService:
             return "", []
         self.backend.touch(namespace, ids, time.time())
         return "\n".join([HEADER, *lines]), ids
+
+    def route(self, message: str, personalities: list[Personality]) -> tuple[str, float] | None:
+        """The personality closest in meaning to `message` (and its similarity), if one is close enough."""
+        return self.router.closest(self.embedder, message, personalities)
 
     # -- reading and forgetting -------------------------------------------------------------------------------------
 

@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS completions (
     personality TEXT NOT NULL,
     adapters TEXT NOT NULL,          -- comma-separated name@version, '' for the base
     messages TEXT NOT NULL,          -- JSON list of {role, content}; a text completion is one user message
-    answer TEXT NOT NULL
+    answer TEXT NOT NULL,
+    namespace TEXT                   -- the memory namespace the chat used, NULL when memory was off
 );
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -69,16 +70,26 @@ class FeedbackDB:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(_SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(completions)")}
+        if "namespace" not in columns:  # a state.db from before memory
+            self._conn.execute("ALTER TABLE completions ADD COLUMN namespace TEXT")
         self._lock = threading.Lock()
 
     def record_completion(
-        self, completion_id: str, personality: str, adapters: list[str], messages: list[dict[str, str]], answer: str
+        self,
+        completion_id: str,
+        personality: str,
+        adapters: list[str],
+        messages: list[dict[str, str]],
+        answer: str,
+        namespace: str | None = None,
     ) -> None:
         """Remember a finished completion (the oldest beyond KEEP_COMPLETIONS are dropped)."""
         with self._lock, self._conn:
             self._conn.execute(
-                "INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?, ?)",
-                (completion_id, time.time(), personality, ",".join(adapters), json.dumps(messages), answer),
+                "INSERT OR REPLACE INTO completions (id, created, personality, adapters, messages, answer, namespace) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (completion_id, time.time(), personality, ",".join(adapters), json.dumps(messages), answer, namespace),
             )
             self._conn.execute(
                 "DELETE FROM completions WHERE id NOT IN (SELECT id FROM completions ORDER BY created DESC LIMIT ?)",
@@ -101,6 +112,25 @@ class FeedbackDB:
                 (time.time(), completion_id, *row, rating, correction),
             )
             return int(cur.lastrowid or 0)
+
+    def completion_memory(self, completion_id: str) -> tuple[str | None, str]:
+        """The memory namespace a recent completion used (None: memory off) and its latest user message."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT namespace, messages FROM completions WHERE id = ?", (completion_id,)
+            ).fetchone()
+        if row is None:
+            return None, ""
+        messages = json.loads(row[1])
+        return row[0], next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+
+    def ratings(self) -> dict[str, int]:
+        """The latest rating of every rated completion, by completion id."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT completion_id, rating FROM feedback WHERE rating IS NOT NULL ORDER BY id"
+            ).fetchall()
+        return {str(c): int(r) for c, r in rows}
 
     def feedback(self) -> list[FeedbackRow]:
         """All feedback, oldest first."""

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.adapters.store import EXTRA_FILES, AdapterStore
+from node.adapters.store import EXTRA_FILES, PROVENANCE_FILE, AdapterStore
 from node.core.fsutil import atomic_write_text
 from node.core.home import NodeHome
 
@@ -73,9 +73,11 @@ def run_training(
     on_update: Callable[[TrainRun], None] | None = None,
     stop: threading.Event | None = None,
     account: Callable[[TrainRun, Mapping[str, Any]], None] | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> TrainRun:
     """Train (blocking), install the adapter on success; `run` is updated in place at every event. `account` is
-    called with the training result before the install (the privacy ledger): if it raises, nothing is installed."""
+    called with the training result before the install (the privacy ledger): if it raises, nothing is installed.
+    `provenance` is installed with the adapter as provenance.json (what it was trained on)."""
     folder = run_folder(home, run)
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     spec: dict[str, Any] = {
@@ -150,6 +152,8 @@ def run_training(
         except Exception as exc:  # an adapter whose spend is not in the ledger must not serve
             update(status="failed", error=f"the run could not be recorded in the privacy ledger: {exc}")
             return run
+    if provenance is not None:
+        atomic_write_text(out / PROVENANCE_FILE, json.dumps(dict(provenance), indent=2) + "\n", 0o600)
     try:
         installed = store.install(
             run.adapter, out / "adapter.gguf", [out / n for n in EXTRA_FILES if (out / n).exists()]

@@ -22,7 +22,7 @@ class TrainingBusy(Exception):
 
 
 class NothingToLearn(ValueError):
-    """`from_feedback` was asked for, but no feedback qualifies."""
+    """`from_feedback` or `from_memory` was asked for, but nothing there qualifies."""
 
 
 class TrainingService:
@@ -47,8 +47,18 @@ class TrainingService:
                 self._nursery = None
                 self._stop.set()  # the job's thread terminates its process, then the nursery can close
 
-    def start(self, adapter: str, config: dict[str, Any], data: Path | None, from_feedback: bool) -> TrainRun:
-        """Start a job now (TrainingBusy if one runs; NothingToLearn if feedback yields no example)."""
+    def start(
+        self,
+        adapter: str,
+        config: dict[str, Any],
+        data: Path | None,
+        from_feedback: bool,
+        *,
+        memory: tuple[str, list[dict[str, Any]]] | None = None,
+    ) -> TrainRun:
+        """Start a job now (TrainingBusy if one runs; NothingToLearn if feedback or memory yields no example).
+
+        `memory` is (namespace, records) for a run on a namespace's memories (node.memory.training)."""
         if self._running is not None:
             raise TrainingBusy(f"training job {self._running.id} ({self._running.adapter}) is still running")
         if self._nursery is None:
@@ -58,20 +68,40 @@ class TrainingService:
             raise NothingToLearn(
                 f"no feedback to learn from for {adapter!r}: rate answers 4-5 or send corrections first"
             )
+        provenance = None
+        if memory is not None:
+            namespace, records = memory
+            if not records:
+                raise NothingToLearn(f"the memory namespace {namespace!r} holds nothing to learn from")
+            provenance = {"memory": namespace}
         run = new_run(adapter)
         self.runs[run.id] = run
         self._running = run
-        self._nursery.start_soon(self._drive, run, config, data, records)
+        self._nursery.start_soon(self._drive, run, config, data, records, provenance)
         return run
 
     async def _drive(
-        self, run: TrainRun, config: dict[str, Any], data: Path | None, records: list[dict[str, Any]] | None
+        self,
+        run: TrainRun,
+        config: dict[str, Any],
+        data: Path | None,
+        records: list[dict[str, Any]] | None,
+        provenance: dict[str, Any] | None,
     ) -> None:
         try:
             account = ledger_account(self.home, data)
             await trio.to_thread.run_sync(
                 lambda: run_training(
-                    run, self.home, self.gguf, self.store, config, data, records, stop=self._stop, account=account
+                    run,
+                    self.home,
+                    self.gguf,
+                    self.store,
+                    config,
+                    data,
+                    records,
+                    stop=self._stop,
+                    account=account,
+                    provenance=provenance,
                 ),
                 limiter=self._limiter,
             )

@@ -71,7 +71,10 @@ def ask(node: Daemon, content: str, model: str = "auto") -> tuple[str, str, str,
             "finance@v1",
         ),
         ("A recipe for dinner, please", "auto", "chef", "cooking@v1,finance@v1"),
-        ("Tell me about the tax system", "auto", "base", "none"),
+        # no keyword ('tax return' needs both words, in order): the personality closest in meaning answers
+        ("Tell me about the tax system", "auto", "financial_expert", "finance@v1"),
+        ("What should we cook tonight?", "auto", "chef", "cooking@v1,finance@v1"),
+        ("Name three colours of the rainbow", "auto", "base", "none"),  # close to no personality
         ("Hello there", "smollm2-135m-instruct", "base", "none"),
         ("What is a budget?", "base", "base", "none"),
         ("Hello there", "base:cooking", "base:cooking", "cooking@v1"),
@@ -84,6 +87,11 @@ def test_routing_names_who_answered(node: Daemon, message: str, model: str, pers
     # Assert
     assert header == personality and body["personality"] == personality
     assert adapters_header == adapters
+    keyword = any(w in message.lower() for w in ("budget", "tax return", "investment", "recipe", "dinner"))
+    by_meaning = model == "auto" and personality != "base" and not keyword
+    assert (body.get("route") or {}).get("by") == ("meaning" if by_meaning else None)
+    if by_meaning:
+        assert body["route"]["similarity"] >= 0.3  # [memory] route_similarity
 
 
 def test_a_personality_answers_with_its_adapter(node: Daemon) -> None:
