@@ -13,6 +13,26 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+INSTALL_HINT = "`bash scripts/install.sh --bench` (which runs `apt-get install -y fortunes`)"
+_OVERSTRIKE = re.compile(r".\x08")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def read_fortunes(path: Path) -> list[str]:
+    """The cleaned, de-duplicated entries of one fortunes file (one string per entry, no blank lines inside)."""
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    entries: list[str] = []
+    seen: set[str] = set()
+    for raw in re.split(r"^%$", text, flags=re.MULTILINE):
+        cleaned = _CONTROL.sub("", _OVERSTRIKE.sub("", raw))
+        lines = [line.rstrip() for line in cleaned.split("\n") if line.strip()]
+        entry = "\n".join(lines)
+        if entry and entry not in seen:
+            seen.add(entry)
+            entries.append(entry)
+    return entries
+
 
 def positive_int(text: str) -> int:
     """An integer ≥ 1 (argparse names the option when this raises)."""

@@ -50,7 +50,6 @@ import math
 import os
 import platform
 import random
-import re
 import shlex
 import shutil
 import sys
@@ -69,18 +68,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import positive_int, write_json
+from bench.common import FORTUNES_DIR, INSTALL_HINT, positive_int, read_fortunes, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
-INSTALL_HINT = "`bash scripts/install.sh --bench` (which runs `apt-get install -y fortunes`)"
 FED_MODES = ("fedavg", "he", "dp", "he+dp", "dp-user")
 DEFAULT_ROWS = (
     "fedavg:ffa,fedavg:ab,fedavg:ffa:personal,he:ffa,he:ab,"
     "dp:ffa:8,dp:ab:8,dp:ffa:3,dp:ab:3,dp:ffa:1,dp:ab:1,he+dp:ffa:8,he+dp:ab:8,dp-user:ffa:8,dp-user:ab:8"
 )
-_OVERSTRIKE = re.compile(r".\x08")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 Tensors = dict[str, np.ndarray]
 
@@ -108,21 +103,6 @@ class Domain:
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
-
-
-def read_fortunes(path: Path) -> list[str]:
-    """The cleaned, de-duplicated entries of one fortunes file (one string per entry, no blank lines inside)."""
-    text = path.read_bytes().decode("utf-8", errors="replace")
-    entries: list[str] = []
-    seen: set[str] = set()
-    for raw in re.split(r"^%$", text, flags=re.MULTILINE):
-        cleaned = _CONTROL.sub("", _OVERSTRIKE.sub("", raw))
-        lines = [line.rstrip() for line in cleaned.split("\n") if line.strip()]
-        entry = "\n".join(lines)
-        if entry and entry not in seen:
-            seen.add(entry)
-            entries.append(entry)
-    return entries
 
 
 def load_domains(

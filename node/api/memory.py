@@ -48,6 +48,10 @@ async def in_thread(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     try:
         return await trio.to_thread.run_sync(lambda: call(*args, **kwargs), limiter=memory_limiter)
     except MemoryRefused as exc:
+        if exc.reason == "indexing":
+            raise ApiError(
+                503, exc.detail, code="memory_indexing", type_="server_error", headers={"Retry-After": "60"}
+            ) from None
         status = 404 if exc.reason == "not_found" else 400
         raise ApiError(status, exc.detail, code=f"memory_{exc.reason}") from None
 

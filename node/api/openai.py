@@ -237,8 +237,11 @@ async def _recall(request: Request, node: NodeState, req: ChatCompletionRequest,
         context, ids = await in_thread(
             node.memory.context_for, namespace, latest, budget, lambda t: len(llama.tokenize(t, False, False))
         )
-    except ApiError:
-        raise
+    except ApiError as exc:
+        if exc.code != "memory_indexing":
+            raise
+        log.info("memory: %s; answering without memories", exc.message)
+        return Recall(namespace, [])
     except Exception:
         log.exception("memory: recall failed; answering without memories")
         return Recall(namespace, [])

@@ -73,6 +73,14 @@ class MemoryBackend(Protocol):
         """Delete a whole namespace from disk; returns how many memories it held."""
         ...
 
+    def needs_index(self, namespace: str) -> bool:
+        """Whether the namespace should build its vector index now (`index`)."""
+        ...
+
+    def index(self, namespace: str) -> bool:
+        """Build the namespace's vector index (blocking, long); returns whether it succeeded."""
+        ...
+
     def close(self) -> None:
         """Flush and release everything."""
         ...

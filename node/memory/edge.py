@@ -13,6 +13,8 @@ are removed when the namespace is next opened.
 
 import logging
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,7 @@ from qdrant_edge import (
 
 from node.core.fsutil import atomic_write_text, fsync_dir
 from node.memory.backend import RRF_K, Candidate, Search
-from node.memory.record import NAMESPACE, Memory, check_namespace
+from node.memory.record import NAMESPACE, Memory, MemoryRefused, check_namespace
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ DENSE = "dense"
 SPARSE = "bm25"
 POINTER = "CURRENT"
 PAGE = 256
+INDEX_AFTER = 20_000  # unindexed memories searched by brute force: ~2 ms at 20k, 10.6 ms at 100k (measured)
+INDEX_TIMEOUT_S = 3600.0
 
 
 def bm25() -> Bm25:
@@ -85,6 +89,9 @@ class EdgeBackend:
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)
         self._shards: dict[str, EdgeShard] = {}
+        self._unindexed: dict[str, int] = {}
+        self._indexing: set[str] = set()
+        self._child: subprocess.Popen[str] | None = None
         self._lock = threading.RLock()
         self._bm25 = bm25()
         for stale in self.root.glob(".*.dropping"):
@@ -110,6 +117,8 @@ class EdgeBackend:
         shard = self._shards.get(namespace)
         if shard is not None:
             return shard
+        if namespace in self._indexing:
+            raise MemoryRefused("indexing", f"the memory namespace {namespace!r} is being indexed; retry in a minute")
         folder = self._folder(namespace)
         generation = self._current(folder)
         if generation is None:
@@ -127,8 +136,53 @@ class EdgeBackend:
             if other.is_dir() and other.name != generation:
                 log.info("memory: removing %s left by an interrupted compaction", other)
                 shutil.rmtree(other, ignore_errors=True)
+        info = shard.info()
+        self._unindexed[namespace] = max(0, 2 * info.points_count - info.indexed_vectors_count)  # dense + sparse
         self._shards[namespace] = shard
         return shard
+
+    def needs_index(self, namespace: str) -> bool:
+        """Whether enough memories went unindexed (searched by brute force) to build the index again."""
+        with self._lock:
+            return self._unindexed.get(namespace, 0) >= INDEX_AFTER and namespace not in self._indexing
+
+    def index(self, namespace: str) -> bool:
+        """Build the namespace's index in a child process (node.memory.indexer); meanwhile it is refused with
+        `indexing`. Returns whether the child succeeded (on failure the shard is as it was: brute force)."""
+        with self._lock:
+            shard = self._shard(namespace, create=False)
+            if shard is None:
+                return False
+            folder = self._folder(namespace)
+            path = folder / str(self._current(folder))
+            shard.flush()
+            shard.close()
+            del self._shards[namespace]
+            self._indexing.add(namespace)
+        try:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "node.memory.indexer", str(path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                text=True,
+            )
+            self._child = child
+            try:
+                _, err = child.communicate(timeout=INDEX_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.communicate()
+                log.error("memory: indexing %s took over %.0f s and was stopped", namespace, INDEX_TIMEOUT_S)
+                return False
+            if child.returncode != 0:  # killed (the node stopping) or failed: the shard stays as it was
+                log.warning("memory: indexing %s ended with %s: %s", namespace, child.returncode, err[-2000:])
+            return child.returncode == 0
+        finally:
+            with self._lock:
+                self._child = None
+                self._indexing.discard(namespace)
+                self._unindexed.pop(namespace, None)  # counted again from the shard when it is next opened
 
     def namespaces(self) -> list[str]:
         """The namespaces that hold a store."""
@@ -151,6 +205,7 @@ class EdgeBackend:
             shard = self._shard(namespace)
             assert shard is not None
             shard.update(UpdateOperation.upsert_points(self._points(memories, vectors)))
+            self._unindexed[namespace] = self._unindexed.get(namespace, 0) + len(memories)
 
     def query(self, namespace: str, search: Search) -> list[Candidate]:
         """Dense and BM25 candidates fused by RRF, optionally decayed by the time of last use."""
@@ -286,7 +341,9 @@ class EdgeBackend:
         old.close()
         shutil.rmtree(folder / old_name)
         fsync_dir(folder)
-        self._shards[namespace] = EdgeShard.load(str(target))
+        fresh = EdgeShard.load(str(target))
+        self._unindexed[namespace] = fresh.info().points_count  # the new generation is one unindexed segment
+        self._shards[namespace] = fresh
 
     def drop(self, namespace: str) -> int:
         """Delete the namespace's folder; returns how many memories it held."""
@@ -294,6 +351,10 @@ class EdgeBackend:
             folder = self._folder(namespace)
             if not folder.exists():
                 return 0
+            if namespace in self._indexing:
+                raise MemoryRefused(
+                    "indexing", f"the memory namespace {namespace!r} is being indexed; retry in a minute"
+                )
             held = self.count(namespace)
             shard = self._shards.pop(namespace, None)
             if shard is not None:
@@ -304,8 +365,15 @@ class EdgeBackend:
             shutil.rmtree(doomed)
             return held
 
+    def stop_indexing(self) -> None:
+        """Stop an index build (a killed build leaves the shard as it was: measured, all memories kept)."""
+        child = self._child
+        if child is not None and child.poll() is None:
+            child.terminate()
+
     def close(self) -> None:
         """Flush and close every open shard."""
+        self.stop_indexing()
         with self._lock:
             for shard in self._shards.values():
                 shard.flush()

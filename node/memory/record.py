@@ -26,6 +26,7 @@ class MemoryReason(StrEnum):
     TOO_LONG = "too_long"
     UNREADABLE = "unreadable"
     TOO_LARGE = "too_large"
+    INDEXING = "indexing"  # the namespace's index is being built: retry in a minute
 
 
 class MemoryRefused(Refused):

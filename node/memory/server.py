@@ -194,6 +194,14 @@ class ServerBackend:
         self._known.discard(self._name(namespace))
         return held
 
+    def needs_index(self, namespace: str) -> bool:
+        """Never: a Qdrant server's optimizer indexes by itself."""
+        return False
+
+    def index(self, namespace: str) -> bool:
+        """Nothing to do (the server indexes by itself)."""
+        return True
+
     def close(self) -> None:
         """Close the client."""
         self.client.close()

@@ -7,6 +7,7 @@ trained on memory is never published (node.memory.training).
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -83,6 +84,8 @@ class MemoryService:
         self._embedder = embedder
         self._owns_embedder = embedder is None
         self.router = SemanticRouter(cfg.route_similarity)
+        self._indexer: threading.Thread | None = None
+        self._index_lock = threading.Lock()
         self.backend = backend if backend is not None else open_backend(root, cfg, Embedder.dimensions)
 
     @property
@@ -103,7 +106,19 @@ class MemoryService:
         memories = [new_memory(namespace, i.text, i.kind, i.source, i.position) for i in items]
         if memories:
             self.backend.upsert(memories, self.embed([m.text for m in memories]))
+            self._index_later(namespace)
         return memories
+
+    def _index_later(self, namespace: str) -> None:
+        """Build the namespace's vector index in the background once enough memories went unindexed."""
+        with self._index_lock:
+            if self._indexer is not None and self._indexer.is_alive():
+                return
+            if not self.backend.needs_index(namespace):
+                return
+            log.info("memory: indexing namespace %s in the background", namespace)
+            self._indexer = threading.Thread(target=self.backend.index, args=(namespace,), name="memory-index")
+            self._indexer.start()
 
     def add_chunks(self, namespace: str, chunks: list[Chunk]) -> list[Memory]:
         """Store document chunks (kind `document`, source and position kept)."""
@@ -161,21 +176,22 @@ class MemoryService:
         if budget <= 0 or self.cfg.inject <= 0 or not query.strip() or self.backend.count(namespace) == 0:
             return "", []  # nothing to recall: the embedding model is not even needed
         hits = self.search(namespace, query, self.cfg.inject, min_similarity=self.cfg.min_similarity)
-        lines: list[str] = []
-        ids: list[str] = []
+        chosen: list[Memory] = []
         used = count_tokens(HEADER)
-        for hit in hits:
-            line = f"- ({_day(hit.memory.created)}, {hit.memory.kind}{_from(hit.memory)}) {hit.memory.text}"
-            cost = count_tokens(line) + 1
+        for hit in hits:  # the most relevant first, as long as they fit
+            cost = count_tokens(memory_line(hit.memory)) + 1
             if used + cost > budget:
                 continue  # a shorter one further down may still fit
-            lines.append(line)
-            ids.append(hit.memory.id)
+            chosen.append(hit.memory)
             used += cost
-        if not ids:
+        if not chosen:
             return "", []
+        # shown oldest first, not by score: recalling marks memories as used, which reorders their scores, and a
+        # block that stays the same from turn to turn lets the engine reuse the prompt it already evaluated
+        chosen.sort(key=lambda m: (m.created, m.id))
+        ids = [m.id for m in chosen]
         self.backend.touch(namespace, ids, time.time())
-        return "\n".join([HEADER, *lines]), ids
+        return "\n".join([HEADER, *(memory_line(m) for m in chosen)]), ids
 
     def route(self, message: str, personalities: list[Personality]) -> tuple[str, float] | None:
         """The personality closest in meaning to `message` (and its similarity), if one is close enough."""
@@ -262,11 +278,21 @@ class MemoryService:
         return settings[namespace]
 
     def close(self) -> None:
-        """Flush the store and free the embedding model."""
+        """Stop a running index build, flush the store and free the embedding model."""
+        stop = getattr(self.backend, "stop_indexing", None)
+        if stop is not None:
+            stop()
+        if self._indexer is not None:
+            self._indexer.join()
         self.backend.close()
         if self._embedder is not None and self._owns_embedder:
             self._embedder.close()
         self._embedder = None
+
+
+def memory_line(memory: Memory) -> str:
+    """How one memory reads in a chat's system prompt: its day, kind, document source and text."""
+    return f"- ({_day(memory.created)}, {memory.kind}{_from(memory)}) {memory.text}"
 
 
 def _day(when: float) -> str:

@@ -2,18 +2,20 @@
 real embedding model on llama.cpp, real files under memory/."""
 
 import itertools
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
 from node.core.config import MemorySection
-from node.memory.backend import MemoryBackend
+from node.memory.backend import MemoryBackend, Search
 from node.memory.documents import chunks, read_text
-from node.memory.edge import EdgeBackend
+from node.memory.edge import INDEX_AFTER, EdgeBackend
 from node.memory.embedder import Embedder
 from node.memory.record import Memory, MemoryRefused, new_memory
 from node.memory.server import ServerBackend
@@ -242,3 +244,36 @@ def test_documents_are_chunked_with_overlap_and_pdf_text_is_read(tmp_path: Path)
     assert "serviced in October" in text and "1.5 bar" in text
     with pytest.raises(MemoryRefused):
         read_text(tmp_path / "image.png")
+
+
+@pytest.mark.slow  # builds an HNSW index over 20k vectors (~10 s on 2 cores)
+def test_a_large_namespace_is_indexed_in_a_child_process_and_refused_meanwhile(tmp_path: Path) -> None:
+    # Arrange: more unindexed memories than INDEX_AFTER (random unit vectors: the store is real, the texts short)
+    root = tmp_path / "memory"
+    backend = EdgeBackend(root, Embedder.dimensions)
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((INDEX_AFTER + 500, Embedder.dimensions)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    memories = [new_memory("big", f"memory {i}", "note") for i in range(len(vectors))]
+    for start in range(0, len(memories), 2000):
+        backend.upsert(memories[start : start + 2000], vectors[start : start + 2000])
+    probe = Search(vector=vectors[123].tolist(), text="memory", limit=1, mode="dense")
+    assert backend.needs_index("big")
+    # Act: index in a thread; the namespace is refused until it is done
+    done = threading.Event()
+    result: list[bool] = []
+    worker = threading.Thread(target=lambda: (result.append(backend.index("big")), done.set()))
+    worker.start()
+    while "big" not in backend._indexing and not done.is_set():
+        time.sleep(0.01)
+    refused = None
+    if not done.is_set():
+        with pytest.raises(MemoryRefused) as refused_info:
+            backend.query("big", probe)
+        refused = refused_info.value.reason
+    worker.join(timeout=600)
+    # Assert
+    assert result == [True] and refused in ("indexing", None)
+    assert not backend.needs_index("big") and backend.count("big") == len(memories)
+    assert [c.memory.id for c in backend.query("big", probe)] == [memories[123].id]
+    backend.close()
