@@ -71,17 +71,14 @@ class DaemonClient:
 
     def stream_lines(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """POST JSON and yield each JSON line of the streamed answer."""
-        with self._transport(), self.http.stream("POST", path, json=body) as resp:
-            if resp.status_code != 200:
-                resp.read()
-                _json_or_raise(resp)
-            for line in resp.iter_lines():
-                if line.strip():
-                    yield json.loads(line)
+        yield from self._lines("POST", path, body)
 
     def get_lines(self, path: str) -> Iterator[dict[str, Any]]:
         """GET a JSON-lines document and yield each line."""
-        with self._transport(), self.http.stream("GET", path) as resp:
+        yield from self._lines("GET", path, None)
+
+    def _lines(self, method: str, path: str, body: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
+        with self._transport(), self.http.stream(method, path, json=body) as resp:
             if resp.status_code != 200:
                 resp.read()
                 _json_or_raise(resp)
