@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,8 @@ DENSE = "dense"
 SPARSE = "bm25"
 POINTER = "CURRENT"
 PAGE = 256
+MAX_OPEN = 16  # shards kept open (each holds files, mmaps and a search thread); the least recently used is closed
+MAX_NAMESPACES = 1024  # chats can name any namespace: a client must not make the node create folders without end
 INDEX_AFTER = 20_000  # unindexed memories searched by brute force: ~2 ms at 20k, 10.6 ms at 100k (measured)
 INDEX_TIMEOUT_S = 3600.0
 
@@ -88,7 +91,7 @@ class EdgeBackend:
         self.dimensions = dimensions
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)
-        self._shards: dict[str, EdgeShard] = {}
+        self._shards: OrderedDict[str, EdgeShard] = OrderedDict()
         self._unindexed: dict[str, int] = {}
         self._indexing: set[str] = set()
         self._child: subprocess.Popen[str] | None = None
@@ -101,6 +104,7 @@ class EdgeBackend:
         return EdgeConfig(
             vectors={DENSE: EdgeVectorParams(size=self.dimensions, distance=Distance.Cosine)},
             sparse_vectors={SPARSE: EdgeSparseVectorParams(modifier=Modifier.Idf)},
+            max_search_threads=1,  # searches take a few ms; a pool per open shard would multiply threads
         )
 
     def _folder(self, namespace: str) -> Path:
@@ -116,6 +120,7 @@ class EdgeBackend:
     def _shard(self, namespace: str, create: bool = True) -> EdgeShard | None:
         shard = self._shards.get(namespace)
         if shard is not None:
+            self._shards.move_to_end(namespace)
             return shard
         if namespace in self._indexing:
             raise MemoryRefused("indexing", f"the memory namespace {namespace!r} is being indexed; retry in a minute")
@@ -124,6 +129,10 @@ class EdgeBackend:
         if generation is None:
             if not create:
                 return None
+            if len(self.namespaces()) >= MAX_NAMESPACES:
+                raise MemoryRefused(
+                    "too_large", f"this node holds {MAX_NAMESPACES} memory namespaces already; forget one first"
+                )
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             generation = "g1"
             shutil.rmtree(folder / generation, ignore_errors=True)
@@ -139,6 +148,10 @@ class EdgeBackend:
         info = shard.info()
         self._unindexed[namespace] = max(0, 2 * info.points_count - info.indexed_vectors_count)  # dense + sparse
         self._shards[namespace] = shard
+        while len(self._shards) > MAX_OPEN:
+            _, oldest = self._shards.popitem(last=False)
+            oldest.flush()
+            oldest.close()
         return shard
 
     def needs_index(self, namespace: str) -> bool:

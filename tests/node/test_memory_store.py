@@ -13,6 +13,7 @@ import pytest
 from qdrant_client import QdrantClient
 
 from node.core.config import MemorySection
+from node.memory import edge
 from node.memory.backend import MemoryBackend, Search
 from node.memory.documents import chunks, read_text
 from node.memory.edge import INDEX_AFTER, EdgeBackend
@@ -276,4 +277,25 @@ def test_a_large_namespace_is_indexed_in_a_child_process_and_refused_meanwhile(t
     assert result == [True] and refused in ("indexing", None)
     assert not backend.needs_index("big") and backend.count("big") == len(memories)
     assert [c.memory.id for c in backend.query("big", probe)] == [memories[123].id]
+    backend.close()
+
+
+def test_open_shards_are_bounded_and_namespaces_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Arrange: more namespaces than the store keeps open (a chat can name any namespace)
+    backend = EdgeBackend(tmp_path / "memory", Embedder.dimensions)
+    vector = np.zeros((1, Embedder.dimensions), dtype=np.float32)
+    vector[0, 0] = 1.0
+    names = [f"ns{i}" for i in range(edge.MAX_OPEN + 4)]
+    added = {n: new_memory(n, f"memory of {n}", "note") for n in names}
+    # Act
+    for n in names:
+        backend.upsert([added[n]], vector)
+    found = {n: backend.get(n, [added[n].id]) for n in names}
+    monkeypatch.setattr(edge, "MAX_NAMESPACES", len(names))
+    # Assert: every namespace still answers (closed ones reopen), at most MAX_OPEN are open, no namespace past the cap
+    assert all([(m.id, m.text) for m in found[n]] == [(added[n].id, added[n].text)] for n in names)
+    assert len(backend._shards) <= edge.MAX_OPEN
+    with pytest.raises(MemoryRefused) as refused:
+        backend.upsert([new_memory("one-too-many", "x", "note")], vector)
+    assert refused.value.reason == "too_large" and not (tmp_path / "memory" / "one-too-many").exists()
     backend.close()
