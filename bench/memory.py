@@ -19,7 +19,10 @@ memories; chats of one token, greedy: without memory, with memory (recall + the 
 final prompt pasted by the client and the memory chat again, both with the prompt already in the engine's cache:
 their difference is the cost of recall itself (embedding the question, searching, marking the memories used).
 
-    python bench/memory.py [--queries 500] [--trials 20] [--skip-100k]
+Layout (--layout): 10 namespaces of 10k random vectors, as one shard per namespace or as one shard with a namespace
+field (a keyword index marked as tenant, filtered on every query), both indexed: dense top-5 latency, index build.
+
+    python bench/memory.py [--queries 500] [--trials 20] [--skip-100k] [--layout]
 """
 
 import argparse
@@ -152,6 +155,86 @@ def latency(
     return row
 
 
+def layout(work: Path, seed: int, namespaces: int = 10, per: int = 10_000) -> dict[str, Any]:
+    """The choice of store layout: one shard per namespace vs one shard with a namespace field (a keyword index
+    marked as tenant, the filter on every query); random unit vectors, both indexed; dense top-5 latency."""
+    from qdrant_edge import (
+        Distance,
+        EdgeConfig,
+        EdgeShard,
+        EdgeVectorParams,
+        FieldCondition,
+        Filter,
+        KeywordIndexParams,
+        MatchValue,
+        Point,
+        Query,
+        QueryRequest,
+        UpdateOperation,
+    )
+
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((namespaces * per, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    def config() -> EdgeConfig:
+        return EdgeConfig(vectors={"d": EdgeVectorParams(size=384, distance=Distance.Cosine)}, max_search_threads=1)
+
+    def points(lo: int, hi: int, tagged: bool) -> list[Point]:
+        return [
+            Point(str(uuid.uuid4()), {"d": vectors[i].tolist()}, {"ns": f"n{i // per}"} if tagged else {})
+            for i in range(lo, hi)
+        ]
+
+    (work / "one").mkdir()
+    one = EdgeShard.create(str(work / "one"), config())
+    one.update(UpdateOperation.create_field_index("ns", KeywordIndexParams(is_tenant=True)))
+    for start in range(0, len(vectors), 5000):
+        one.update(UpdateOperation.upsert_points(points(start, start + 5000, True)))
+    t0 = time.perf_counter()
+    one.optimize()
+    one_s = time.perf_counter() - t0
+    shards = []
+    t0 = time.perf_counter()
+    for k in range(namespaces):
+        (work / f"n{k}").mkdir()
+        shard = EdgeShard.create(str(work / f"n{k}"), config())
+        shard.update(UpdateOperation.upsert_points(points(k * per, (k + 1) * per, False)))
+        shard.optimize()
+        shards.append(shard)
+    per_s = time.perf_counter() - t0
+
+    def timed(search: Any) -> dict[str, float]:
+        samples = []
+        for _ in range(300):
+            q = rng.standard_normal(384)
+            q /= np.linalg.norm(q)
+            k = int(rng.integers(namespaces))
+            t0 = time.perf_counter()
+            search(q.tolist(), k)
+            samples.append(time.perf_counter() - t0)
+        return percentiles(samples)
+
+    filtered = timed(
+        lambda q, k: one.query(
+            QueryRequest(
+                limit=5,
+                query=Query.Nearest(q, using="d"),
+                filter=Filter(must=[FieldCondition(key="ns", match=MatchValue(f"n{k}"))]),
+            )
+        )
+    )
+    separate = timed(lambda q, k: shards[k].query(QueryRequest(limit=5, query=Query.Nearest(q, using="d"))))
+    for shard in [one, *shards]:
+        shard.close()
+    return {
+        "namespaces": namespaces,
+        "per_namespace": per,
+        "one_shard_with_filter": filtered | {"index_build_s": round(one_s, 1)},
+        "shard_per_namespace": separate | {"index_build_s": round(per_s, 1)},
+    }
+
+
 def ttft(pairs: list[tuple[str, str]], memory_root: Path, trials: int, work: Path) -> dict[str, Any]:
     """Median time to first token of streamed chats without memory, with memory, and with the block pasted in."""
     import httpx
@@ -233,6 +316,7 @@ def main() -> None:
     ap.add_argument("--trials", type=positive_int, default=20, help="chats per TTFT variant")
     ap.add_argument("--skip-100k", action="store_true", help="latency at 10k only")
     ap.add_argument("--skip-ttft", action="store_true")
+    ap.add_argument("--layout", action="store_true", help="also compare the store layouts (~2 min)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.json")
     args = ap.parse_args()
@@ -290,6 +374,8 @@ def main() -> None:
         texts = [a for a, _ in pairs]
         sizes = [10_000] + ([] if args.skip_100k else [100_000])
         result["latency"] = [latency(embedder, vectors, texts, queries, n, work, args.seed) for n in sizes]
+        if args.layout:
+            result["layout"] = layout(work, args.seed)
         if not args.skip_ttft:
             result["ttft"] = ttft(pairs, root, args.trials, work)
         embedder.close()
@@ -321,6 +407,12 @@ def report(result: dict[str, Any]) -> None:
                 f"{e['p99_ms']:<6.2f} {ref['p50_ms']:>7.2f} / {ref['p99_ms']:<6.2f} {s['p50_ms'] / ref['p50_ms']:>6.2f}"
             )
         print(f"{'':>9} index built in {row['index_build_s']} s (child process); upserts {row['upsert_s']} s")
+    if "layout" in result:
+        lay = result["layout"]
+        print(f"\nlayout: {lay['namespaces']} namespaces x {lay['per_namespace']} memories, dense top-5, indexed")
+        for key in ("shard_per_namespace", "one_shard_with_filter"):
+            row = lay[key]
+            print(f"{key:<24} p50 {row['p50_ms']:.3f} ms  p99 {row['p99_ms']:.3f} ms  index {row['index_build_s']} s")
     i = result["ingest"]
     print(
         f"\ningest: {i['memories_per_s']} memories/s (embedding + store) vs {i['embedding_alone_per_s']}/s embedding "

@@ -21,10 +21,10 @@ from node.adapters.personalities import Personality
 from node.core.config import MemorySection
 from node.core.fsutil import atomic_write_text
 from node.memory.backend import MemoryBackend, Mode, Search
-from node.memory.documents import Chunk
 from node.memory.embedder import Embedder
 from node.memory.mmr import mmr
 from node.memory.record import (
+    MAX_TEXT_CHARS,
     Hit,
     Kind,
     Memory,
@@ -120,18 +120,12 @@ class MemoryService:
             self._indexer = threading.Thread(target=self.backend.index, args=(namespace,), name="memory-index")
             self._indexer.start()
 
-    def add_chunks(self, namespace: str, chunks: list[Chunk]) -> list[Memory]:
-        """Store document chunks (kind `document`, source and position kept)."""
-        return self.add(
-            namespace, [NewMemory(text=c.text, kind="document", source=c.source, position=c.position) for c in chunks]
-        )
-
     def remember_exchange(self, namespace: str, user: str, answer: str, source: str) -> Memory | None:
         """Remember one chat exchange, unless chats are off for the node or this namespace."""
         if not (self.cfg.remember_chats and self.settings(namespace).chats) or not user.strip() or not answer.strip():
             return None
         text = f"User: {user.strip()}\nAssistant: {answer.strip()}"
-        (memory,) = self.add(namespace, [NewMemory(text=text[:8000], kind="chat", source=source)])
+        (memory,) = self.add(namespace, [NewMemory(text=text[:MAX_TEXT_CHARS], kind="chat", source=source)])
         return memory
 
     # -- recalling --------------------------------------------------------------------------------------------------
@@ -146,7 +140,6 @@ class MemoryService:
         decay: bool = True,
         diverse: bool = True,
         min_similarity: float | None = None,
-        touch: bool = False,
     ) -> list[Hit]:
         """The best memories for `query` in `namespace`: hybrid (or dense/BM25 alone), decayed, then MMR."""
         check_namespace(namespace)
@@ -163,8 +156,6 @@ class MemoryService:
         )
         found = self.backend.query(namespace, search)
         chosen = mmr(found, limit, self.cfg.mmr_lambda) if diverse else found[:limit]
-        if touch and chosen:
-            self.backend.touch(namespace, [c.memory.id for c in chosen], time.time())
         return [Hit(c.memory, c.score) for c in chosen]
 
     def context_for(
@@ -245,19 +236,20 @@ class MemoryService:
         by_space: dict[str, list[Memory]] = {}
         for m in memories:
             by_space.setdefault(check_memory(m).namespace, []).append(m)
-        for group in by_space.values():
+        for namespace, group in by_space.items():
             self.backend.upsert(group, self.embed([m.text for m in group]))
+            self._index_later(namespace)
         return len(memories)
 
     # -- per-namespace settings -------------------------------------------------------------------------------------
 
     def _all_settings(self) -> dict[str, NamespaceSettings]:
         try:
-            raw = json.loads((self.root / SETTINGS).read_text())
-            return {check_namespace(k): msgspec.convert(v, NamespaceSettings) for k, v in raw.items()}
+            raw = msgspec.json.decode((self.root / SETTINGS).read_bytes(), type=dict[str, NamespaceSettings])
+            return {check_namespace(k): v for k, v in raw.items()}
         except FileNotFoundError:
             return {}
-        except (ValueError, msgspec.ValidationError) as exc:
+        except (ValueError, msgspec.DecodeError) as exc:  # MemoryRefused is a ValueError too
             log.warning("memory: ignoring unreadable %s (%s)", self.root / SETTINGS, exc)
             return {}
 
