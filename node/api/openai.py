@@ -4,6 +4,7 @@ No `from __future__ import annotations` here: FastAPI must see real types on rou
 turns `Request` into a query parameter.
 """
 
+import dataclasses
 import json
 import logging
 import time
@@ -11,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple
 
+import llama_cpp as ll
 import trio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -26,6 +28,8 @@ from node.api.openai_schema import (
     error_body,
 )
 from node.inference.engine import EngineBusy, EngineShuttingDown, GenerationRequest, Job
+from node.inference.llama_backend import GrammarError, grammar_sampler
+from node.inference.structured import SchemaError, grammar_for
 from node.memory.record import DEFAULT_NAMESPACE, MemoryRefused, check_namespace
 from node.memory.service import MemoryService
 from node.state import NodeState
@@ -76,7 +80,12 @@ def _route(node: NodeState, model: str, message: str | None) -> tuple[Route, tup
 
 
 async def _start(
-    node: NodeState, tokens: list[int], req: Any, limit: int | None, adapters: tuple[AdapterRef, ...]
+    node: NodeState,
+    tokens: list[int],
+    req: Any,
+    limit: int | None,
+    adapters: tuple[AdapterRef, ...],
+    grammar: str | None = None,
 ) -> Job:
     n_ctx = node.engine.n_ctx
     if len(tokens) >= n_ctx:
@@ -90,7 +99,7 @@ async def _start(
     cap = node.settings.max_tokens
     gen = GenerationRequest(
         prompt_tokens=tokens,
-        sampling=req.sampling(),
+        sampling=dataclasses.replace(req.sampling(), grammar=grammar),
         max_tokens=min(limit or cap, cap),
         stop=req.stop_list(),
         stream=req.stream,
@@ -212,6 +221,33 @@ async def _by_meaning(node: NodeState, model: str, chosen: Route, latest: str | 
         return None
 
 
+async def _grammar(node: NodeState, req: ChatCompletionRequest) -> str | None:
+    """The grammar of the request's `response_format`, checked by llama.cpp itself; a 400 if it cannot be enforced."""
+    fmt = req.response_format
+    if fmt is None:
+        return None
+    try:
+        grammar = grammar_for(fmt.type, fmt.json_schema.schema_ if fmt.json_schema else None)
+    except SchemaError as exc:
+        raise ApiError(400, str(exc), param="response_format", code="invalid_response_format") from None
+    if grammar is None:
+        return None
+
+    def compiles() -> None:
+        ll.llama_sampler_free(grammar_sampler(node.model.llama.vocab, grammar))
+
+    try:
+        await trio.to_thread.run_sync(compiles, limiter=_tokenize_limiter)
+    except GrammarError:
+        raise ApiError(
+            400,
+            "this JSON schema's grammar is refused by llama.cpp",
+            param="response_format",
+            code="invalid_response_format",
+        ) from None
+    return grammar
+
+
 class Recall(NamedTuple):
     """The memory a chat used: its namespace (None: memory off for this request) and the memories injected."""
 
@@ -295,7 +331,8 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
     else:
         chosen, adapters = _route(node, req.model, req.text())
         tokens = await trio.to_thread.run_sync(node.model.completion_tokens, req.text(), limiter=_tokenize_limiter)
-    job = await _start(node, tokens, req, req.limit(), adapters)
+    grammar = await _grammar(node, req) if isinstance(req, ChatCompletionRequest) else None
+    job = await _start(node, tokens, req, req.limit(), adapters, grammar)
     head = {
         "id": f"{id_prefix}-{uuid.uuid4().hex[:24]}",
         "object": obj,

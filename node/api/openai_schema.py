@@ -2,7 +2,7 @@
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from node.inference.llama_backend import SamplingParams
 
@@ -105,6 +105,31 @@ class _GenerationRequest(_Strict):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class JsonSchemaFormat(_Strict):
+    """`response_format.json_schema`: the schema the answer must follow."""
+
+    name: str = Field(min_length=1, max_length=64)
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """`response_format`: free text, any JSON object, or JSON following a schema (generated under a grammar)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object with a schema")
+        return self
+
+
+UNSUPPORTED = ("logit_bias", "top_logprobs", "functions", "function_call", "audio", "prediction", "tool_choice")
+
+
 class ChatCompletionRequest(_GenerationRequest):
     """POST /v1/chat/completions."""
 
@@ -112,6 +137,24 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     namespace: str | None = Field(default=None, min_length=1, max_length=63)  # Mirador: the memory to use
     memory: bool = True  # Mirador: false = no memories injected and this exchange not remembered
+    response_format: ResponseFormat | None = None
+    modalities: list[Literal["text"]] | None = None
+    # OpenAI parameters this node cannot honour: refused when given (anything but null/empty), never ignored
+    logit_bias: dict[str, Any] | None = None
+    top_logprobs: int | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+    prediction: Any = None
+    tool_choice: Any = None
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def _unsupported(cls, v: Any) -> Any:
+        if v not in (None, {}, [], "none"):
+            raise ValueError("not supported by this node")
+        return v
+
     tools: list[Any] | None = None
 
     @field_validator("tools")

@@ -31,6 +31,7 @@ from node.inference.llama_backend import (
     ContextOverflowError,
     DecodeError,
     GenerationStats,
+    GrammarError,
     LlamaModel,
     LoraAdapter,
     SamplingParams,
@@ -291,7 +292,7 @@ class _Running:
         outbox: _Outbox,
         began: float,
         n_ctx: int,
-        n_vocab: int,
+        model: LlamaModel,
         loras: list[tuple[LoraAdapter, float]],
     ) -> None:
         req = job.request
@@ -299,7 +300,7 @@ class _Running:
         self.loras = loras
         self.key = req.adapter_key
         self.prompt = req.prompt_tokens
-        self.sampler = make_sampler(req.sampling, n_vocab)
+        self.sampler = make_sampler(req.sampling, model.n_vocab, model.vocab)
         self.limit = min(req.max_tokens, n_ctx - len(self.prompt))
         self.utf8 = Utf8Stream()
         self.matcher = StopMatcher(req.stop) if req.stop else None
@@ -435,7 +436,13 @@ class _BatchWorker:
             self.ctx.forget(seq.id)
             seq.cached.clear()
             seq.adapter_key = key
-        r = _Running(job, seq, outbox, began, self.ctx.n_ctx_seq, self.ctx.model.n_vocab, loras)
+        try:
+            r = _Running(job, seq, outbox, began, self.ctx.n_ctx_seq, self.ctx.model, loras)
+        except GrammarError as exc:  # the API compiles grammars first; this is the engine's own guard
+            self.adapters.release(refs)
+            with contextlib.suppress(trio.RunFinishedError):
+                self.token.run_sync_soon(self.finished, job, None, _Failure("invalid_grammar", str(exc)), began)
+            return None
         self.ctx.forget(seq.id, r.pos)
         del seq.cached[r.pos :]
         return r

@@ -51,6 +51,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repeat_penalty: float = 1.0
     seed: int | None = None
+    grammar: str | None = None  # GBNF (root rule `root`): only tokens that keep the text inside it are drawn
 
 
 def model_params(extra_buffers: bool) -> ll.llama_model_params:
@@ -302,9 +303,9 @@ class BatchContext:
         if rc != 0:
             raise DecodeError(f"llama_decode failed with code {rc}")
 
-    def sample(self, sampler: "ll.llama_sampler_p", index: int) -> int:
+    def sample(self, sampler: "Sampler", index: int) -> int:
         """Sample the token after batch position `index` (accepting it into the sampler's state)."""
-        return int(ll.llama_sampler_sample(sampler, self.ctx, index))
+        return sampler.sample(self.ctx, index)
 
     def set_adapters(self, adapters: list[tuple[LoraAdapter, float]]) -> None:
         """Attach exactly these adapters with these scales (an empty list detaches all); the KV cache is untouched."""
@@ -336,8 +337,20 @@ class BatchContext:
             self.ctx = None
 
 
-def make_sampler(p: SamplingParams, n_vocab: int) -> "ll.llama_sampler_p":
-    """Build a llama.cpp sampler chain (penalties → top-k → top-p → min-p → temperature → draw)."""
+class GrammarError(ValueError):
+    """llama.cpp could not parse a GBNF grammar."""
+
+
+def grammar_sampler(vocab: "ll.llama_vocab_p", grammar: str) -> "ll.llama_sampler_p":
+    """llama.cpp's grammar sampler for `grammar` (GrammarError if it does not parse)."""
+    sampler = ll.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    if not sampler:
+        raise GrammarError("llama.cpp could not parse the grammar")
+    return sampler
+
+
+def _chain(p: SamplingParams, n_vocab: int) -> "ll.llama_sampler_p":
+    """llama.cpp's sampler chain (penalties → top-k → top-p → min-p → temperature → draw), no grammar."""
     chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
     add = ll.llama_sampler_chain_add
     if p.presence_penalty or p.frequency_penalty or p.repeat_penalty != 1.0:
@@ -360,6 +373,81 @@ def make_sampler(p: SamplingParams, n_vocab: int) -> "ll.llama_sampler_p":
     return chain
 
 
-def free_sampler(sampler: "ll.llama_sampler_p") -> None:
-    """Free a sampler chain made by `make_sampler`."""
-    ll.llama_sampler_free(sampler)
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
+
+
+class Sampler:
+    """One generation's sampler. Without a grammar: llama.cpp's chain, all in C (`llama_sampler_sample`). With one:
+    llama.cpp's own fast path (common/sampling.cpp): draw with the chain, check only the drawn token against the
+    grammar, and only when it is refused apply the grammar to the whole vocabulary and draw again. The grammar sampler
+    alone checks all 49k candidates at every token (measured: 0.2-0.4x the speed of free generation)."""
+
+    def __init__(self, p: SamplingParams, n_vocab: int, vocab: "ll.llama_vocab_p | None" = None) -> None:
+        self.chain = _chain(p, n_vocab)
+        self.grammar: ll.llama_sampler_p | None = None
+        self.n_vocab = n_vocab
+        self.resampled = 0  # tokens the chain drew that the grammar refused
+        if p.grammar is None:
+            return
+        if vocab is None:
+            ll.llama_sampler_free(self.chain)
+            raise GrammarError("a grammar needs the model's vocabulary")
+        try:
+            self.grammar = grammar_sampler(vocab, p.grammar)
+        except GrammarError:
+            ll.llama_sampler_free(self.chain)
+            raise
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._data = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+        self._all = ll.llama_token_data_array(
+            data=self._data.ctypes.data_as(ctypes.POINTER(ll.llama_token_data)), size=n_vocab, selected=-1, sorted=False
+        )
+        self._one_data = np.zeros(1, dtype=_TOKEN_DATA)
+        self._one = ll.llama_token_data_array(
+            data=self._one_data.ctypes.data_as(ctypes.POINTER(ll.llama_token_data)), size=1, selected=-1, sorted=False
+        )
+
+    def _fill(self, logits: np.ndarray) -> None:
+        self._data["id"] = self._ids
+        self._data["logit"] = logits
+        self._data["p"] = 0.0
+        self._all.size, self._all.selected, self._all.sorted = self.n_vocab, -1, False
+
+    def sample(self, ctx: "ll.llama_context_p", index: int) -> int:
+        """The next token after batch position `index`, accepted into the sampler's state."""
+        if self.grammar is None:
+            return int(ll.llama_sampler_sample(self.chain, ctx, index))
+        ptr = ll.llama_get_logits_ith(ctx, index)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        self._fill(logits)
+        ll.llama_sampler_apply(self.chain, ctypes.byref(self._all))
+        token = int(self._data["id"][self._all.selected])
+        self._one_data[0] = (token, logits[token], 0.0)
+        self._one.size, self._one.selected, self._one.sorted = 1, -1, False
+        ll.llama_sampler_apply(self.grammar, ctypes.byref(self._one))
+        if not np.isfinite(self._one_data["logit"][0]):  # refused: the grammar first, over every token
+            self.resampled += 1
+            self._fill(logits)
+            ll.llama_sampler_apply(self.grammar, ctypes.byref(self._all))
+            ll.llama_sampler_apply(self.chain, ctypes.byref(self._all))
+            token = int(self._data["id"][self._all.selected])
+        ll.llama_sampler_accept(self.grammar, token)
+        ll.llama_sampler_accept(self.chain, token)
+        return token
+
+    def free(self) -> None:
+        """Free the C samplers."""
+        ll.llama_sampler_free(self.chain)
+        if self.grammar is not None:
+            ll.llama_sampler_free(self.grammar)
+            self.grammar = None
+
+
+def make_sampler(p: SamplingParams, n_vocab: int, vocab: "ll.llama_vocab_p | None" = None) -> Sampler:
+    """A generation's sampler; a grammar needs the model's `vocab` (GrammarError if it does not parse)."""
+    return Sampler(p, n_vocab, vocab)
+
+
+def free_sampler(sampler: Sampler) -> None:
+    """Free a sampler made by `make_sampler`."""
+    sampler.free()
