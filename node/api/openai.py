@@ -33,6 +33,7 @@ from node.inference.structured import SchemaError, grammar_for
 from node.memory.record import DEFAULT_NAMESPACE, MemoryRefused, check_namespace
 from node.memory.service import MemoryService
 from node.state import NodeState
+from node.tools.calls import ToolChoiceError, call_grammar, call_id, parse_call, render_call, tools_prompt
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,13 @@ def _stream(
     include_usage: bool,
     headers: dict[str, str],
     record: Callable[[str], Awaitable[None]],
+    finish_reason: str | None = None,
+    buffered: Callable[[str, str], list[dict[str, Any]]] | None = None,
 ) -> StreamingResponse:
-    """SSE stream: chunks sharing `head`, each choice built by `delta_key`, then finish, usage, [DONE]."""
+    """SSE stream: chunks sharing `head`, each choice built by `delta_key`, then finish, usage, [DONE].
+
+    `finish_reason` replaces the job's own (a tool call ends with "tool_calls"); with `buffered`, nothing is sent
+    until the answer is whole, then the choices `buffered(text, finish_reason)` builds (a call or text, `auto`)."""
     prefix = json.dumps(head, separators=(",", ":"))[:-1] + ',"choices":['
 
     def chunk(choice: dict[str, Any]) -> str:
@@ -169,12 +175,17 @@ def _stream(
                 yield chunk(first)
             async for delta in job.text():
                 parts.append(delta)
-                yield chunk(delta_key(delta))
+                if buffered is None:
+                    yield chunk(delta_key(delta))
             err = _end_error(job)
             if err is not None:
                 yield _sse(err)
             else:
-                yield chunk(delta_key("") | {"finish_reason": job.stats.finish_reason})
+                if buffered is not None:
+                    for choice in buffered("".join(parts), job.stats.finish_reason):
+                        yield chunk(choice)
+                else:
+                    yield chunk(delta_key("") | {"finish_reason": finish_reason or job.stats.finish_reason})
                 if include_usage:
                     yield _sse(head | {"choices": [], "usage": _usage(job)})
             yield "data: [DONE]\n\n"
@@ -223,13 +234,19 @@ async def _by_meaning(node: NodeState, model: str, chosen: Route, latest: str | 
 
 async def _grammar(node: NodeState, req: ChatCompletionRequest) -> str | None:
     """The grammar of the request's `response_format`, checked by llama.cpp itself; a 400 if it cannot be enforced."""
-    fmt = req.response_format
-    if fmt is None:
+    mode = req.tool_mode()
+    if mode is not None:
+        try:
+            grammar: str | None = call_grammar(req.tool_list(), mode)
+        except ToolChoiceError as exc:
+            raise ApiError(400, str(exc), param="tool_choice", code="invalid_tools") from None
+    elif (fmt := req.response_format) is not None:
+        try:
+            grammar = grammar_for(fmt.type, fmt.json_schema.schema_ if fmt.json_schema else None)
+        except SchemaError as exc:
+            raise ApiError(400, str(exc), param="response_format", code="invalid_response_format") from None
+    else:
         return None
-    try:
-        grammar = grammar_for(fmt.type, fmt.json_schema.schema_ if fmt.json_schema else None)
-    except SchemaError as exc:
-        raise ApiError(400, str(exc), param="response_format", code="invalid_response_format") from None
     if grammar is None:
         return None
 
@@ -246,6 +263,15 @@ async def _grammar(node: NodeState, req: ChatCompletionRequest) -> str | None:
             code="invalid_response_format",
         ) from None
     return grammar
+
+
+def _prompt_message(m: Any) -> dict[str, str]:
+    """A request message as the model reads it: earlier tool calls as the call objects it is asked to write."""
+    text = m.text()
+    if m.tool_calls:
+        calls = "\n".join(render_call(c.function.name, c.function.arguments) for c in m.tool_calls)
+        text = f"{text}\n{calls}".strip()
+    return {"role": m.role, "content": text}
 
 
 class Recall(NamedTuple):
@@ -284,8 +310,8 @@ async def _recall(request: Request, node: NodeState, req: ChatCompletionRequest,
     return Recall(namespace, ids, context)
 
 
-def with_memories(messages: list[dict[str, str]], context: str) -> list[dict[str, str]]:
-    """`messages` with the memories' block at the end of the system prompt (a system message first if none)."""
+def with_system(messages: list[dict[str, str]], context: str) -> list[dict[str, str]]:
+    """`messages` with `context` (memories, tools) at the end of the system prompt (a system message first if none)."""
     if not context:
         return messages
     if messages and messages[0]["role"] in ("system", "developer"):
@@ -305,6 +331,7 @@ class _Admitted(NamedTuple):
     req: Any
     job: Job
     head: dict[str, Any]
+    tools: str | None  # the tool mode (ChatCompletionRequest.tool_mode)
     headers: dict[str, str]
     record: Callable[[str], Awaitable[None]]  # remembers a finished chat answer for feedback
 
@@ -317,16 +344,20 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
     messages: list[dict[str, str]] | None = None  # only chat answers can get feedback
     recall = Recall(None, [])
     meaning: tuple[str, float] | None = None
+    tools: str | None = None
     latest: str | None = None
     if isinstance(req, ChatCompletionRequest):
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = [_prompt_message(m) for m in req.messages]
         latest = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
         chosen, adapters = _route(node, req.model, latest)
         meaning = await _by_meaning(node, req.model, chosen, latest)
         if meaning is not None:
             chosen, adapters = _route(node, meaning[0], latest)
         recall = await _recall(request, node, req, latest)
-        prompt = with_memories(messages, recall.context)
+        prompt = with_system(messages, recall.context)
+        tools = req.tool_mode()
+        if tools is not None:
+            prompt = with_system(prompt, tools_prompt(req.tool_list()))
         tokens = await trio.to_thread.run_sync(node.model.chat_tokens, prompt, limiter=_tokenize_limiter)
     else:
         chosen, adapters = _route(node, req.model, req.text())
@@ -364,40 +395,91 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
         if recall.namespace is not None and node.memory is not None and latest:
             await _remember(node.memory, recall.namespace, latest, answer, head["id"])
 
-    return _Admitted(req, job, head, headers, record)
+    return _Admitted(req, job, head, tools, headers, record)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Any:
-    """OpenAI chat completions, streamed (SSE) or not."""
-    req, job, head, headers, record = await _admit(request, ChatCompletionRequest, "chatcmpl", "chat.completion.chunk")
+    """OpenAI chat completions, streamed (SSE) or not; with tools, an answer may be a tool call."""
+    req, job, head, tools, headers, record = await _admit(
+        request, ChatCompletionRequest, "chatcmpl", "chat.completion.chunk"
+    )
     if req.stream:
+        if tools is None:
+            return _stream(
+                job,
+                head,
+                lambda d: {"index": 0, "delta": {"content": d}, "finish_reason": None},
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
+                req.include_usage(),
+                headers,
+                record,
+            )
+        if tools not in ("auto", "required"):  # a named function: its arguments stream as they are generated
+            call = {"index": 0, "id": call_id(), "type": "function", "function": {"name": tools, "arguments": ""}}
+            return _stream(
+                job,
+                head,
+                lambda d: {
+                    "index": 0,
+                    "delta": {"tool_calls": [{"index": 0, "function": {"arguments": d}}]},
+                    "finish_reason": None,
+                },
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": None, "tool_calls": [call]},
+                    "finish_reason": None,
+                },
+                req.include_usage(),
+                headers,
+                record,
+                finish_reason="tool_calls",
+            )
         return _stream(
             job,
             head,
             lambda d: {"index": 0, "delta": {"content": d}, "finish_reason": None},
-            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
+            None,
             req.include_usage(),
             headers,
             record,
+            buffered=lambda text, reason: _streamed_answer(text, reason, tools),
         )
     text = await _collect(job)
     await record(text)
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": text},
-        "finish_reason": job.stats.finish_reason,
-        "logprobs": None,
-    }
+    message, reason = _answer(text, job.stats.finish_reason, tools)
+    choice = {"index": 0, "message": message, "finish_reason": reason, "logprobs": None}
     return JSONResponse(
         head | {"object": "chat.completion", "choices": [choice], "usage": _usage(job)}, headers=headers
     )
 
 
+def _answer(text: str, reason: str, tools: str | None) -> tuple[dict[str, Any], str]:
+    """The assistant message of a whole answer and its finish reason: a tool call when the answer is one."""
+    if tools is not None and reason != "length":  # an answer cut by max_tokens is returned as the text it is
+        call = parse_call(text, tools)
+        if call is not None:
+            name, arguments = call
+            tool_call = {"id": call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+            return {"role": "assistant", "content": None, "tool_calls": [tool_call]}, "tool_calls"
+    return {"role": "assistant", "content": text}, reason
+
+
+def _streamed_answer(text: str, reason: str, tools: str) -> list[dict[str, Any]]:
+    """The chunks of a buffered answer under `auto`/`required`: the call (or text), then the finish."""
+    message, reason = _answer(text, reason, tools)
+    if "tool_calls" in message:
+        calls = [{"index": 0} | c for c in message["tool_calls"]]
+        delta: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": calls}
+    else:
+        delta = {"role": "assistant", "content": text}
+    return [{"index": 0, "delta": delta, "finish_reason": None}, {"index": 0, "delta": {}, "finish_reason": reason}]
+
+
 @router.post("/v1/completions")
 async def completions(request: Request) -> Any:
     """OpenAI (legacy) text completions, streamed (SSE) or not."""
-    req, job, head, headers, record = await _admit(request, CompletionRequest, "cmpl", "text_completion")
+    req, job, head, _, headers, record = await _admit(request, CompletionRequest, "cmpl", "text_completion")
     if req.stream:
         return _stream(
             job,

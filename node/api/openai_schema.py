@@ -20,11 +20,29 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCallIn(_Strict):
+    """An earlier call's function: its name and its arguments (a JSON string)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(max_length=65_536)
+
+
+class ToolCallIn(_Strict):
+    """A tool call the assistant made earlier in the conversation."""
+
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Strict):
     """One chat message."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=16)
+    tool_call_id: str | None = Field(default=None, max_length=128)
+    name: str | None = Field(default=None, max_length=64)
 
     def text(self) -> str:
         """The message's text (text parts joined)."""
@@ -127,7 +145,37 @@ class ResponseFormat(_Strict):
         return self
 
 
-UNSUPPORTED = ("logit_bias", "top_logprobs", "functions", "function_call", "audio", "prediction", "tool_choice")
+UNSUPPORTED = ("logit_bias", "top_logprobs", "functions", "function_call", "audio", "prediction")
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class FunctionSpec(_Strict):
+    """A function the model may call: name, description, parameters (a JSON Schema)."""
+
+    name: str = Field(pattern=TOOL_NAME)
+    description: str = Field(default="", max_length=4096)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(_Strict):
+    """`tools[i]`: a function tool."""
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Strict):
+    """`tool_choice.function`."""
+
+    name: str = Field(pattern=TOOL_NAME)
+
+
+class NamedToolChoice(_Strict):
+    """`tool_choice` naming one function."""
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -146,7 +194,8 @@ class ChatCompletionRequest(_GenerationRequest):
     function_call: Any = None
     audio: Any = None
     prediction: Any = None
-    tool_choice: Any = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted: at most one call is made per answer
 
     @field_validator(*UNSUPPORTED)
     @classmethod
@@ -155,14 +204,27 @@ class ChatCompletionRequest(_GenerationRequest):
             raise ValueError("not supported by this node")
         return v
 
-    tools: list[Any] | None = None
+    tools: list[ToolSpec] | None = Field(default=None, max_length=64)
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v: list[Any] | None) -> list[Any] | None:
-        if v:
-            raise ValueError("tool calling is not supported by this node")
-        return v
+    @model_validator(mode="after")
+    def _tools_or_format(self) -> "ChatCompletionRequest":
+        if self.tools and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("give tools or a JSON response_format, not both (each constrains the whole answer)")
+        if (isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required") and not self.tools:
+            raise ValueError("tool_choice asks for a tool call, but no tools are given")
+        return self
+
+    def tool_mode(self) -> str | None:
+        """None (no tools: free text), or `auto`, `required`, or the name of the function that must be called."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or "auto"
+
+    def tool_list(self) -> list[dict[str, Any]]:
+        """The tools as {name, description, parameters}."""
+        return [t.function.model_dump(exclude={"strict"}) for t in self.tools or []]
 
     def limit(self) -> int | None:
         """The requested completion-token limit, if any."""

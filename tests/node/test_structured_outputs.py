@@ -102,7 +102,7 @@ def test_json_object_mode_answers_a_json_object(client: OpenAI) -> None:
         ),
         ({"logit_bias": {"50256": -100}}, "logit_bias"),
         ({"functions": [{"name": "f"}]}, "functions"),
-        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": "none", "logprobs": True}, "logprobs"),
     ],
 )
 def test_what_the_node_cannot_honour_is_refused(daemon: Daemon, extra: dict, param: str) -> None:
