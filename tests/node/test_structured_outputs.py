@@ -56,7 +56,7 @@ def test_a_streamed_schema_answer_assembles_into_the_same_json(client: OpenAI) -
         messages=ASK,
         response_format=schema,
         max_tokens=60,
-        temperature=0,  # type: ignore[arg-type]
+        temperature=0,
     )
     stream = client.chat.completions.create(
         model="base",
@@ -64,7 +64,7 @@ def test_a_streamed_schema_answer_assembles_into_the_same_json(client: OpenAI) -
         response_format=schema,
         max_tokens=60,
         temperature=0,
-        stream=True,  # type: ignore[arg-type]
+        stream=True,
     )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     # Assert
@@ -116,7 +116,7 @@ def test_what_the_node_cannot_honour_is_refused(daemon: Daemon, extra: dict, par
 
 def test_the_openai_client_sees_a_refusal_as_a_bad_request(client: OpenAI) -> None:
     with pytest.raises(BadRequestError):
-        client.chat.completions.create(model="base", messages=ASK, logit_bias={"1": 5})  # type: ignore[arg-type]
+        client.chat.completions.create(model="base", messages=ASK, logit_bias={"1": 5})
 
 
 def test_a_grammar_llama_cpp_cannot_parse_is_an_error_not_a_crash(llama: LlamaModel) -> None:

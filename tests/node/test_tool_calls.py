@@ -40,6 +40,12 @@ def client(daemon: Daemon) -> OpenAI:
     return OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
+def ask(client: OpenAI, **extra: Any) -> Any:
+    """A greedy chat with the weather question and the weather tool, unless `extra` says otherwise."""
+    args: dict[str, Any] = {"model": "base", "messages": ASK, "tools": [WEATHER], "max_tokens": 60, "temperature": 0}
+    return client.chat.completions.create(**(args | extra))
+
+
 def valid_weather(arguments: str) -> dict[str, Any]:
     args = json.loads(arguments)
     assert set(args) == {"city", "unit"} and isinstance(args["city"], str) and args["unit"] in ("celsius", "fahrenheit")
@@ -48,14 +54,7 @@ def valid_weather(arguments: str) -> dict[str, Any]:
 
 def test_a_named_tool_choice_yields_arguments_that_follow_the_schema(client: OpenAI) -> None:
     # Act
-    reply = client.chat.completions.create(
-        model="base",
-        messages=ASK,
-        tools=[WEATHER],
-        tool_choice=NAMED,
-        max_tokens=60,
-        temperature=0,  # type: ignore[list-item]
-    )
+    reply = ask(client, tool_choice=NAMED)
     # Assert
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -66,24 +65,9 @@ def test_a_named_tool_choice_yields_arguments_that_follow_the_schema(client: Ope
 
 def test_streamed_call_deltas_assemble_into_the_same_call(client: OpenAI) -> None:
     # Arrange
-    whole = client.chat.completions.create(
-        model="base",
-        messages=ASK,
-        tools=[WEATHER],
-        tool_choice=NAMED,
-        max_tokens=60,
-        temperature=0,  # type: ignore[list-item]
-    )
+    whole = ask(client, tool_choice=NAMED)
     # Act
-    stream = client.chat.completions.create(
-        model="base",
-        messages=ASK,
-        tools=[WEATHER],
-        tool_choice=NAMED,
-        max_tokens=60,
-        temperature=0,
-        stream=True,  # type: ignore[list-item]
-    )
+    stream = ask(client, tool_choice=NAMED, stream=True)
     name, arguments, ids, reasons = "", "", set(), []
     for chunk in stream:
         for c in chunk.choices:
@@ -112,9 +96,7 @@ def test_a_tool_message_continues_to_a_final_answer(client: OpenAI) -> None:
         {"role": "tool", "tool_call_id": "call_1", "content": "22 degrees celsius, sunny"},
     ]
     # Act
-    reply = client.chat.completions.create(
-        model="base", messages=messages, tools=[WEATHER], max_tokens=30, temperature=0
-    )  # type: ignore[list-item]
+    reply = ask(client, messages=messages, max_tokens=30)
     # Assert: the model answers (auto: text) and a well-formed answer comes back either way
     choice = reply.choices[0]
     if choice.finish_reason == "tool_calls":
@@ -125,14 +107,7 @@ def test_a_tool_message_continues_to_a_final_answer(client: OpenAI) -> None:
 
 def test_required_calls_one_of_the_tools_with_valid_arguments(client: OpenAI) -> None:
     # Act
-    reply = client.chat.completions.create(
-        model="base",
-        messages=ASK,
-        tools=[WEATHER, TIME],
-        tool_choice="required",
-        max_tokens=60,
-        temperature=0,  # type: ignore[list-item]
-    )
+    reply = ask(client, tools=[WEATHER, TIME], tool_choice="required")
     # Assert
     (call,) = reply.choices[0].message.tool_calls or []
     assert reply.choices[0].finish_reason == "tool_calls"
