@@ -161,7 +161,7 @@ def _stream(
 ) -> StreamingResponse:
     """SSE stream: chunks sharing `head`, each choice built by `delta_key`, then finish, usage, [DONE].
 
-    `finish_reason` replaces the job's own (a tool call ends with "tool_calls"); with `buffered`, nothing is sent
+    `finish_reason` replaces the job's own "stop" (a tool call ends with "tool_calls"); with `buffered`, nothing is sent
     until the answer is whole, then the choices `buffered(text, finish_reason)` builds (a call or text, `auto`)."""
     prefix = json.dumps(head, separators=(",", ":"))[:-1] + ',"choices":['
 
@@ -185,7 +185,8 @@ def _stream(
                     for choice in buffered("".join(parts), job.stats.finish_reason):
                         yield chunk(choice)
                 else:
-                    yield chunk(delta_key("") | {"finish_reason": finish_reason or job.stats.finish_reason})
+                    reason = job.stats.finish_reason
+                    yield chunk(delta_key("") | {"finish_reason": finish_reason if reason == "stop" else reason})
                 if include_usage:
                     yield _sse(head | {"choices": [], "usage": _usage(job)})
             yield "data: [DONE]\n\n"
@@ -233,7 +234,8 @@ async def _by_meaning(node: NodeState, model: str, chosen: Route, latest: str | 
 
 
 async def _grammar(node: NodeState, req: ChatCompletionRequest) -> str | None:
-    """The grammar of the request's `response_format`, checked by llama.cpp itself; a 400 if it cannot be enforced."""
+    """The grammar of the request's tool calls or `response_format`, checked by llama.cpp itself; a 400 if it cannot
+    be enforced."""
     mode = req.tool_mode()
     if mode is not None:
         try:
@@ -259,7 +261,7 @@ async def _grammar(node: NodeState, req: ChatCompletionRequest) -> str | None:
         raise ApiError(
             400,
             "this JSON schema's grammar is refused by llama.cpp",
-            param="response_format",
+            param="tool_choice" if mode is not None else "response_format",
             code="invalid_response_format",
         ) from None
     return grammar
@@ -457,7 +459,10 @@ async def chat_completions(request: Request) -> Any:
 def _answer(text: str, reason: str, tools: str | None) -> tuple[dict[str, Any], str]:
     """The assistant message of a whole answer and its finish reason: a tool call when the answer is one."""
     if tools is not None and reason != "length":  # an answer cut by max_tokens is returned as the text it is
-        call = parse_call(text, tools)
+        try:
+            call = parse_call(text, tools)
+        except (ValueError, KeyError, TypeError):  # cut short by a stop string: the text it is
+            call = None
         if call is not None:
             name, arguments = call
             tool_call = {"id": call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}

@@ -136,3 +136,15 @@ def test_tool_requests_the_node_cannot_honour_are_refused(daemon: Daemon, extra:
     # Assert
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["param"] == param
+
+
+def test_a_call_cut_short_comes_back_as_the_text_it_is(client: OpenAI) -> None:
+    # Act: a stop string cuts the arguments; max_tokens cuts a streamed call
+    stopped = ask(client, tool_choice=NAMED, stop=['"'])
+    stream = ask(client, tool_choice=NAMED, max_tokens=3, stream=True)
+    reasons = [c.finish_reason for chunk in stream for c in chunk.choices]
+    # Assert
+    choice = stopped.choices[0]
+    assert choice.finish_reason == "stop" and not choice.message.tool_calls
+    assert choice.message.content is not None and '"' not in choice.message.content
+    assert reasons[-1] == "length"
