@@ -186,7 +186,9 @@ def _stream(
                         yield chunk(choice)
                 else:
                     reason = job.stats.finish_reason
-                    yield chunk(delta_key("") | {"finish_reason": finish_reason if reason == "stop" else reason})
+                    if finish_reason is not None and reason == "stop":
+                        reason = finish_reason
+                    yield chunk(delta_key("") | {"finish_reason": reason})
                 if include_usage:
                     yield _sse(head | {"choices": [], "usage": _usage(job)})
             yield "data: [DONE]\n\n"

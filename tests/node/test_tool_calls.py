@@ -148,3 +148,14 @@ def test_a_call_cut_short_comes_back_as_the_text_it_is(client: OpenAI) -> None:
     assert choice.finish_reason == "stop" and not choice.message.tool_calls
     assert choice.message.content is not None and '"' not in choice.message.content
     assert reasons[-1] == "length"
+
+
+def test_a_plain_streamed_chat_keeps_its_own_finish_reason(client: OpenAI) -> None:
+    # Arrange: the same greedy chat whole, then streamed (no tools)
+    messages: Any = [{"role": "user", "content": "Say hello."}]
+    whole = client.chat.completions.create(model="base", messages=messages, max_tokens=64, temperature=0)
+    # Act
+    stream = client.chat.completions.create(model="base", messages=messages, max_tokens=64, temperature=0, stream=True)
+    reasons = [c.finish_reason for chunk in stream for c in chunk.choices]
+    # Assert
+    assert reasons[-1] == whole.choices[0].finish_reason and reasons[-1] in ("stop", "length")
