@@ -4,6 +4,7 @@ No `from __future__ import annotations` here: FastAPI must see real types on rou
 turns `Request` into a query parameter.
 """
 
+import logging
 from typing import Any
 
 import trio
@@ -21,6 +22,7 @@ from node.training.feedback import GOOD_RATING, UnknownCompletionError
 from node.training.service import NothingToLearn, TrainingBusy
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 
 @router.post("/v1/feedback")
@@ -59,7 +61,11 @@ async def _remember_correction(
         return None
     text = f"User: {question.strip()}\nCorrect answer: {correction.strip()}"[:MAX_TEXT_CHARS]
     item = NewMemory(text=text, kind="correction", source=completion_id)
-    (added,) = await in_thread(memory.add, namespace, [item])
+    try:
+        (added,) = await in_thread(memory.add, namespace, [item])
+    except ApiError as exc:  # the feedback itself is stored: answer for it, say nothing was remembered
+        log.warning("memory: correction of %s not remembered: %s", completion_id, exc.message)
+        return None
     return added.id
 
 

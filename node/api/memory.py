@@ -6,7 +6,6 @@ No `from __future__ import annotations` here: FastAPI must see real types on rou
 
 import base64
 import json
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -25,6 +24,8 @@ from node.api.memory_schema import (
     NamespaceSettingsRequest,
     SearchMemoryRequest,
 )
+from node.api.openai_schema import error_body
+from node.memory.embedder import Embedder
 from node.memory.record import DEFAULT_NAMESPACE, Memory, MemoryRefused, check_namespace
 from node.memory.service import MemoryService, NewMemory
 
@@ -70,8 +71,8 @@ async def embeddings(request: Request) -> Any:
     check_auth(request)
     memory = memory_of(request)
     req = await parse_body(request, EmbeddingsRequest)
-    if req.dimensions is not None and req.dimensions != memory.embedder.dimensions:
-        raise ApiError(400, f"this node's embeddings have {memory.embedder.dimensions} dimensions", param="dimensions")
+    if req.dimensions is not None and req.dimensions != Embedder.dimensions:  # the class: loading is not for the loop
+        raise ApiError(400, f"this node's embeddings have {Embedder.dimensions} dimensions", param="dimensions")
     texts = req.texts()
 
     def run() -> tuple[np.ndarray, int]:
@@ -88,7 +89,7 @@ async def embeddings(request: Request) -> Any:
     return {
         "object": "list",
         "data": data,
-        "model": memory.embedder.model_name,
+        "model": Embedder.model_name,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
 
@@ -178,12 +179,15 @@ async def export(request: Request, namespace: str = DEFAULT_NAMESPACE) -> Any:
 
     async def body() -> AsyncIterator[str]:
         offset: str | None = None
-        while True:
-            page, offset = await in_thread(memory.page, namespace, offset, 500)
-            for m in page:
-                yield json.dumps(msgspec.to_builtins(m), ensure_ascii=False) + "\n"
-            if offset is None:
-                return
+        try:
+            while True:
+                page, offset = await in_thread(memory.page, namespace, offset, 500)
+                for m in page:
+                    yield json.dumps(msgspec.to_builtins(m), ensure_ascii=False) + "\n"
+                if offset is None:
+                    return
+        except ApiError as exc:  # the stream has begun: its last line says it is incomplete
+            yield json.dumps(error_body(exc.message, exc.type, code=exc.code)) + "\n"
 
     return StreamingResponse(body(), media_type="application/x-ndjson")
 
@@ -199,7 +203,7 @@ async def import_memories(request: Request) -> Any:
     except msgspec.ValidationError as exc:
         raise ApiError(400, f"not an exported memory: {exc}", param="memories") from None
     count = await in_thread(memory.import_memories, memories)
-    return {"object": "memory.import", "imported": count, "time": time.time()}
+    return {"object": "memory.import", "imported": count}
 
 
 @router.get("/v1/memory/{memory_id}")

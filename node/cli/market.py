@@ -84,7 +84,7 @@ def _adapter_info(path: Path, home: NodeHome) -> Any:
 
 
 def _refuse_memory_trained(path: Path) -> None:
-    """Memory never leaves the node: an adapter trained on it (its provenance.json says so) is not published."""
+    """Memory never leaves the node: what was trained on it (provenance.json beside it says so) is not published."""
     from node.adapters.store import PROVENANCE_FILE
     from node.memory.training import PROVENANCE
 
@@ -94,9 +94,7 @@ def _refuse_memory_trained(path: Path) -> None:
     except FileNotFoundError:
         return
     except ValueError:
-        raise ValueError(
-            f"{folder / PROVENANCE_FILE} is unreadable: not publishing an adapter of unknown origin"
-        ) from None
+        raise CliError(f"{folder / PROVENANCE_FILE} is unreadable: not publishing a file of unknown origin") from None
     if isinstance(provenance, dict) and PROVENANCE in provenance:
         raise CliError(
             f"this adapter was trained on the memory namespace {provenance[PROVENANCE]!r}, and memory never leaves "
@@ -107,8 +105,7 @@ def _refuse_memory_trained(path: Path) -> None:
 def cmd_publish(home: NodeHome, args: argparse.Namespace) -> int:
     """Sign and publish a model or adapter (file or folder)."""
     path = Path(args.path).resolve()
-    if args.kind == "adapter":
-        _refuse_memory_trained(path)
+    _refuse_memory_trained(path)  # whatever kind it is published as
     adapter = _adapter_info(path, home) if args.kind == "adapter" else None
     benchmarks: dict[str, float] = {}
     if not args.no_bench:

@@ -136,18 +136,20 @@ def cmd_forget(home: NodeHome, args: argparse.Namespace) -> int:
 
 
 def cmd_export(home: NodeHome, args: argparse.Namespace) -> int:
-    """A namespace's memories as JSON lines (to a file or stdout)."""
+    """A namespace's memories as JSON lines (to stdout, or written whole to a file: temp + rename)."""
     lines = _client(home).get_lines(f"/v1/memory/export?{urlencode({'namespace': args.namespace})}")
-    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
-    count = 0
-    try:
-        for m in lines:
-            out.write(json.dumps(m, ensure_ascii=False) + "\n")
-            count += 1
-    finally:
-        if args.out:
-            out.close()
-    print(f"exported {count} memories of namespace {args.namespace}", file=sys.stderr)
+    text = []
+    for m in lines:
+        if "error" in m:  # the node could not finish: nothing is written as if it were complete
+            raise RuntimeError(f"the export stopped: {m['error']['message']}")
+        text.append(json.dumps(m, ensure_ascii=False) + "\n")
+    if args.out:
+        from node.core.fsutil import atomic_write_text
+
+        atomic_write_text(Path(args.out), "".join(text), mode=0o600)
+    else:
+        sys.stdout.write("".join(text))
+    print(f"exported {len(text)} memories of namespace {args.namespace}", file=sys.stderr)
     return 0
 
 

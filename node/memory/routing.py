@@ -18,8 +18,11 @@ class SemanticRouter:
         self._cache: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
 
-    def closest(self, embedder: Embedder, message: str, personalities: list[Personality]) -> tuple[str, float] | None:
-        """The name and similarity of the personality closest to `message`, if one reaches the threshold."""
+    def closest(
+        self, embedder: Embedder, query: np.ndarray, message: str, personalities: list[Personality]
+    ) -> tuple[str, float] | None:
+        """The name and similarity of the personality closest to `message` (embedded as `query`), if one reaches
+        the threshold."""
         candidates = [p for p in personalities if p.profile_text]
         if not candidates or not message.strip():
             return None
@@ -32,7 +35,6 @@ class SemanticRouter:
                 keep = {p.profile_text for p in candidates}
                 self._cache = {t: v for t, v in self._cache.items() if t in keep}
             profiles = np.stack([self._cache[p.profile_text] for p in candidates])
-        query = embedder.embed([message])[0]
         scores = profiles @ query
         best = int(np.argmax(scores))
         if float(scores[best]) < self.threshold:

@@ -9,6 +9,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 SETTINGS = ".namespaces.json"  # not a valid namespace name: it never collides with one
 MAX_SEARCH = 100
+RECENT_QUERIES = 16
 HEADER = "Memories from earlier chats and the user's documents (possibly out of date; use them only if they help):"
 
 
@@ -86,6 +88,8 @@ class MemoryService:
         self.router = SemanticRouter(cfg.route_similarity)
         self._indexer: threading.Thread | None = None
         self._index_lock = threading.Lock()
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._recent_lock = threading.Lock()
         self.backend = backend if backend is not None else open_backend(root, cfg, Embedder.dimensions)
 
     @property
@@ -98,6 +102,21 @@ class MemoryService:
     def embed(self, texts: list[str]) -> np.ndarray:
         """Unit-length embeddings of `texts`."""
         return self.embedder.embed(texts)
+
+    def query_vector(self, text: str) -> np.ndarray:
+        """The embedding of one query, kept for the next few: a chat's message is embedded once for routing and
+        recall together."""
+        with self._recent_lock:
+            cached = self._recent.get(text)
+            if cached is not None:
+                self._recent.move_to_end(text)
+                return cached
+        vector = self.embed([text])[0]
+        with self._recent_lock:
+            self._recent[text] = vector
+            while len(self._recent) > RECENT_QUERIES:
+                self._recent.popitem(last=False)
+        return vector
 
     # -- remembering ------------------------------------------------------------------------------------------------
 
@@ -145,7 +164,7 @@ class MemoryService:
         check_namespace(namespace)
         limit = max(1, min(limit, MAX_SEARCH))
         search = Search(
-            vector=self.embed([query])[0].tolist(),
+            vector=self.query_vector(query).tolist(),
             text=query,
             limit=min(MAX_SEARCH, limit * 4) if diverse else limit,
             mode=mode,
@@ -186,7 +205,7 @@ class MemoryService:
 
     def route(self, message: str, personalities: list[Personality]) -> tuple[str, float] | None:
         """The personality closest in meaning to `message` (and its similarity), if one is close enough."""
-        return self.router.closest(self.embedder, message, personalities)
+        return self.router.closest(self.embedder, self.query_vector(message), message, personalities)
 
     # -- reading and forgetting -------------------------------------------------------------------------------------
 

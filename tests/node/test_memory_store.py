@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
+from node.adapters.personalities import Personality
 from node.core.config import MemorySection
 from node.memory import edge
 from node.memory.backend import MemoryBackend, Search
@@ -299,3 +300,29 @@ def test_open_shards_are_bounded_and_namespaces_capped(tmp_path: Path, monkeypat
         backend.upsert([new_memory("one-too-many", "x", "note")], vector)
     assert refused.value.reason == "too_large" and not (tmp_path / "memory" / "one-too-many").exists()
     backend.close()
+
+
+def test_a_chats_message_is_embedded_once_for_routing_and_recall(tmp_path: Path, embedder: Embedder) -> None:
+    # Arrange: the real model, its calls counted
+    calls: list[list[str]] = []
+
+    class Counting(Embedder):
+        def __init__(self) -> None:  # shares the session model's weights and context
+            self.__dict__.update(embedder.__dict__)
+
+        def embed(self, texts: list[str]) -> np.ndarray:
+            calls.append(list(texts))
+            return embedder.embed(texts)
+
+    root = tmp_path / "memory"
+    memory = MemoryService(root, tmp_path, MemorySection(), EdgeBackend(root, Embedder.dimensions), Counting())
+    add_facts(memory, "home")
+    gardener = Personality("gardener", "base", (("garden", 1.0),), (("allotment",),), "Gardening and plants")
+    message = "How often should I water my tomato plants?"
+    calls.clear()
+    # Act: what a chat under `auto` does with memory on
+    memory.route(message, [gardener])
+    memory.context_for("home", message, 500, len)
+    # Assert
+    assert [c for c in calls if message in c] == [[message]]
+    memory.close()

@@ -3,6 +3,7 @@ so answers parse and follow their schema; what the node cannot honour is refused
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import llama_cpp as ll
@@ -50,22 +51,10 @@ def test_parse_returns_an_object_of_the_pydantic_model(client: OpenAI) -> None:
 def test_a_streamed_schema_answer_assembles_into_the_same_json(client: OpenAI) -> None:
     # Arrange
     schema = {"type": "json_schema", "json_schema": {"name": "Person", "schema": Person.model_json_schema()}}
+    request: Any = {"model": "base", "messages": ASK, "response_format": schema, "max_tokens": 60, "temperature": 0}
     # Act
-    whole = client.chat.completions.create(
-        model="base",
-        messages=ASK,
-        response_format=schema,
-        max_tokens=60,
-        temperature=0,
-    )
-    stream = client.chat.completions.create(
-        model="base",
-        messages=ASK,
-        response_format=schema,
-        max_tokens=60,
-        temperature=0,
-        stream=True,
-    )
+    whole = client.chat.completions.create(**request)
+    stream = client.chat.completions.create(**request, stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     # Assert
     assert text == whole.choices[0].message.content
