@@ -27,6 +27,10 @@ from crypto.identity import Identity
 from federation.policy import PrivacyPolicy
 from node.adapters.personalities import ManifestFile
 from node.adapters.store import AdapterStore
+from node.agents.alerts import AlertStore
+from node.agents.runtime import node_runtime
+from node.agents.service import AgentService
+from node.agents.watch import watch
 from node.api.app import create_app
 from node.core.api_token import load_or_create_token
 from node.core.config import ConfigError, NodeConfig, load_config
@@ -46,6 +50,7 @@ from node.memory.service import MemoryService
 from node.p2p.host import P2PConfig, P2PError, P2PNode  # before logging: importing libp2p resets its logger
 from node.p2p.notices import NoticeBoard
 from node.state import NodeState
+from node.tools.service import ToolService
 from node.training.feedback import FeedbackDB
 from node.training.service import TrainingService
 
@@ -177,6 +182,7 @@ def build_state(home: NodeHome, cfg: NodeConfig, options: StartOptions) -> NodeS
             f"invalid personality manifest: {manifest.error.removesuffix(' (still serving the previous manifest)')}"
         )
     memory = MemoryService(home.memory_dir, home.models_dir / "embed", cfg.memory) if cfg.memory.enabled else None
+    tools = ToolService(home, cfg.tools, memory) if cfg.tools.enabled else None
     p2p, notices, market = _network(home, identity, cfg)
     federations = (
         FederationNode(
@@ -210,6 +216,7 @@ def build_state(home: NodeHome, cfg: NodeConfig, options: StartOptions) -> NodeS
         feedback=feedback,
         training=TrainingService(home, path, store, feedback),
         memory=memory,
+        tools=tools,
         api_token=api_token,
         extra_buffers=verdict,
     )
@@ -279,6 +286,9 @@ async def _serve_in(
     await nursery.start(state.training.run)
     if state.memory is not None:
         nursery.start_soon(_warm_memory, state.memory)
+    if state.tools is not None:
+        await nursery.start(state.tools.run)
+    await _start_agents(state, nursery)
     stop_http = trio.Event()
 
     async def http(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -311,6 +321,29 @@ async def _serve_in(
     await trio.sleep(0.05)  # let the final SSE events reach their clients
     stop_http.set()
     return None
+
+
+async def _start_agents(state: NodeState, nursery: trio.Nursery) -> None:
+    """The event bus on this loop, the parts that emit built-in events wired to it, then the agents and watcher."""
+    bus = state.events
+    bus.bind()
+
+    def emit(name: str, data: dict[str, Any]) -> None:
+        bus.emit(name, data)
+
+    state.adapters.notify = state.feedback.notify = emit
+    if state.memory is not None:
+        state.memory.notify = emit
+    if state.federations is not None:
+        state.federations.state.notify = emit
+    cfg = state.config.agents
+    if not cfg.enabled:
+        return
+    state.agents = AgentService(state.home.agents_dir, cfg, AlertStore(state.home.state_db), bus, node_runtime(state))
+    await nursery.start(state.agents.run)
+    if cfg.watch:
+        folders = [Path(f).expanduser() for f in cfg.watch]
+        nursery.start_soon(watch, folders, cfg.watch_interval_s, bus)
 
 
 async def _warm_memory(memory: MemoryService) -> None:

@@ -11,6 +11,7 @@ from crypto.identity import Identity
 from node import __version__
 from node.adapters.cache import AdapterRef
 from node.adapters.store import AdapterStore
+from node.agents.events import EventBus
 from node.core.config import NodeConfig
 from node.core.home import NodeHome
 from node.inference.engine import InferenceEngine
@@ -22,9 +23,11 @@ from node.p2p.notices import NoticeBoard
 from node.training.feedback import FeedbackDB
 
 if TYPE_CHECKING:
+    from node.agents.service import AgentService
     from node.fed.node import FederationNode
     from node.market.service import MarketService
     from node.memory.service import MemoryService
+    from node.tools.service import ToolService
 from node.adapters.personalities import ManifestFile, Route, route
 from node.core.profiles import InferenceSettings
 from node.training.service import TrainingService
@@ -49,6 +52,9 @@ class NodeState:
     market: "MarketService | None" = None
     federations: "FederationNode | None" = None
     memory: "MemoryService | None" = None
+    tools: "ToolService | None" = None
+    agents: "AgentService | None" = None
+    events: EventBus = field(default_factory=EventBus)
     extra_buffers: Verdict | None = None
     api_token: str = ""  # the per-home token of state-changing routes (node.core.api_token)
     started_at: float = field(default_factory=time.time)

@@ -20,7 +20,8 @@ groups=()
 extras=""
 [ ${#groups[@]} -gt 0 ] && extras="[$(IFS=,; echo "${groups[*]}")]"
 
-apt_packages=(build-essential cmake pkg-config git python3-dev python3-venv libgmp-dev)
+# bubblewrap: the sandbox for untrusted code (node/tools/sandbox), needed at run time, not only by the tests
+apt_packages=(build-essential cmake pkg-config git python3-dev python3-venv libgmp-dev bubblewrap)
 # the tests also start a real IPFS daemon (js-ipfs, from npm): Node.js and npm, unless already on the machine
 if [ -n "$tests" ] && ! { command -v node >/dev/null && command -v npm >/dev/null; }; then
   apt_packages+=(nodejs npm)

@@ -41,6 +41,7 @@ class PersonalitySpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     adapters: dict[Name, Scale] | None = None
     load_on: list[Annotated[str, msgspec.Meta(min_length=1, max_length=64)]] = []
     description: str = ""
+    tools: list[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]] = []  # node-side tools it may run
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Personality:
     adapters: tuple[tuple[str, float], ...]
     keywords: tuple[tuple[str, ...], ...]
     description: str = ""
+    tools: tuple[str, ...] = ()
 
     @property
     def profile_text(self) -> str:
@@ -66,6 +68,7 @@ class Route:
 
     personality: str | None
     adapters: tuple[tuple[str, float], ...] = ()
+    tools: tuple[str, ...] = ()  # the personality's node-side tools
 
     @property
     def label(self) -> str:
@@ -114,7 +117,7 @@ def parse_manifest(text: str, source: str, base_ids: tuple[str, ...]) -> list[Pe
         keywords = tuple(tuple(words(k)) for k in spec.load_on)
         if any(not k for k in keywords):
             raise ManifestError(f"{where}: load_on has a keyword without any word characters")
-        out.append(Personality(name, spec.base, adapters, keywords, spec.description))
+        out.append(Personality(name, spec.base, adapters, keywords, spec.description, tuple(spec.tools)))
     return out
 
 
@@ -151,7 +154,7 @@ def route(
         return Route(model, tuple((n, 1.0) for n in names))
     for p in personalities:
         if p.name == model:
-            return Route(p.name, p.adapters)
+            return Route(p.name, p.adapters, p.tools)
     if model != AUTO and model not in base_ids:
         raise UnknownModelError(model)
     if not latest_user_message:
@@ -163,7 +166,7 @@ def route(
         hits = _count_matches(message_words, p.keywords)
         if hits > best_hits:
             best, best_hits = p, hits
-    return Route(best.name, best.adapters) if best else Route(None)
+    return Route(best.name, best.adapters, best.tools) if best else Route(None)
 
 
 class ManifestFile:

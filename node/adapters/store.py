@@ -17,6 +17,7 @@ from pathlib import Path
 from node.adapters.check import PICKLE_SUFFIXES, AdapterRejected, BaseDims, check_adapter_file
 from node.adapters.personalities import NAME_RE
 from node.core.fsutil import atomic_write_text, fsync_dir
+from node.core.notify import Notify, ignore
 
 GGUF_FILE = "adapter.gguf"
 CURRENT_FILE = "current"
@@ -66,6 +67,7 @@ class AdapterStore:
     def __init__(self, root: Path, dims: BaseDims | None) -> None:
         self.root = root
         self.dims = dims
+        self.notify: Notify = ignore  # the daemon's event bus: `adapter.installed`
 
     def names(self) -> list[str]:
         """Names that have a current version, sorted."""
@@ -134,6 +136,7 @@ class AdapterStore:
             raise
         fsync_dir(folder)
         atomic_write_text(folder / CURRENT_FILE, version + "\n")
+        self.notify("adapter.installed", {"name": name, "version": version})
         return AdapterVersion(name, version, folder / version)
 
     def activate(self, name: str, version: str) -> AdapterVersion:

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
+from node.api.agents import router as agent_routes
 from node.api.common import ApiError, BodyLimitMiddleware
 from node.api.federations import router as federation_routes
 from node.api.guard import BrowserGuardMiddleware
@@ -21,6 +22,7 @@ from node.api.memory import router as memory_routes
 from node.api.node import router as node_routes
 from node.api.openai import router as openai_routes
 from node.api.openai_schema import describe_validation_errors
+from node.api.tools import router as tool_routes
 from node.state import NodeState
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,8 @@ def create_app(node: NodeState) -> ASGIApp:
     """The ASGI app serving `node`."""
     app = FastAPI(title="Mirador node", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.node = node
-    for routes in (node_routes, openai_routes, learning_routes, market_routes, federation_routes, memory_routes):
+    routers = (node_routes, openai_routes, learning_routes, market_routes, federation_routes, memory_routes)
+    for routes in (*routers, tool_routes, agent_routes):
         app.include_router(routes)
 
     @app.exception_handler(ApiError)

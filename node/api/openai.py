@@ -9,7 +9,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple
 
 import llama_cpp as ll
@@ -20,20 +20,28 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from node.adapters.cache import AdapterRef
 from node.adapters.personalities import AUTO, Route, UnknownModelError
 from node.adapters.store import UnknownAdapterError
-from node.api.common import ApiError, check_auth, db_limiter, node_of, parse_body
+from node.api.common import ApiError, check_auth, check_changes, db_limiter, node_of, parse_body
 from node.api.memory import in_thread
-from node.api.openai_schema import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    error_body,
-)
+from node.api.openai_schema import ChatCompletionRequest, CompletionRequest, NamedToolChoice
+from node.api.stream_parts import end_error, sse, usage
+from node.api.tool_loop import loop_answer, loop_stream
 from node.inference.engine import EngineBusy, EngineShuttingDown, GenerationRequest, Job
 from node.inference.llama_backend import GrammarError, grammar_sampler
 from node.inference.structured import SchemaError, grammar_for
 from node.memory.record import DEFAULT_NAMESPACE, MemoryRefused, check_namespace
 from node.memory.service import MemoryService
 from node.state import NodeState
-from node.tools.calls import ToolChoiceError, call_grammar, call_id, parse_call, render_call, tools_prompt
+from node.tools.calls import (
+    ToolChoiceError,
+    call_grammar,
+    call_id,
+    parse_call,
+    render_call,
+    tools_prompt,
+    with_system,
+)
+from node.tools.loop import LoopEvent, ToolCalled, tool_loop
+from node.tools.registry import Tool, ToolRefused
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +67,11 @@ async def list_models(request: Request) -> dict[str, Any]:
                 "object": "model",
                 "created": created,
                 "owned_by": "mirador",
-                "personality": {"adapters": dict(p.adapters), "load_on": [" ".join(k) for k in p.keywords]},
+                "personality": {
+                    "adapters": dict(p.adapters),
+                    "load_on": [" ".join(k) for k in p.keywords],
+                    "tools": list(p.tools),
+                },
             }
         )
     return {"object": "list", "data": data}
@@ -123,31 +135,6 @@ async def _start(
         ) from None
 
 
-def _usage(job: Job) -> dict[str, int]:
-    s = job.stats
-    return {
-        "prompt_tokens": s.prompt_tokens,
-        "completion_tokens": s.completion_tokens,
-        "total_tokens": s.prompt_tokens + s.completion_tokens,
-    }
-
-
-def _end_error(job: Job) -> dict[str, Any] | None:
-    if job.error:
-        return error_body(job.error, "server_error", code=job.error_code)
-    if job.cut_by_shutdown:
-        return error_body(
-            f"the node shut down; the response was cut after {job.stats.completion_tokens} tokens",
-            "server_error",
-            code="shutting_down",
-        )
-    return None
-
-
-def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
-
-
 def _stream(
     job: Job,
     head: dict[str, Any],
@@ -177,9 +164,9 @@ def _stream(
                 parts.append(delta)
                 if buffered is None:
                     yield chunk(delta_key(delta))
-            err = _end_error(job)
+            err = end_error(job)
             if err is not None:
-                yield _sse(err)
+                yield sse(err)
             else:
                 if buffered is not None:
                     for choice in buffered("".join(parts), job.stats.finish_reason):
@@ -190,7 +177,7 @@ def _stream(
                         reason = finish_reason
                     yield chunk(delta_key("") | {"finish_reason": reason})
                 if include_usage:
-                    yield _sse(head | {"choices": [], "usage": _usage(job)})
+                    yield sse(head | {"choices": [], "usage": usage(job)})
             yield "data: [DONE]\n\n"
             await record("".join(parts))
         finally:
@@ -208,7 +195,7 @@ async def _collect(job: Job) -> str:
         parts = [delta async for delta in job.text()]
     finally:
         job.cancel()
-    err = _end_error(job)
+    err = end_error(job)
     if err is not None:
         raise ApiError(
             503 if job.cut_by_shutdown else 500,
@@ -314,16 +301,6 @@ async def _recall(request: Request, node: NodeState, req: ChatCompletionRequest,
     return Recall(namespace, ids, context)
 
 
-def with_system(messages: list[dict[str, str]], context: str) -> list[dict[str, str]]:
-    """`messages` with `context` (memories, tools) at the end of the system prompt (a system message first if none)."""
-    if not context:
-        return messages
-    if messages and messages[0]["role"] in ("system", "developer"):
-        first = messages[0] | {"content": f"{messages[0]['content']}\n\n{context}".strip()}
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": context}, *messages]
-
-
 async def _remember(memory: MemoryService, namespace: str, user: str, answer: str, completion_id: str) -> None:
     try:
         await in_thread(memory.remember_exchange, namespace, user, answer, completion_id)
@@ -333,11 +310,39 @@ async def _remember(memory: MemoryService, namespace: str, user: str, answer: st
 
 class _Admitted(NamedTuple):
     req: Any
-    job: Job
+    job: Job | None  # None when the node runs tools: `loop` starts the generations
     head: dict[str, Any]
     tools: str | None  # the tool mode (ChatCompletionRequest.tool_mode)
     headers: dict[str, str]
     record: Callable[[str], Awaitable[None]]  # remembers a finished chat answer for feedback
+    loop: Callable[[], AsyncGenerator[LoopEvent, None]] | None = None  # the node-side tool loop (node.tools.loop)
+
+
+def _node_tools(request: Request, node: NodeState, chosen: Route, req: ChatCompletionRequest) -> list[Tool]:
+    """The tools the node runs for this chat: the request's `node_tools` and the personality's own. Running them
+    changes things (the user's tools run with the user's rights), so they need the API token."""
+    names = list(dict.fromkeys([*chosen.tools, *(req.node_tools or [])]))
+    if not names or req.tool_choice == "none" or req.tools:
+        return []
+    if node.tools is None:
+        raise ApiError(400, "tools are off on this node ([tools] enabled = false)", param="node_tools")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise ApiError(400, f"{chosen.label} runs tools: a JSON response_format cannot be combined", "response_format")
+    check_changes(request)
+    try:
+        return [node.tools.registry.get(n) for n in names]
+    except ToolRefused as exc:
+        raise ApiError(400, exc.detail, param="node_tools", code="unknown_tool") from None
+
+
+def _first_choice(req: ChatCompletionRequest, tools: list[Tool]) -> str:
+    """The node loop's first tool mode: `auto`, `required`, or the named tool (one of `tools`)."""
+    if isinstance(req.tool_choice, NamedToolChoice):
+        name = req.tool_choice.function.name
+        if name not in {t.name for t in tools}:
+            raise ApiError(400, f"tool_choice names {name!r}, which is not among the node tools", param="tool_choice")
+        return name
+    return "required" if req.tool_choice == "required" else "auto"
 
 
 async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) -> _Admitted:
@@ -350,6 +355,7 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
     meaning: tuple[str, float] | None = None
     tools: str | None = None
     latest: str | None = None
+    loop: Callable[[], AsyncGenerator[LoopEvent, None]] | None = None
     if isinstance(req, ChatCompletionRequest):
         messages = [_prompt_message(m) for m in req.messages]
         latest = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
@@ -357,9 +363,14 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
         meaning = await _by_meaning(node, req.model, chosen, latest)
         if meaning is not None:
             chosen, adapters = _route(node, meaning[0], latest)
+        node_tools = _node_tools(request, node, chosen, req)
+        tools = req.tool_mode()
+        if tools is None and not node_tools and req.tool_choice not in (None, "none", "auto"):
+            raise ApiError(400, "tool_choice asks for a tool call, but no tools are given", param="tool_choice")
         recall = await _recall(request, node, req, latest)
         prompt = with_system(messages, recall.context)
-        tools = req.tool_mode()
+        if node_tools:
+            loop = _loop_of(node, req, prompt, node_tools, _first_choice(req, node_tools), adapters)
         if tools is not None:
             prompt = with_system(prompt, tools_prompt(req.tool_list()))
         tokens = await trio.to_thread.run_sync(node.model.chat_tokens, prompt, limiter=_tokenize_limiter)
@@ -367,7 +378,7 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
         chosen, adapters = _route(node, req.model, req.text())
         tokens = await trio.to_thread.run_sync(node.model.completion_tokens, req.text(), limiter=_tokenize_limiter)
     grammar = await _grammar(node, req) if isinstance(req, ChatCompletionRequest) else None
-    job = await _start(node, tokens, req, req.limit(), adapters, grammar)
+    job = await _start(node, tokens, req, req.limit(), adapters, grammar) if loop is None else None
     head = {
         "id": f"{id_prefix}-{uuid.uuid4().hex[:24]}",
         "object": obj,
@@ -383,7 +394,7 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
         headers |= {NAMESPACE_HEADER: recall.namespace, MEMORY_HEADER: ",".join(recall.ids) or "none"}
 
     async def record(answer: str) -> None:
-        if messages is None or job.error or job.cut_by_shutdown:
+        if messages is None or (job is not None and (job.error or job.cut_by_shutdown)):
             return
         keys = [a.key for a in adapters]
         await trio.to_thread.run_sync(
@@ -399,15 +410,47 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
         if recall.namespace is not None and node.memory is not None and latest:
             await _remember(node.memory, recall.namespace, latest, answer, head["id"])
 
-    return _Admitted(req, job, head, tools, headers, record)
+    return _Admitted(req, job, head, tools, headers, record, loop)
+
+
+def _loop_of(
+    node: NodeState,
+    req: ChatCompletionRequest,
+    prompt: list[dict[str, str]],
+    tools: list[Tool],
+    first: str,
+    adapters: tuple[AdapterRef, ...],
+) -> Callable[[], AsyncGenerator[LoopEvent, None]]:
+    """The node-side tool loop of this chat, each step a generation on the same route."""
+    specs = [{"name": t.name, "description": t.description, "parameters": t.parameters} for t in tools]
+    registry = node.tools.registry if node.tools is not None else None
+    assert registry is not None
+
+    async def generate(convo: list[dict[str, str]], grammar: str | None) -> Job:
+        tokens = await trio.to_thread.run_sync(node.model.chat_tokens, convo, limiter=_tokenize_limiter)
+        return await _start(node, tokens, req, req.limit(), adapters, grammar)
+
+    last = req.messages[-1]
+    names = {t.name for t in tools}
+    pending = [
+        ToolCalled(c.id, c.function.name, c.function.arguments)
+        for c in (last.tool_calls or [])
+        if last.role == "assistant" and c.function.name in names
+    ]
+    return lambda: tool_loop(prompt, specs, first, generate, registry.call, pending)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Any:
     """OpenAI chat completions, streamed (SSE) or not; with tools, an answer may be a tool call."""
-    req, job, head, tools, headers, record = await _admit(
+    req, job, head, tools, headers, record, loop = await _admit(
         request, ChatCompletionRequest, "chatcmpl", "chat.completion.chunk"
     )
+    if loop is not None:
+        if req.stream:
+            return await loop_stream(loop(), head, headers, record, req.include_usage())
+        return await loop_answer(loop(), head, headers, record)
+    assert job is not None
     if req.stream:
         if tools is None:
             return _stream(
@@ -453,9 +496,7 @@ async def chat_completions(request: Request) -> Any:
     await record(text)
     message, reason = _answer(text, job.stats.finish_reason, tools)
     choice = {"index": 0, "message": message, "finish_reason": reason, "logprobs": None}
-    return JSONResponse(
-        head | {"object": "chat.completion", "choices": [choice], "usage": _usage(job)}, headers=headers
-    )
+    return JSONResponse(head | {"object": "chat.completion", "choices": [choice], "usage": usage(job)}, headers=headers)
 
 
 def _answer(text: str, reason: str, tools: str | None) -> tuple[dict[str, Any], str]:
@@ -486,7 +527,8 @@ def _streamed_answer(text: str, reason: str, tools: str) -> list[dict[str, Any]]
 @router.post("/v1/completions")
 async def completions(request: Request) -> Any:
     """OpenAI (legacy) text completions, streamed (SSE) or not."""
-    req, job, head, _, headers, record = await _admit(request, CompletionRequest, "cmpl", "text_completion")
+    req, job, head, _, headers, record, _ = await _admit(request, CompletionRequest, "cmpl", "text_completion")
+    assert job is not None
     if req.stream:
         return _stream(
             job,
@@ -499,4 +541,4 @@ async def completions(request: Request) -> Any:
         )
     text = await _collect(job)
     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": job.stats.finish_reason}
-    return JSONResponse(head | {"choices": [choice], "usage": _usage(job)}, headers=headers)
+    return JSONResponse(head | {"choices": [choice], "usage": usage(job)}, headers=headers)

@@ -1,6 +1,6 @@
 """OpenAI-compatible request schemas (strict: wrong types are errors, not coercions) and error objects."""
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -178,6 +178,9 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
+ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
 class ChatCompletionRequest(_GenerationRequest):
     """POST /v1/chat/completions."""
 
@@ -205,13 +208,16 @@ class ChatCompletionRequest(_GenerationRequest):
         return v
 
     tools: list[ToolSpec] | None = Field(default=None, max_length=64)
+    # Mirador: tools the node runs itself (GET /v1/tools), results fed back until the answer; added to the
+    # answering personality's own
+    node_tools: list[ToolName] | None = Field(default=None, max_length=32)
 
     @model_validator(mode="after")
     def _tools_or_format(self) -> "ChatCompletionRequest":
-        if self.tools and self.response_format is not None and self.response_format.type != "text":
+        if (self.tools or self.node_tools) and self.response_format is not None and self.response_format.type != "text":
             raise ValueError("give tools or a JSON response_format, not both (each constrains the whole answer)")
-        if (isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required") and not self.tools:
-            raise ValueError("tool_choice asks for a tool call, but no tools are given")
+        if self.tools and self.node_tools:
+            raise ValueError("give tools (you run them) or node_tools (the node runs them), not both")
         return self
 
     def tool_mode(self) -> str | None:

@@ -14,12 +14,25 @@ def _request(args: argparse.Namespace, messages: list[dict[str, str]]) -> dict[s
         body["max_tokens"] = args.max_tokens
     if args.temperature is not None:
         body["temperature"] = args.temperature
+    if getattr(args, "tools", None):
+        body["node_tools"] = [t.strip() for t in args.tools.split(",") if t.strip()]
     return body
+
+
+def _tool_event(event: dict[str, Any]) -> None:
+    """A tool call or result the node ran, shown on stderr (dim) beside the answer."""
+    if event["type"] == "call":
+        line = f"[{event['name']}({event['arguments']})]"
+    else:
+        content = event["content"] if len(event["content"]) <= 400 else event["content"][:400] + "…"
+        line = f"[{event['name']} -> {content}]"
+    sys.stderr.write(f"\x1b[2m{line}\x1b[0m\n" if sys.stderr.isatty() else line + "\n")
+    sys.stderr.flush()
 
 
 def _ask(client: DaemonClient, args: argparse.Namespace, messages: list[dict[str, str]]) -> str:
     parts: list[str] = []
-    for delta in client.stream_chat(_request(args, messages)):
+    for delta in client.stream_chat(_request(args, messages), on_tool_event=_tool_event):
         parts.append(delta)
         sys.stdout.write(delta)
         sys.stdout.flush()

@@ -2,7 +2,7 @@
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -86,8 +86,10 @@ class DaemonClient:
                 if line.strip():
                     yield json.loads(line)
 
-    def stream_chat(self, body: dict[str, Any]) -> Iterator[str]:
-        """POST a streamed chat completion and yield its text deltas."""
+    def stream_chat(
+        self, body: dict[str, Any], on_tool_event: Callable[[dict[str, Any]], None] | None = None
+    ) -> Iterator[str]:
+        """POST a streamed chat completion and yield its text deltas (tool events of node tools to `on_tool_event`)."""
         with self._transport(), self.http.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as resp:
             if resp.status_code != 200:
                 resp.read()
@@ -101,6 +103,8 @@ class DaemonClient:
                 event = json.loads(data)
                 if "error" in event:
                     raise DaemonRequestError(event["error"]["message"])
+                if "tool_event" in event and on_tool_event is not None:
+                    on_tool_event(event["tool_event"])
                 for choice in event.get("choices", []):
                     delta = choice.get("delta", {}).get("content")
                     if delta:

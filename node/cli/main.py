@@ -275,6 +275,20 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return run(_home(args), args)
 
 
+def cmd_tools(args: argparse.Namespace) -> int:
+    """Dispatch `mirador tools ...` and `mirador mcp ...`."""
+    from node.cli.tools import run
+
+    return run(_home(args), args)
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    """Dispatch `mirador agents ...` and `mirador event ...`."""
+    from node.cli.agents import run
+
+    return run(_home(args), args)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Dispatch `mirador doctor`."""
     from node.cli.doctor import cmd_doctor as doctor
@@ -319,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--max-tokens", type=int, help="cap on the answer's length in tokens")
     chat.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
+    chat.add_argument("--tools", help="node tools the model may call, comma-separated (e.g. run_python,calculate)")
     chat.set_defaults(func=cmd_chat)
 
     from node.cli.adapter import add_parser as add_adapter_parser
@@ -337,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     from node.cli.memory import add_parser as add_memory_parser
 
     add_memory_parser(sub).set_defaults(func=cmd_memory)
+    from node.cli.tools import add_parsers as add_tool_parsers
+
+    for tool_parser in add_tool_parsers(sub):
+        tool_parser.set_defaults(func=cmd_tools)
+    from node.cli.agents import add_parsers as add_agent_parsers
+
+    for agent_parser in add_agent_parsers(sub):
+        agent_parser.set_defaults(func=cmd_agents)
     from node.cli.doctor import add_parser as add_doctor_parser
 
     add_doctor_parser(sub).set_defaults(func=cmd_doctor)

@@ -115,6 +115,38 @@ class MemorySection(_Section, frozen=True):
     threads: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1  # the embedding model's threads
 
 
+class McpServer(_Section, frozen=True):
+    """[[tools.mcp]]: an MCP server whose tools become node-side tools (named `<name>.<tool>` -> `<name>__<tool>`)."""
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
+    command: list[str] = []  # started by the node, spoken to over stdio
+    url: str = ""  # or a running server's streamable HTTP endpoint
+    env: dict[str, str] = {}
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 60.0
+
+
+class ToolsSection(_Section, frozen=True):
+    """[tools]: node-side tools (node.tools): the sandbox's limits, user tools, MCP servers."""
+
+    enabled: bool = True
+    bwrap: str = "bwrap"  # bubblewrap; without it run_python and calculate are refused, never run unsandboxed
+    cpu_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 10
+    wall_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 20.0
+    memory_mb: Annotated[int, msgspec.Meta(ge=64, le=65536)] = 1024
+    user_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0  # a @mirador.tool without its own
+    mcp: list[McpServer] = []
+
+
+class AgentsSection(_Section, frozen=True):
+    """[agents]: the user's agents (node.agents): their time limit, back-off, and the folders watched for changes."""
+
+    enabled: bool = True
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 60.0
+    max_backoff_s: Annotated[float, msgspec.Meta(gt=0)] = 3600.0  # an agent that keeps failing waits up to this
+    watch: list[str] = []  # folders whose changes are `file.changed` events
+    watch_interval_s: Annotated[float, msgspec.Meta(ge=0.2, le=3600)] = 5.0
+
+
 class NodeConfig(_Section, frozen=True):
     """The whole validated `node.toml`."""
 
@@ -126,6 +158,8 @@ class NodeConfig(_Section, frozen=True):
     inference: InferenceSection = InferenceSection()
     store: StoreSection = StoreSection()
     memory: MemorySection = MemorySection()
+    tools: ToolsSection = ToolsSection()
+    agents: AgentsSection = AgentsSection()
     p2p: P2PSection = P2PSection()
 
 
@@ -223,6 +257,13 @@ def _check_semantics(cfg: NodeConfig, source: str) -> NodeConfig:
         )
     if cfg.model.path and not Path(cfg.model.path).expanduser().is_file():
         raise ConfigError(f"{source}: model.path = {cfg.model.path!r} is not a file")
+    seen: set[str] = set()
+    for server in cfg.tools.mcp:
+        if bool(server.command) == bool(server.url):
+            raise ConfigError(f"{source}: tools.mcp {server.name!r}: give exactly one of command or url")
+        if server.name in seen:
+            raise ConfigError(f"{source}: tools.mcp: two servers are called {server.name!r}")
+        seen.add(server.name)
     return cfg
 
 

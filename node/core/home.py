@@ -80,6 +80,21 @@ class NodeHome:
         return self.root / "memory"
 
     @property
+    def tools_dir(self) -> Path:
+        """The user's own tools (`@mirador.tool` in *.py), loaded by the daemon."""
+        return self.root / "tools"
+
+    @property
+    def agents_dir(self) -> Path:
+        """The user's own agents (`@mirador.agent` in *.py), loaded by the daemon."""
+        return self.root / "agents"
+
+    @property
+    def scratch_dir(self) -> Path:
+        """The only folder sandboxed code sees (read-write, mounted at /scratch)."""
+        return self.root / "scratch"
+
+    @property
     def personalities_file(self) -> Path:
         """The personality manifest (re-read by a running daemon when it changes)."""
         return self.root / "personalities.toml"

@@ -46,6 +46,7 @@ from federation.descriptor import (
 )
 from node.core.fsutil import atomic_write_bytes
 from node.core.home import NodeHome
+from node.core.notify import Notify, ignore
 
 Role = Literal["creator", "member", "aggregator"]
 RoundStatus = Literal["open", "aggregated", "applied", "abandoned", "refused"]
@@ -243,6 +244,7 @@ class FederationStore:
         if "admission" not in columns:  # a store made before admissions were signed (issue 14)
             self._conn.execute("ALTER TABLE fed_members ADD COLUMN admission BLOB NOT NULL DEFAULT x''")
         self._lock = threading.Lock()
+        self.notify: Notify = ignore  # the daemon's event bus: `federation.round_applied`
 
     @contextmanager
     def _write(self) -> Iterator[None]:
@@ -357,6 +359,7 @@ class FederationStore:
             self._conn.execute(
                 "UPDATE fed_federations SET global_round = ?, global_cid = ? WHERE id = ?", (round, cid, federation)
             )
+        self.notify("federation.round_applied", {"federation": federation, "round": round, "cid": cid})
 
     # members --------------------------------------------------------------------------------------------------------
     def add_member(

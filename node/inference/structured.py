@@ -9,9 +9,39 @@ refused, never ignored. An answer cut by `max_tokens` (finish_reason "length") c
 import json
 from typing import Any
 
+from llama_cpp import llama_grammar
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
+
+
+def _repetition(
+    item_rule: str,
+    min_items: int,
+    max_items: int | None,
+    separator_rule: str | None = None,
+    item_rule_is_literal: bool = False,
+) -> str:
+    """llama.cpp's current repetition rule (GBNF `x{m,n}`). llama-cpp-python's older port nests `(x (x (x)?)?)?` once
+    per allowed item: a string with maxLength 2000 became a 16 kB rule that llama.cpp refuses to parse."""
+    if max_items == 0:
+        return ""
+    if min_items == 0 and max_items == 1:
+        return f"{item_rule}?"
+    if not separator_rule:
+        if min_items == 1 and max_items is None:
+            return f"{item_rule}+"
+        if min_items == 0 and max_items is None:
+            return f"{item_rule}*"
+        return f"{item_rule}{{{min_items},{max_items if max_items is not None else ''}}}"
+    rest = _repetition(
+        f"({separator_rule} {item_rule})", max(min_items - 1, 0), max_items - 1 if max_items is not None else None
+    )
+    result = f"{item_rule} {rest}"
+    return f"({result})?" if min_items == 0 else result
+
+
+llama_grammar._build_repetition = _repetition  # the converter looks it up at call time
 
 
 class SchemaError(ValueError):

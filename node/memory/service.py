@@ -21,6 +21,7 @@ import numpy as np
 from node.adapters.personalities import Personality
 from node.core.config import MemorySection
 from node.core.fsutil import atomic_write_text
+from node.core.notify import Notify, ignore
 from node.memory.backend import MemoryBackend, Mode, Search
 from node.memory.embedder import Embedder
 from node.memory.mmr import mmr
@@ -91,6 +92,7 @@ class MemoryService:
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
         self._recent_lock = threading.Lock()
         self.backend = backend if backend is not None else open_backend(root, cfg, Embedder.dimensions)
+        self.notify: Notify = ignore  # the daemon's event bus: `memory.added`
 
     @property
     def embedder(self) -> Embedder:
@@ -126,6 +128,8 @@ class MemoryService:
         if memories:
             self.backend.upsert(memories, self.embed([m.text for m in memories]))
             self._index_later(namespace)
+            kinds = sorted({m.kind for m in memories})
+            self.notify("memory.added", {"namespace": namespace, "count": len(memories), "kinds": kinds})
         return memories
 
     def _index_later(self, namespace: str) -> None:

@@ -91,3 +91,13 @@ def render_call(name: str, arguments: str) -> str:
     except ValueError:
         args = arguments
     return json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
+
+
+def with_system(messages: list[dict[str, str]], context: str) -> list[dict[str, str]]:
+    """`messages` with `context` (memories, tools) at the end of the system prompt (a system message first if none)."""
+    if not context:
+        return messages
+    if messages and messages[0]["role"] in ("system", "developer"):
+        first = messages[0] | {"content": f"{messages[0]['content']}\n\n{context}".strip()}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": context}, *messages]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from crypto.files import private_file
+from node.core.notify import Notify, ignore
 
 KEEP_COMPLETIONS = 2000
 GOOD_RATING = 4  # ratings are 1-5; 4 and 5 count as well-rated answers worth learning from
@@ -74,6 +75,7 @@ class FeedbackDB:
         if "namespace" not in columns:  # a state.db from before memory
             self._conn.execute("ALTER TABLE completions ADD COLUMN namespace TEXT")
         self._lock = threading.Lock()
+        self.notify: Notify = ignore  # the daemon's event bus: `feedback.given`
 
     def record_completion(
         self,
@@ -111,7 +113,11 @@ class FeedbackDB:
                 "correction) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (time.time(), completion_id, *row, rating, correction),
             )
-            return int(cur.lastrowid or 0)
+        feedback_id = int(cur.lastrowid or 0)
+        has_correction = correction is not None
+        data = {"id": feedback_id, "completion_id": completion_id, "rating": rating, "correction": has_correction}
+        self.notify("feedback.given", data)
+        return feedback_id
 
     def completion_memory(self, completion_id: str) -> tuple[str | None, str]:
         """The memory namespace a recent completion used (None: memory off) and its latest user message."""

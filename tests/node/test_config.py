@@ -76,3 +76,18 @@ def test_threads_zero_means_all_cores_and_others_are_capped() -> None:
     assert resolve_threads(0, cpu_count=8) == 8
     assert resolve_threads(4, cpu_count=2) == 2
     assert resolve_threads(1, cpu_count=2) == 1
+
+
+@pytest.mark.parametrize(
+    ("servers", "words"),
+    [
+        ('[[tools.mcp]]\nname = "a"\n', "exactly one of command or url"),
+        ('[[tools.mcp]]\nname = "a"\ncommand = ["x"]\nurl = "http://127.0.0.1:1/mcp"\n', "exactly one"),
+        ('[[tools.mcp]]\nname = "a"\ncommand = ["x"]\n[[tools.mcp]]\nname = "a"\ncommand = ["y"]\n', "two servers"),
+        ('[[tools.mcp]]\nname = "Bad Name"\ncommand = ["x"]\n', "name"),
+    ],
+)
+def test_mcp_servers_in_the_config_are_checked(servers: str, words: str) -> None:
+    # Act / Assert
+    with pytest.raises(ConfigError, match=words):
+        parse_config(servers, "node.toml", environ={})

@@ -121,7 +121,7 @@ def test_required_calls_one_of_the_tools_with_valid_arguments(client: OpenAI) ->
     ("extra", "param"),
     [
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-        ({"tool_choice": "required"}, None),
+        ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, None),
         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
     ],

@@ -1,0 +1,144 @@
+"""A chat answered by the node-side tool loop (node.tools.loop), streamed or whole.
+
+Streamed, the answer's text arrives as ordinary content deltas, and each tool event as a chunk of its own with no
+choices and a `tool_event` ({"type": "call", id, name, arguments} or {"type": "result", id, name, content, error}):
+an OpenAI client reads the answer as usual and ignores the events (the `openai` package keeps them in the chunk's
+`model_extra`). Whole, the response carries the events as `tool_events`.
+"""
+
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from node.api.common import ApiError
+from node.api.openai_schema import error_body
+from node.api.stream_parts import end_error, sse
+from node.tools.loop import LoopEvent, StepDone, Text, ToolAnswered, ToolCalled
+
+
+def _event(ev: ToolCalled | ToolAnswered) -> dict[str, Any]:
+    if isinstance(ev, ToolCalled):
+        return {"type": "call", "id": ev.id, "name": ev.name, "arguments": ev.arguments}
+    return {"type": "result", "id": ev.id, "name": ev.name, "content": ev.content, "error": ev.error}
+
+
+class _Totals:
+    def __init__(self) -> None:
+        self.prompt = self.completion = 0
+
+    def add(self, done: StepDone) -> None:
+        self.prompt += done.job.stats.prompt_tokens
+        self.completion += done.job.stats.completion_tokens
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+        }
+
+
+async def loop_answer(
+    events: AsyncGenerator[LoopEvent, None],
+    head: dict[str, Any],
+    headers: dict[str, str],
+    record: Callable[[str], Awaitable[None]],
+) -> JSONResponse:
+    """The whole answer: the final message, the tool events, usage summed over every step."""
+    text: list[str] = []
+    tool_events: list[dict[str, Any]] = []
+    totals = _Totals()
+    reason = "stop"
+    async with aclosing(events):
+        async for ev in events:
+            if isinstance(ev, Text):
+                text.append(ev.text)
+            elif isinstance(ev, StepDone):
+                totals.add(ev)
+                if (err := end_error(ev.job)) is not None:
+                    raise ApiError(
+                        503 if ev.job.cut_by_shutdown else 500,
+                        err["error"]["message"],
+                        code=err["error"]["code"],
+                        type_="server_error",
+                    )
+                reason = ev.job.stats.finish_reason
+            else:
+                tool_events.append(_event(ev))
+    answer = "".join(text)
+    await record(answer)
+    message = {"role": "assistant", "content": answer}
+    choice = {"index": 0, "message": message, "finish_reason": reason, "logprobs": None}
+    body = head | {
+        "object": "chat.completion",
+        "choices": [choice],
+        "usage": totals.usage(),
+        "tool_events": tool_events,
+    }
+    return JSONResponse(body, headers=headers)
+
+
+async def loop_stream(
+    events: AsyncGenerator[LoopEvent, None],
+    head: dict[str, Any],
+    headers: dict[str, str],
+    record: Callable[[str], Awaitable[None]],
+    include_usage: bool,
+) -> StreamingResponse:
+    """The streamed answer. The first event is awaited before the response starts, so that a request the engine
+    refuses at once (busy, too long) gets its HTTP error; later refusals end the stream with an error chunk."""
+    try:
+        first = await anext(events, None)
+    except BaseException:
+        await events.aclose()
+        raise
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        return sse(head | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    async def body() -> AsyncIterator[str]:
+        text: list[str] = []
+        totals = _Totals()
+        failed = False
+        yield chunk({"role": "assistant", "content": ""})
+        pending = [first] if first is not None else []
+        try:
+            async for ev in _chain(pending, events):
+                if isinstance(ev, Text):
+                    text.append(ev.text)
+                    yield chunk({"content": ev.text})
+                elif isinstance(ev, StepDone):
+                    totals.add(ev)
+                    if (err := end_error(ev.job)) is not None:
+                        failed = True
+                        yield sse(err)
+                        break
+                    if ev.final:
+                        yield chunk({}, ev.job.stats.finish_reason)
+                else:
+                    yield sse(head | {"choices": [], "tool_event": _event(ev)})
+        except ApiError as exc:  # a later step refused by the engine (busy, shutting down)
+            failed = True
+            yield sse(error_body(exc.message, exc.type, exc.param, exc.code))
+        finally:
+            await events.aclose()  # the client may have gone: the step's job is cancelled
+        if include_usage and not failed:
+            yield sse(head | {"choices": [], "usage": totals.usage()})
+        yield "data: [DONE]\n\n"
+        if not failed:
+            await record("".join(text))
+
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"} | headers,
+    )
+
+
+async def _chain(first: list[LoopEvent], rest: AsyncIterator[LoopEvent]) -> AsyncIterator[LoopEvent]:
+    for ev in first:
+        yield ev
+    async for ev in rest:
+        yield ev
