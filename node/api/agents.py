@@ -8,7 +8,7 @@ No `from __future__ import annotations` here: FastAPI must see real types on rou
 import json
 import math
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import trio
 from fastapi import APIRouter, Request
@@ -102,24 +102,6 @@ async def list_agents(request: Request) -> dict[str, Any]:
     return _agents(request).status()
 
 
-@router.post("/v1/agents/{name}/enable")
-async def enable_agent(name: str, request: Request) -> dict[str, Any]:
-    """Turn an agent on (clears its back-off)."""
-    check_changes(request)
-    agents, _ = _agent(request, name)
-    state = await trio.to_thread.run_sync(agents.set_enabled, name, True)
-    return state.summary()
-
-
-@router.post("/v1/agents/{name}/disable")
-async def disable_agent(name: str, request: Request) -> dict[str, Any]:
-    """Turn an agent off: its triggers are skipped until it is enabled again."""
-    check_changes(request)
-    agents, _ = _agent(request, name)
-    state = await trio.to_thread.run_sync(agents.set_enabled, name, False)
-    return state.summary()
-
-
 @router.post("/v1/agents/{name}/run")
 async def run_agent(name: str, request: Request) -> dict[str, Any]:
     """Run an agent once now (a `manual` event); its alert or its error."""
@@ -138,6 +120,16 @@ def parse_body_or_empty(raw: bytes) -> dict[str, Any]:
         return AgentRunRequest.model_validate_json(raw).data
     except ValueError as exc:
         raise ApiError(400, f'the body must be {{"data": {{...}}}}: {exc}') from None
+
+
+# after /run: Starlette answers with the first route whose path matches
+@router.post("/v1/agents/{name}/{switch}")
+async def switch_agent(name: str, switch: Literal["enable", "disable"], request: Request) -> dict[str, Any]:
+    """Turn an agent on (clearing its back-off) or off (its triggers skipped until it is enabled again)."""
+    check_changes(request)
+    agents, _ = _agent(request, name)
+    state = await trio.to_thread.run_sync(agents.set_enabled, name, switch == "enable")
+    return state.summary()
 
 
 @router.get("/v1/agents/alerts")

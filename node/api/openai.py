@@ -27,6 +27,7 @@ from node.api.stream_parts import end_error, sse, usage
 from node.api.tool_loop import loop_answer, loop_stream
 from node.inference.engine import EngineBusy, EngineShuttingDown, GenerationRequest, Job
 from node.inference.llama_backend import GrammarError, grammar_sampler
+from node.inference.models import ToolFormat
 from node.inference.structured import SchemaError, grammar_for
 from node.memory.record import DEFAULT_NAMESPACE, MemoryRefused, check_namespace
 from node.memory.service import MemoryService
@@ -37,7 +38,7 @@ from node.tools.calls import (
     call_id,
     parse_call,
     render_call,
-    tools_prompt,
+    tool_prompt,
     with_system,
 )
 from node.tools.loop import LoopEvent, ToolCalled, tool_loop
@@ -228,7 +229,7 @@ async def _grammar(node: NodeState, req: ChatCompletionRequest) -> str | None:
     mode = req.tool_mode()
     if mode is not None:
         try:
-            grammar: str | None = call_grammar(req.tool_list(), mode)
+            grammar: str | None = call_grammar(req.tool_list(), mode, node.model.tool_format)
         except ToolChoiceError as exc:
             raise ApiError(400, str(exc), param="tool_choice", code="invalid_tools") from None
     elif (fmt := req.response_format) is not None:
@@ -256,11 +257,11 @@ async def _grammar(node: NodeState, req: ChatCompletionRequest) -> str | None:
     return grammar
 
 
-def _prompt_message(m: Any) -> dict[str, str]:
+def _prompt_message(m: Any, fmt: ToolFormat) -> dict[str, str]:
     """A request message as the model reads it: earlier tool calls as the call objects it is asked to write."""
     text = m.text()
     if m.tool_calls:
-        calls = "\n".join(render_call(c.function.name, c.function.arguments) for c in m.tool_calls)
+        calls = "\n".join(render_call(c.function.name, c.function.arguments, fmt) for c in m.tool_calls)
         text = f"{text}\n{calls}".strip()
     return {"role": m.role, "content": text}
 
@@ -357,7 +358,8 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
     latest: str | None = None
     loop: Callable[[], AsyncGenerator[LoopEvent, None]] | None = None
     if isinstance(req, ChatCompletionRequest):
-        messages = [_prompt_message(m) for m in req.messages]
+        fmt = node.model.tool_format
+        messages = [_prompt_message(m, fmt) for m in req.messages]
         latest = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
         chosen, adapters = _route(node, req.model, latest)
         meaning = await _by_meaning(node, req.model, chosen, latest)
@@ -371,9 +373,12 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
         prompt = with_system(messages, recall.context)
         if node_tools:
             loop = _loop_of(node, req, prompt, node_tools, _first_choice(req, node_tools), adapters)
+        template_tools = None
         if tools is not None:
-            prompt = with_system(prompt, tools_prompt(req.tool_list()))
-        tokens = await trio.to_thread.run_sync(node.model.chat_tokens, prompt, limiter=_tokenize_limiter)
+            prompt, template_tools = tool_prompt(prompt, req.tool_list(), fmt)
+        tokens = await trio.to_thread.run_sync(
+            node.model.chat_tokens, prompt, template_tools, limiter=_tokenize_limiter
+        )
     else:
         chosen, adapters = _route(node, req.model, req.text())
         tokens = await trio.to_thread.run_sync(node.model.completion_tokens, req.text(), limiter=_tokenize_limiter)
@@ -426,8 +431,13 @@ def _loop_of(
     registry = node.tools.registry if node.tools is not None else None
     assert registry is not None
 
-    async def generate(convo: list[dict[str, str]], grammar: str | None) -> Job:
-        tokens = await trio.to_thread.run_sync(node.model.chat_tokens, convo, limiter=_tokenize_limiter)
+    fmt = node.model.tool_format
+
+    async def generate(convo: list[dict[str, str]], grammar: str | None, offered: bool) -> Job:
+        template_tools = None
+        if offered:
+            convo, template_tools = tool_prompt(convo, specs, fmt)
+        tokens = await trio.to_thread.run_sync(node.model.chat_tokens, convo, template_tools, limiter=_tokenize_limiter)
         return await _start(node, tokens, req, req.limit(), adapters, grammar)
 
     last = req.messages[-1]
@@ -437,7 +447,7 @@ def _loop_of(
         for c in (last.tool_calls or [])
         if last.role == "assistant" and c.function.name in names
     ]
-    return lambda: tool_loop(prompt, specs, first, generate, registry.call, pending)
+    return lambda: tool_loop(prompt, specs, first, generate, registry.call, pending, fmt)
 
 
 @router.post("/v1/chat/completions")
@@ -490,20 +500,20 @@ async def chat_completions(request: Request) -> Any:
             req.include_usage(),
             headers,
             record,
-            buffered=lambda text, reason: _streamed_answer(text, reason, tools),
+            buffered=lambda text, reason: _streamed_answer(text, reason, tools, node_of(request).model.tool_format),
         )
     text = await _collect(job)
     await record(text)
-    message, reason = _answer(text, job.stats.finish_reason, tools)
+    message, reason = _answer(text, job.stats.finish_reason, tools, node_of(request).model.tool_format)
     choice = {"index": 0, "message": message, "finish_reason": reason, "logprobs": None}
     return JSONResponse(head | {"object": "chat.completion", "choices": [choice], "usage": usage(job)}, headers=headers)
 
 
-def _answer(text: str, reason: str, tools: str | None) -> tuple[dict[str, Any], str]:
+def _answer(text: str, reason: str, tools: str | None, fmt: ToolFormat) -> tuple[dict[str, Any], str]:
     """The assistant message of a whole answer and its finish reason: a tool call when the answer is one."""
     if tools is not None and reason != "length":  # an answer cut by max_tokens is returned as the text it is
         try:
-            call = parse_call(text, tools)
+            call = parse_call(text, tools, fmt)
         except (ValueError, KeyError, TypeError):  # cut short by a stop string: the text it is
             call = None
         if call is not None:
@@ -513,9 +523,9 @@ def _answer(text: str, reason: str, tools: str | None) -> tuple[dict[str, Any], 
     return {"role": "assistant", "content": text}, reason
 
 
-def _streamed_answer(text: str, reason: str, tools: str) -> list[dict[str, Any]]:
+def _streamed_answer(text: str, reason: str, tools: str, fmt: ToolFormat) -> list[dict[str, Any]]:
     """The chunks of a buffered answer under `auto`/`required`: the call (or text), then the finish."""
-    message, reason = _answer(text, reason, tools)
+    message, reason = _answer(text, reason, tools, fmt)
     if "tool_calls" in message:
         calls = [{"index": 0} | c for c in message["tool_calls"]]
         delta: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": calls}

@@ -1,6 +1,8 @@
 """The base model the node serves: where its GGUF is, what it is called, how prompts become tokens."""
 
 import importlib.util
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,34 @@ def resolve_model(section: ModelSection) -> tuple[str, Path]:
     return section.name or path.stem.lower(), path
 
 
+@dataclass(frozen=True)
+class ToolFormat:
+    """How a model reads tools: in its chat template (`template`) or our system-prompt block; calls wrapped in
+    `open` ... `close` where the template's format has tags."""
+
+    template: bool = False
+    open: str = ""
+    close: str = ""
+
+    def first_char(self) -> str:
+        """The character a call starts with (under `auto`, text never starts with it)."""
+        return self.open[:1] or "{"
+
+
+PLAIN = ToolFormat()
+_TEMPLATE_TOOLS = re.compile(r"\{[{%][^}]*\btools\b")
+
+
+def tool_format(chat_template: str | None) -> ToolFormat:
+    """What a GGUF's chat template does with tools: renders them (a Jinja block naming `tools`), with Hermes tags or
+    without; PLAIN when it has no tools."""
+    if not chat_template or not _TEMPLATE_TOOLS.search(chat_template):
+        return PLAIN
+    if "<tool_call>" in chat_template:
+        return ToolFormat(True, "<tool_call>\n", "\n</tool_call>")
+    return ToolFormat(True)
+
+
 class BaseModel:
     """A loaded GGUF plus its chat template: turns OpenAI messages or raw text into llama.cpp tokens."""
 
@@ -53,6 +83,7 @@ class BaseModel:
         self.path = path
         self.llama = LlamaModel(path, extra_buffers=extra_buffers, verbose=verbose)
         template = self.llama.chat_template()
+        self.tool_format = tool_format(template)  # tools in the template, or in our system-prompt block
         self._formatter = (
             Jinja2ChatFormatter(
                 template,
@@ -67,12 +98,13 @@ class BaseModel:
         """Every `model` value a request may use for this model."""
         return (self.id, BASE_ALIAS)
 
-    def chat_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Render messages with the GGUF's own chat template and tokenize them as llama.cpp would."""
+    def chat_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Render messages (and `tools`, for a template that renders them) with the GGUF's own chat template and
+        tokenize them as llama.cpp would."""
         if self._formatter is None:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
             return self.llama.tokenize(text, add_special=True, parse_special=False)
-        rendered = self._formatter(messages=messages)  # type: ignore[arg-type]
+        rendered = self._formatter(messages=messages, tools=tools)  # type: ignore[arg-type]
         return self.llama.tokenize(rendered.prompt, add_special=not rendered.added_special, parse_special=True)
 
     def completion_tokens(self, prompt: str) -> list[int]:

@@ -1,7 +1,10 @@
-"""OpenAI tool calls on a model without a tool template (the embedded SmolLM2's has none).
+"""OpenAI tool calls: the functions shown to the model, and a call generated under a llama.cpp grammar, so that when the
+model calls, the call parses and its arguments follow the function's JSON Schema.
 
-The tools are described in the system prompt, and a call is generated under a llama.cpp grammar, so that when the
-model calls, the call parses and its arguments follow the function's JSON Schema:
+Where the GGUF's chat template renders `tools` (ToolFormat.template), the model reads them as it was trained to:
+the template gets the functions, and calls are written in the template's own wrapping where it has one (Hermes-style
+`<tool_call>...</tool_call>`, used by Qwen 2.5 and many fine-tunes). Otherwise (the embedded SmolLM2's template has
+no tools) the functions are listed in the system prompt. Either way:
 - a named `tool_choice`: the grammar is the function's arguments (the name is given);
 - `required`: one JSON object `{"name": ..., "arguments": {...}}`, one alternative per function;
 - `auto`: the same object, or text that does not start with `{` — the model decides with its first token
@@ -16,9 +19,15 @@ import re
 import uuid
 from typing import Any
 
+from node.inference.models import PLAIN, ToolFormat
 from node.inference.structured import SchemaError, grammar_for
 
 CALL_FORMAT = '{"name": <function name>, "arguments": <JSON object>}'
+
+
+def openai_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """{name, description, parameters} as OpenAI's `tools` entries (what a chat template expects)."""
+    return [{"type": "function", "function": t} for t in tools]
 
 
 class ToolChoiceError(ValueError):
@@ -49,8 +58,13 @@ def _call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
     return alternatives[0] if len(alternatives) == 1 else {"oneOf": alternatives}
 
 
-def call_grammar(tools: list[dict[str, Any]], choice: str) -> str:
-    """The grammar of an answer under `choice` (`required`, `auto`, or a function's name)."""
+def _literal(text: str) -> str:
+    return json.dumps(text)  # a GBNF string literal: JSON's escapes are GBNF's
+
+
+def call_grammar(tools: list[dict[str, Any]], choice: str, fmt: ToolFormat = PLAIN) -> str:
+    """The grammar of an answer under `choice` (`required`, `auto`, or a function's name; a named call is its
+    arguments alone, whatever the format)."""
     try:
         if choice not in ("required", "auto"):
             named = next((t for t in tools if t["name"] == choice), None)
@@ -62,19 +76,28 @@ def call_grammar(tools: list[dict[str, Any]], choice: str) -> str:
     except SchemaError as exc:
         raise ToolChoiceError(str(exc)) from None
     assert grammar is not None
-    if choice != "auto":
+    if choice not in ("required", "auto"):
         return grammar
-    call = re.sub(r"^root ::=", "call ::=", grammar, count=1, flags=re.MULTILINE)
-    return "root ::= call | text\ntext ::= [^{ \\t\\n] [^\\x00]*\n" + call
+    obj = re.sub(r"^root ::=", "call-object ::=", grammar, count=1, flags=re.MULTILINE)
+    wrapped = f"{_literal(fmt.open)} call-object {_literal(fmt.close)}" if fmt.open else "call-object"
+    call = f"call ::= {wrapped}\n"
+    if choice == "required":
+        return "root ::= call\n" + call + obj
+    excluded = "{" + ("<" if fmt.open else "")
+    return f"root ::= call | text\ntext ::= [^{excluded} \\t\\n] [^\\x00]*\n" + call + obj
 
 
-def parse_call(text: str, choice: str) -> tuple[str, str] | None:
+def parse_call(text: str, choice: str, fmt: ToolFormat = PLAIN) -> tuple[str, str] | None:
     """(name, arguments as a JSON string) of a generated call, or None when the answer is text (`auto`)."""
     stripped = text.strip()
     if choice not in ("required", "auto"):
         return choice, json.dumps(json.loads(stripped), ensure_ascii=False)
-    if not stripped.startswith("{"):
+    if not stripped.startswith(fmt.first_char()):
         return None
+    if fmt.open:
+        if not (stripped.startswith(fmt.open.strip()) and stripped.endswith(fmt.close.strip())):
+            raise ValueError("a call without its closing tag")
+        stripped = stripped[len(fmt.open.strip()) : -len(fmt.close.strip())].strip()
     call = json.loads(stripped)
     return str(call["name"]), json.dumps(call["arguments"], ensure_ascii=False)
 
@@ -84,13 +107,23 @@ def call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def render_call(name: str, arguments: str) -> str:
+def render_call(name: str, arguments: str, fmt: ToolFormat = PLAIN) -> str:
     """How an earlier call reads in the conversation shown to the model."""
     try:
         args: Any = json.loads(arguments)
     except ValueError:
         args = arguments
-    return json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
+    return fmt.open + json.dumps({"name": name, "arguments": args}, ensure_ascii=False) + fmt.close
+
+
+def tool_prompt(
+    messages: list[dict[str, str]], tools: list[dict[str, Any]], fmt: ToolFormat
+) -> tuple[list[dict[str, str]], list[dict[str, Any]] | None]:
+    """The messages and the `tools` for the chat template: the template's own rendering where it has one, else the
+    system-prompt block (and no template tools)."""
+    if fmt.template:
+        return messages, openai_tools(tools)
+    return with_system(messages, tools_prompt(tools)), None
 
 
 def with_system(messages: list[dict[str, str]], context: str) -> list[dict[str, str]]:

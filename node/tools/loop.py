@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.inference.engine import Job
-from node.tools.calls import call_grammar, call_id, parse_call, render_call, tools_prompt, with_system
+from node.inference.models import PLAIN, ToolFormat
+from node.tools.calls import call_grammar, call_id, parse_call, render_call
 from node.tools.registry import ToolRefused
 
 MAX_STEPS = 4
 
-Generate = Callable[[list[dict[str, str]], str | None], Awaitable[Job]]
+Generate = Callable[[list[dict[str, str]], str | None, bool], Awaitable[Job]]  # (messages, grammar, tools offered)
 CallTool = Callable[[str, str], Awaitable[str]]
 
 
@@ -81,11 +82,11 @@ async def tool_loop(
     generate: Generate,
     call_tool: CallTool,
     pending: list[ToolCalled] | None = None,
+    fmt: ToolFormat = PLAIN,
 ) -> AsyncGenerator[LoopEvent, None]:
     """Run the loop over `messages` with `tools` ({name, description, parameters}), the `pending` calls (the
     conversation's last message made them) first; yields what happens."""
     convo = list(messages)
-    prompt_block = tools_prompt(tools)
     first_step = 0
     for called in pending or []:
         yield called
@@ -96,23 +97,23 @@ async def tool_loop(
     for step in range(first_step, MAX_STEPS):
         choice = step_choice(step, first_choice)
         if choice == "none":
-            job = await generate(convo, None)
+            job = await generate(convo, None, False)
         else:
-            job = await generate(with_system(convo, prompt_block), call_grammar(tools, choice))
+            job = await generate(convo, call_grammar(tools, choice, fmt), True)
         parts: list[str] = []
         calling = choice not in ("none", "auto")  # required or named: the whole answer is a call
-        decided = choice != "auto"  # under `auto` the first character decides: `{` opens a call
+        decided = choice != "auto"  # under `auto` the first character decides: `{` (or `<`, a tag) opens a call
         try:
             async for delta in job.text():
                 if not decided and delta:
-                    decided, calling = True, delta.startswith("{")
+                    decided, calling = True, delta.startswith(fmt.first_char())
                 parts.append(delta)
                 if not calling:
                     yield Text(delta)
         finally:
             job.cancel()
         text = "".join(parts)
-        call = _parsed(text, choice) if calling and not job.error and job.stats.finish_reason == "stop" else None
+        call = _parsed(text, choice, fmt) if calling and not job.error and job.stats.finish_reason == "stop" else None
         if call is None:
             if calling and text:  # a call cut short (length, stop string): the text it is
                 yield Text(text)
@@ -125,13 +126,13 @@ async def tool_loop(
         answered = await _run_call(called, call_tool)
         yield answered
         convo += [
-            {"role": "assistant", "content": render_call(name, arguments)},
+            {"role": "assistant", "content": render_call(name, arguments, fmt)},
             {"role": "tool", "content": answered.content},
         ]
 
 
-def _parsed(text: str, choice: str) -> tuple[str, str] | None:
+def _parsed(text: str, choice: str, fmt: ToolFormat) -> tuple[str, str] | None:
     try:
-        return parse_call(text, choice)
+        return parse_call(text, choice, fmt)
     except (ValueError, KeyError, TypeError):
         return None

@@ -420,3 +420,41 @@ def test_a_bwrap_that_cannot_make_namespaces_is_refused_with_its_reason(tmp_path
     assert "setting up uid map: Permission denied" in refused.value.detail
     assert "never run outside the sandbox" in refused.value.detail
     assert not proof.exists()
+
+
+def test_an_interpreter_in_a_venv_under_tmp_still_runs(tmp_path: Path) -> None:
+    # Arrange: a venv in /tmp (a fresh clone's .venv there, as in CI) that reaches this one's packages and the node
+    import site
+    import subprocess
+    import sys
+
+    root = Path(tempfile.mkdtemp(prefix="mirador-venv-", dir="/tmp"))
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
+        purelib = Path(
+            subprocess.check_output(
+                [
+                    str(root / "venv" / "bin" / "python"),
+                    "-c",
+                    "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+                ],
+                text=True,
+            ).strip()
+        )
+        repo = Path(__file__).resolve().parents[2]
+        (purelib / "mirador-test.pth").write_text(f"{site.getsitepackages()[0]}\n{repo}\n")
+        probe = (
+            "import trio, sys\nfrom node.tools.sandbox import Sandbox\n"
+            "out = trio.run(Sandbox().run_python, 'import sys; print(sys.prefix)')\n"
+            "print(out.ok(), out.stdout.strip(), sys.prefix, sep='|')"
+        )
+        # Act
+        done = subprocess.run(
+            [str(root / "venv" / "bin" / "python"), "-c", probe], capture_output=True, text=True, timeout=120
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    # Assert: the sandboxed code ran on the /tmp interpreter (the tmpfs at /tmp did not hide it)
+    assert done.returncode == 0, done.stderr
+    ok, inner, outer = done.stdout.strip().split("|")
+    assert ok == "True" and inner == outer and outer.startswith("/tmp/mirador-venv-")

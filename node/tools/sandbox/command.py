@@ -70,9 +70,10 @@ def bwrap_argv(
         argv += [a for cap in ("SETUID", "SETGID", "SYS_RESOURCE") for a in ("--cap-add", f"CAP_{cap}")]
     else:
         argv += ["--disable-userns"]
-    argv += _mounts()
+    argv += _system()
     argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
     argv += ["--perms", "1777", "--size", str(4 * limits.file_mb * MIB), "--tmpfs", "/tmp"]
+    argv += _prefixes()  # after /tmp: an interpreter in a venv under /tmp would be hidden by the tmpfs
     argv += ["--perms", "0755", "--dir", "/sandbox", "--perms", "0444", "--ro-bind-data", str(code_fd), MAIN]
     if scratch is not None:
         argv += ["--bind", str(scratch), SCRATCH]
@@ -82,9 +83,8 @@ def bwrap_argv(
     return [*argv, "--", sys.executable, "-I", "-B", "-c", boot]
 
 
-def _mounts() -> list[str]:
-    """The read-only binds: /usr, the /lib and /bin links, what the dynamic linker and libc read in /etc, and the
-    interpreter's prefixes (each parent folder made 0755: bwrap makes them 0700, closed to uid 65534)."""
+def _system() -> list[str]:
+    """The read-only system: /usr, the /lib and /bin links, what the dynamic linker and libc read in /etc."""
     argv = ["--ro-bind", "/usr", "/usr"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
@@ -94,6 +94,13 @@ def _mounts() -> list[str]:
     argv += ["--perms", "0755", "--dir", "/etc"]
     for etc in ("/etc/ld.so.cache", "/etc/localtime"):
         argv += ["--ro-bind-try", etc, etc]
+    return argv
+
+
+def _prefixes() -> list[str]:
+    """The interpreter's prefixes, read-only (each parent folder made 0755: bwrap makes them 0700, closed to uid
+    65534; an existing one, /tmp say, keeps its mode)."""
+    argv: list[str] = []
     prefixes = {os.path.abspath(p) for p in (sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix)}
     made: set[str] = set()
     for p in sorted(prefixes):
