@@ -25,6 +25,8 @@ from node.api.memory import in_thread
 from node.api.openai_schema import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 from node.api.stream_parts import end_error, sse, usage
 from node.api.tool_loop import loop_answer, loop_stream
+from node.chains.resolve import ChainRefused, resolve_chain
+from node.chains.run import run_chain
 from node.inference.engine import EngineBusy, EngineShuttingDown, GenerationRequest, Job
 from node.inference.llama_backend import GrammarError, grammar_sampler
 from node.inference.models import ToolFormat
@@ -316,7 +318,7 @@ class _Admitted(NamedTuple):
     tools: str | None  # the tool mode (ChatCompletionRequest.tool_mode)
     headers: dict[str, str]
     record: Callable[[str], Awaitable[None]]  # remembers a finished chat answer for feedback
-    loop: Callable[[], AsyncGenerator[LoopEvent, None]] | None = None  # the node-side tool loop (node.tools.loop)
+    loop: Callable[[], AsyncGenerator[Any, None]] | None = None  # a tool loop or a chain (node.inference.steps)
 
 
 def _node_tools(request: Request, node: NodeState, chosen: Route, req: ChatCompletionRequest) -> list[Tool]:
@@ -356,8 +358,13 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
     meaning: tuple[str, float] | None = None
     tools: str | None = None
     latest: str | None = None
-    loop: Callable[[], AsyncGenerator[LoopEvent, None]] | None = None
-    if isinstance(req, ChatCompletionRequest):
+    loop: Callable[[], AsyncGenerator[Any, None]] | None = None
+    if isinstance(req, ChatCompletionRequest) and req.model.startswith(CHAIN_PREFIX):
+        latest = next((m.text() for m in reversed(req.messages) if m.role == "user"), None)
+        messages = [{"role": "user", "content": latest or ""}]
+        chosen, adapters, loop = await _chain_loop(node, req, latest)
+        tokens = []
+    elif isinstance(req, ChatCompletionRequest):
         fmt = node.model.tool_format
         messages = [_prompt_message(m, fmt) for m in req.messages]
         latest = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
@@ -382,7 +389,7 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
     else:
         chosen, adapters = _route(node, req.model, req.text())
         tokens = await trio.to_thread.run_sync(node.model.completion_tokens, req.text(), limiter=_tokenize_limiter)
-    grammar = await _grammar(node, req) if isinstance(req, ChatCompletionRequest) else None
+    grammar = await _grammar(node, req) if isinstance(req, ChatCompletionRequest) and loop is None else None
     job = await _start(node, tokens, req, req.limit(), adapters, grammar) if loop is None else None
     head = {
         "id": f"{id_prefix}-{uuid.uuid4().hex[:24]}",
@@ -416,6 +423,33 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
             await _remember(node.memory, recall.namespace, latest, answer, head["id"])
 
     return _Admitted(req, job, head, tools, headers, record, loop)
+
+
+CHAIN_PREFIX = "chain:"
+
+
+async def _chain_loop(
+    node: NodeState, req: ChatCompletionRequest, latest: str | None
+) -> tuple[Route, tuple[AdapterRef, ...], Callable[[], AsyncGenerator[Any, None]]]:
+    """`model: "chain:NAME[@VERSION]"`: the installed chain, verified with its artifacts, run on the latest user
+    message."""
+    if req.tools or req.node_tools or (req.response_format is not None and req.response_format.type != "text"):
+        raise ApiError(400, "a chain answers in text: tools and JSON formats cannot be combined with it", "model")
+    if not latest:
+        raise ApiError(400, "a chain needs a user message (its {input})", param="messages")
+    target = req.model.removeprefix(CHAIN_PREFIX)
+    try:
+        runnable = await trio.to_thread.run_sync(resolve_chain, node, target, limiter=db_limiter)
+    except ChainRefused as exc:
+        raise ApiError(404, exc.detail, param="model", code="chain_refused") from None
+
+    async def generate(message: str, adapters: tuple[AdapterRef, ...]) -> Job:
+        convo = [{"role": "user", "content": message}]
+        tokens = await trio.to_thread.run_sync(node.model.chat_tokens, convo, limiter=_tokenize_limiter)
+        return await _start(node, tokens, req, req.limit(), adapters)
+
+    label = f"{CHAIN_PREFIX}{runnable.chain.name}@{runnable.chain.version}"
+    return Route(label), (), lambda: run_chain(runnable, latest, generate)
 
 
 def _loop_of(
@@ -459,7 +493,8 @@ async def chat_completions(request: Request) -> Any:
     if loop is not None:
         if req.stream:
             return await loop_stream(loop(), head, headers, record, req.include_usage())
-        return await loop_answer(loop(), head, headers, record)
+        lists = ("steps",) if req.model.startswith(CHAIN_PREFIX) else ("tool_events",)
+        return await loop_answer(loop(), head, headers, record, lists)
     assert job is not None
     if req.stream:
         if tools is None:

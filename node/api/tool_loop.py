@@ -1,9 +1,11 @@
-"""A chat answered by the node-side tool loop (node.tools.loop), streamed or whole.
+"""A chat answered in several steps (node.inference.steps): the node-side tool loop (node.tools.loop) or a chain
+(node.chains.run), streamed or whole.
 
-Streamed, the answer's text arrives as ordinary content deltas, and each tool event as a chunk of its own with no
-choices and a `tool_event` ({"type": "call", id, name, arguments} or {"type": "result", id, name, content, error}):
-an OpenAI client reads the answer as usual and ignores the events (the `openai` package keeps them in the chunk's
-`model_extra`). Whole, the response carries the events as `tool_events`.
+Streamed, the answer's text arrives as ordinary content deltas, and each side event as a chunk of its own with no
+choices and the event under its key (`tool_event`: {"type": "call", id, name, arguments} or {"type": "result", id,
+name, content, error}; `chain_step`: a finished intermediate step): an OpenAI client reads the answer as usual and
+ignores the events (the `openai` package keeps them in the chunk's `model_extra`). Whole, the response lists them
+(`tool_events`, `steps`).
 """
 
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -15,13 +17,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from node.api.common import ApiError
 from node.api.openai_schema import error_body
 from node.api.stream_parts import end_error, sse
-from node.tools.loop import LoopEvent, StepDone, Text, ToolAnswered, ToolCalled
+from node.inference.steps import SideEvent, StepDone, Text
 
-
-def _event(ev: ToolCalled | ToolAnswered) -> dict[str, Any]:
-    if isinstance(ev, ToolCalled):
-        return {"type": "call", "id": ev.id, "name": ev.name, "arguments": ev.arguments}
-    return {"type": "result", "id": ev.id, "name": ev.name, "content": ev.content, "error": ev.error}
+Event = Text | StepDone | SideEvent
 
 
 class _Totals:
@@ -41,14 +39,15 @@ class _Totals:
 
 
 async def loop_answer(
-    events: AsyncGenerator[LoopEvent, None],
+    events: AsyncGenerator[Any, None],
     head: dict[str, Any],
     headers: dict[str, str],
     record: Callable[[str], Awaitable[None]],
+    lists: tuple[str, ...] = (),
 ) -> JSONResponse:
     """The whole answer: the final message, the tool events, usage summed over every step."""
     text: list[str] = []
-    tool_events: list[dict[str, Any]] = []
+    side: dict[str, list[dict[str, Any]]] = {key: [] for key in lists}  # listed even when empty
     totals = _Totals()
     reason = "stop"
     async with aclosing(events):
@@ -66,22 +65,25 @@ async def loop_answer(
                     )
                 reason = ev.job.stats.finish_reason
             else:
-                tool_events.append(_event(ev))
+                side.setdefault(ev.LIST_KEY, []).append(ev.as_dict())
     answer = "".join(text)
     await record(answer)
     message = {"role": "assistant", "content": answer}
     choice = {"index": 0, "message": message, "finish_reason": reason, "logprobs": None}
-    body = head | {
-        "object": "chat.completion",
-        "choices": [choice],
-        "usage": totals.usage(),
-        "tool_events": tool_events,
-    }
+    body = (
+        head
+        | {
+            "object": "chat.completion",
+            "choices": [choice],
+            "usage": totals.usage(),
+        }
+        | side
+    )
     return JSONResponse(body, headers=headers)
 
 
 async def loop_stream(
-    events: AsyncGenerator[LoopEvent, None],
+    events: AsyncGenerator[Any, None],
     head: dict[str, Any],
     headers: dict[str, str],
     record: Callable[[str], Awaitable[None]],
@@ -118,7 +120,7 @@ async def loop_stream(
                     if ev.final:
                         yield chunk({}, ev.job.stats.finish_reason)
                 else:
-                    yield sse(head | {"choices": [], "tool_event": _event(ev)})
+                    yield sse(head | {"choices": [], ev.STREAM_KEY: ev.as_dict()})
         except ApiError as exc:  # a later step refused by the engine (busy, shutting down)
             failed = True
             yield sse(error_body(exc.message, exc.type, exc.param, exc.code))
@@ -137,7 +139,7 @@ async def loop_stream(
     )
 
 
-async def _chain(first: list[LoopEvent], rest: AsyncIterator[LoopEvent]) -> AsyncIterator[LoopEvent]:
+async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
     for ev in first:
         yield ev
     async for ev in rest:

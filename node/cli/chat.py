@@ -32,7 +32,7 @@ def _tool_event(event: dict[str, Any]) -> None:
 
 def _ask(client: DaemonClient, args: argparse.Namespace, messages: list[dict[str, str]]) -> str:
     parts: list[str] = []
-    for delta in client.stream_chat(_request(args, messages), on_tool_event=_tool_event):
+    for delta in client.stream_chat(_request(args, messages), on_event={"tool_event": _tool_event}):
         parts.append(delta)
         sys.stdout.write(delta)
         sys.stdout.flush()

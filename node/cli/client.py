@@ -87,9 +87,10 @@ class DaemonClient:
                     yield json.loads(line)
 
     def stream_chat(
-        self, body: dict[str, Any], on_tool_event: Callable[[dict[str, Any]], None] | None = None
+        self, body: dict[str, Any], on_event: dict[str, Callable[[dict[str, Any]], None]] | None = None
     ) -> Iterator[str]:
-        """POST a streamed chat completion and yield its text deltas (tool events of node tools to `on_tool_event`)."""
+        """POST a streamed chat completion and yield its text deltas; side events (`tool_event`, `chain_step`) go to
+        the callback `on_event` names for their key."""
         with self._transport(), self.http.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as resp:
             if resp.status_code != 200:
                 resp.read()
@@ -103,8 +104,9 @@ class DaemonClient:
                 event = json.loads(data)
                 if "error" in event:
                     raise DaemonRequestError(event["error"]["message"])
-                if "tool_event" in event and on_tool_event is not None:
-                    on_tool_event(event["tool_event"])
+                for key, callback in (on_event or {}).items():
+                    if key in event:
+                        callback(event[key])
                 for choice in event.get("choices", []):
                     delta = choice.get("delta", {}).get("content")
                     if delta:

@@ -187,6 +187,30 @@ def cmd_chain_publish(home: NodeHome, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chain_run(home: NodeHome, args: argparse.Namespace) -> int:
+    """Run an installed chain through the running node: each finished step on stderr, the last one streamed."""
+    from node.cli.client import DaemonClient
+
+    body: dict[str, Any] = {"model": f"chain:{args.target}", "messages": [{"role": "user", "content": args.input}]}
+    if args.max_tokens is not None:
+        body["max_tokens"] = args.max_tokens
+    if args.temperature is not None:
+        body["temperature"] = args.temperature
+
+    def step(event: dict[str, Any]) -> None:
+        print(
+            f"[step {event['index']}: {event['by']}, {event['completion_tokens']} tokens, {event['seconds']} s]",
+            file=sys.stderr,
+        )
+        print(event["text"], file=sys.stderr)
+
+    for delta in DaemonClient(home).stream_chat(body, on_event={"chain_step": step}):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
 def cmd_pull(home: NodeHome, args: argparse.Namespace) -> int:
     """Pull and verify NAME[@VERSION] or a CID (a chain brings what it references).
 
@@ -433,6 +457,13 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> l
         ins = s.add_parser("inspect", help="manifest and provenance of an installed artifact")
         ins.add_argument("target", help="NAME[@VERSION]")
         ins.set_defaults(market_func=cmd_inspect)
+        if kind == "chain":
+            runner = s.add_parser("run", help="run an installed chain on an input (the running node streams it)")
+            runner.add_argument("target", help="NAME[@VERSION]")
+            runner.add_argument("input", help="the chain's {input}")
+            runner.add_argument("--max-tokens", type=int, help="cap on each step's answer in tokens")
+            runner.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
+            runner.set_defaults(market_func=cmd_chain_run)
         tops.append(top)
     trust = sub.add_parser("trust", help="publishers whose artifacts this node accepts")
     t = trust.add_subparsers(dest="trust_command", required=True)

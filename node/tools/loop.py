@@ -11,10 +11,11 @@ failure, a timeout), goes back to the model as a `tool` message: the model may a
 
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from node.inference.engine import Job
 from node.inference.models import PLAIN, ToolFormat
+from node.inference.steps import StepDone, Text
 from node.tools.calls import call_grammar, call_id, parse_call, render_call
 from node.tools.registry import ToolRefused
 
@@ -28,34 +29,31 @@ CallTool = Callable[[str, str], Awaitable[str]]
 class ToolCalled:
     """The model called a tool (arguments as JSON text)."""
 
+    STREAM_KEY: ClassVar[str] = "tool_event"
+    LIST_KEY: ClassVar[str] = "tool_events"
     id: str
     name: str
     arguments: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """The call as the API shows it."""
+        return {"type": "call", "id": self.id, "name": self.name, "arguments": self.arguments}
 
 
 @dataclass(frozen=True)
 class ToolAnswered:
     """A tool's result (or the refusal of the call, `error` = its reason)."""
 
+    STREAM_KEY: ClassVar[str] = "tool_event"
+    LIST_KEY: ClassVar[str] = "tool_events"
     id: str
     name: str
     content: str
     error: str | None = None
 
-
-@dataclass(frozen=True)
-class Text:
-    """A piece of the final answer."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class StepDone:
-    """One generation ended (its job carries the finish reason, token counts and any error)."""
-
-    job: Job
-    final: bool
+    def as_dict(self) -> dict[str, Any]:
+        """The result as the API shows it."""
+        return {"type": "result", "id": self.id, "name": self.name, "content": self.content, "error": self.error}
 
 
 LoopEvent = ToolCalled | ToolAnswered | Text | StepDone
