@@ -180,19 +180,25 @@ class InferenceEngine:
         if self._closing or self._worker is None:
             self._sem.release()
             raise EngineShuttingDown("the node is shutting down")
-        seq = self._take_sequence(request.adapter_key)
+        seq = self._take_sequence(request.adapter_key, request.prompt_tokens)
         send, receive = trio.open_memory_channel[str](math.inf)
         job = Job(id=next(self._ids), request=request, receive=receive)
         self._jobs[job.id] = (job, seq, send)
         self._worker.submit(job, seq, _Outbox(send, job, self.stream_interval_s), time.monotonic())
         return job
 
-    def _take_sequence(self, key: AdapterKey) -> "_Sequence":
-        """A free sequence, preferably one whose KV cache was built with the same adapters (reusable prefix)."""
-        for i in range(len(self._free_seqs) - 1, -1, -1):
-            if self._free_seqs[i].adapter_key == key:
-                return self._free_seqs.pop(i)
-        return self._free_seqs.pop()
+    def _take_sequence(self, key: AdapterKey, prompt: list[int]) -> "_Sequence":
+        """The free sequence whose KV cache is worth most to `prompt`: the prefix it shares (built with the same
+        adapters) counts for it, what it holds beyond that (lost when overwritten) against it; ties go to the one
+        idle longest. So a conversation's next turn (or a chain's prepared step) finds its cache, and an unrelated
+        chat takes an idle sequence rather than the cache of one that may continue."""
+
+        def worth(i: int) -> tuple[int, int]:
+            seq = self._free_seqs[i]
+            shared = common_prefix_len(seq.cached, prompt) if seq.adapter_key == key else 0
+            return 2 * shared - len(seq.cached), -i
+
+        return self._free_seqs.pop(max(range(len(self._free_seqs)), key=worth))
 
     def _finished(self, job: Job, stats: GenerationStats | None, error: "_Failure | None", began: float) -> None:
         """Called on the loop (via run_sync_soon) after the worker's last delivery for `job`."""

@@ -1,5 +1,6 @@
 """The batching engine in-process: batched, reused and fresh decoding give identical greedy text."""
 
+from node.inference.engine import Job
 from node.inference.llama_backend import LlamaModel
 from tests.engine_harness import generate
 
@@ -24,6 +25,18 @@ def test_kv_prefix_reuse_gives_the_same_text_as_a_fresh_context(llama: LlamaMode
     reused = generate(llama, 1, [first, second], sequential=True)[1]
     # Assert
     assert reused == fresh
+
+
+def test_a_continued_prompt_finds_its_cached_prefix_after_an_unrelated_one(llama: LlamaModel) -> None:
+    # Arrange: two slots; A, then an unrelated B, then A continued
+    first, other = PROMPTS[1], PROMPTS[2]
+    jobs: list[Job] = []
+    # Act
+    generate(llama, 2, [first, other, first + " named Pip"], sequential=True, jobs_out=jobs)
+    # Assert: B took the idle sequence, so A's KV cache was still there for its continuation
+    prefix = len(llama.tokenize(first, add_special=True, parse_special=False))
+    assert jobs[1].stats.reused_tokens <= 1
+    assert jobs[2].stats.reused_tokens >= prefix - 1
 
 
 def test_queue_longer_than_slots_completes_every_job(llama: LlamaModel) -> None:
