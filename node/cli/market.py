@@ -183,9 +183,6 @@ def cmd_chain_publish(home: NodeHome, args: argparse.Namespace) -> int:
             progress=bar,
         )
     print(f"published chain {chain.name}@{chain.version} ({len(refs)} references) as {done.envelope_cid}")
-    # Closed before the daemon is asked: while this connection stayed open, the daemon's reads of state.db did not
-    # see the chain's record (measured, not yet explained: other processes did), and the announce was refused.
-    market.registry.close()
     _announce(home, chain.name)
     return 0
 
