@@ -87,6 +87,10 @@ class EventBus:
         self._listeners.add(listener)
         return listener
 
+    def listeners(self) -> int:
+        """How many listeners are open."""
+        return len(self._listeners)
+
     def unlisten(self, listener: Listener) -> None:
         """Stop delivering to `listener`."""
         self._listeners.discard(listener)

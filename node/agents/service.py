@@ -105,12 +105,18 @@ class AgentState:
 
 
 def as_alert(result: Any) -> sdk.Alert | None:
-    """What `analyze` returned as an Alert: an Alert, a string (its title), or None."""
-    if result is None or isinstance(result, sdk.Alert):
-        return result
+    """What `analyze` returned as an Alert (an Alert of strings, a string: its title, or None), cut to the sizes
+    kept; TypeError for anything else."""
+    if result is None:
+        return None
     if isinstance(result, str):
-        return sdk.Alert(result) if result.strip() else None
-    raise TypeError(f"analyze returned {type(result).__name__}; return a mirador.Alert, a string or None")
+        result = sdk.Alert(result)
+    if not isinstance(result, sdk.Alert) or not isinstance(result.title, str) or not isinstance(result.body, str):
+        raise TypeError("analyze must return a mirador.Alert (title and body strings), a string or None")
+    if not result.title.strip():
+        return None
+    level = result.level if result.level in ("info", "warning", "critical") else "info"
+    return sdk.Alert(result.title[:MAX_TITLE], result.body[:MAX_BODY], level)
 
 
 class AgentService:
@@ -218,15 +224,14 @@ class AgentService:
         state.failures, state.last_error = 0, None
         if alert is None:
             return None
-        row = await trio.to_thread.run_sync(
-            self.alerts.add,
-            state.name,
-            alert.title[:MAX_TITLE],
-            alert.body[:MAX_BODY],
-            alert.level if alert.level in ("info", "warning", "critical") else "info",
-            event.name,
-            event.data,
-        )
+        try:  # never let a run's end reach the daemon's nursery: a full disk, a locked state.db
+            row = await trio.to_thread.run_sync(
+                self.alerts.add, state.name, alert.title, alert.body, alert.level, event.name, event.data
+            )
+        except Exception as exc:
+            log.exception("agent %s: its alert could not be stored", state.name)
+            state.last_error = f"its alert could not be stored: {exc}"
+            return None
         self.bus.emit(ALERT_EVENT, row.as_dict(), source=f"agent:{state.name}")
         return row
 

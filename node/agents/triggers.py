@@ -17,6 +17,7 @@ from croniter import croniter
 
 from crypto.refusal import SingleReason
 
+BUILT_IN_EVENTS = ("memory.added", "feedback.given", "adapter.installed", "federation.round_applied", "file.changed")
 SCHEDULE_ALIASES = {"daily": "0 0 * * *", "hourly": "0 * * * *", "weekly": "0 0 * * 1"}
 _EVERY = re.compile(r"^every:(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}

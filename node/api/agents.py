@@ -8,20 +8,25 @@ No `from __future__ import annotations` here: FastAPI must see real types on rou
 import json
 import math
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import trio
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
+from node.agents.events import MAX_LISTENERS
 from node.agents.service import ALERT_EVENT, AgentService, AgentState
+from node.agents.triggers import BUILT_IN_EVENTS
 from node.api.common import ApiError, check_changes, node_of, parse_body
+from node.api.openai_schema import error_body
 from node.api.tools_schema import AgentRunRequest, EventRequest
 from node.sdk import Event
 
 router = APIRouter()
 
-RESERVED = {ALERT_EVENT, "schedule", "threshold", "manual"}  # made by the node only
+# made by the node only: its own events (an agent trusts them as the node's) and the agents' wake-ups
+RESERVED = {ALERT_EVENT, "schedule", "threshold", "manual", *BUILT_IN_EVENTS}
+MAX_EVENT_DATA = 64 * 1024  # bytes of JSON: an event is kept with every alert it causes
 HEARTBEAT_S = 15.0
 
 
@@ -53,6 +58,8 @@ async def emit_event(request: Request) -> dict[str, Any]:
     if req.name in RESERVED:
         raise ApiError(400, f"{req.name!r} events are made by the node itself", param="name", code="reserved_event")
     data = dict(req.data)
+    if len(json.dumps(data, default=str)) > MAX_EVENT_DATA:
+        raise ApiError(413, f"an event's data is limited to {MAX_EVENT_DATA} bytes of JSON", param="data")
     if req.value is not None:
         if not math.isfinite(req.value):
             raise ApiError(400, "value must be a finite number", param="value")
@@ -67,26 +74,36 @@ async def stream_events(request: Request, names: str = "") -> StreamingResponse:
     check_changes(request)
     bus = node_of(request).events
     wanted = {n.strip() for n in names.split(",") if n.strip()}
-    try:
-        listener = bus.listen()
-    except RuntimeError as exc:
-        raise ApiError(503, str(exc), code="too_many_streams", headers={"Retry-After": "5"}) from None
+    if bus.listeners() >= MAX_LISTENERS:
+        raise ApiError(
+            503,
+            f"{MAX_LISTENERS} event streams are open already",
+            code="too_many_streams",
+            headers={"Retry-After": "5"},
+        )
 
     async def body() -> AsyncIterator[str]:
+        try:  # registered here, not in the route: a response that never starts never runs this generator
+            listener = bus.listen()
+        except RuntimeError as exc:
+            yield f"data: {json.dumps(error_body(str(exc), 'server_error', code='too_many_streams'))}\n\n"
+            return
         reported = 0
         try:
             yield ": mirador events\n\n"
             while True:
-                with trio.move_on_after(HEARTBEAT_S):
+                event: Event | None = None
+                with trio.move_on_after(HEARTBEAT_S):  # only the wait inside the scope: a yield must not be
                     event = await listener.receive.receive()
-                    if listener.dropped > reported:
-                        yield f": dropped {listener.dropped - reported} events (too slow)\n\n"
-                        reported = listener.dropped
-                    if not wanted or event.name in wanted:
-                        data = json.dumps(_event_dict(event), ensure_ascii=False, default=str)
-                        yield f"event: {event.name}\ndata: {data}\n\n"
+                if event is None:
+                    yield ": keep-alive\n\n"
                     continue
-                yield ": keep-alive\n\n"
+                if listener.dropped > reported:
+                    yield f": dropped {listener.dropped - reported} events (too slow)\n\n"
+                    reported = listener.dropped
+                if not wanted or event.name in wanted:
+                    data = json.dumps(_event_dict(event), ensure_ascii=False, default=str)
+                    yield f"event: {event.name}\ndata: {data}\n\n"
         finally:
             bus.unlisten(listener)
 
@@ -133,9 +150,14 @@ async def switch_agent(name: str, switch: Literal["enable", "disable"], request:
 
 
 @router.get("/v1/agents/alerts")
-async def list_alerts(request: Request, limit: int = 50, agent: str | None = None, after: int = 0) -> dict[str, Any]:
+async def list_alerts(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    agent: Annotated[str | None, Query(max_length=200)] = None,
+    after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
+) -> dict[str, Any]:
     """The newest alerts first (of one agent, newer than the alert id `after`, when given)."""
     check_changes(request)
     agents = _agents(request)
-    rows = await trio.to_thread.run_sync(agents.alerts.recent, max(1, min(limit, 1000)), agent, after)
+    rows = await trio.to_thread.run_sync(agents.alerts.recent, limit, agent, after)
     return {"object": "list", "data": [r.as_dict() for r in rows]}

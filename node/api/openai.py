@@ -53,6 +53,7 @@ ADAPTERS_HEADER = "X-Mirador-Adapters"
 NAMESPACE_HEADER = "X-Mirador-Namespace"
 MEMORY_HEADER = "X-Mirador-Memory-Ids"
 _tokenize_limiter = trio.CapacityLimiter(2)
+_chain_limiter = trio.CapacityLimiter(1)  # a chain's verification hashes its files: one at a time
 router = APIRouter()
 
 
@@ -244,11 +245,8 @@ async def _grammar(node: NodeState, req: ChatCompletionRequest) -> str | None:
     if grammar is None:
         return None
 
-    def compiles() -> None:
-        ll.llama_sampler_free(grammar_sampler(node.model.llama.vocab, grammar))
-
     try:
-        await trio.to_thread.run_sync(compiles, limiter=_tokenize_limiter)
+        await _compiles(node, grammar)
     except GrammarError:
         raise ApiError(
             400,
@@ -257,6 +255,26 @@ async def _grammar(node: NodeState, req: ChatCompletionRequest) -> str | None:
             code="invalid_response_format",
         ) from None
     return grammar
+
+
+async def _compiles(node: NodeState, grammar: str) -> None:
+    """GrammarError unless llama.cpp parses `grammar` (checked before a job, so a bad one is a 400, not a 500)."""
+
+    def compile_it() -> None:
+        ll.llama_sampler_free(grammar_sampler(node.model.llama.vocab, grammar))
+
+    await trio.to_thread.run_sync(compile_it, limiter=_tokenize_limiter)
+
+
+async def _check_loop_grammars(node: NodeState, tools: list[Tool], first: str) -> None:
+    """The node loop's grammars (its first step's and `auto`) compile, or the request is refused (400)."""
+    specs = [{"name": t.name, "description": t.description, "parameters": t.parameters} for t in tools]
+    try:
+        for choice in dict.fromkeys([first, "auto"]):
+            await _compiles(node, call_grammar(specs, choice, node.model.tool_format))
+    except (ToolChoiceError, GrammarError) as exc:
+        detail = f"the node tools {', '.join(t.name for t in tools)} cannot be constrained: {exc}"
+        raise ApiError(400, detail, param="node_tools", code="invalid_tools") from None
 
 
 def _prompt_message(m: Any, fmt: ToolFormat) -> dict[str, str]:
@@ -379,7 +397,9 @@ async def _admit(request: Request, schema: type[Any], id_prefix: str, obj: str) 
         recall = await _recall(request, node, req, latest)
         prompt = with_system(messages, recall.context)
         if node_tools:
-            loop = _loop_of(node, req, prompt, node_tools, _first_choice(req, node_tools), adapters)
+            first = _first_choice(req, node_tools)
+            await _check_loop_grammars(node, node_tools, first)
+            loop = _loop_of(node, req, prompt, node_tools, first, adapters)
         template_tools = None
         if tools is not None:
             prompt, template_tools = tool_prompt(prompt, req.tool_list(), fmt)
@@ -439,7 +459,7 @@ async def _chain_loop(
         raise ApiError(400, "a chain needs a user message (its {input})", param="messages")
     target = req.model.removeprefix(CHAIN_PREFIX)
     try:
-        runnable = await trio.to_thread.run_sync(resolve_chain, node, target, limiter=db_limiter)
+        runnable = await trio.to_thread.run_sync(resolve_chain, node, target, limiter=_chain_limiter)
     except ChainRefused as exc:
         raise ApiError(404, exc.detail, param="model", code="chain_refused") from None
 

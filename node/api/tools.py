@@ -1,5 +1,6 @@
 """The node's tools over HTTP: GET /v1/tools lists them, POST /v1/tools/{name} runs one (what `mirador tools call`
-and `mirador mcp serve` use). Running a tool changes things, so it needs the API token.
+and `mirador mcp serve` use). Both need the API token: running a tool changes things, and the list shows the user's
+files and their errors.
 
 No `from __future__ import annotations` here: FastAPI must see real types on route parameters.
 """
@@ -8,7 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from node.api.common import ApiError, check_auth, check_changes, node_of, parse_body
+from node.api.common import ApiError, check_changes, node_of, parse_body
 from node.api.tools_schema import ToolCallRequest
 from node.tools.registry import ToolReason, ToolRefused
 from node.tools.service import ToolService
@@ -39,8 +40,9 @@ def refusal(exc: ToolRefused) -> ApiError:
 
 @router.get("/v1/tools")
 async def list_tools(request: Request) -> dict[str, Any]:
-    """The node's tools (built-in, the user's, MCP servers') and what failed to load."""
-    check_auth(request)
+    """The node's tools (built-in, the user's, MCP servers') and what failed to load (file paths, errors: the home
+    token, like running them)."""
+    check_changes(request)
     return _tools(request).status()
 
 

@@ -4,16 +4,21 @@
 
 import functools
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from crypto.refusal import SingleReason
 from marketplace.chain import Chain, ChainError, Step, load_chain
+from marketplace.manifest import NAME_RE
 from node.adapters.cache import AdapterRef
 from node.adapters.check import AdapterRejected, check_adapter_file
 from node.state import NodeState
 
 log = logging.getLogger(__name__)
+
+
+_VERSION = re.compile(r"[0-9A-Za-z.+-]{1,64}")
 
 
 class ChainRefused(SingleReason):
@@ -62,12 +67,16 @@ def resolve_chain(node: NodeState, target: str) -> RunnableChain:
     from marketplace.artifacts import ArtifactRefused
 
     name, _, version = target.partition("@")
+    if not re.fullmatch(NAME_RE, name) or (version and not _VERSION.fullmatch(version)):
+        raise ChainRefused(f"{target[:80]!r} is not a chain name (NAME or NAME@VERSION)")
     market = _market(node)
     try:
+        if market.registry.find(name, version or None) is None:  # before verify, which audits every refusal
+            raise ChainRefused(f"no chain {target} is installed here (mirador chain pull {target})")
         try:
             installed = market.verify(name, version or None)
-        except ArtifactRefused as exc:
-            raise ChainRefused(f"chain {target}: {exc.detail}") from None
+        except (ArtifactRefused, OSError) as exc:
+            raise ChainRefused(f"chain {target}: {getattr(exc, 'detail', exc)}") from None
         if installed.manifest.kind != "chain":
             raise ChainRefused(f"{target} is a {installed.manifest.kind}, not a chain")
         files = [f.name for f in installed.manifest.files if f.name.endswith((".yaml", ".yml"))]
@@ -91,8 +100,9 @@ def resolve_chain(node: NodeState, target: str) -> RunnableChain:
             artifact = f"{ref_name}@{ref_version}"
             try:
                 ref = market.verify(ref_name, ref_version)
-            except ArtifactRefused as exc:
-                raise ChainRefused(f"chain {target}: step {i}: {artifact} does not verify: {exc.detail}") from None
+            except (ArtifactRefused, OSError) as exc:
+                detail = getattr(exc, "detail", exc)
+                raise ChainRefused(f"chain {target}: step {i}: {artifact} does not verify: {detail}") from None
             manifest = ref.manifest
             if manifest.kind != "adapter" or manifest.adapter is None:
                 raise ChainRefused(f"chain {target}: step {i}: {artifact} is a {manifest.kind}; steps run adapters")

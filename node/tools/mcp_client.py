@@ -27,6 +27,7 @@ from node.tools.registry import MAX_RESULT_CHARS, Runner, Tool, ToolReason, Tool
 log = logging.getLogger(__name__)
 
 MAX_TOOLS = 256  # per server; the rest are left out (and said so)
+MAX_NOTES = 64  # refusals recorded per server (a server could invent new ones forever)
 MAX_PAGES = 16  # tools/list pages read per connection
 MAX_DESCRIPTION = 2_000  # characters of a tool's description
 MAX_SCHEMA_BYTES = 64 * 1024  # a tool's input schema as JSON
@@ -293,6 +294,9 @@ class McpClients:
                 self._note(link, exc.detail)
                 continue
             remote[exposed] = tool.name
+            if exposed not in link.offered and len(link.offered) >= MAX_TOOLS:  # renamed on every reconnect: bounded
+                self._note(link, f"it has offered {MAX_TOOLS} different tools since the node started; no more")
+                continue
             if exposed not in link.offered:
                 link.offered.add(exposed)
                 description = _cut(tool.description or tool.title or "", MAX_DESCRIPTION)
@@ -340,7 +344,7 @@ class McpClients:
 
     def _note(self, link: _Link, detail: str) -> None:
         """Record a refused tool or entry once."""
-        if detail not in link.noted:
+        if detail not in link.noted and len(link.noted) < MAX_NOTES:
             link.noted.add(detail)
             self.errors.append((link.where, detail))
             log.error("tools: mcp server %s: %s", link.server.name, detail)

@@ -24,6 +24,7 @@ from mcp.shared.exceptions import MCPError
 
 from node import __version__
 from node.cli.client import DaemonClient, DaemonError, DaemonRequestError
+from node.core.config import is_loopback
 from node.core.home import NodeHome
 from node.tools.registry import NAME
 
@@ -193,6 +194,8 @@ async def serve_http(
     client = DaemonClient(home)  # the token the CLI sends the daemon is the one this server asks for
     token = client.http.headers.get("authorization", "").removeprefix("Bearer ")
     client.http.close()
+    if not token and not is_loopback(host):  # the node's own rule for its API: no open tools on the network
+        raise DaemonError(f"serving on {host} needs an API token ([api] token, or the home token): none is set")
     hosts = allowed_hosts(host, port, extra_hosts or [])
     security = TransportSecuritySettings(
         enable_dns_rebinding_protection=True,

@@ -118,7 +118,10 @@ class ToolRegistry:
                 raise ToolRefused(ToolReason.INVALID_ARGUMENTS, f"{name}: arguments are not JSON ({exc})") from None
         if not isinstance(arguments, dict):
             raise ToolRefused(ToolReason.INVALID_ARGUMENTS, f"{name}: arguments must be a JSON object")
-        errors = sorted(jsonschema.Draft202012Validator(tool.parameters).iter_errors(arguments), key=str)
+        try:
+            errors = sorted(jsonschema.Draft202012Validator(tool.parameters).iter_errors(arguments), key=str)
+        except Exception as exc:  # a schema jsonschema cannot apply (an unresolvable $ref): the tool's fault
+            raise ToolRefused(ToolReason.INVALID_TOOL, f"{name}: its schema cannot be applied: {exc}") from None
         if errors:
             where = "/".join(str(p) for p in errors[0].absolute_path) or "arguments"
             raise ToolRefused(ToolReason.INVALID_ARGUMENTS, f"{name}: {where}: {errors[0].message}")

@@ -323,3 +323,39 @@ def test_disabled_agents_skip_triggers_and_manual_runs_use_the_tools(tmp_path: P
             assert "Broken" in error["error"] and "whenever" in error["error"]
 
     run(scenario)
+
+
+def test_an_agent_that_returns_a_malformed_alert_fails_alone(tmp_path: Path) -> None:
+    # Arrange: a bad alert (a number as its title) must not reach the service's nursery
+    _agent_file(
+        tmp_path / "agents",
+        "odd",
+        """
+        import mirador
+
+        @mirador.agent
+        class Odd:
+            triggers = ["on_ping"]
+            async def analyze(self, context):
+                return mirador.Alert(123)
+
+        @mirador.agent
+        class Fine:
+            triggers = ["on_ping"]
+            async def analyze(self, context):
+                return "pong"
+        """,
+    )
+
+    async def scenario() -> None:
+        async with running_agents(tmp_path) as (service, bus):
+            odd, fine = service.get("Odd"), service.get("Fine")
+            # Act
+            bus.emit("ping")
+            await until(lambda: odd.runs == 1 and fine.runs == 1 and not odd.running and not fine.running)
+            await until(lambda: len(alerts_of(service)) == 1)
+            # Assert: the odd one failed and backs off, the other alerted, the service still runs
+            assert odd.failures == 1 and "mirador.Alert" in (odd.last_error or "")
+            assert [a.title for a in alerts_of(service)] == ["pong"]
+
+    run(scenario)

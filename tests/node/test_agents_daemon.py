@@ -189,6 +189,10 @@ def test_agents_are_switched_from_the_cli_and_node_made_events_are_refused(node:
     on = run_cli(node.home, node.port, "agents", "enable", "Spending")
     manual = run_cli(node.home, node.port, "agents", "run", "Spending", "amount=500")
     reserved = httpx.post(f"{node.url}/v1/events", json={"name": "alert"}, headers=node.auth, timeout=10)
+    built_in = httpx.post(f"{node.url}/v1/events", json={"name": "memory.added"}, headers=node.auth, timeout=10)
+    huge = httpx.post(
+        f"{node.url}/v1/events", json={"name": "blob", "data": {"x": "y" * 70_000}}, headers=node.auth, timeout=10
+    )
     anonymous = httpx.post(f"{node.url}/v1/events", json={"name": "transaction"}, timeout=10)
     # Assert
     assert off.returncode == 0 and "Spending: disabled" in off.stdout
@@ -197,4 +201,5 @@ def test_agents_are_switched_from_the_cli_and_node_made_events_are_refused(node:
     assert manual.returncode == 0 and "payment of 500" in manual.stdout
     assert [a["title"] for a in alerts(node, "Spending")] == ["payment of 500", "payment of 250"]
     assert reserved.status_code == 400 and reserved.json()["error"]["code"] == "reserved_event"
+    assert built_in.status_code == 400 and huge.status_code == 413
     assert anonymous.status_code == 401

@@ -133,7 +133,13 @@ def test_a_chain_whose_adapter_no_longer_verifies_does_not_run_and_says_which(no
         json={"model": "chain:nope", "messages": [{"role": "user", "content": "rent"}], "max_tokens": 4},
         timeout=60,
     )
+    odd = httpx.post(
+        f"{node.url}/v1/chat/completions",
+        json={"model": "chain:" + "X" * 5000, "messages": [{"role": "user", "content": "rent"}], "max_tokens": 4},
+        timeout=60,
+    )
     # Assert
+    assert odd.status_code == 404 and "is not a chain name" in odd.json()["error"]["message"]
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "chain_refused"
     assert "tutor@1.0.0 does not verify" in resp.json()["error"]["message"]
     assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"]

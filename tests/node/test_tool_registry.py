@@ -93,6 +93,15 @@ def test_the_registry_checks_arguments_and_refuses_bad_definitions() -> None:
         ToolReason.INVALID_ARGUMENTS,
         ToolReason.UNKNOWN,
     ]
+    broken = Tool("broken", "Bad $ref.", {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}, "mcp:x", _echo)
+    registry.add(broken)  # a valid schema document, which cannot be applied
+
+    async def call_broken() -> str:
+        with pytest.raises(ToolRefused) as refused:
+            await registry.call("broken", {"a": 1})
+        return str(refused.value.reason)
+
+    assert trio.run(call_broken) == ToolReason.INVALID_TOOL
     for bad in (
         _tool("echo"),
         _tool("has space"),

@@ -21,6 +21,7 @@ capabilities); a scratch folder is then handed to 65534. Where the sandbox canno
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import trio
@@ -33,6 +34,7 @@ from node.tools.sandbox.process import run_bwrap
 __all__ = ["Limits", "Outcome", "Sandbox", "SandboxReason", "SandboxRefused"]
 
 TOOL_CALL = Limits()  # the defaults
+RETRY_S = 60.0
 
 
 class Sandbox:
@@ -42,13 +44,16 @@ class Sandbox:
         self.bwrap = bwrap
         self.limits = limits
         self._verdict: str | None = None  # "" = it works, else the refusal's detail
+        self._probed = 0.0
         self._lock = threading.Lock()
 
     def check(self) -> None:
-        """Raise SandboxRefused(UNAVAILABLE, why + what to do) unless a trivial sandboxed run works (cached)."""
+        """Raise SandboxRefused(UNAVAILABLE, why + what to do) unless a trivial sandboxed run works (a success is
+        kept; a failure is probed again after RETRY_S, so a passing overload does not disable the tools)."""
         with self._lock:
-            if self._verdict is None:
+            if self._verdict is None or (self._verdict and time.monotonic() - self._probed > RETRY_S):
                 self._verdict = probe(self.bwrap, lambda: self._run("print('ok')", b"", None, Limits(wall_s=30)))
+                self._probed = time.monotonic()
         if self._verdict:
             raise SandboxRefused(SandboxReason.UNAVAILABLE, self._verdict)
 
@@ -56,9 +61,8 @@ class Sandbox:
         self, code: str, *, stdin: bytes = b"", scratch: Path | None = None, limits: Limits | None = None
     ) -> Outcome:
         """Run `code` in the sandbox (cwd /scratch when given, else /tmp) and report how it ended."""
-        if self._verdict is None:
+        if self._verdict != "":  # not known to work yet: probe (or re-probe) off the loop
             await trio.to_thread.run_sync(self.check)
-        self.check()
         return await self._run(code, stdin, scratch, limits or self.limits)
 
     async def _run(self, code: str, stdin: bytes, scratch: Path | None, limits: Limits) -> Outcome:
@@ -67,8 +71,8 @@ class Sandbox:
             scratch = scratch.resolve()
             if not scratch.is_dir():
                 raise ValueError(f"the sandbox's scratch folder is not a folder: {scratch}")
-            if as_root:
-                hand_over(scratch)
+            if as_root:  # chowns what earlier runs left there: off the loop
+                await trio.to_thread.run_sync(hand_over, scratch)
         source = code.encode()
         code_fd = os.memfd_create("sandbox-main.py")
         info_r, info_w = os.pipe()
