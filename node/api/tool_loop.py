@@ -17,9 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from node.api.common import ApiError
 from node.api.openai_schema import error_body
 from node.api.stream_parts import end_error, sse
-from node.inference.steps import SideEvent, StepDone, Text
-
-Event = Text | StepDone | SideEvent
+from node.inference.steps import StepDone, Text
 
 
 class _Totals:

@@ -8,6 +8,7 @@ daemon's own tool routes, only requests bearing the home's API token.
 """
 
 import hmac
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -154,11 +155,19 @@ async def serve_stdio(home: NodeHome) -> None:
         await server.run(read, write, server.create_initialization_options())
 
 
+def _wildcard(host: str) -> bool:
+    """Whether `host` is an "any address" bind (not a name a client would send as Host)."""
+    try:
+        return not host or ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 def allowed_hosts(host: str, port: int, extra: list[str]) -> list[str]:
     """The Host headers the HTTP transport answers: this machine's loopback names, the bound host (unless it is a
     wildcard) and `extra`, each with the port."""
     bound = f"[{host}]" if ":" in host else host
-    names = [*LOCAL_HOSTS, *([] if host in ("0.0.0.0", "::", "") else [bound]), *extra]
+    names = [*LOCAL_HOSTS, *([] if _wildcard(host) else [bound]), *extra]
     return list(dict.fromkeys(f"{n}:{port}" for n in names))
 
 

@@ -355,3 +355,17 @@ def test_mcp_clients_bound_what_a_hostile_server_gives_and_retry_one_that_cannot
     missing = [why for where, why in errors if where == "mcp:missing"]
     assert len(missing) == 1 and missing[0].startswith("could not connect: FileNotFoundError")
     assert not [p for p in children_of(os.getpid()) if "hostile.py" in p[1]]  # stopped with the task
+
+
+def test_a_wildcard_bind_adds_no_host_name_but_a_real_address_does() -> None:
+    # Act
+    from node.tools.mcp_server import allowed_hosts
+
+    wildcard, v6, lan = (
+        allowed_hosts("0.0.0.0", 8765, []),
+        allowed_hosts("::", 8765, []),
+        allowed_hosts("192.0.2.7", 1, []),
+    )
+    # Assert: only loopback names for a wildcard (a client never sends 0.0.0.0 as its Host); the address otherwise
+    assert wildcard == v6 == ["127.0.0.1:8765", "localhost:8765", "[::1]:8765"]
+    assert "192.0.2.7:1" in lan
