@@ -172,12 +172,13 @@ def test_a_cancelled_run_leaves_no_process(sandbox: Sandbox) -> None:
 
 
 def test_runs_cancelled_while_bwrap_starts_leave_no_process(sandbox: Sandbox) -> None:
-    # Arrange: cancelled at once, and a few milliseconds in (bwrap's child still waiting for bwrap to set it up)
+    # Arrange: cancelled at once, and every 0.1 ms of the first few (bwrap between its clone and --info-fd, or its
+    # child still waiting for bwrap to set it up)
     before = set(pid_namespaces().values())
 
     async def main() -> None:
-        for i in range(20):
-            with trio.move_on_after(i / 2000):
+        for i in range(60):
+            with trio.move_on_after(i / 10000):
                 await sandbox.run_python("print(1)")
 
     # Act

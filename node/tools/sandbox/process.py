@@ -80,9 +80,10 @@ class _Watch:
         self.stdin = trio.lowlevel.FdStream(in_w)
         self.stdout = trio.lowlevel.FdStream(out_r)
         self.stderr = trio.lowlevel.FdStream(err_r)
-        self.info_r = info_r
+        self.info = trio.lowlevel.FdStream(info_r)  # open until the end: closed early, bwrap dies writing to it
         self.block_w = block_w
         self.pidfd = -1  # the sandbox's pid 1
+        self.early: list[int] = []  # pidfds of bwrap's children killed before --info-fd named pid 1
         self.killed_for: str | None = None
         self.truncated = False
         self.map_error = ""
@@ -92,26 +93,29 @@ class _Watch:
         """SIGKILL to the sandbox's pid 1 (bwrap reaps it and exits); the first reason stays."""
         if self.killed_for is None:
             self.killed_for = why
-        if self.block_w >= 0:  # a bwrap still waiting for its uid maps goes on, and finds pid 1 dead
-            os.close(self.block_w)
-            self.block_w = -1
         if self.pidfd >= 0:
             with suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         elif self.popen.returncode is None:
             self._kill_early()
+        if self.block_w >= 0:  # only now: a bwrap freed from waiting for its uid maps can exit and orphan its child
+            os.close(self.block_w)
+            self.block_w = -1
 
     def _kill_early(self) -> None:
         """Before --info-fd named pid 1: bwrap's child waits on an eventfd for bwrap until it has set itself up, and
         with bwrap dead it would wait forever (its --die-with-parent is not set yet). So bwrap is stopped (it cannot
-        clone while stopped), its child, if any, killed, then bwrap."""
+        clone while stopped), its child, if any, killed, then bwrap. A SIGKILL is not a death: the run waits on each
+        child's pidfd too, or it could return while that child is still dying."""
         pid = self.popen.pid
         with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGSTOP)
             os.waitid(os.P_PID, pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)  # stopped (or dead) now, not later
             with suppress(OSError):
                 for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-                    os.kill(int(child), signal.SIGKILL)
+                    fd = os.pidfd_open(int(child))  # bwrap is stopped, so its child cannot be reaped meanwhile
+                    self.early.append(fd)
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
         with suppress(ProcessLookupError):
             self.popen.kill()
 
@@ -132,10 +136,8 @@ class _Watch:
 
     async def _start(self) -> None:
         info = b""
-        fd, self.info_r = self.info_r, -1
-        async with trio.lowlevel.FdStream(fd) as stream:  # bwrap closes it once it has written pid 1's number
-            while chunk := await stream.receive_some():
-                info += chunk
+        while chunk := await self.info.receive_some():  # EOF: bwrap has written pid 1's number and closed its end
+            info += chunk
         try:
             pid = int(json.loads(info)["child-pid"])
         except (ValueError, KeyError, TypeError):
@@ -167,8 +169,9 @@ class _Watch:
         if self.popen.returncode is None:
             await trio.lowlevel.wait_readable(self.bwrap_fd)
             self.popen.wait()
-        if self.pidfd >= 0:  # readable once pid 1 is dead, which is after every other process of its namespace
-            await trio.lowlevel.wait_readable(self.pidfd)
+        for fd in (self.pidfd, *self.early):  # readable once pid 1 is dead, after every other process of its namespace
+            if fd >= 0:
+                await trio.lowlevel.wait_readable(fd)
 
     async def _feed(self, data: bytes) -> None:
         with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -191,8 +194,8 @@ class _Watch:
             self.kill(self.killed_for or "signal")
             with trio.CancelScope(shield=True):
                 await self._reap()
-        for fd in (self.info_r, self.block_w, self.pidfd, self.bwrap_fd):
+        for fd in (self.block_w, self.pidfd, self.bwrap_fd, *self.early):
             if fd >= 0:
                 os.close(fd)
-        for stream in (self.stdin, self.stdout, self.stderr):
+        for stream in (self.info, self.stdin, self.stdout, self.stderr):
             await trio.aclose_forcefully(stream)
