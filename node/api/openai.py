@@ -25,9 +25,10 @@ from node.api.memory import in_thread
 from node.api.openai_schema import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 from node.api.stream_parts import end_error, sse, usage
 from node.api.tool_loop import loop_answer, loop_stream
+from node.chains.handoff import ChainSteps
 from node.chains.resolve import ChainRefused, resolve_chain
 from node.chains.run import run_chain
-from node.inference.engine import EngineBusy, EngineShuttingDown, GenerationRequest, Job
+from node.inference.engine import EngineBusy, EngineShuttingDown, GenerationRequest, Job, Warmup
 from node.inference.llama_backend import GrammarError, grammar_sampler
 from node.inference.models import ToolFormat
 from node.inference.structured import SchemaError, grammar_for
@@ -103,9 +104,13 @@ async def _start(
     limit: int | None,
     adapters: tuple[AdapterRef, ...],
     grammar: str | None = None,
+    warm: Warmup | None = None,
 ) -> Job:
+    """Start a generation (on `warm`'s sequence when given: it is taken over, or given back if this fails)."""
     n_ctx = node.engine.n_ctx
     if len(tokens) >= n_ctx:
+        if warm is not None:
+            warm.close()
         raise ApiError(
             400,
             f"the prompt is {len(tokens)} tokens long; this node's context holds {n_ctx} "
@@ -124,6 +129,8 @@ async def _start(
         adapters=adapters,
     )
     try:
+        if warm is not None:
+            return await warm.start(gen)
         return await node.engine.submit(gen, node.config.api.queue_timeout_s)
     except EngineBusy as exc:
         raise ApiError(
@@ -463,13 +470,12 @@ async def _chain_loop(
     except ChainRefused as exc:
         raise ApiError(404, exc.detail, param="model", code="chain_refused") from None
 
-    async def generate(message: str, adapters: tuple[AdapterRef, ...]) -> Job:
-        convo = [{"role": "user", "content": message}]
-        tokens = await trio.to_thread.run_sync(node.model.chat_tokens, convo, limiter=_tokenize_limiter)
-        return await _start(node, tokens, req, req.limit(), adapters)
+    async def start(tokens: list[int], adapters: tuple[AdapterRef, ...], warm: Warmup | None) -> Job:
+        return await _start(node, tokens, req, req.limit(), adapters, warm=warm)
 
+    steps = ChainSteps(node.model, node.engine, start, _tokenize_limiter)
     label = f"{CHAIN_PREFIX}{runnable.chain.name}@{runnable.chain.version}"
-    return Route(label), (), lambda: run_chain(runnable, latest, generate)
+    return Route(label), (), lambda: run_chain(runnable, latest, steps)
 
 
 def _loop_of(

@@ -12,13 +12,19 @@ def sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
-def usage(job: Job) -> dict[str, int]:
-    """The OpenAI usage object of a finished job."""
+def usage(job: Job) -> dict[str, Any]:
+    """The OpenAI usage object of a finished job (`cached_tokens`: its prompt's prefix found in the KV cache)."""
     s = job.stats
+    return usage_of(s.prompt_tokens, s.completion_tokens, s.reused_tokens)
+
+
+def usage_of(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    """An OpenAI usage object."""
     return {
-        "prompt_tokens": s.prompt_tokens,
-        "completion_tokens": s.completion_tokens,
-        "total_tokens": s.prompt_tokens + s.completion_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
 
 

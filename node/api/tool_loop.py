@@ -16,24 +16,21 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from node.api.common import ApiError
 from node.api.openai_schema import error_body
-from node.api.stream_parts import end_error, sse
+from node.api.stream_parts import end_error, sse, usage_of
 from node.inference.steps import StepDone, Text
 
 
 class _Totals:
     def __init__(self) -> None:
-        self.prompt = self.completion = 0
+        self.prompt = self.completion = self.cached = 0
 
     def add(self, done: StepDone) -> None:
         self.prompt += done.job.stats.prompt_tokens
         self.completion += done.job.stats.completion_tokens
+        self.cached += done.job.stats.reused_tokens
 
-    def usage(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt,
-            "completion_tokens": self.completion,
-            "total_tokens": self.prompt + self.completion,
-        }
+    def usage(self) -> dict[str, Any]:
+        return usage_of(self.prompt, self.completion, self.cached)
 
 
 async def loop_answer(

@@ -7,6 +7,18 @@ a thread team per calling thread, and more teams than cores throttle all of them
 docs/BENCHMARKS.md). Text goes to the loop with `TrioToken.run_sync_soon`, which never blocks the worker.
 
 Requests beyond `slots` wait in a fair FIFO queue; one that waits longer than the queue timeout gets `EngineBusy`.
+
+A warm-up (`InferenceEngine.warm`) holds a sequence for a generation whose prompt is still arriving (a chain's next
+step while the current one streams): its tokens are evaluated as they come, in the same loop as everything else (in
+the same `llama_decode` when its adapter set is the one attached, else in the next), and `Warmup.start` turns it into
+the generation, which then finds its prompt's prefix in the KV cache. A warm-up only takes a slot nobody waits for.
+
+One row alone: llama.cpp computes a decode of one row with other kernels than a decode of several, so the same token
+at the same position gets logits up to 0.9 apart (measured on the embedded model; two or more rows agree bit for bit
+whatever their chunking or neighbours, flash attention being off: llama_backend.BatchContext). So a prompt is never
+left with one token to decode alone, and a warm-up never decodes one token alone nor joins a generating sequence's
+decode (whose one row it would make several): a reused or warmed prefix then gives exactly the text a fresh prompt
+gives on a quiet engine (beside other generations, every row is computed as one of several either way).
 """
 
 import contextlib
@@ -16,6 +28,7 @@ import math
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +56,11 @@ from node.inference.textstream import StopMatcher, Utf8Stream
 
 log = logging.getLogger(__name__)
 STREAM_INTERVAL_S = 0.02  # at most 50 wakes of the loop per second per stream
+
+EngineEvent = tuple[str, int, int]
+"""One entry of the engine's event record, in the worker's order: ("start", job id, prompt tokens reused from the
+KV cache), ("token", job id, completion tokens so far) after each sampled token, ("warm", warm-up id, tokens its
+sequence holds) after each decode that grew a warm-up."""
 
 
 class EngineBusy(Exception):
@@ -121,6 +139,8 @@ class InferenceEngine:
         self._ids = itertools.count(1)
         self._worker: _BatchWorker | None = None
         self._jobs: dict[int, tuple[Job, _Sequence, trio.MemorySendChannel[str]]] = {}
+        self._warms: dict[int, _Warm] = {}
+        self.record: deque[EngineEvent] | None = None  # set to a deque to keep the worker's events (tests, benches)
         self._closing = False
         self._avg_job_s = 2.0
         self.stream_interval_s = STREAM_INTERVAL_S
@@ -145,7 +165,9 @@ class InferenceEngine:
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Start the batch worker, serve until cancelled, then stop the worker and free the context."""
-        self._worker = _BatchWorker(self.context, self.adapters, trio.lowlevel.current_trio_token(), self._finished)
+        self._worker = _BatchWorker(
+            self.context, self.adapters, trio.lowlevel.current_trio_token(), self._finished, self._warm_closed, self
+        )
         try:
             task_status.started()
             await trio.sleep_forever()
@@ -156,8 +178,7 @@ class InferenceEngine:
                 await trio.to_thread.run_sync(worker.stop)
             self.context.close()
 
-    async def submit(self, request: GenerationRequest, queue_timeout_s: float) -> Job:
-        """Wait (FIFO) for a free slot, start the generation, and return its job."""
+    def _check(self, request: GenerationRequest) -> None:
         if self._closing or self._worker is None:
             raise EngineShuttingDown("the node is shutting down")
         if len(request.prompt_tokens) >= self.n_ctx:
@@ -166,6 +187,10 @@ class InferenceEngine:
             )
         if not request.prompt_tokens:
             raise ValueError("empty prompt")
+
+    async def submit(self, request: GenerationRequest, queue_timeout_s: float) -> Job:
+        """Wait (FIFO) for a free slot, start the generation, and return its job."""
+        self._check(request)
         started = time.monotonic()
         self.waiting += 1
         acquired = False
@@ -180,12 +205,31 @@ class InferenceEngine:
         if self._closing or self._worker is None:
             self._sem.release()
             raise EngineShuttingDown("the node is shutting down")
-        seq = self._take_sequence(request.adapter_key, request.prompt_tokens)
+        return self._begin(request, self._take_sequence(request.adapter_key, request.prompt_tokens), None)
+
+    def _begin(self, request: GenerationRequest, seq: "_Sequence", warm: "_Warm | None") -> Job:
+        assert self._worker is not None
         send, receive = trio.open_memory_channel[str](math.inf)
         job = Job(id=next(self._ids), request=request, receive=receive)
         self._jobs[job.id] = (job, seq, send)
-        self._worker.submit(job, seq, _Outbox(send, job, self.stream_interval_s), time.monotonic())
+        self._worker.submit(job, seq, _Outbox(send, job, self.stream_interval_s), time.monotonic(), warm)
         return job
+
+    def warm(self, adapters: tuple[AdapterRef, ...], tokens: list[int]) -> "Warmup | None":
+        """Hold a free sequence for a generation whose prompt starts with `tokens` (more may follow with
+        `Warmup.extend`) and evaluate them with `adapters` meanwhile; None when no slot is free or someone waits."""
+        if self._closing or self._worker is None or self.waiting:
+            return None
+        try:
+            self._sem.acquire_nowait()
+        except trio.WouldBlock:
+            return None
+        key = tuple((a.key, a.scale) for a in adapters)
+        tokens = tokens[: self.n_ctx - 1]
+        w = _Warm(next(self._ids), self._take_sequence(key, tokens), adapters, key, tokens)
+        self._warms[w.id] = w
+        self._worker.inbox.put(w)
+        return Warmup(self, w)
 
     def _take_sequence(self, key: AdapterKey, prompt: list[int]) -> "_Sequence":
         """The free sequence whose KV cache is worth most to `prompt`: the prefix it shares (built with the same
@@ -199,6 +243,12 @@ class InferenceEngine:
             return 2 * shared - len(seq.cached), -i
 
         return self._free_seqs.pop(max(range(len(self._free_seqs)), key=worth))
+
+    def _warm_closed(self, w: "_Warm") -> None:
+        """Called on the loop once the worker has let go of a warm-up that was closed, not started."""
+        del self._warms[w.id]
+        self._free_seqs.append(w.seq)
+        self._sem.release()
 
     def _finished(self, job: Job, stats: GenerationStats | None, error: "_Failure | None", began: float) -> None:
         """Called on the loop (via run_sync_soon) after the worker's last delivery for `job`."""
@@ -231,6 +281,87 @@ class InferenceEngine:
             job.cancel()
         while self._jobs:
             await next(iter(self._jobs.values()))[0].done.wait()
+
+
+class Warmup:
+    """A sequence held and filled ahead of its generation (see `InferenceEngine.warm`): `extend` gives the prompt
+    so far, `start` begins the generation on this sequence, `close` gives the sequence back unused."""
+
+    def __init__(self, engine: InferenceEngine, w: "_Warm") -> None:
+        self._engine = engine
+        self._w: _Warm | None = w
+
+    @property
+    def id(self) -> int:
+        """Its id in the engine's event record."""
+        assert self._w is not None
+        return self._w.id
+
+    def extend(self, tokens: list[int]) -> None:
+        """The prompt known so far (a whole prefix, not a delta; tokens beyond the held ones are evaluated next)."""
+        worker = self._engine._worker
+        if self._w is None or worker is None:
+            return
+        self._w.target = tokens[: self._engine.n_ctx - 1]
+        worker.inbox.put(_WAKE)
+
+    async def start(self, request: GenerationRequest) -> Job:
+        """Begin `request` on this sequence (its prompt's prefix already in the KV cache where it matches)."""
+        w, self._w = self._w, None
+        if w is None:
+            raise RuntimeError("this warm-up was already started or closed")
+        try:
+            self._engine._check(request)
+        except BaseException:
+            self._give_back(w)
+            raise
+        del self._engine._warms[w.id]
+        return self._engine._begin(request, w.seq, w)
+
+    def close(self) -> None:
+        """Give the sequence back unused (safe to call after `start`: then it does nothing)."""
+        w, self._w = self._w, None
+        if w is not None:
+            self._give_back(w)
+
+    def _give_back(self, w: "_Warm") -> None:
+        worker = self._engine._worker
+        if worker is None:  # the engine has stopped: nothing runs on the sequence any more
+            self._engine._warm_closed(w)
+        else:
+            worker.inbox.put(_Retire(w))
+
+
+class _Warm:
+    """Worker-side state of a warm-up: its sequence, adapters and the tokens it should hold."""
+
+    retired = False  # by the worker only: started as a generation, closed, or failed
+
+    def __init__(
+        self, id: int, seq: "_Sequence", adapters: tuple[AdapterRef, ...], key: "AdapterKey", target: list[int]
+    ) -> None:
+        self.id, self.seq, self.refs, self.key = id, seq, adapters, key
+        self.target = target  # replaced whole by the loop (an atomic rebinding), read once per step by the worker
+        self.loras: list[tuple[LoraAdapter, float]] | None = None  # acquired (None until admitted, or failed)
+
+    @property
+    def busy(self) -> bool:
+        """Whether its sequence holds tokens it should not, or lacks two or more it should."""
+        if self.retired:
+            return False
+        target, cached = self.target, self.seq.cached
+        keep = common_prefix_len(cached, target)
+        return keep < len(cached) or len(target) - keep >= 2
+
+
+@dataclass(frozen=True)
+class _Retire:
+    """Inbox message: a warm-up closed unused."""
+
+    warm: _Warm
+
+
+_WAKE = object()  # inbox message: a warm-up has more tokens
 
 
 class _Outbox:
@@ -291,6 +422,9 @@ class _Sequence:
 class _Running:
     """Worker-side state of one generation."""
 
+    retired = False
+    busy = True
+
     def __init__(
         self,
         job: Job,
@@ -318,8 +452,9 @@ class _Running:
         self.t_admit = time.perf_counter()
         self.t_first = 0.0
         self.last: int | None = None  # sampled, not yet decoded
-        # prefix reuse: keep the cached tokens shared with this prompt (at least one prompt token is decoded)
-        keep = min(common_prefix_len(seq.cached, self.prompt), len(self.prompt) - 1)
+        # prefix reuse: keep the cached tokens shared with this prompt; at least two prompt tokens are decoded, so the
+        # last one is never decoded alone (module docstring)
+        keep = max(0, min(common_prefix_len(seq.cached, self.prompt), len(self.prompt) - 2))
         self.stats.reused_tokens = keep
         self.pos = keep  # prompt tokens already in the KV cache
 
@@ -379,20 +514,29 @@ class _BatchWorker:
         adapters: AdapterCache,
         token: trio.lowlevel.TrioToken,
         finished: Callable[[Job, GenerationStats | None, _Failure | None, float], None],
+        warm_closed: Callable[[_Warm], None],
+        engine: InferenceEngine,
     ) -> None:
         self.ctx = context
         self.adapters = adapters
         self.attached: AdapterKey = ()
         self.token = token
         self.finished = finished
+        self.warm_closed = warm_closed
+        self.engine = engine  # read for its `record` only
         adapters.detach = self._detach
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._loop, name="mirador-batch", daemon=True)
         self.thread.start()
 
-    def submit(self, job: Job, seq: _Sequence, outbox: _Outbox, began: float) -> None:
-        """Hand a new generation to the worker (thread-safe)."""
-        self.inbox.put((job, seq, outbox, began))
+    def submit(self, job: Job, seq: _Sequence, outbox: _Outbox, began: float, warm: _Warm | None = None) -> None:
+        """Hand a new generation to the worker (thread-safe); `warm` is the warm-up whose sequence it takes over."""
+        self.inbox.put((job, seq, outbox, began, warm))
+
+    def _note(self, kind: str, id: int, value: int) -> None:
+        record = self.engine.record
+        if record is not None:
+            record.append((kind, id, value))
 
     def stop(self) -> None:
         """Stop the worker after its current step (running jobs end as cut) and wait for it."""
@@ -400,34 +544,75 @@ class _BatchWorker:
         self.thread.join(timeout=30)
 
     def _loop(self) -> None:
-        active: list[_Running] = []
+        active: list[_Running | _Warm] = []
         while True:
             try:
-                item = self.inbox.get(block=not active)
+                item = self.inbox.get(block=not any(m.busy for m in active))
                 while True:
                     if item is _STOP:
-                        for r in active:
-                            r.job.cut_by_shutdown = True
-                            self._done(r, r.finish("stop"))
+                        for m in active:
+                            if isinstance(m, _Running):
+                                m.job.cut_by_shutdown = True
+                                self._done(m, m.finish("stop"))
                         self.adapters.close()
                         return
-                    admitted = self._admit(*item)
-                    if admitted is not None:
-                        active.append(admitted)
+                    if isinstance(item, _Warm):
+                        self._admit_warm(item)
+                        active.append(item)
+                    elif isinstance(item, _Retire):
+                        self._retire(item.warm)
+                        with contextlib.suppress(trio.RunFinishedError):
+                            self.token.run_sync_soon(self.warm_closed, item.warm)
+                    elif item is not _WAKE:
+                        admitted = self._admit(*item)
+                        if admitted is not None:
+                            active.append(admitted)
                     item = self.inbox.get_nowait()
             except queue.Empty:
                 pass
-            groups: dict[AdapterKey, list[_Running]] = {}
-            for r in active:
-                groups.setdefault(r.key, []).append(r)
+            groups: dict[AdapterKey, list[_Running | _Warm]] = {}
+            for m in active:
+                if not m.retired:
+                    groups.setdefault(m.key, []).append(m)
             active = []
             for key, members in groups.items():
+                runs = [m for m in members if isinstance(m, _Running)]
+                warms = [m for m in members if isinstance(m, _Warm) and m.busy]
+                active.extend(m for m in members if isinstance(m, _Warm) and not m.busy)  # no decode, no switch
+                if not runs and not warms:
+                    continue
                 if key != self.attached:
-                    self._attach(key, members[0].loras)
-                active.extend(self._step(members))
+                    loras = runs[0].loras if runs else warms[0].loras
+                    self._attach(key, loras or [])
+                if runs:
+                    active.extend(self._step(runs))
+                if warms:  # their own decode: see `_warm_step`
+                    active.extend(self._warm_step(warms))
 
-    def _admit(self, job: Job, seq: _Sequence, outbox: _Outbox, began: float) -> "_Running | None":
+    def _admit_warm(self, w: _Warm) -> None:
+        """Load a warm-up's adapters and keep what its sequence holds of its tokens; retired if they cannot load."""
+        try:
+            w.loras = self.adapters.acquire(w.refs)
+        except (AdapterRejected, AdapterLoadError, OSError) as exc:
+            log.warning("warm-up %d: %s; its generation will evaluate its whole prompt", w.id, exc)
+            w.retired = True
+            return
+        if w.seq.adapter_key != w.key:
+            self.ctx.forget(w.seq.id)
+            w.seq.cached.clear()
+            w.seq.adapter_key = w.key
+
+    def _retire(self, w: _Warm) -> None:
+        """Stop filling a warm-up (its sequence keeps what it holds) and release its adapters."""
+        if not w.retired:
+            w.retired = True
+            if w.loras is not None:
+                self.adapters.release(w.refs)
+
+    def _admit(self, job: Job, seq: _Sequence, outbox: _Outbox, began: float, warm: _Warm | None) -> "_Running | None":
         """Load the job's adapters and set up its sequence; None (job failed) if an adapter cannot be loaded."""
+        if warm is not None:
+            self._retire(warm)
         refs = job.request.adapters
         try:
             loras = self.adapters.acquire(refs)
@@ -451,6 +636,7 @@ class _BatchWorker:
             return None
         self.ctx.forget(seq.id, r.pos)
         del seq.cached[r.pos :]
+        self._note("start", job.id, r.pos)
         return r
 
     def _attach(self, key: AdapterKey, loras: list[tuple[LoraAdapter, float]]) -> None:
@@ -480,6 +666,8 @@ class _BatchWorker:
         for r in still:
             if r.last is None and r.pos < len(r.prompt) and ctx.room:
                 take = min(len(r.prompt) - r.pos, ctx.room)
+                if len(r.prompt) - r.pos - take == 1 and take > 2:
+                    take -= 1  # never leave one token to be decoded alone (one row alone: see the module docstring)
                 for i in range(r.pos, r.pos + take):
                     index = ctx.add(r.prompt[i], i, r.seq.id, i == len(r.prompt) - 1)
                 r.seq.cached.extend(r.prompt[r.pos : r.pos + take])
@@ -511,12 +699,45 @@ class _BatchWorker:
                     reason = "stop"
                 elif r.stats.completion_tokens >= r.limit:
                     reason = "length"
+            self._note("token", r.job.id, r.stats.completion_tokens)
             if reason is None:
                 r.last = tok
             else:
                 ended.add(id(r))
                 self._done(r, r.finish(reason))
         return [r for r in still if id(r) not in ended]
+
+    def _warm_step(self, warms: list[_Warm]) -> list[_Warm]:
+        """Decode what the warm-ups' sequences lack of their tokens (dropping what no longer matches), in a decode of
+        their own: riding in a generating sequence's decode would change its numbers (module docstring)."""
+        ctx = self.ctx
+        grown: list[_Warm] = []
+        for w in warms:
+            target, cached = w.target, w.seq.cached
+            keep = common_prefix_len(cached, target)
+            if keep < len(cached):  # the prompt so far was re-tokenized differently at its end
+                ctx.forget(w.seq.id, keep)
+                del cached[keep:]
+            take = min(len(target) - keep, ctx.room)
+            if take >= 2:  # one row alone would be computed otherwise than in its generation's prompt chunk
+                for i in range(keep, keep + take):
+                    ctx.add(target[i], i, w.seq.id, False)
+                cached.extend(target[keep : keep + take])
+                grown.append(w)
+        if not ctx.n_tokens:
+            return warms
+        try:
+            ctx.decode()
+        except DecodeError as exc:
+            log.error("%s; dropping %d warm-ups (their generations evaluate their whole prompts)", exc, len(grown))
+            for w in grown:
+                ctx.forget(w.seq.id)
+                w.seq.cached.clear()
+                self._retire(w)
+            return [w for w in warms if not w.retired]
+        for w in grown:
+            self._note("warm", w.id, len(w.seq.cached))
+        return warms
 
     def _done(self, r: _Running, stats: GenerationStats | None, error: _Failure | None = None) -> None:
         free_sampler(r.sampler)

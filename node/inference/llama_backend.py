@@ -264,6 +264,11 @@ class BatchContext:
         cp.n_threads = n_threads
         cp.n_threads_batch = n_threads
         cp.no_perf = True
+        # Flash attention off: llama.cpp's CPU flash attention gives a token different numbers (logits up to 0.6
+        # apart) depending on how many tokens share its batch, so a prompt evaluated in other chunks (a reused
+        # prefix, a chain's hand-off, a busier batch) could change greedy text. Without it every chunking and batch
+        # gives bit-identical logits, at the same memory and faster decoding here (docs/BENCHMARKS.md).
+        cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ctx = ll.llama_init_from_model(model.ptr, cp)
         if not ctx:
             raise ModelLoadError(f"llama.cpp could not create a context of {n_seq} x {n_ctx_seq} tokens")

@@ -75,6 +75,15 @@ def tool_format(chat_template: str | None) -> ToolFormat:
     return ToolFormat(True)
 
 
+@dataclass(frozen=True)
+class PromptText:
+    """A prompt rendered by the chat template, with how llama.cpp must tokenize it."""
+
+    text: str
+    add_special: bool
+    parse_special: bool
+
+
 class BaseModel:
     """A loaded GGUF plus its chat template: turns OpenAI messages or raw text into llama.cpp tokens."""
 
@@ -98,14 +107,21 @@ class BaseModel:
         """Every `model` value a request may use for this model."""
         return (self.id, BASE_ALIAS)
 
-    def chat_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
-        """Render messages (and `tools`, for a template that renders them) with the GGUF's own chat template and
-        tokenize them as llama.cpp would."""
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> PromptText:
+        """Render messages (and `tools`, for a template that renders them) with the GGUF's own chat template."""
         if self._formatter is None:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-            return self.llama.tokenize(text, add_special=True, parse_special=False)
+            return PromptText(text, add_special=True, parse_special=False)
         rendered = self._formatter(messages=messages, tools=tools)  # type: ignore[arg-type]
-        return self.llama.tokenize(rendered.prompt, add_special=not rendered.added_special, parse_special=True)
+        return PromptText(rendered.prompt, add_special=not rendered.added_special, parse_special=True)
+
+    def prompt_tokens(self, prompt: PromptText) -> list[int]:
+        """Tokenize a rendered prompt as llama.cpp would."""
+        return self.llama.tokenize(prompt.text, add_special=prompt.add_special, parse_special=prompt.parse_special)
+
+    def chat_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Render messages with the chat template and tokenize them."""
+        return self.prompt_tokens(self.chat_prompt(messages, tools))
 
     def completion_tokens(self, prompt: str) -> list[int]:
         """Tokenize a raw completion prompt (special-token text in it stays plain text)."""
