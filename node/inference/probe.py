@@ -63,6 +63,7 @@ def run_probe(model_path: Path, extra_buffers: bool, out: Path, threads: int) ->
     ll.llama_log_set(ll._logger.llama_log_callback, ctypes.c_void_p(0))  # back to the binding's own handler
     del keep
     buffers = {m.group(1): float(m.group(2)) for line in lines if (m := _BUFFER_LINE.search(line))}
+    print(json.dumps({"weight_buffers": buffers}), file=sys.stderr, flush=True)  # in the log, even if decoding dies
     prompt = model.tokenize(PROMPT, add_special=True, parse_special=False)
     forced = model.tokenize(CONTINUATION, add_special=False, parse_special=False)
     ctx = BatchContext(model, n_ctx_seq=256, n_seq=1, n_batch=64, n_threads=threads)

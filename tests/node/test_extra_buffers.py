@@ -108,18 +108,20 @@ def test_the_choice_reaches_llama_model_params_use_extra_bufts(
 
 
 def test_off_keeps_every_weight_out_of_the_repack_buffer(q4_0_model: Path, tmp_path: Path) -> None:
-    """Observed in llama.cpp itself: with extra buffers on, Q4_0 weights go to CPU_REPACK; off, none do."""
-    if "CPU_REPACK" not in extra_buffer_types():
-        pytest.skip("this llama.cpp build offers no CPU_REPACK buffer on this CPU")
+    """Observed in llama.cpp itself: with extra buffers on, Q4_0 weights go to one of them (CPU_REPACK, or AMX on
+    an AMX Xeon); off, none do."""
+    offered = set(extra_buffer_types())
+    if not offered:
+        pytest.skip("this llama.cpp build offers no extra buffer type on this CPU")
     placed = {}
     for mode in ("on", "off"):
         cmd = [sys.executable, "-m", "node.inference.probe", str(q4_0_model), "--extra-buffers", mode]
-        done = subprocess.run(
-            [*cmd, "--out", str(tmp_path / f"{mode}.npy")], capture_output=True, text=True, check=True
-        )
-        placed[mode] = json.loads(done.stdout.strip().splitlines()[-1])["weight_buffers"]
-    assert placed["on"].get("CPU_REPACK", 0) > 0
-    assert "CPU_REPACK" not in placed["off"]
+        # the placement is logged once loaded: on an AMX Xeon the repacked weights' first decode dies (#20824)
+        done = subprocess.run([*cmd, "--out", str(tmp_path / f"{mode}.npy")], capture_output=True, text=True)
+        line = next(x for x in done.stderr.splitlines() if x.startswith('{"weight_buffers"'))
+        placed[mode] = json.loads(line)["weight_buffers"]
+    assert any(placed["on"].get(kind, 0) > 0 for kind in offered)
+    assert not offered & set(placed["off"])
 
 
 def test_logits_comparison_needs_every_position_to_agree() -> None:

@@ -1,0 +1,172 @@
+"""Chains: a 3-step chain over two adapters with 200-token intermediate answers, run with the streaming hand-off
+(node.chains.handoff) and strictly one step after the other, alternating, on a fresh in-process engine each run.
+
+Measured per run: end-to-end time, and each later step's time to first token after the previous step's last token
+(the hand-off's point: the next prompt is already evaluated). Ratios are hand-off / sequential medians of the same
+run; the texts of both paths must be identical. Prints a table and writes bench/results/chains.json.
+
+    .venv/bin/python bench/chains.py [--threads 2] [--reps 5] [--tokens 200] [--final-tokens 32]
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import trio
+
+from bench.common import extra_buffers, positive_int, run_header, write_json
+from bench.personalities import write_adapters
+from marketplace.chain import parse_chain
+from node.adapters.cache import AdapterRef
+from node.chains.handoff import CHUNK_CHARS, ChainSteps
+from node.chains.resolve import RunnableChain, RunnableStep
+from node.chains.run import ChainStep, run_chain
+from node.core.profiles import InferenceSettings
+from node.inference.engine import GenerationRequest, InferenceEngine, Job, Warmup
+from node.inference.llama_backend import SamplingParams
+from node.inference.models import BaseModel, embedded_model_path
+from node.inference.steps import StepDone, Text
+
+CHAIN = """
+name: bench
+version: 1.0.0
+steps:
+  - personality: writer
+    prompt: "Write a long story about {input}."
+  - personality: editor
+    prompt: "Rewrite this story for a child: {previous}"
+  - personality: writer
+    prompt: "Summarise this story in one sentence: {previous}"
+"""
+
+
+def chain_of(folder: Path) -> RunnableChain:
+    """The bench chain with two realistic random q,v adapters (bench/personalities.py's)."""
+    paths = write_adapters(folder, 2, "qv")
+    refs = {"writer": (AdapterRef("writer@v1", paths[0]),), "editor": (AdapterRef("editor@v1", paths[1]),)}
+    parsed = parse_chain(CHAIN, "bench.yaml")
+    return RunnableChain(
+        parsed, tuple(RunnableStep(s, str(s.personality), refs[str(s.personality)]) for s in parsed.steps)
+    )
+
+
+def run_once(model: BaseModel, chain: RunnableChain, handoff: bool, args: argparse.Namespace) -> dict[str, Any]:
+    """One chain run on a fresh engine: timings, reused tokens and the texts."""
+    settings = InferenceSettings(
+        profile="bench", threads=args.threads, n_ctx=2048, max_tokens=1024, batch_size=256, slots=2, adapter_cache_mb=64
+    )
+
+    async def main() -> dict[str, Any]:
+        engine = InferenceEngine(model.llama, settings)
+        started = 0
+
+        async def start(tokens: list[int], adapters: tuple[AdapterRef, ...], warm: Warmup | None) -> Job:
+            nonlocal started
+            started += 1
+            limit = args.final_tokens if started == len(chain.steps) else args.tokens
+            request = GenerationRequest(
+                tokens, SamplingParams(temperature=0), limit, ignore_eos=True, adapters=adapters
+            )
+            return await (warm.start(request) if warm is not None else engine.submit(request, 60))
+
+        steps = ChainSteps(model, engine, start, trio.CapacityLimiter(1), handoff=handoff)
+        texts: list[str] = []
+        final = ""
+        first = 0.0  # when the final step's first text arrived
+        ended: list[float] = []  # when each step's StepDone arrived (its last token delivered)
+        prompt_s: list[float] = []  # each step's admission to first token (the worker's clock)
+        reused: list[int] = []
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            t0 = time.perf_counter()
+            async for ev in run_chain(chain, "a lighthouse keeper", steps):
+                now = time.perf_counter()
+                if isinstance(ev, Text):
+                    first = first or now
+                    final += ev.text
+                elif isinstance(ev, StepDone):
+                    ended.append(now)
+                    reused.append(ev.job.stats.reused_tokens)
+                    prompt_s.append(ev.job.stats.prompt_s)
+                elif isinstance(ev, ChainStep):
+                    texts.append(ev.text)
+            total = time.perf_counter() - t0
+            nursery.cancel_scope.cancel()
+        return {
+            "e2e_s": total,
+            "final_ttft_s": first - ended[-2],
+            "step2_prompt_s": prompt_s[1],
+            "reused": reused,
+            "texts": [*texts, final],
+        }
+
+    return trio.run(main)
+
+
+def main() -> None:
+    """Run, print the table, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--reps", type=positive_int, default=5)
+    parser.add_argument("--tokens", type=positive_int, default=200, help="tokens of each intermediate answer")
+    parser.add_argument("--final-tokens", type=positive_int, default=32)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "chains.json")
+    args = parser.parse_args()
+    path = embedded_model_path()
+    model = BaseModel("bench", path, extra_buffers=extra_buffers(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        chain = chain_of(Path(tmp))
+        runs: dict[str, list[dict[str, Any]]] = {"sequential": [], "handoff": []}
+        run_once(model, chain, True, args)  # warm the page cache and the adapters' files
+        for rep in range(args.reps):
+            order = ("sequential", "handoff") if rep % 2 == 0 else ("handoff", "sequential")
+            for mode in order:
+                runs[mode].append(run_once(model, chain, mode == "handoff", args))
+                print(f"rep {rep + 1}/{args.reps} {mode}: {runs[mode][-1]['e2e_s']:.2f} s", file=sys.stderr)
+    model.close()
+
+    def median(mode: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[mode])
+
+    same = all(r["texts"] == runs["sequential"][0]["texts"] for r in runs["sequential"] + runs["handoff"])
+    rows = []
+    for key, label in (
+        ("e2e_s", "end to end"),
+        ("final_ttft_s", "final step TTFT"),
+        ("step2_prompt_s", "step 2 prompt"),
+    ):
+        seq, hand = median("sequential", key), median("handoff", key)
+        rows.append(
+            {
+                "measure": label,
+                "sequential_s": round(seq, 4),
+                "handoff_s": round(hand, 4),
+                "ratio": round(hand / seq, 3),
+            }
+        )
+    result: dict[str, Any] = run_header("llama_cpp_python", "trio") | {
+        "threads": args.threads,
+        "reps": args.reps,
+        "intermediate_tokens": args.tokens,
+        "final_tokens": args.final_tokens,
+        "chunk_chars": CHUNK_CHARS,
+        "same_text": same,
+        "reused_tokens": {mode: runs[mode][0]["reused"] for mode in runs},
+        "rows": rows,
+        "goals": {"final_ttft_ratio_max": 0.2, "e2e_ratio_max": 0.85},
+    }
+    write_json(args.out, result)
+    print(f"{'measure':<18} {'sequential s':>13} {'hand-off s':>11} {'ratio':>7}")
+    for row in rows:
+        print(f"{row['measure']:<18} {row['sequential_s']:>13.4f} {row['handoff_s']:>11.4f} {row['ratio']:>7.3f}")
+    print(f"same text: {same}; reused prompt tokens per step: {result['reused_tokens']}")
+
+
+if __name__ == "__main__":
+    main()
