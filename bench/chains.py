@@ -56,7 +56,9 @@ def chain_of(folder: Path) -> RunnableChain:
     )
 
 
-def run_once(model: BaseModel, chain: RunnableChain, handoff: bool, args: argparse.Namespace) -> dict[str, Any]:
+def run_once(
+    model: BaseModel, chain: RunnableChain, handoff: bool, chunk_chars: int, args: argparse.Namespace
+) -> dict[str, Any]:
     """One chain run on a fresh engine: timings, reused tokens and the texts."""
     settings = InferenceSettings(
         profile="bench", threads=args.threads, n_ctx=2048, max_tokens=1024, batch_size=256, slots=2, adapter_cache_mb=64
@@ -75,7 +77,7 @@ def run_once(model: BaseModel, chain: RunnableChain, handoff: bool, args: argpar
             )
             return await (warm.start(request) if warm is not None else engine.submit(request, 60))
 
-        steps = ChainSteps(model, engine, start, trio.CapacityLimiter(1), handoff=handoff)
+        steps = ChainSteps(model, engine, start, trio.CapacityLimiter(1), handoff, chunk_chars or CHUNK_CHARS)
         texts: list[str] = []
         final = ""
         first = 0.0  # when the final step's first text arrived
@@ -109,6 +111,40 @@ def run_once(model: BaseModel, chain: RunnableChain, handoff: bool, args: argpar
     return trio.run(main)
 
 
+def row_costs(model: BaseModel, threads: int, reps: int = 30) -> dict[str, float]:
+    """What a prompt token costs where: ms per decode of one row (a generating token alone), of one row plus 12
+    (a generating token with a warm-up chunk riding along), of 12 rows alone (a warm-up chunk's own decode), and
+    per row of a 230-row prefill. Whether riding along could save time at all depends on these."""
+    from node.inference.llama_backend import BatchContext
+
+    tokens = model.llama.tokenize("The lighthouse keeper kept the light burning. " * 40, True, False)
+    ctx = BatchContext(model.llama, 1024, 2, 256, threads)
+
+    def timed(rows: list[tuple[int, int]]) -> float:  # (sequence, count) per decode; ms per decode
+        spent = 0.0
+        for _ in range(reps):
+            for seq, count in rows:
+                for i in range(count):
+                    ctx.add(tokens[i], i, seq, False)
+            began = time.perf_counter()
+            ctx.decode()
+            spent += time.perf_counter() - began
+            ctx.forget(0)
+            ctx.forget(1)
+        return spent / reps * 1000
+
+    try:
+        out = {
+            "one_row_ms": timed([(0, 1)]),
+            "one_plus_12_rows_ms": timed([(0, 1), (1, 12)]),
+            "twelve_rows_ms": timed([(1, 12)]),
+            "prefill_230_per_row_ms": timed([(0, 230)]) / 230,
+        }
+    finally:
+        ctx.close()
+    return {k: round(v, 3) for k, v in out.items()}
+
+
 def main() -> None:
     """Run, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -116,56 +152,58 @@ def main() -> None:
     parser.add_argument("--reps", type=positive_int, default=5)
     parser.add_argument("--tokens", type=positive_int, default=200, help="tokens of each intermediate answer")
     parser.add_argument("--final-tokens", type=positive_int, default=32)
+    parser.add_argument("--chunks", default="48,96,192", help="hand-off chunk sizes (characters)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "chains.json")
     args = parser.parse_args()
+    sizes = [positive_int(c) for c in args.chunks.split(",")]
     path = embedded_model_path()
     model = BaseModel("bench", path, extra_buffers=extra_buffers(path))
+    modes = {"sequential": 0, **{f"handoff/{c}": c for c in sizes}}
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+    costs = row_costs(model, args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         chain = chain_of(Path(tmp))
-        runs: dict[str, list[dict[str, Any]]] = {"sequential": [], "handoff": []}
-        run_once(model, chain, True, args)  # warm the page cache and the adapters' files
+        run_once(model, chain, True, CHUNK_CHARS, args)  # warm the page cache and the adapters' files
         for rep in range(args.reps):
-            order = ("sequential", "handoff") if rep % 2 == 0 else ("handoff", "sequential")
+            order = list(modes) if rep % 2 == 0 else list(reversed(modes))
             for mode in order:
-                runs[mode].append(run_once(model, chain, mode == "handoff", args))
+                runs[mode].append(run_once(model, chain, modes[mode] > 0, modes[mode], args))
                 print(f"rep {rep + 1}/{args.reps} {mode}: {runs[mode][-1]['e2e_s']:.2f} s", file=sys.stderr)
     model.close()
 
     def median(mode: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[mode])
 
-    same = all(r["texts"] == runs["sequential"][0]["texts"] for r in runs["sequential"] + runs["handoff"])
+    reference = runs["sequential"][0]["texts"]
+    same = all(r["texts"] == reference for mode in runs for r in runs[mode])
     rows = []
-    for key, label in (
-        ("e2e_s", "end to end"),
-        ("final_ttft_s", "final step TTFT"),
-        ("step2_prompt_s", "step 2 prompt"),
-    ):
-        seq, hand = median("sequential", key), median("handoff", key)
-        rows.append(
-            {
-                "measure": label,
-                "sequential_s": round(seq, 4),
-                "handoff_s": round(hand, 4),
-                "ratio": round(hand / seq, 3),
-            }
-        )
+    for mode in modes:
+        row: dict[str, Any] = {"mode": mode}
+        for key in ("e2e_s", "final_ttft_s", "step2_prompt_s"):
+            row[key] = round(median(mode, key), 4)
+            row[key.removesuffix("_s") + "_ratio"] = round(median(mode, key) / median("sequential", key), 3)
+        row["reused_tokens"] = runs[mode][0]["reused"]
+        rows.append(row)
     result: dict[str, Any] = run_header("llama_cpp_python", "trio") | {
         "threads": args.threads,
         "reps": args.reps,
         "intermediate_tokens": args.tokens,
         "final_tokens": args.final_tokens,
-        "chunk_chars": CHUNK_CHARS,
         "same_text": same,
-        "reused_tokens": {mode: runs[mode][0]["reused"] for mode in runs},
         "rows": rows,
+        "row_costs": costs,
         "goals": {"final_ttft_ratio_max": 0.2, "e2e_ratio_max": 0.85},
     }
     write_json(args.out, result)
-    print(f"{'measure':<18} {'sequential s':>13} {'hand-off s':>11} {'ratio':>7}")
-    for row in rows:
-        print(f"{row['measure']:<18} {row['sequential_s']:>13.4f} {row['handoff_s']:>11.4f} {row['ratio']:>7.3f}")
-    print(f"same text: {same}; reused prompt tokens per step: {result['reused_tokens']}")
+    print(
+        f"{'mode':<14} {'e2e s':>8} {'ratio':>6} {'final TTFT s':>13} {'ratio':>6} {'step 2 prompt s':>16} {'ratio':>6}"
+    )
+    for r in rows:
+        print(
+            f"{r['mode']:<14} {r['e2e_s']:>8.3f} {r['e2e_ratio']:>6.3f} {r['final_ttft_s']:>13.4f} "
+            f"{r['final_ttft_ratio']:>6.3f} {r['step2_prompt_s']:>16.4f} {r['step2_prompt_ratio']:>6.3f}"
+        )
+    print(f"same text in every mode: {same}; row costs (ms): {costs}")
 
 
 if __name__ == "__main__":

@@ -121,6 +121,32 @@ def parse_manifest(text: str, source: str, base_ids: tuple[str, ...]) -> list[Pe
     return out
 
 
+def add_personality(path: Path, name: str, spec: PersonalitySpec, base_ids: tuple[str, ...]) -> None:
+    """Append `[personalities.NAME]` to the manifest (its comments and order kept), checked whole, written
+    atomically; ManifestError if NAME exists or the result is invalid."""
+    from node.core.fsutil import atomic_write_text
+
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if any(p.name == name for p in parse_manifest(text, str(path), base_ids)):
+        raise ManifestError(f"{path}: a personality {name!r} exists already; choose another name")
+    fields = {k: v for k, v in msgspec.structs.asdict(spec).items() if v not in (None, [], "")}
+    body = "".join(f"{key} = {_toml_value(value)}\n" for key, value in fields.items())
+    text = f"{text.rstrip()}\n\n[personalities.{name}]\n{body}".lstrip()
+    parse_manifest(text, str(path), base_ids)
+    atomic_write_text(path, text)
+
+
+def _toml_value(value: object) -> str:
+    """A TOML value: JSON's strings (ASCII, escaped) are TOML basic strings; lists of them are TOML arrays."""
+    import json
+
+    if isinstance(value, list):
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)
+
+
 def load_manifest(path: Path, base_ids: tuple[str, ...]) -> list[Personality]:
     """Load the manifest file; a missing file means no personalities."""
     if not path.exists():

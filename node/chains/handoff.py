@@ -20,7 +20,7 @@ from node.inference.engine import InferenceEngine, Job, Warmup
 from node.inference.models import BaseModel, PromptText
 
 HOLD_TOKENS = 2  # the last tokens of a partial text may tokenize differently once more text follows
-CHUNK_CHARS = 48  # about a dozen tokens of step k's text per warm-up decode (one more decode when adapters differ)
+CHUNK_CHARS = 96  # ~24 tokens of step k's text per warm-up decode: fewer decodes cost less (bench/chains.py)
 
 StartJob = Callable[[list[int], tuple[AdapterRef, ...], Warmup | None], Awaitable[Job]]
 """Starts a step's generation from its prompt tokens: on the warm-up when given (it takes the warm-up over)."""
@@ -29,14 +29,22 @@ StartJob = Callable[[list[int], tuple[AdapterRef, ...], Warmup | None], Awaitabl
 class Handoff:
     """Step k+1's prompt, evaluated on a warm-up while step k streams."""
 
-    def __init__(self, model: BaseModel, warm: Warmup, head: PromptText | None, limiter: trio.CapacityLimiter) -> None:
+    def __init__(
+        self,
+        model: BaseModel,
+        warm: Warmup,
+        head: PromptText | None,
+        limiter: trio.CapacityLimiter,
+        chunk_chars: int = CHUNK_CHARS,
+    ) -> None:
         self.model, self.warm, self.head, self.limiter = model, warm, head, limiter  # head None: no {previous}
+        self.chunk_chars = chunk_chars
         self.fed = 0  # characters of step k's text given to the warm-up so far
 
     async def feed(self, so_far: str) -> None:
-        """Step k's text so far (whole); every CHUNK_CHARS more of it goes to the warm-up."""
+        """Step k's text so far (whole); every `chunk_chars` more of it goes to the warm-up."""
         text = so_far.lstrip()  # the step's answer is passed on stripped
-        if self.head is None or len(text) - self.fed < CHUNK_CHARS:
+        if self.head is None or len(text) - self.fed < self.chunk_chars:
             return
         self.fed = len(text)
         prompt = PromptText(self.head.text + text, self.head.add_special, self.head.parse_special)
@@ -59,8 +67,10 @@ class ChainSteps:
         start: StartJob,
         limiter: trio.CapacityLimiter,
         handoff: bool = True,
+        chunk_chars: int = CHUNK_CHARS,
     ) -> None:
         self.model, self.engine, self._start, self.limiter, self.handoff = model, engine, start, limiter, handoff
+        self.chunk_chars = chunk_chars
 
     async def start(self, message: str, adapters: tuple[AdapterRef, ...], handoff: Handoff | None) -> Job:
         """Start one step's generation (on the hand-off's warm-up when there is one)."""
@@ -85,7 +95,9 @@ class ChainSteps:
         prompt = PromptText(head, full.add_special, full.parse_special)
         tokens = await trio.to_thread.run_sync(self.model.prompt_tokens, prompt, limiter=self.limiter)
         warm = self.engine.warm(step.adapters, tokens[:-HOLD_TOKENS] if found else tokens)
-        return None if warm is None else Handoff(self.model, warm, prompt if found else None, self.limiter)
+        if warm is None:
+            return None
+        return Handoff(self.model, warm, prompt if found else None, self.limiter, self.chunk_chars)
 
 
 def _user(message: str) -> list[dict[str, str]]:

@@ -249,6 +249,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_create(args: argparse.Namespace) -> int:
+    """Dispatch `mirador create`."""
+    from node.cli.create import cmd_create as create
+    from node.core.config import ConfigError
+
+    try:
+        return create(_home(args), args)
+    except ConfigError as exc:
+        print(f"mirador: {exc}", file=sys.stderr)
+        return 2
+
+
 def cmd_market(args: argparse.Namespace) -> int:
     """Dispatch the marketplace commands (model, chain, trust, audit, keys)."""
     from node.cli.market import run
@@ -342,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     from node.cli.train import add_parser as add_train_parser
 
     add_train_parser(sub).set_defaults(func=cmd_train)
+    from node.cli.create import add_parser as add_create_parser
+
+    add_create_parser(sub).set_defaults(func=cmd_create)
     from node.cli.market import add_parsers as add_market_parsers
 
     for market_parser in add_market_parsers(sub):

@@ -1,6 +1,7 @@
 """The training subprocess: `python -m node.training.job SPEC_JSON_PATH`.
 
 Spec (JSON, strict): {"gguf": path, "models_dir": path, "data": path | null, "examples": jsonl path | null,
+"evaluate": data path | null (examples only evaluated, before and after, never trained on),
 "config": {TrainConfig fields; "dp": {"epsilon" | "noise_multiplier" + "sample_rate", "delta", "max_grad_norm"} |
 null}, "out_dir": path}.
 
@@ -66,6 +67,7 @@ class JobSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     out_dir: str
     data: str | None = None
     examples: str | None = None
+    evaluate: str | None = None
     config: _ConfigSpec = _ConfigSpec()
 
 
@@ -140,6 +142,7 @@ def run_job(spec_path: Path, events: _Events) -> None:
     for source in (spec.data, spec.examples):
         if source is not None:
             examples += load_examples(Path(source))
+    evaluate = load_examples(Path(spec.evaluate)) if spec.evaluate is not None else []
     out_dir = Path(spec.out_dir)
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         raise SpecError(f"{spec_path}: out_dir {out_dir} already exists")
@@ -157,7 +160,7 @@ def run_job(spec_path: Path, events: _Events) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
-        result = train_adapter(base, examples, config, tmp, lambda p: events.emit("progress", **asdict(p)))
+        result = train_adapter(base, examples, config, tmp, lambda p: events.emit("progress", **asdict(p)), evaluate)
         tmp.chmod(0o755)
         os.rename(tmp, out_dir)
     except BaseException:

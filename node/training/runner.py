@@ -74,10 +74,12 @@ def run_training(
     stop: threading.Event | None = None,
     account: Callable[[TrainRun, Mapping[str, Any]], None] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    evaluate: list[dict[str, Any]] | None = None,
 ) -> TrainRun:
     """Train (blocking), install the adapter on success; `run` is updated in place at every event. `account` is
     called with the training result before the install (the privacy ledger): if it raises, nothing is installed.
-    `provenance` is installed with the adapter as provenance.json (what it was trained on)."""
+    `provenance` is installed with the adapter as provenance.json (what it was trained on). `evaluate`: records
+    whose loss the result reports before and after (eval_loss_*), never trained on."""
     folder = run_folder(home, run)
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     spec: dict[str, Any] = {
@@ -85,13 +87,15 @@ def run_training(
         "models_dir": str(home.models_dir),
         "data": str(data) if data else None,
         "examples": None,
+        "evaluate": None,
         "config": config,
         "out_dir": str(folder / "adapter"),
     }
-    if records:
-        examples = folder / "examples.jsonl"
-        atomic_write_text(examples, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), 0o600)
-        spec["examples"] = str(examples)
+    for key, given in (("examples", records), ("evaluate", evaluate)):
+        if given:
+            path = folder / f"{key}.jsonl"
+            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in given), 0o600)
+            spec[key] = str(path)
     atomic_write_text(folder / "spec.json", json.dumps(spec, indent=2), 0o600)
 
     def update(**changes: Any) -> None:

@@ -160,6 +160,9 @@ class TrainResult:
     alpha: float
     trainable_params: int
     losses: list[float | None] = field(default_factory=list)
+    eval_examples: int = 0  # a separate evaluation set (e.g. `mirador create`'s unseen chunks), never trained on
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
 
     def to_json(self) -> str:
         """The result as one JSON document."""
@@ -322,8 +325,10 @@ def train_adapter(
     config: TrainConfig,
     out_dir: Path,
     on_progress: Callable[[TrainProgress], None] | None = None,
+    evaluate: Sequence[Example] = (),
 ) -> TrainResult:
-    """Train a LoRA adapter on `examples` and write it (peft safetensors, GGUF, training.json) into out_dir."""
+    """Train a LoRA adapter on `examples` and write it (peft safetensors, GGUF, training.json) into out_dir; the
+    loss on `evaluate` (never trained on) is measured before and after as well."""
     import torch
     from peft import get_peft_model
 
@@ -337,6 +342,7 @@ def train_adapter(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_enc = [encode_example(tokenizer, e, config.max_length) for e in train]
     held_enc = [encode_example(tokenizer, e, config.max_length) for e in held]
+    eval_enc = [encode_example(tokenizer, e, config.max_length) for e in evaluate]
     if config.merge_adapter is not None:
         base = merged_base(base, config, Path(config.merge_adapter))
     model = get_peft_model(base, lora_config(config.rank, config.alpha, config.targets))
@@ -346,9 +352,11 @@ def train_adapter(
         freeze_lora_a(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     before = evaluate_loss(model, held_enc, config, pad_id)
+    eval_before = evaluate_loss(model, eval_enc, config, pad_id) if eval_enc else None
     run = _Run(model, train_enc, config, pad_id, on_progress)
     privacy = run.train_private() if config.dp is not None else run.train_plain()
     after = evaluate_loss(model, held_enc, config, pad_id)
+    eval_after = evaluate_loss(model, eval_enc, config, pad_id) if eval_enc else None
     tail = [x for x in run.losses[-5:] if x is not None]
     result = TrainResult(
         steps=config.steps,
@@ -369,6 +377,9 @@ def train_adapter(
         alpha=config.alpha,
         trainable_params=trainable,
         losses=[None if x is None else round(x, 5) for x in run.losses],
+        eval_examples=len(eval_enc),
+        eval_loss_before=eval_before,
+        eval_loss_after=eval_after,
     )
     save_adapter(model, base.config, config, out_dir)
     result.seconds = round(time.monotonic() - began, 3)

@@ -1,0 +1,1 @@
+"""`mirador create`: a personality from a sentence and some example files (sources, synthesis, keywords)."""
