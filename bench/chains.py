@@ -9,7 +9,9 @@ run; the texts of both paths must be identical. Prints a table and writes bench/
 """
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -154,13 +156,22 @@ def main() -> None:
     parser.add_argument("--final-tokens", type=positive_int, default=32)
     parser.add_argument("--chunks", default="48,96,192", help="hand-off chunk sizes (characters)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "chains.json")
+    parser.add_argument("--row-costs", action="store_true", help=argparse.SUPPRESS)  # the child's part
     args = parser.parse_args()
+    if args.row_costs:
+        path = embedded_model_path()
+        model = BaseModel("bench", path, extra_buffers=extra_buffers(path))
+        print(json.dumps(row_costs(model, args.threads)))
+        return
     sizes = [positive_int(c) for c in args.chunks.split(",")]
     path = embedded_model_path()
     model = BaseModel("bench", path, extra_buffers=extra_buffers(path))
     modes = {"sequential": 0, **{f"handoff/{c}": c for c in sizes}}
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
-    costs = row_costs(model, args.threads)
+    # in a child: decoding here from a second thread would give this process a second OpenMP team, which slows
+    # every later decode (docs/BENCHMARKS.md, "Decoding from several threads is slow")
+    child = [sys.executable, __file__, "--row-costs", "--threads", str(args.threads)]
+    costs = json.loads(subprocess.run(child, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     with tempfile.TemporaryDirectory() as tmp:
         chain = chain_of(Path(tmp))
         run_once(model, chain, True, CHUNK_CHARS, args)  # warm the page cache and the adapters' files
