@@ -67,6 +67,7 @@ def cmd_create(home: NodeHome, args: argparse.Namespace) -> int:
     """Create the personality (see the module docstring); 0 on success, 2 on bad input, 1 on a failed phase."""
     from node.adapters.personalities import NAME_RE, ManifestError, PersonalitySpec, add_personality, load_manifest
     from node.cli.adapter import open_store
+    from node.cli.train import spent
     from node.core.config import load_config
     from node.create.keywords import keywords
     from node.create.sources import ExamplesRefused, example_files, examples_digest, read_chunks, split_chunks
@@ -100,7 +101,19 @@ def cmd_create(home: NodeHome, args: argparse.Namespace) -> int:
     if not gguf.is_file():
         print(f"mirador: --base {gguf}: no such GGUF file", file=sys.stderr)
         return 2
-    if not args.dry_run and any(p.name == name for p in load_manifest(home.personalities_file, (model_id, BASE_ALIAS))):
+    if gguf != served.resolve() and not args.dry_run:
+        print(
+            f"mirador: --base {gguf}: this node serves {served.name}, and a personality runs on the served model "
+            "(try the other base's questions with --dry-run)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        taken = any(p.name == name for p in load_manifest(home.personalities_file, (model_id, BASE_ALIAS)))
+    except ManifestError as exc:
+        print(f"mirador: {exc}", file=sys.stderr)
+        return 2
+    if taken and not args.dry_run:
         print(f"mirador: a personality {name!r} exists already; choose another --name", file=sys.stderr)
         return 2
 
@@ -143,10 +156,8 @@ def cmd_create(home: NodeHome, args: argparse.Namespace) -> int:
     store = open_store(home)
     run = new_run(name)
     digest = examples_digest(paths)
-    provenance = {
-        "created": {"description": args.description, "examples": sorted(p.name for p in paths), "digest": digest},
-        "dp": bool(args.dp),
-    }
+    # published with the adapter: what it is for and how it was trained, never the examples' names or digests
+    provenance = {"created": {"description": args.description, "example_files": len(paths)}, "dp": bool(args.dp)}
     started = time.monotonic()
     with _progress() as progress:
         task = progress.add_task(f"training {name}", total=None)
@@ -182,9 +193,7 @@ def cmd_create(home: NodeHome, args: argparse.Namespace) -> int:
     except ManifestError as exc:
         print(f"mirador: the adapter {name}@{run.version} is installed, but the personality was not added: {exc}")
         return 1
-    eps = ""
-    if res.get("epsilon") is not None:
-        eps = f"; ε = {res['epsilon']:.2f} at δ = {res['delta']:g}, one chunk of the examples being the unit"
+    eps = spent(res, "one chunk of the examples is the unit; in the privacy ledger on the examples' account")
     print(
         f"created personality {name} ({name}@{run.version}): held-out loss on {res.get('eval_examples')} unseen "
         f"chunks {res.get('eval_loss_before', float('nan')):.3f} → {res.get('eval_loss_after', float('nan')):.3f}"
@@ -219,6 +228,20 @@ def _times(timings: dict[str, float]) -> str:
     return ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in timings.items())
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 0.5:
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 0.5]")
+    return value
+
+
 def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
     """Register `mirador create`."""
     p = sub.add_parser("create", help="create a personality from a description and example files")
@@ -226,9 +249,9 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> ar
     p.add_argument("--examples", nargs="+", required=True, help=".txt, .md or .pdf files it learns from")
     p.add_argument("--base", help="the base GGUF (default: the node's model)")
     p.add_argument("--name", help="the personality's (and adapter's) name (default: from the description)")
-    p.add_argument("--per-chunk", type=int, default=2, help="questions asked per chunk (1 with --dp)")
-    p.add_argument("--held-out", type=float, default=0.2, help="share of chunks held out unseen for evaluation")
-    p.add_argument("--steps", type=int, default=60, help="training steps")
+    p.add_argument("--per-chunk", type=_count, default=2, help="questions asked per chunk (1 with --dp)")
+    p.add_argument("--held-out", type=_share, default=0.2, help="share of chunks held out unseen (0 to 0.5)")
+    p.add_argument("--steps", type=_count, default=60, help="training steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dp", action="store_true", help="differentially private training (unit: one chunk)")
     p.add_argument("--epsilon", type=float, help="with --dp: target ε of this run")

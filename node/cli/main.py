@@ -237,28 +237,30 @@ def cmd_adapter(args: argparse.Namespace) -> int:
     return code
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """Dispatch `mirador train`."""
-    from node.cli.train import cmd_train as train
+def _with_config(command: Any, args: argparse.Namespace) -> int:
+    """Run a command that reads node.toml; a config error is one line and exit 2."""
     from node.core.config import ConfigError
 
     try:
-        return train(_home(args), args)
+        code: int = command(_home(args), args)
     except ConfigError as exc:
         print(f"mirador: {exc}", file=sys.stderr)
         return 2
+    return code
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Dispatch `mirador train`."""
+    from node.cli.train import cmd_train as train
+
+    return _with_config(train, args)
 
 
 def cmd_create(args: argparse.Namespace) -> int:
     """Dispatch `mirador create`."""
     from node.cli.create import cmd_create as create
-    from node.core.config import ConfigError
 
-    try:
-        return create(_home(args), args)
-    except ConfigError as exc:
-        print(f"mirador: {exc}", file=sys.stderr)
-        return 2
+    return _with_config(create, args)
 
 
 def cmd_market(args: argparse.Namespace) -> int:

@@ -163,14 +163,19 @@ def cmd_train(home: NodeHome, args: argparse.Namespace) -> int:
         print(f"mirador: training failed: {run.error} (log: {run_folder(home, run) / 'job.log'})", file=sys.stderr)
         return 1
     res = run.result or {}
-    eps = ""
-    if res.get("epsilon") is not None:
-        eps = f", ε = {res['epsilon']:.2f} at δ = {res['delta']:g} (in the privacy ledger, on this data's account)"
+    eps = spent(res, "in the privacy ledger, on this data's account")
     print(
         f"installed {args.adapter}@{run.version}: held-out loss {res.get('heldout_loss_before', float('nan')):.3f} → "
         f"{res.get('heldout_loss_after', float('nan')):.3f} in {res.get('seconds', 0):.0f} s{eps}"
     )
     return 0
+
+
+def spent(result: dict[str, Any], note: str) -> str:
+    """ ", ε = … at δ = … (note)" for a DP run's result, "" for a run without DP."""
+    if result.get("epsilon") is None:
+        return ""
+    return f", ε = {result['epsilon']:.2f} at δ = {result['delta']:g} ({note})"
 
 
 def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:

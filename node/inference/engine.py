@@ -676,14 +676,7 @@ class _BatchWorker:
                     outputs.append((r, index))
         if not ctx.n_tokens:
             return still
-        try:
-            ctx.decode()
-        except DecodeError as exc:
-            log.error("%s; failing %d generations", exc, len(still))
-            for r in still:
-                ctx.forget(r.seq.id)
-                r.seq.cached.clear()
-                self._done(r, None, _Failure("generation_failed", str(exc)))
+        if not self._decode(still):
             return []
         ended: set[int] = set()
         for r, index in outputs:
@@ -707,6 +700,23 @@ class _BatchWorker:
                 self._done(r, r.finish(reason))
         return [r for r in still if id(r) not in ended]
 
+    def _decode(self, members: Sequence[_Running | _Warm]) -> bool:
+        """Decode the batch built; if llama.cpp fails it, every member's sequence is emptied and the member failed
+        (a generation) or retired (a warm-up: its generation evaluates its whole prompt itself); False then."""
+        try:
+            self.ctx.decode()
+            return True
+        except DecodeError as exc:
+            log.error("%s; failing %d generations or warm-ups", exc, len(members))
+            for m in members:
+                self.ctx.forget(m.seq.id)
+                m.seq.cached.clear()
+                if isinstance(m, _Running):
+                    self._done(m, None, _Failure("generation_failed", str(exc)))
+                else:
+                    self._retire(m)
+            return False
+
     def _warm_step(self, warms: list[_Warm]) -> list[_Warm]:
         """Decode what the warm-ups' sequences lack of their tokens (dropping what no longer matches), in a decode of
         their own: riding in a generating sequence's decode would change its numbers (module docstring)."""
@@ -726,14 +736,7 @@ class _BatchWorker:
                 grown.append(w)
         if not ctx.n_tokens:
             return warms
-        try:
-            ctx.decode()
-        except DecodeError as exc:
-            log.error("%s; dropping %d warm-ups (their generations evaluate their whole prompts)", exc, len(grown))
-            for w in grown:
-                ctx.forget(w.seq.id)
-                w.seq.cached.clear()
-                self._retire(w)
+        if not self._decode(grown):
             return [w for w in warms if not w.retired]
         for w in grown:
             self._note("warm", w.id, len(w.seq.cached))

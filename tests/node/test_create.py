@@ -45,7 +45,7 @@ def create(node: Daemon, examples: Path, *extra: str) -> "object":
         "--per-chunk",
         "1",
         "--steps",
-        "40",
+        "20",
         *extra,
         timeout=900,
     )
