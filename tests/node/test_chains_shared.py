@@ -2,7 +2,6 @@
 (real daemons on 127.0.0.1, the embedded block stores)."""
 
 import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ import pytest
 
 from node.adapters.check import base_dims_of_file
 from node.inference.models import embedded_model_path
-from tests.daemon_harness import Daemon, node_env, start_daemon, stop_all
+from tests.daemon_harness import Daemon, run_cli, start_daemon, stop_all
 from tests.lora_files import write_adapter
 
 pytestmark = pytest.mark.slow  # two daemons and a pull over libp2p
@@ -31,13 +30,7 @@ CHAIN = textwrap.dedent(
 
 
 def cli(d: Daemon, *args: str) -> "subprocess.CompletedProcess[str]":
-    return subprocess.run(
-        [sys.executable, "-m", "node.cli", *args],
-        env=node_env(d.home, d.port),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    return run_cli(d.home, d.port, *args, timeout=180)
 
 
 @pytest.fixture(scope="module")
