@@ -23,8 +23,10 @@ row); rows are named MODE:LORA[:EPSILON][:personal] (`--rows`):
   update norm C (--clip), encrypted, summed blind. dp, he+dp (example-level): members train with DP-SGD (opacus:
   Poisson sampling at q = batch / training entries, per-example clipping to --example-clip, noise z) at the z that
   makes R x steps steps at q cost the row's ε (PRV, `crypto.dp.epsilon`, δ = --delta; `noise_for`); the update is
-  released as trained. dp-user: one Gaussian release per round of the update clipped to --clip, z calibrated for R
-  releases at q = 1 (a member's whole update is the unit; seeded numpy noise).
+  released as trained; their batch and learning rate are the node's DP-SGD defaults (64, 1e-2: --dp-batch-size,
+  --dp-lr), the plain rows' are --batch-size and --lr (4, 3e-3). dp-user: one Gaussian release per round of the
+  update clipped to --clip, z calibrated for R releases at q = 1 (a member's whole update is the unit; seeded numpy
+  noise).
 - LORA: ffa (lora_A frozen at the seeded init, only lora_B trained, sent and averaged: exact aggregation) or ab.
 - :personal: after each round every node also trains a personal adapter over the new global (`under=`, the
   node's own data, the same steps); "+ personal" evaluates each node's global + personal pair (as one LoRA of twice
@@ -69,6 +71,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import FORTUNES_DIR, INSTALL_HINT, positive_int, read_fortunes, write_json
+from node.training.trainer import DP_BATCH_SIZE, DP_LEARNING_RATE
 
 ROOT = Path(__file__).resolve().parent.parent
 FED_MODES = ("fedavg", "he", "dp", "he+dp", "dp-user")
@@ -644,8 +647,8 @@ def main() -> None:
     ap.add_argument("--steps", type=positive_int, default=None, help="local steps per round, every row (default 10)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch-size", type=positive_int, default=4)
-    ap.add_argument("--dp-lr", type=float, default=None, help="learning rate of the DP-SGD rows (default --lr)")
-    ap.add_argument("--dp-batch-size", type=positive_int, default=None, help="expected batch of DP-SGD rows")
+    ap.add_argument("--dp-lr", type=float, default=DP_LEARNING_RATE, help="learning rate of the DP-SGD rows")
+    ap.add_argument("--dp-batch-size", type=positive_int, default=DP_BATCH_SIZE, help="expected batch of DP-SGD rows")
     ap.add_argument("--rank", type=positive_int, default=4)
     ap.add_argument("--alpha", type=float, default=8.0)
     ap.add_argument("--targets", default="q_proj,v_proj")
@@ -716,8 +719,8 @@ def main() -> None:
             "holdout_fraction": 0.05,
         }
         dp_options = options | {
-            "learning_rate": args.dp_lr or args.lr,
-            "batch_size": args.dp_batch_size or args.batch_size,
+            "learning_rate": args.dp_lr,
+            "batch_size": args.dp_batch_size,
         }
         home = NodeHome(work / "home")
         setup = Setup(home, gguf, args.rank, args.alpha, targets, steps, options, dp_options, args.parallel)

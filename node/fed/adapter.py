@@ -71,13 +71,13 @@ class RoundDpSgd:
 
 
 def round_sample_rate(data: Path, options: Mapping[str, Any] | None = None) -> float:
-    """The Poisson sample rate of this node's DP-SGD rounds: its batch size over its training examples (the held-out
-    ones excluded), at most 1."""
+    """The Poisson sample rate of this node's DP-SGD rounds: its batch size (DP_BATCH_SIZE unless its options name
+    one) over its training examples (the held-out ones excluded), at most 1."""
     from node.training.data import load_examples
-    from node.training.trainer import TrainConfig, split_examples
+    from node.training.trainer import DP_BATCH_SIZE, TrainConfig, split_examples
 
     given = {k: v for k, v in (options or {}).items() if k in ("batch_size", "holdout_fraction")}
-    config = TrainConfig(**given)
+    config = TrainConfig(**{"batch_size": DP_BATCH_SIZE, **given})
     train, _ = split_examples(load_examples(data), config)
     return min(1.0, config.batch_size / len(train))
 

@@ -97,14 +97,14 @@ def read_spec(path: Path) -> JobSpec:
 
 def train_config(spec: JobSpec) -> Any:
     """The TrainConfig the spec asks for (defaults for unset fields; ValueError names a bad field)."""
-    from node.training.trainer import DPConfig, TrainConfig
+    from node.training.trainer import DPConfig, config_with_defaults
 
     given = {f: getattr(spec.config, f) for f in spec.config.__struct_fields__}
     kwargs = {k: v for k, v in given.items() if not isinstance(v, msgspec.UnsetType)}
     dp = kwargs.get("dp")
     if isinstance(dp, _DPSpec):
         kwargs["dp"] = DPConfig(**msgspec.structs.asdict(dp))
-    return TrainConfig(**kwargs)
+    return config_with_defaults(**kwargs)
 
 
 class _Events:

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow  # three daemons, a local DP-SGD run, three rounds
 
 DEADLINE_S = 60
 LIMIT_ENV = "MIRADOR_PRIVACY_MAX_EPSILON_PER_DATASET"
+SMALL = ["--batch-size", "2", "--max-length", "32"]  # the ledger is under test, not learning: small steps
 
 
 @pytest.fixture
@@ -52,7 +53,9 @@ def test_a_dataset_budget_spans_local_runs_and_federations(three: list[Daemon], 
     # Arrange: B first trains locally with DP-SGD on its data file
     data = [write_data(tmp_path / f"{t}.txt", t, i) for i, t in enumerate(["bees", "sails", "bread"])]
     a, b, _ = three
-    local = cli(b, "train", "--data", str(data[1]), "--adapter", "mine", "--steps", "3", "--dp", "--epsilon", "3")
+    local = cli(
+        b, "train", "--data", str(data[1]), "--adapter", "mine", "--steps", "3", "--dp", "--epsilon", "3", *SMALL
+    )
     assert local.returncode == 0, local.stderr
     digest = sha256_file(data[1])
     before = history_on(b.home, digest)

@@ -22,12 +22,15 @@ from node.fed.adapter import (
     base_dims,
     initial_adapter,
     install_global,
+    round_sample_rate,
     targets_key,
     train_locally,
     write_adapter_folder,
 )
 from node.inference.models import embedded_model_path
-from node.training.trainer import TARGET_MODULES
+from node.training.data import load_examples
+from node.training.job import JobSpec, _ConfigSpec, _DPSpec, train_config
+from node.training.trainer import DP_BATCH_SIZE, DP_LEARNING_RATE, TARGET_MODULES, TrainConfig, split_examples
 from tests.node.test_trainer import beekeeping_texts
 
 pytestmark = pytest.mark.slow  # local training through the training subprocess
@@ -161,6 +164,23 @@ def test_bad_global_tensors_are_refused_before_anything_is_written(gguf: Path, d
     with pytest.raises(FileExistsError):
         write_adapter_folder(tmp_path / "c", tensors, gguf, 2, 16.0, QV)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and store.names() == []
+
+
+def test_dp_sgd_rounds_sample_the_dp_batch_unless_the_member_names_one(tmp_path: Path) -> None:
+    # Arrange: 300 entries, of which the trainer keeps the held-out tenth apart
+    data = tmp_path / "many.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in beekeeping_texts(300, seed=2)))
+    trained_on = len(split_examples(load_examples(data), TrainConfig())[0])
+    job = {"gguf": "m.gguf", "models_dir": "models", "out_dir": "out", "data": str(data)}
+    # Act
+    q, q_named = round_sample_rate(data), round_sample_rate(data, {"batch_size": 8})
+    private = train_config(JobSpec(**job, config=_ConfigSpec(dp=_DPSpec(noise_multiplier=1.0, sample_rate=q))))
+    plain = train_config(JobSpec(**job))
+    # Assert: the round is accounted at the batch its training job then draws (a DP batch of 4 learns ~nothing)
+    assert q == pytest.approx(DP_BATCH_SIZE / trained_on) and q_named == pytest.approx(8 / trained_on)
+    assert private.batch_size == DP_BATCH_SIZE == round(q * trained_on)
+    assert private.learning_rate == DP_LEARNING_RATE
+    assert (plain.batch_size, plain.learning_rate) == (TrainConfig().batch_size, TrainConfig().learning_rate)
 
 
 def test_train_locally_returns_trained_tensors_and_installs_nothing(

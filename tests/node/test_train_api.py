@@ -125,7 +125,20 @@ def test_cli_dp_training_reports_and_records_epsilon(node: Daemon, tmp_path: Pat
         )
 
     # Act
-    trained = cli("train", "--data", str(data), "--adapter", "private", "--steps", "4", "--dp", "--epsilon", "8")
+    trained = cli(
+        "train",
+        "--data",
+        str(data),
+        "--adapter",
+        "private",
+        "--steps",
+        "4",
+        "--dp",
+        "--epsilon",
+        "8",
+        "--batch-size",
+        "4",
+    )
     listed = cli("adapter", "list", "--json")
     ledger = json.loads(cli("federation", "status", "--json").stdout)["datasets"]
     bad = cli("train", "--data", str(tmp_path / "missing.txt"), "--adapter", "x")
@@ -150,7 +163,20 @@ def test_a_dp_run_the_ledger_cannot_record_installs_nothing(tmp_path: Path, torc
     data = tmp_path / "notes.txt"
     data.write_text(corpus(30))
     # Act
-    args = ["train", "--data", str(data), "--adapter", "private", "--steps", "2", "--dp", "--epsilon", "8"]
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "--adapter",
+        "private",
+        "--steps",
+        "2",
+        "--dp",
+        "--epsilon",
+        "8",
+        "--batch-size",
+        "4",
+    ]
     trained = subprocess.run(
         [sys.executable, "-m", "node.cli", *args, "--max-length", "32"],
         env=node_env(home, 1),
