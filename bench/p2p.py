@@ -66,9 +66,16 @@ from crypto.identity import Identity
 from marketplace.blockstore import BlockStore
 from marketplace.cid import Cid
 from marketplace.content_store import EmbeddedStore
-from marketplace.registry_record import record_key, sign_record
+from marketplace.registry_record import ValidRecord, record_key, select_record, sign_record, validate_record
 from node.market.block_exchange import PROTOCOL, BlockServer, fetch_dag
-from node.market.registry_dht import DhtRegistry, registry_node
+from node.market.registry_dht import (
+    DhtRegistry,
+    closest_peers,
+    dht_values,
+    fingerprint_of_peer,
+    name_key,
+    registry_node,
+)
 from node.p2p.framing import ByteStream, FrameError, FrameTruncated, receive_frame, send_frame
 from node.p2p.host import Libp2pStream, P2PConfig, P2PNode
 from tests.daemon_harness import Daemon, node_env, start_daemon
@@ -114,6 +121,36 @@ async def converge(nodes: list[P2PNode], limit_s: float) -> tuple[float, int]:
             await node.discover()
 
 
+async def lookup_before(registry: DhtRegistry, name: str) -> list[ValidRecord]:
+    """The registry lookup as it was before issue 19, kept as this benchmark's reference: a FIND_NODE walk for the
+    name key's closest peers, GET_PROVIDERS to each (3 at a time, a new stream per request), then for every
+    publisher (ours always included), one after the other, another FIND_NODE walk and GET_VALUE to each."""
+    dht = registry.dht
+    key = name_key(name)
+    found = {p.peer_id for p in dht.provider_store.get_providers(key)}
+    limiter = trio.CapacityLimiter(3)
+
+    async def ask(peer: ID) -> None:
+        async with limiter:
+            with trio.move_on_after(5):
+                with contextlib.suppress(Exception):
+                    answer, _ = await dht.provider_store._get_providers_from_peer_with_closers(peer, key)
+                    found.update(info.peer_id for info in answer)
+
+    async with trio.open_nursery() as nursery:
+        for peer in await closest_peers(dht, key):
+            nursery.start_soon(ask, peer)
+    publishers = {registry.identity.fingerprint} | {f for f in map(fingerprint_of_peer, found) if f is not None}
+    records = []
+    for publisher in sorted(publishers):
+        rkey = record_key(name, publisher)
+        values = await dht_values(dht, rkey, lambda value, k=rkey: validate_record(k, value))
+        best = select_record(rkey, values)
+        if best >= 0:
+            records.append(validate_record(rkey, values[best]))
+    return records
+
+
 async def timed_async(fn: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
     """(milliseconds, result) of one awaited call."""
     t0 = time.perf_counter()
@@ -123,8 +160,16 @@ async def timed_async(fn: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
 
 async def dht_ops(nodes: list[tuple[P2PNode, DhtRegistry]], records: int, rng: random.Random) -> dict[str, Any]:
     """Time announce / put_value on publishers and lookup / get_value / values on other random nodes."""
-    ms: dict[str, list[float]] = {"announce": [], "put_value": [], "lookup": [], "get_value": [], "values": []}
-    found = {"lookup": 0, "get_value": 0, "values": 0}
+    ms: dict[str, list[float]] = {
+        "announce": [],
+        "put_value": [],
+        "lookup": [],
+        "lookup_before": [],
+        "get_value": [],
+        "values": [],
+    }
+    found = {"lookup": 0, "lookup_before": 0, "get_value": 0, "values": 0}
+    same = 0
     local_hits = 0
     remote_get_ms: list[float] = []
     order = rng.sample(range(len(nodes)), len(nodes))
@@ -145,6 +190,10 @@ async def dht_ops(nodes: list[tuple[P2PNode, DhtRegistry]], records: int, rng: r
         t, got = await timed_async(partial(getter.lookup, name))
         ms["lookup"].append(t)
         found["lookup"] += any(r.record.publisher == fingerprint for r in got)
+        t, before = await timed_async(partial(lookup_before, getter, name))
+        ms["lookup_before"].append(t)
+        found["lookup_before"] += any(r.record.publisher == fingerprint for r in before)
+        same += [r.raw for r in got] == [r.raw for r in before]
         local = get_dht.value_store.get(key.encode()) is not None
         local_hits += local
         t, got_value = await timed_async(partial(get_dht.get_value, key))
@@ -155,7 +204,13 @@ async def dht_ops(nodes: list[tuple[P2PNode, DhtRegistry]], records: int, rng: r
         t, values = await timed_async(partial(getter.values, key))
         ms["values"].append(t)
         found["values"] += value in values
-    return {"ms": ms, "found": found, "get_value_local_hits": local_hits, "get_value_remote_ms": remote_get_ms}
+    return {
+        "ms": ms,
+        "found": found,
+        "same_records": same,
+        "get_value_local_hits": local_hits,
+        "get_value_remote_ms": remote_get_ms,
+    }
 
 
 async def dht_network(n: int, records: int, rng: random.Random, converge_limit_s: float) -> dict[str, Any]:
@@ -197,10 +252,14 @@ def dht_rows(result: dict[str, Any]) -> list[Row]:
     get_notes = f"found {result['found']['get_value']}/{k}; {result['get_value_local_hits']}/{k} local hits"
     if remote:
         get_notes += f"; the others: median {statistics.median(remote):.0f} ms"
+    speedup = statistics.median(result["ms"]["lookup"]) / statistics.median(result["ms"]["lookup_before"])
     notes = {
         "announce": "signed put_value + provide(name key)",
         "put_value": "bare signed record",
-        "lookup": f"providers walk + values; found {result['found']['lookup']}/{k}",
+        "lookup": f"one session: providers walk, record walks side by side; found {result['found']['lookup']}/{k}, "
+        f"same records as the reference {result['same_records']}/{k}; "
+        f"{speedup:.2f}x its median",
+        "lookup_before": f"reference: the lookup before issue 19; found {result['found']['lookup_before']}/{k}",
         "get_value": get_notes,
         "values": f"asks closest peers; found {result['found']['values']}/{k}",
     }
@@ -208,6 +267,7 @@ def dht_rows(result: dict[str, Any]) -> list[Row]:
         "announce": "DhtRegistry.announce",
         "put_value": "dht.put_value",
         "lookup": "DhtRegistry.lookup",
+        "lookup_before": "lookup, pre-issue-19 reference",
         "get_value": "dht.get_value",
         "values": "DhtRegistry.values",
     }

@@ -9,8 +9,11 @@ Every DHT node validates records before storing them (`RecordValidator`, registe
 strict NamespacedValidator): unsigned, forged, expired, replayed and rolled-back records are refused.
 
 py-libp2p 0.8.1 answers `get_value` and `find_providers` from the local store alone when it holds anything, so a node
-would never see a newer record once it cached one; lookups here always ask the closest peers as well
-(`value_store._get_from_peer`, `provider_store._get_providers_from_peer_with_closers`, pinned version).
+would never see a newer record once it cached one; lookups here always ask the network as well. `lookup` and
+`providers` are walks (node.p2p.dht_walk: one session per lookup, streams reused per peer, a record walk ending
+after ENOUGH_ANSWERS valid answers, every publisher's walk started as soon as it is found); `values` (federation
+descriptors) still asks the closest peers of a FIND_NODE walk one request per stream
+(`value_store._get_from_peer`, pinned version).
 """
 
 import hashlib
@@ -20,9 +23,11 @@ from collections.abc import Callable, Mapping
 
 import trio
 from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import Validator
+from multiaddr import Multiaddr
 
 from crypto.identity import Identity, fingerprint_of
 from marketplace.cid import Cid
@@ -34,6 +39,7 @@ from marketplace.registry_record import (
     sign_record,
     validate_record,
 )
+from node.p2p.dht_walk import DhtSession, walk
 from node.p2p.host import P2PConfig, P2PError, P2PNode
 
 NAMESPACE = "mirador"
@@ -42,6 +48,8 @@ MAX_PROVIDERS = 32
 # Peers asked at once: py-libp2p serves 12 inbound DHT streams per node and resets the rest, and a reset makes the
 # asking node drop that peer from its routing table (measured: tables fell from 31 to 17 of 31 under 32-wide asks).
 ALPHA = 3
+# A record walk ends once this many peers have answered with a valid record (puts go to the k = 20 closest).
+ENOUGH_ANSWERS = 3
 log = logging.getLogger(__name__)
 
 
@@ -110,27 +118,16 @@ class DhtRegistry:
         await self.dht.provider_store.provide(Cid.parse(cid).multihash)
 
     async def providers(self, key: bytes) -> list[PeerInfo]:
-        """Providers of `key`: the local provider store and the closest peers' answers, deduplicated."""
+        """Providers of `key`: the local provider store, then one walk toward the key (at most MAX_PROVIDERS)."""
         found: dict[ID, PeerInfo] = {p.peer_id: p for p in self.dht.provider_store.get_providers(key)}
-        limiter = trio.CapacityLimiter(ALPHA)
 
-        async def ask(peer: ID) -> None:
-            async with limiter:
-                await _ask_providers(peer)
+        def keep(peer: ID, answer: Message) -> bool:
+            for info in provider_infos(answer):
+                found.setdefault(info.peer_id, info)
+            return len(found) >= MAX_PROVIDERS
 
-        async def _ask_providers(peer: ID) -> None:
-            with trio.move_on_after(QUERY_TIMEOUT):
-                try:
-                    answer, _ = await self.dht.provider_store._get_providers_from_peer_with_closers(peer, key)
-                except Exception as exc:
-                    log.debug("providers from %s: %s", peer, exc)
-                    return
-                for info in answer[:MAX_PROVIDERS]:
-                    found.setdefault(info.peer_id, info)
-
-        async with trio.open_nursery() as nursery:
-            for peer in await self._closest(key):
-                nursery.start_soon(ask, peer)
+        async with DhtSession(self.dht) as session:
+            await walk(session, key, Message.MessageType.GET_PROVIDERS, keep)
         return list(found.values())[:MAX_PROVIDERS]
 
     async def values(self, key: str) -> list[bytes]:
@@ -138,24 +135,39 @@ class DhtRegistry:
         return await dht_values(self.dht, key, lambda value: validate_record(key, value))
 
     async def lookup(self, name: str) -> list[ValidRecord]:
-        """The newest valid record of every publisher of `name` that the network knows (ours included)."""
-        publishers = {self.identity.fingerprint}
-        for info in await self.providers(name_key(name)):
-            fingerprint = fingerprint_of_peer(info.peer_id)
-            if fingerprint is not None:
-                publishers.add(fingerprint)
-        records: list[ValidRecord] = []
-        for publisher in sorted(publishers):
-            key = record_key(name, publisher)
-            values = await self.values(key)
-            best = select_record(key, values)
-            if best >= 0:
-                records.append(validate_record(key, values[best]))
-        return records
+        """The newest valid record of every publisher of `name` that the network knows (ours included).
 
-    async def _closest(self, key: bytes) -> list[ID]:
-        """The closest peers to `key` (see closest_peers)."""
-        return await closest_peers(self.dht, key)
+        One session: a walk for the name's providers, and as each publisher appears, a walk for its record (they
+        run side by side), each ending once ENOUGH_ANSWERS peers have answered with a valid record. Our own record
+        comes from our store when it is there (we signed the newest one)."""
+        own = self.identity.fingerprint
+        records: dict[str, ValidRecord] = {}
+        mine = self.dht.value_store.get(record_key(name, own).encode())
+        if mine is not None:
+            records[own] = validate_record(record_key(name, own), mine.value)
+        async with DhtSession(self.dht) as session, trio.open_nursery() as nursery:
+            resolving: set[str] = set(records)
+
+            async def resolve(publisher: str) -> None:
+                record = await newest_record(session, record_key(name, publisher))
+                if record is not None:
+                    records[publisher] = record
+
+            def publisher_of(peer: ID) -> None:
+                fingerprint = fingerprint_of_peer(peer)
+                if fingerprint is not None and fingerprint not in resolving and len(resolving) < MAX_PROVIDERS:
+                    resolving.add(fingerprint)
+                    nursery.start_soon(resolve, fingerprint)
+
+            def providers(peer: ID, answer: Message) -> bool:
+                for info in provider_infos(answer):
+                    publisher_of(info.peer_id)
+                return False  # every publisher is wanted: the walk goes on to the closest peers
+
+            for info in self.dht.provider_store.get_providers(name_key(name)):
+                publisher_of(info.peer_id)
+            await walk(session, name_key(name), Message.MessageType.GET_PROVIDERS, providers)
+        return [records[publisher] for publisher in sorted(records)]
 
 
 def registry_node(
@@ -210,6 +222,46 @@ async def dht_values(dht: KadDHT, key: str, check: Callable[[bytes], object]) ->
         for peer in await closest_peers(dht, key_bytes):
             nursery.start_soon(ask, peer)
     return found
+
+
+async def newest_record(session: DhtSession, key: str) -> ValidRecord | None:
+    """The newest valid record under `key` among the local one and those of the first ENOUGH_ANSWERS peers of a
+    walk that answer with a valid record (None when nobody holds one)."""
+    values: list[bytes] = []
+    local = session.dht.value_store.get(key.encode())
+    if local is not None:
+        values.append(local.value)
+    valid_answers = 0
+
+    def keep(peer: ID, answer: Message) -> bool:
+        nonlocal valid_answers
+        value = answer.record.value if answer.HasField("record") else b""
+        if not value:
+            return False
+        if value not in values:
+            try:
+                validate_record(key, value)
+            except ValueError as refused:
+                log.info("refused a value for %s from %s: %s", key, peer, refused)
+                return False
+            values.append(value)
+        valid_answers += 1
+        return valid_answers >= ENOUGH_ANSWERS
+
+    await walk(session, key.encode(), Message.MessageType.GET_VALUE, keep)
+    best = select_record(key, values)
+    return validate_record(key, values[best]) if best >= 0 else None
+
+
+def provider_infos(answer: Message) -> list[PeerInfo]:
+    """The providers a GET_PROVIDERS answer lists (at most MAX_PROVIDERS, malformed entries skipped)."""
+    infos = []
+    for entry in answer.providerPeers[:MAX_PROVIDERS]:
+        try:
+            infos.append(PeerInfo(ID(entry.id), [Multiaddr(a) for a in entry.addrs]))
+        except Exception:
+            continue
+    return infos
 
 
 async def closest_peers(dht: KadDHT, key: bytes) -> list[ID]:

@@ -9,7 +9,10 @@ request, and registry lookups through it fail. `DhtGuard` re-registers the DHT's
 - an idle deadline on every read (`idle_s` without the next bytes) and a lifetime deadline per stream
   (`lifetime_s`): an honest client writes its request at once and closes after the answer;
 - refusals (`too_many_streams`, `read_timeout`) reported like every other protocol's, so the peer's score pays for
-  them and a peer that keeps doing it is blacklisted and disconnected.
+  them and a peer that keeps doing it is blacklisted and disconnected;
+- quiet closes: py-libp2p's handler reads requests in a loop until an empty read, but its streams raise StreamEOF
+  when the asker closes, which the handler logged as "Failed to read DHT message" and answered with a reset, for
+  every honest request. A clean end of stream reads as b"" here, so the handler ends and closes normally.
 """
 
 import logging
@@ -54,6 +57,8 @@ class _DeadlineStream:
         except trio.TooSlowError:
             self.timed_out = True
             raise
+        except EOFError:  # the asker closed its side (StreamEOF); a reset is not an EOFError and still raises
+            return b""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)

@@ -3,6 +3,7 @@
 from contextlib import AsyncExitStack
 
 import msgspec
+import pytest
 import trio
 
 from crypto.identity import Identity
@@ -128,3 +129,55 @@ def test_local_validator_refuses_a_replay_before_sending() -> None:
 def test_name_key_is_a_sha256_multihash() -> None:
     key = name_key("tiny-model")
     assert key[:2] == b"\x12\x20" and len(key) == 34 and key != name_key("tiny-model2")
+
+
+@pytest.mark.slow  # 16 hosts converge in one thread
+def test_a_lookup_returns_exactly_the_newest_records_that_the_whole_network_holds() -> None:
+    # Arrange: 16 nodes; three publish one name (one of them twice), then a node replays that publisher's first
+    # record to every peer (a rollback)
+    got: dict[int, list[tuple[str, int, bytes]]] = {}
+    truth: list[tuple[str, int, bytes]] = []
+    rollbacks_stored: list[bool] = []
+
+    async def main() -> None:
+        with trio.fail_after(DEADLINE * 3):
+            async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+                nodes = await start_line(stack, nursery, 16)
+                first = await nodes[5][1].announce("shared", {"1.0.0": CID_A})
+                for i in (0, 5, 10):
+                    await nodes[i][1].announce("shared", {"1.0.0": CID_A, f"1.{i}.0": CID_B})
+                attacker = nodes[15][0].dht
+                assert attacker is not None
+                replay_key = record_key("shared", nodes[5][1].identity.fingerprint).encode()
+                for node, _ in nodes[:15]:
+                    rollbacks_stored.append(
+                        bool(await attacker.value_store._store_at_peer(node.peer_id, replay_key, first))
+                    )
+                truth.extend(exhaustive(nodes, "shared"))
+                # Act: lookups from publishers and from nodes that only store
+                for i in (0, 3, 5, 8, 12, 15):
+                    got[i] = [(r.record.publisher, r.record.seq, r.raw) for r in await nodes[i][1].lookup("shared")]
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    # Assert: three publishers, node 5's second record; every lookup returned exactly those signed records
+    assert len(truth) == 3 and not any(rollbacks_stored)
+    assert all(found == truth for found in got.values()), (truth, got)
+
+
+def exhaustive(nodes: list[tuple[P2PNode, DhtRegistry]], name: str) -> list[tuple[str, int, bytes]]:
+    """Ground truth from every node's own stores: each provider of the name, and its newest record anywhere."""
+    publishers = {
+        fingerprint_of_peer(info.peer_id)
+        for node, _ in nodes
+        if node.dht is not None
+        for info in node.dht.provider_store.get_providers(name_key(name))
+    }
+    newest = []
+    for publisher in sorted(p for p in publishers if p is not None):
+        key = record_key(name, publisher)
+        held = [r.value for node, _ in nodes if node.dht and (r := node.dht.value_store.get(key.encode()))]
+        records = [parse_record(v) for v in held]
+        best = max(range(len(held)), key=lambda j: records[j].seq)
+        newest.append((publisher, records[best].seq, held[best]))
+    return newest

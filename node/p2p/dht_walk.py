@@ -1,0 +1,208 @@
+"""DHT lookups as walks: one iterative Kademlia walk per key, over streams reused per peer within a lookup.
+
+py-libp2p 0.8.1 opens a fresh stream for every DHT request (a yamux open, two multistream round trips and a newly
+signed peer record each time: ~3.6 ms of CPU alone) and its `get_value` / `find_providers` first walk for the
+closest peers (FIND_NODE) and only then ask them. Here one walk per key asks GET_VALUE or GET_PROVIDERS directly:
+every answer carries closer peers as well, so the walk narrows toward the key while it collects values, and it can
+stop as soon as its caller has enough. A `DhtSession` holds one stream per peer for the whole lookup (one request at
+a time on it; py-libp2p's server reads requests in a loop until the stream ends), signs the sender's peer record
+once, and closes every stream cleanly at the end. Any failure of a request drops (resets) that peer's stream alone
+and the walk goes on without it.
+
+Nothing a peer answers is trusted beyond what it can prove: values are checked by the caller, closer peers only
+steer the walk (at most `count` per answer are taken), and a reply of the wrong type is a failure.
+"""
+
+import hashlib
+import logging
+import math
+from collections.abc import Callable
+from types import TracebackType
+
+import trio
+import varint
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE, PROTOCOL_ID
+from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.kad_dht.pb.kademlia_pb2 import Message
+from libp2p.kad_dht.utils import maybe_consume_signed_record
+from libp2p.peer.id import ID
+from libp2p.peer.peerstore import env_to_send_in_RPC
+from libp2p.utils.varint import read_varint_prefixed_bytes_limited
+from multiaddr import Multiaddr
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_S = 5.0  # one request and its answer on one peer's stream
+COUNT = 20  # k: the walk ends when the k closest peers it knows have all been asked
+ALPHA = 3  # requests in flight per walk: py-libp2p serves 12 inbound DHT streams per node and resets the rest
+ADDR_TTL_S = 600  # how long the addresses a peer gives for closer peers are kept, as py-libp2p does
+
+# What a caller does with one answer; True when it has enough (the walk stops asking and returns).
+OnAnswer = Callable[[ID, Message], bool]
+
+
+class DhtSession:
+    """Requests to DHT peers within one lookup: one stream per peer, reused, one request at a time on each."""
+
+    def __init__(self, dht: KadDHT, timeout_s: float = REQUEST_TIMEOUT_S) -> None:
+        self.dht = dht
+        self.timeout_s = timeout_s
+        self._streams: dict[ID, INetStream] = {}
+        self._locks: dict[ID, trio.Lock] = {}
+        self._record: bytes | None = None
+        self.streams_opened = 0
+        self.requests = 0
+
+    async def __aenter__(self) -> "DhtSession":
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def ask(self, peer: ID, request: Message) -> Message | None:
+        """`request`'s answer from `peer`, or None (no answer in time, a broken stream, a malformed answer)."""
+        lock = self._locks.setdefault(peer, trio.Lock())
+        async with lock:
+            self.requests += 1
+            answer = None
+            with trio.move_on_after(self.timeout_s):
+                try:
+                    answer = await self._exchange(peer, request)
+                except Exception as exc:  # any failure is this peer's, for this request
+                    log.debug("dht %s from %s: %s", Message.MessageType.Name(request.type), peer, exc)
+            if answer is None:
+                await self._drop(peer)
+            return answer
+
+    async def _exchange(self, peer: ID, request: Message) -> Message | None:
+        stream = self._streams.get(peer)
+        if stream is None:
+            stream = await self.dht.host.new_stream(peer, [TProtocol(PROTOCOL_ID)])
+            self._streams[peer] = stream
+            self.streams_opened += 1
+        request.senderRecord = self._sender_record()
+        raw = request.SerializeToString()
+        await stream.write(varint.encode(len(raw)) + raw)
+        answer = Message()
+        answer.ParseFromString(await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE))
+        if answer.type != request.type:
+            raise ValueError(f"answered with message type {answer.type}")
+        if not maybe_consume_signed_record(answer, self.dht.host, peer):
+            raise ValueError("the answer's signed peer record is invalid")
+        return answer
+
+    def _sender_record(self) -> bytes:
+        if self._record is None:
+            self._record, _ = env_to_send_in_RPC(self.dht.host)
+        return self._record
+
+    async def _drop(self, peer: ID) -> None:
+        stream = self._streams.pop(peer, None)
+        if stream is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await stream.reset()
+                except Exception:
+                    log.debug("dht: reset failed", exc_info=True)
+
+    async def aclose(self) -> None:
+        """Close every stream (the server sees a clean end and closes its side)."""
+        streams, self._streams = list(self._streams.values()), {}
+
+        async def close(stream: INetStream) -> None:
+            with trio.move_on_after(1):
+                try:
+                    await stream.close()
+                except Exception:
+                    log.debug("dht: close failed", exc_info=True)
+
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                for stream in streams:
+                    nursery.start_soon(close, stream)
+
+
+def distance_to(key: bytes) -> Callable[[ID], int]:
+    """The XOR distance of a peer to `key` in the DHT's keyspace (sha256 of both, as py-libp2p sorts)."""
+    target = int.from_bytes(hashlib.sha256(key).digest(), "big")
+
+    def distance(peer: ID) -> int:
+        return target ^ int.from_bytes(hashlib.sha256(peer.to_bytes()).digest(), "big")
+
+    return distance
+
+
+def request(kind: int, key: bytes) -> Message:
+    """A GET_VALUE / GET_PROVIDERS / FIND_NODE request for `key`."""
+    return Message(type=kind, key=key)  # type: ignore[arg-type]  # the enum's values are ints
+
+
+async def walk(
+    session: DhtSession,
+    key: bytes,
+    kind: int,
+    on_answer: OnAnswer,
+    count: int = COUNT,
+    alpha: int = ALPHA,
+) -> set[ID]:
+    """Ask the closest peers to `key` that have not been asked, `alpha` at a time, learning closer peers from every
+    answer, until the `count` closest known peers have all been asked or `on_answer` says it has enough; the peers
+    that answered. Requests in flight when it has enough are answered before it returns (no stream is cut)."""
+    dht = session.dht
+    me = dht.local_peer_id
+    distance = distance_to(key)
+    known: set[ID] = set(dht.routing_table.find_local_closest_peers(key, count))
+    if len(known) < count:
+        known.update(dht.host.get_connected_peers())
+    known.discard(me)
+    asked: set[ID] = set()
+    answered: set[ID] = set()
+    enough = False
+    send, receive = trio.open_memory_channel[tuple[ID, Message | None]](math.inf)
+
+    async def ask(peer: ID) -> None:
+        await send.send((peer, await session.ask(peer, request(kind, key))))
+
+    def next_peers(room: int) -> list[ID]:
+        closest = sorted(known, key=distance)[:count]
+        return [p for p in closest if p not in asked][:room]
+
+    in_flight = 0
+    async with trio.open_nursery() as nursery:
+        while True:
+            if not enough:
+                for peer in next_peers(alpha - in_flight):
+                    asked.add(peer)
+                    in_flight += 1
+                    nursery.start_soon(ask, peer)
+            if in_flight == 0:
+                break
+            peer, answer = await receive.receive()
+            in_flight -= 1
+            if answer is None:
+                continue
+            answered.add(peer)
+            _learn(dht, answer, known, me, count)
+            if not enough and on_answer(peer, answer):
+                enough = True
+    return answered
+
+
+def _learn(dht: KadDHT, answer: Message, known: set[ID], me: ID, count: int) -> None:
+    """Add the closer peers of `answer` (at most `count`) to `known`, and their addresses to the peerstore."""
+    peerstore = dht.host.get_peerstore()
+    for info in answer.closerPeers[:count]:
+        try:
+            peer = ID(info.id)
+            addrs = [Multiaddr(a) for a in info.addrs]
+        except Exception:
+            continue
+        if peer == me:
+            continue
+        if addrs:
+            peerstore.add_addrs(peer, addrs, ADDR_TTL_S)
+        known.add(peer)
