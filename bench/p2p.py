@@ -556,6 +556,7 @@ def pull_rep(daemons: dict[str, Daemon], letter_of: dict[str, str], size: int, t
         os.sync()
         cpu_before = {name: cpu_seconds(d.pid) for name, d in daemons.items()}
         pulled = pull_once(daemons[letter], f"big@{version}", size)
+        daemons[letter].wait_provided()  # the next puller finds this one among the providers
         pulled["cpu_s"] = {name: cpu_seconds(d.pid) - cpu_before[name] for name, d in daemons.items()}
         by_letter = {letter_of.get(p, p): blocks for p, blocks in pulled["done"]["providers"].items()}
         pulled |= {"puller": letter, "providers_expected": n_providers, "blocks_by_provider": by_letter}

@@ -74,6 +74,17 @@ class Daemon:
         """The Authorization header of state-changing routes: the home's API token (node.core.api_token)."""
         return {"Authorization": f"Bearer {(self.home / 'api.token').read_text().strip()}"}
 
+    def wait_provided(self, timeout: float = 30.0) -> None:
+        """Return once the node has announced every artifact it pulled as provided here (a pull answers first)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            market = httpx.get(f"{self.url}/v1/node/status", headers=self.auth, timeout=10).json()["p2p"]["market"]
+            if not market["providing"]:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.url}: still announcing {market['providing']} pulled artifacts")
+            time.sleep(0.05)
+
     def chat(self, content: str = "Hi", **extra: Any) -> httpx.Response:
         """A small non-streamed chat request."""
         body = {"model": "base", "messages": [{"role": "user", "content": content}], "max_tokens": 4} | extra

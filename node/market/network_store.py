@@ -31,7 +31,8 @@ class NetworkStore:
     """The embedded block store, filled from the DHT's providers of a CID for whatever it lacks.
 
     Files of an artifact are not announced one by one (py-libp2p limits ADD_PROVIDER to 10 per peer per 10 s):
-    the providers of the artifact's envelope serve its files, so they are remembered for the fetches that follow.
+    the providers of the artifact's envelope serve its files, so they are remembered and asked for the fetches that
+    follow without another walk; the DHT is asked only if none of them can serve.
     """
 
     def __init__(self, local: EmbeddedStore, node: P2PNode, registry: DhtRegistry) -> None:
@@ -86,13 +87,18 @@ class NetworkStore:
                 return
             except FetchError as exc:  # the blocks it did verify are kept: the providers below fetch only the rest
                 log.info("fetch of %s from %s failed (%s); asking the DHT's providers", root, connected, exc)
+        if self._session:  # a file of the artifact whose envelope came from these: files are never announced
+            reachable = await self._reachable(self._session)
+            if reachable:
+                try:
+                    await self._fetch_from(root, reachable, progress, max_bytes)
+                    return
+                except FetchError as exc:
+                    log.info("fetch of %s from the envelope's providers failed (%s); asking the DHT", root, exc)
         providers = [p for p in await self.registry.providers(root.multihash) if p.peer_id != self.node.peer_id]
-        if providers:
-            self._session = providers
-        elif self._session:
-            providers = self._session
-        else:
+        if not providers:
             raise ContentStoreError(f"no peer provides {root} (is the publisher's node online?)")
+        self._session = providers
         reachable = await self._reachable(providers)
         if not reachable:
             raise ContentStoreError(f"none of the {len(providers)} providers of {root} could be reached")

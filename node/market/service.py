@@ -72,6 +72,7 @@ class MarketService:
         self._nursery: trio.Nursery | None = None
         self.pulls_done = 0
         self.pulls_failed = 0
+        self.providing = 0  # pulled artifacts whose provider announcement is still under way
         self.last_announce: float | None = None
 
     def status(self) -> dict[str, Any]:
@@ -80,6 +81,7 @@ class MarketService:
             "enabled": True,
             "pulls_done": self.pulls_done,
             "pulls_failed": self.pulls_failed,
+            "providing": self.providing,
             "last_announce": self.last_announce,
             "block_streams_served": self.server.streams_served,
             "blocks_served": self.server.blocks_served,
@@ -207,7 +209,8 @@ class MarketService:
         progress: PullProgress | None = None,
         replace_publisher: bool = False,
     ) -> PullOutcome:
-        """Resolve `target` through the DHT, fetch from providers, verify, install; then provide it ourselves."""
+        """Resolve `target` through the DHT, fetch from providers, verify, install; return, and provide it ourselves
+        in the background (the user is told first; `providing` in the status counts announcements under way)."""
         async with self._pull_lock:
             try:
                 outcome = await trio.to_thread.run_sync(
@@ -217,9 +220,21 @@ class MarketService:
                 self.pulls_failed += 1
                 raise
             self.pulls_done += 1
-        with trio.move_on_after(ANNOUNCE_TIMEOUT_S):
-            await self.registry.provide(outcome.installed.envelope_cid)
+        self.providing += 1
+        if self._nursery is None:
+            await self._provide(outcome.installed.envelope_cid)
+        else:
+            self._nursery.start_soon(self._provide, outcome.installed.envelope_cid)
         return outcome
+
+    async def _provide(self, cid: str) -> None:
+        try:
+            with trio.move_on_after(ANNOUNCE_TIMEOUT_S):
+                await self.registry.provide(cid)
+        except Exception as exc:  # the next re-announcement retries
+            log.warning("announcing %s as provided here failed: %s", cid, exc)
+        finally:
+            self.providing -= 1
 
     def _pull_sync(
         self,

@@ -160,6 +160,7 @@ def test_provider_killed_mid_transfer_of_a_50mb_model_the_pull_resumes_from_anot
         published = cli(a, "model", "publish", str(folder), "--name", "big", "--version", "1.0.0", "--no-bench")
         assert published.returncode == 0, published.stderr
         assert cli(b, "model", "pull", "big", "--trust-publisher").returncode == 0
+        b.wait_provided()  # B tells its user first, then announces itself as a provider
         # Act: C pulls through its API; A is killed once C has part of the file
         events: list[dict] = []
         killed_at = -1
