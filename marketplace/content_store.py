@@ -99,7 +99,7 @@ class EmbeddedStore:
             try:
                 while True:
                     block = next(gen)
-                    put(block.cid, block.data)
+                    put(block.cid, block.data, durable=False)  # one sync below
             except StopIteration as stop:
                 result = stop.value
         self.blocks.sync()

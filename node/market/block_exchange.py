@@ -267,7 +267,7 @@ class _Fetch:
         except CidError:
             return None
         links, leaf_bytes, total = self._parse(cid, data)
-        self.blocks.put_verified(cid, data)
+        self.blocks.put_verified(cid, data, durable=False)  # one sync when the fetch ends (run's finally)
         out = self.scan(links)
         out.leaf_bytes += leaf_bytes
         if total is not None:

@@ -1,9 +1,12 @@
 """The embedded block store and EmbeddedStore: layout, verification on write and read, atomic export."""
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
+from marketplace import blockstore
 from marketplace.blockstore import BlockNotFoundError, BlockStore, CorruptBlockError
 from marketplace.cid import RAW, Cid
 from marketplace.content_store import ContentStore, ContentStoreError, EmbeddedStore
@@ -103,3 +106,31 @@ def test_fetch_of_unknown_content_fails_cleanly(tmp_path: Path) -> None:
         store.fetch(cid, tmp_path / "out.bin")
     assert not (tmp_path / "out.bin").exists()
     assert not store.has(cid)
+
+
+def test_an_import_syncs_once_at_the_end_not_once_per_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Arrange: count fsyncs of block files and calls of the real syncfs
+    src = write_random(tmp_path / "src.bin", 20 * CHUNK_SIZE, seed=9)
+    file_fsyncs: list[int] = []
+    syncfs_calls: list[int] = []
+    real_fsync, real_syncfs = os.fsync, blockstore._syncfs
+    assert real_syncfs is not None, "Linux libc has syncfs"
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            file_fsyncs.append(fd)
+        real_fsync(fd)
+
+    def syncfs(fd: int) -> int:
+        syncfs_calls.append(fd)
+        return real_syncfs(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(blockstore, "_syncfs", syncfs)
+    store = EmbeddedStore(tmp_path / "blocks")
+    # Act
+    added = store.add(src)
+    # Assert: 21 blocks written, none fsynced alone, one syncfs; the file reads back whole
+    assert len(list((tmp_path / "blocks").rglob("*.data"))) == 21
+    assert file_fsyncs == [] and len(syncfs_calls) == 1
+    assert b"".join(store.cat(added.cid)) == src.read_bytes()
