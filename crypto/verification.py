@@ -144,13 +144,16 @@ def verify_files(
     allow_extra: bool = False,
     ignore: Collection[str] = (),
     sizes: Mapping[str, int] | None = None,
+    hashed: Mapping[str, str] | None = None,
 ) -> None:
     """Check `folder` against the statement's subjects: each present (no symlinks), sizes, sha256, no extras;
     raise VerificationError (files_differ) listing the first problems.
 
     Cheap checks (names, presence, sizes, extra files) run before any hashing; files are hashed in chunks.
     `sizes` (name -> bytes, e.g. from the manifest) is optional; `ignore` names files outside the artifact
-    (such as the envelope itself); `allow_extra` accepts unlisted files.
+    (such as the envelope itself); `allow_extra` accepts unlisted files. `hashed` (name -> sha256 hex) holds the
+    digests of files the caller has just written into its own private folder and hashed as it wrote them: those
+    are compared instead of read and hashed again.
     """
     if not folder.is_dir():
         raise VerificationError("files_differ", f"{folder} is not a folder")
@@ -181,6 +184,10 @@ def verify_files(
     if problems:
         raise _failure(sorted(problems))
     for name, expected in signed.items():
+        if hashed is not None and name in hashed:
+            if hashed[name] != expected:
+                problems.append(f"{name}: sha256 {hashed[name]} does not match the signed {expected}")
+            continue
         try:
             with open_inside(folder, name) as f:
                 actual = sha256_of(f)

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -242,11 +242,13 @@ class Marketplace:
             self._check_owner(manifest.name, publisher, "pull", target, walk.replace_publisher and expected is None)
             staged = Path(tmp) / "artifact"
             staged.mkdir()
+            written: dict[str, str] = {}  # name -> sha256 of the bytes the store wrote (hashed as it wrote them)
             for entry in manifest.files:
                 dest = staged / entry.name
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                self.store.fetch(entry.cid, dest, _per_file(progress, entry.name), max_bytes=entry.size)
-            self._check_staged(staged, verified, manifest, target, publisher)
+                progress_of = _per_file(progress, entry.name)
+                written[entry.name] = self.store.fetch(entry.cid, dest, progress_of, max_bytes=entry.size)
+            self._check_staged(staged, verified, manifest, target, publisher, written)
             if manifest.kind == "chain":  # what a chain uses is in place before the chain is
                 self._pull_references(manifest, envelope_cid, trust_publisher, progress, walk)
             shutil.copyfile(env_path, staged / ENVELOPE_FILE)
@@ -341,11 +343,17 @@ class Marketplace:
         return manifest
 
     def _check_staged(
-        self, staged: Path, verified: VerifiedArtifact, manifest: Manifest, target: str, publisher: str
+        self,
+        staged: Path,
+        verified: VerifiedArtifact,
+        manifest: Manifest,
+        target: str,
+        publisher: str,
+        written: Mapping[str, str],
     ) -> None:
         sizes = {f.name: f.size for f in manifest.files}
         try:
-            verify_files(verified.statement, staged, sizes=sizes)
+            verify_files(verified.statement, staged, sizes=sizes, hashed=written)
         except VerificationError as exc:
             raise self._refuse("pull", target, publisher, exc.detail, exc.reason) from None
         try:

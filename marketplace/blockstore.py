@@ -24,11 +24,18 @@ import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import cast
+from typing import Protocol, cast
 
 from crypto.refusal import SingleReason
 from marketplace.cid import DAG_PB, RAW, Cid, CidError
 from marketplace.unixfs import Progress, UnixfsError, check_declared_size, decode_pbnode, root_size, walk_file
+
+
+class Hasher(Protocol):
+    """What write_atomically feeds: a hashlib object."""
+
+    def update(self, data: bytes, /) -> None:
+        """Add `data` to the digest."""
 
 
 class BlockNotFoundError(LookupError):
@@ -173,9 +180,15 @@ class BlockStore:
         return walk_file(Cid.of(root), self.get)
 
     def export(
-        self, root: Cid | str, dest: Path, progress: Progress | None = None, max_bytes: int | None = None
+        self,
+        root: Cid | str,
+        dest: Path,
+        progress: Progress | None = None,
+        max_bytes: int | None = None,
+        hasher: Hasher | None = None,
     ) -> int:
         """Write a stored file to `dest` atomically (temp file beside it, fsync, rename); returns its size.
+        `hasher` (e.g. hashlib.sha256()) is updated with the file's bytes as they are written.
 
         On any failure (missing or corrupt block, bad DAG, disk error) the temp file is removed and `dest` is left
         as it was.
@@ -183,7 +196,7 @@ class BlockStore:
         cid = Cid.of(root)
         total = self.size(cid)
         check_declared_size(cid, total, max_bytes)  # the walk then checks that every subtree adds up to it
-        return write_atomically(dest, self.cat(cid), total, progress)
+        return write_atomically(dest, self.cat(cid), total, progress, hasher)
 
 
 def sync_files(root: Path, files: list[Path]) -> None:
@@ -219,8 +232,15 @@ def _load_syncfs() -> Callable[[int], int] | None:
 _syncfs = _load_syncfs()
 
 
-def write_atomically(dest: Path, chunks: Iterator[bytes], total: int = -1, progress: Progress | None = None) -> int:
-    """Write `chunks` to a temp file beside `dest`, fsync, and rename it over `dest`; returns the byte count."""
+def write_atomically(
+    dest: Path,
+    chunks: Iterator[bytes],
+    total: int = -1,
+    progress: Progress | None = None,
+    hasher: Hasher | None = None,
+) -> int:
+    """Write `chunks` to a temp file beside `dest`, fsync, and rename it over `dest`; returns the byte count.
+    `hasher` is updated with every chunk written (the file is hashed while it is written, not read again)."""
     dest = Path(dest)
     tmp = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.part"
     done = 0
@@ -228,6 +248,8 @@ def write_atomically(dest: Path, chunks: Iterator[bytes], total: int = -1, progr
         with open(tmp, "xb") as f:
             for chunk in chunks:
                 f.write(chunk)
+                if hasher is not None:
+                    hasher.update(chunk)
                 done += len(chunk)
                 if progress is not None:
                     progress(done, total)

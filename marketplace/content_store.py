@@ -9,6 +9,7 @@ Fetches are atomic: the destination appears complete and verified, or not at all
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -58,10 +59,10 @@ class ContentStore(Protocol):
         """Import a file; returns its root CID. `progress(bytes_done, bytes_total)` is called as it reads."""
         ...
 
-    def fetch(self, cid: str | Cid, dest: Path, progress: Progress | None = None, max_bytes: int | None = None) -> None:
-        """Write the file of `cid` to `dest` atomically, verified against the CID. A file whose root declares more
-        than `max_bytes` is refused before anything is written (a DAG that links one block again and again grows
-        with every link)."""
+    def fetch(self, cid: str | Cid, dest: Path, progress: Progress | None = None, max_bytes: int | None = None) -> str:
+        """Write the file of `cid` to `dest` atomically, verified against the CID; returns the sha256 (hex) of the
+        bytes written, hashed as they were written. A file whose root declares more than `max_bytes` is refused
+        before anything is written (a DAG that links one block again and again grows with every link)."""
         ...
 
     def has(self, cid: str | Cid) -> bool:
@@ -105,12 +106,14 @@ class EmbeddedStore:
         self.blocks.sync()
         return AddResult(str(result.root), result.size, result.profile)
 
-    def fetch(self, cid: str | Cid, dest: Path, progress: Progress | None = None, max_bytes: int | None = None) -> None:
-        """Export a stored file to `dest` (temp + fsync + rename); nothing is left behind on failure."""
+    def fetch(self, cid: str | Cid, dest: Path, progress: Progress | None = None, max_bytes: int | None = None) -> str:
+        """Export a stored file to `dest` (temp + fsync + rename); nothing is left behind on failure; its sha256."""
+        hasher = hashlib.sha256()
         try:
-            self.blocks.export(Cid.of(cid), Path(dest), progress, max_bytes)
+            self.blocks.export(Cid.of(cid), Path(dest), progress, max_bytes, hasher)
         except (CidError, CorruptBlockError, LookupError, ValueError) as e:
             raise ContentStoreError(f"cannot fetch {cid} from the embedded store: {e}") from e
+        return hasher.hexdigest()
 
     def has(self, cid: str | Cid) -> bool:
         """Whether every block of the file is stored."""
@@ -226,7 +229,7 @@ class IpfsDaemonStore:
         if remote.multihash != cid.multihash:
             raise ContentVerificationError(f"IPFS daemon at {self.api} stored block {cid} as {remote}")
 
-    def fetch(self, cid: str | Cid, dest: Path, progress: Progress | None = None, max_bytes: int | None = None) -> None:
+    def fetch(self, cid: str | Cid, dest: Path, progress: Progress | None = None, max_bytes: int | None = None) -> str:
         """Stream `cat` from the daemon into a temp file beside `dest`, recomputing the CID; rename only if it matches.
 
         The CID is recomputed with the profile its shape implies (v0 -> `v0`, v1 -> `v1-raw`), so content the
@@ -236,12 +239,14 @@ class IpfsDaemonStore:
         total = root_size(cid, self.get_block(cid))
         check_declared_size(cid, total, max_bytes)
         importer = StreamingImporter(profile_of(cid))
+        hasher = hashlib.sha256()
         try:
-            write_atomically(Path(dest), self._verified_stream(cid, importer), total, progress)
+            write_atomically(Path(dest), self._verified_stream(cid, importer), total, progress, hasher)
         except ContentStoreError:
             raise
         except (OSError, ValueError) as e:
             raise ContentStoreError(f"cannot fetch {cid} from IPFS daemon at {self.api}: {e}") from e
+        return hasher.hexdigest()
 
     def _verified_stream(self, cid: Cid, importer: StreamingImporter) -> Iterator[bytes]:
         """Bytes of `cat` passed through the importer; raises at the end unless they hash to `cid`."""

@@ -52,8 +52,9 @@ class NetworkStore:
         progress: Progress | None = None,
         max_bytes: int | None = None,
         first: Sequence[ID] = (),
-    ) -> None:
-        """Fetch the missing blocks of `cid` from peers (every block verified), then export the file to `dest`.
+    ) -> str:
+        """Fetch the missing blocks of `cid` from peers (every block verified), then export the file to `dest`;
+        returns its sha256 (hashed while it was written).
 
         `first`: peers known to hold it (e.g. the aggregator that signed a round's result), asked before the DHT's
         providers are looked up; the DHT is the fallback if none of them is connected or serves it all.
@@ -64,7 +65,7 @@ class NetworkStore:
                 trio.from_thread.run(self._fetch_remote, root, progress, tuple(first), max_bytes)
             except FetchError as exc:
                 raise ContentStoreError(str(exc)) from None
-        self.local.fetch(root, dest, max_bytes=max_bytes)
+        return self.local.fetch(root, dest, max_bytes=max_bytes)
 
     def has(self, cid: str | Cid) -> bool:
         """Whether every block of `cid` is stored locally."""

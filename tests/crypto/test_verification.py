@@ -274,6 +274,19 @@ def test_verify_files_refuses(artifact: tuple[Statement, Path], fault: FileFault
     assert re.search(reason, refused.value.detail), refused.value.detail
 
 
+def test_digests_hashed_while_writing_are_compared_and_still_refuse_a_difference(
+    artifact: tuple[Statement, Path],
+) -> None:
+    # Arrange: the writer's digest of adapter.gguf, one right and one of other bytes
+    statement, folder = artifact
+    right = hashlib.sha256(b"weights").hexdigest()
+    wrong = hashlib.sha256(b"weightz").hexdigest()
+    # Act / Assert: the given digest stands for the file (not read again), and a wrong one is refused
+    verify_files(statement, folder, hashed={"adapter.gguf": right})
+    with pytest.raises(VerificationError, match=rf"adapter.gguf: sha256 {wrong} does not match the signed {right}$"):
+        verify_files(statement, folder, hashed={"adapter.gguf": wrong})
+
+
 def test_extra_files_pass_when_allowed_or_ignored(artifact: tuple[Statement, Path]) -> None:
     statement, folder = artifact
     (folder / "model.dsse.json").write_bytes(b"{}")
