@@ -38,6 +38,7 @@ class NetworkStore:
     def __init__(self, local: EmbeddedStore, node: P2PNode, registry: DhtRegistry) -> None:
         self.local, self.node, self.registry = local, node, registry
         self._session: list[PeerInfo] = []
+        self._asked: list[Cid] = []  # every root asked of this store, in order (an artifact's envelope comes first)
         self.fetched_from: dict[str, int] = {}  # peer id -> blocks, over this store's life
         self.failures: dict[str, str] = {}  # peer id -> why it stopped serving
 
@@ -60,6 +61,7 @@ class NetworkStore:
         providers are looked up; the DHT is the fallback if none of them is connected or serves it all.
         """
         root = Cid.of(cid)
+        self._asked.append(root)
         if not self.local.has(root):
             try:
                 trio.from_thread.run(self._fetch_remote, root, progress, tuple(first), max_bytes)
@@ -96,7 +98,11 @@ class NetworkStore:
                     return
                 except FetchError as exc:
                     log.info("fetch of %s from the envelope's providers failed (%s); asking the DHT", root, exc)
-        providers = [p for p in await self.registry.providers(root.multihash) if p.peer_id != self.node.peer_id]
+        providers = await self._providers(root)
+        if not providers:  # a file whose envelope was already here (a pull resumed): its envelope's providers
+            for earlier in reversed(self._asked[:-1]):
+                if providers := await self._providers(earlier):
+                    break
         if not providers:
             raise ContentStoreError(f"no peer provides {root} (is the publisher's node online?)")
         self._session = providers
@@ -104,6 +110,10 @@ class NetworkStore:
         if not reachable:
             raise ContentStoreError(f"none of the {len(providers)} providers of {root} could be reached")
         await self._fetch_from(root, reachable, progress, max_bytes)
+
+    async def _providers(self, cid: Cid) -> list[PeerInfo]:
+        """The DHT's providers of `cid`, ourselves left out."""
+        return [p for p in await self.registry.providers(cid.multihash) if p.peer_id != self.node.peer_id]
 
     async def _fetch_from(
         self, root: Cid, peers: list[ID], progress: Progress | None, max_bytes: int | None = None

@@ -156,8 +156,11 @@ async def walk(
     me = dht.local_peer_id
     distance = distance_to(key)
     known: set[ID] = set(dht.routing_table.find_local_closest_peers(key, count))
-    if len(known) < count:
+    if len(known) < count:  # a young routing table: start from whom we are connected to, then whom we know of
         known.update(dht.host.get_connected_peers())
+    if len(known) < count:
+        peerstore = dht.host.get_peerstore()
+        known.update(p for p in peerstore.peer_ids() if peerstore.addrs(p))
     known.discard(me)
     asked: set[ID] = set()
     answered: set[ID] = set()

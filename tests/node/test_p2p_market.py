@@ -187,6 +187,46 @@ def test_provider_killed_mid_transfer_of_a_50mb_model_the_pull_resumes_from_anot
         stop_all(nodes)
 
 
+def test_a_puller_killed_mid_pull_leaves_nothing_installed_and_its_next_pull_resumes(tmp_path: Path) -> None:
+    # Arrange: A publishes a 50 MB model (200 blocks of 256 KiB); B starts pulling it
+    a, b = nodes = chain_of_daemons(tmp_path, 2, "k")
+    try:
+        wait_until_all_known(nodes)
+        folder = tmp_path / "big"
+        folder.mkdir()
+        write_safetensors(folder / "model.safetensors", 50 * 2**20, seed=11)
+        want = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+        published = cli(a, "model", "publish", str(folder), "--name", "big", "--version", "1.0.0", "--no-bench")
+        assert published.returncode == 0, published.stderr
+        killed_at = -1
+        body = {"target": "big@1.0.0", "trust_publisher": True}
+        with httpx.stream("POST", f"{b.url}/v1/market/pull", json=body, headers=b.auth, timeout=300) as resp:
+            for line in resp.iter_lines():
+                event = json.loads(line)
+                file_progress = event["event"] == "progress" and event["file"] == "model.safetensors"
+                if file_progress and 8 * 2**20 < event["done"] < event["total"]:  # Act: SIGKILL B mid-transfer
+                    b.proc.send_signal(signal.SIGKILL)
+                    b.proc.wait(10)
+                    killed_at = event["done"]
+                    break
+        assert killed_at > 0, "the pull ended before B could be killed"
+        # Assert: nothing of the artifact is installed; a restarted B pulls again and fetches only what it lacked
+        nodes[1] = b = start_daemon(b.home, {"MIRADOR_P2P_BOOTSTRAP": peers(a)["listen_addrs"][0]})
+        listed = cli(b, "model", "list", "--json")
+        assert listed.returncode == 0 and "big" not in listed.stdout, listed.stdout
+        events = []
+        with httpx.stream("POST", f"{b.url}/v1/market/pull", json=body, headers=b.auth, timeout=300) as resp:
+            events = [json.loads(line) for line in resp.iter_lines() if line]
+        done = events[-1]
+        assert done["event"] == "done", done
+        assert hashlib.sha256((Path(done["folder"]) / "model.safetensors").read_bytes()).hexdigest() == want
+        fetched = sum(done["providers"].values())
+        assert 0 < fetched < 200, done["providers"]  # the blocks B had verified before it died were kept
+        assert cli(b, "model", "verify", "big", "--trust-publisher").returncode == 0
+    finally:
+        stop_all(nodes)
+
+
 def a_peer(d: Daemon) -> str:
     """The peer id of a (possibly dead) daemon, from its log."""
     for line in d.log().splitlines():
