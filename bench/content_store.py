@@ -1,8 +1,9 @@
 """Content store speed: the embedded store against a real js-ipfs daemon (raw ipfshttpclient calls), in one run.
 
 Files of random bytes (default 100 MB), both profiles; every add gets a file with new content (so no store
-already holds its blocks). Rows: local CID computation only; embedded add (blocks
-written, fsynced) and cat/fetch (every block verified); js-ipfs add and cat through ipfshttpclient as they are;
+already holds its blocks). Rows: local CID computation only; embedded add (blocks written, one syncfs at the end)
+and the same with an fsync per block (the store before issue 19, as its reference); cat/fetch (every block
+verified); js-ipfs add and cat through ipfshttpclient as they are;
 the daemon backend's add and fetch (the same calls plus the local CID check). The daemon is started and stopped
 by tests/ipfs_daemon.py (install it with scripts/ipfs/install.sh). Prints a table and writes
 bench/results/content_store.json.
@@ -25,11 +26,21 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from marketplace.blockstore import BlockStore
+from marketplace.cid import Cid
 from marketplace.content_store import EmbeddedStore, IpfsDaemonStore
 from marketplace.unixfs import CHUNK_SIZE, PROFILES, Profile, compute_cid
 from tests import ipfs_daemon
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # urllib3 about ipfshttpclient's arguments
+
+
+class EveryBlockSynced(BlockStore):
+    """The block store as it was before issue 19, this benchmark's reference: an fsync for every block written."""
+
+    def put_verified(self, cid: Cid, data: bytes | memoryview, durable: bool = True) -> bool:
+        """Store and fsync the block at once, whatever the caller asked."""
+        return super().put_verified(cid, data, durable=True)
 
 
 def timed(fn: Callable[[], Any], reps: int) -> float:
@@ -83,9 +94,14 @@ def bench_profile(profile: Profile, src: Path, tmp: Path, store: IpfsDaemonStore
         for _ in client.cat(cid, stream=True):
             pass
 
+    every_block = EmbeddedStore(tmp / f"blocks-synced-{profile}")
+    every_block.blocks = EveryBlockSynced(every_block.blocks.root)
     results = {
         "cid only": timed(cid_only, reps),
         "embedded add": timed_adds(lambda p: adds.add(p, profile), size, tmp, reps),
+        "embedded add, fsync per block (before issue 19)": timed_adds(
+            lambda p: every_block.add(p, profile), size, tmp, reps
+        ),
     }
     embedded = EmbeddedStore(tmp / f"blocks-{profile}")
     cid = embedded.add(src, profile).cid
