@@ -144,7 +144,10 @@ class DhtRegistry:
         records: dict[str, ValidRecord] = {}
         mine = self.dht.value_store.get(record_key(name, own).encode())
         if mine is not None:
-            records[own] = validate_record(record_key(name, own), mine.value)
+            try:
+                records[own] = validate_record(record_key(name, own), mine.value)
+            except ValueError as stale:  # expired: looked up like anyone's below
+                log.info("our own record of %s is not valid any more: %s", name, stale)
         async with DhtSession(self.dht) as session, trio.open_nursery() as nursery:
             resolving: set[str] = set(records)
 

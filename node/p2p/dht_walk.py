@@ -35,6 +35,7 @@ from multiaddr import Multiaddr
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 5.0  # one request and its answer on one peer's stream
+WALK_TIMEOUT_S = 15.0  # a whole walk: peers that answer with far-away or unreachable peers cannot hold it longer
 COUNT = 20  # k: the walk ends when the k closest peers it knows have all been asked
 ALPHA = 3  # requests in flight per walk: py-libp2p serves 12 inbound DHT streams per node and resets the rest
 ADDR_TTL_S = 600  # how long the addresses a peer gives for closer peers are kept, as py-libp2p does
@@ -69,13 +70,14 @@ class DhtSession:
         async with lock:
             self.requests += 1
             answer = None
-            with trio.move_on_after(self.timeout_s):
-                try:
+            try:
+                with trio.move_on_after(self.timeout_s):
                     answer = await self._exchange(peer, request)
-                except Exception as exc:  # any failure is this peer's, for this request
-                    log.debug("dht %s from %s: %s", Message.MessageType.Name(request.type), peer, exc)
-            if answer is None:
-                await self._drop(peer)
+            except Exception as exc:  # any failure is this peer's, for this request
+                log.debug("dht %s from %s: %s", Message.MessageType.Name(request.type), peer, exc)
+            finally:
+                if answer is None:  # failed, timed out or cancelled half-way: the stream's state is unknown
+                    await self._drop(peer)
             return answer
 
     async def _exchange(self, peer: ID, request: Message) -> Message | None:
@@ -150,8 +152,9 @@ async def walk(
     alpha: int = ALPHA,
 ) -> set[ID]:
     """Ask the closest peers to `key` that have not been asked, `alpha` at a time, learning closer peers from every
-    answer, until the `count` closest known peers have all been asked or `on_answer` says it has enough; the peers
-    that answered. Requests in flight when it has enough are answered before it returns (no stream is cut)."""
+    answer, until the `count` closest known peers have all been asked or `on_answer` says it has enough (or
+    WALK_TIMEOUT_S passes); the peers that answered. Requests in flight when it has enough are answered before it
+    returns (no stream is cut)."""
     dht = session.dht
     me = dht.local_peer_id
     distance = distance_to(key)
@@ -175,23 +178,24 @@ async def walk(
         return [p for p in closest if p not in asked][:room]
 
     in_flight = 0
-    async with trio.open_nursery() as nursery:
-        while True:
-            if not enough:
-                for peer in next_peers(alpha - in_flight):
-                    asked.add(peer)
-                    in_flight += 1
-                    nursery.start_soon(ask, peer)
-            if in_flight == 0:
-                break
-            peer, answer = await receive.receive()
-            in_flight -= 1
-            if answer is None:
-                continue
-            answered.add(peer)
-            _learn(dht, answer, known, me, count)
-            if not enough and on_answer(peer, answer):
-                enough = True
+    with trio.move_on_after(WALK_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            while True:
+                if not enough:
+                    for peer in next_peers(alpha - in_flight):
+                        asked.add(peer)
+                        in_flight += 1
+                        nursery.start_soon(ask, peer)
+                if in_flight == 0:
+                    break
+                peer, answer = await receive.receive()
+                in_flight -= 1
+                if answer is None:
+                    continue
+                answered.add(peer)
+                _learn(dht, answer, known, me, count)
+                if not enough and on_answer(peer, answer):
+                    enough = True
     return answered
 
 
