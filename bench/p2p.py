@@ -7,12 +7,13 @@ dht: N registry nodes (`registry_node`, DHT on, gossipsub off: the registry does
 until every node knows every other one or --converge-s passes. Then for each of K records, a publisher (the nodes
 in turn, in random order: py-libp2p refuses more than 10 ADD_PROVIDER per peer per 10 s) times
 `DhtRegistry.announce` (signed record put + provider announce of the name) and a bare `dht.put_value` of another
-signed record (`sign_record` / `record_key`); another random node times `lookup` of the name (providers walk +
-values of each publisher), `dht.get_value` of the bare record (py-libp2p answers from the local store when the node
-is one of the k=20 closest, so the local hits are counted) and `DhtRegistry.values` of it (always asks the closest
-peers). All hosts share one Python thread, so these latencies are upper bounds for a network of separate processes.
-Routing-table sizes after convergence and after the operations are reported: py-libp2p resets inbound DHT streams
-beyond 12 at a time and the opener then drops that peer from its table.
+signed record (`sign_record` / `record_key`); another random node times `lookup` of the name (a providers walk and
+a record walk per publisher, side by side) and `lookup_before` (the lookup before issue 19, kept here as the
+reference of the same run), `dht.get_value` of the bare record (py-libp2p answers from the local store when the node
+is one of the k=20 closest, so the local hits are counted) and `DhtRegistry.values` of it (a GET_VALUE walk that
+always asks the network). All hosts share one Python thread, so these latencies are upper bounds for a network of
+separate processes. Routing-table sizes after convergence and after the operations are reported: py-libp2p resets
+inbound DHT streams beyond 12 at a time and the opener then drops that peer from its table.
 
 transfer: two bare hosts (no DHT, no pubsub) in one trio loop, so both ends share one Python thread. Reference: a
 raw libp2p stream (Noise + Yamux) whose handler reads and discards, the sender writing the payload in 256 KiB
@@ -57,6 +58,7 @@ from typing import Any
 
 import httpx
 import trio
+from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.peer.id import ID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -68,14 +70,7 @@ from marketplace.cid import Cid
 from marketplace.content_store import EmbeddedStore
 from marketplace.registry_record import ValidRecord, record_key, select_record, sign_record, validate_record
 from node.market.block_exchange import PROTOCOL, BlockServer, fetch_dag
-from node.market.registry_dht import (
-    DhtRegistry,
-    closest_peers,
-    dht_values,
-    fingerprint_of_peer,
-    name_key,
-    registry_node,
-)
+from node.market.registry_dht import DhtRegistry, fingerprint_of_peer, name_key, registry_node
 from node.p2p.framing import ByteStream, FrameError, FrameTruncated, receive_frame, send_frame
 from node.p2p.host import Libp2pStream, P2PConfig, P2PNode
 from tests.daemon_harness import Daemon, node_env, start_daemon
@@ -121,6 +116,35 @@ async def converge(nodes: list[P2PNode], limit_s: float) -> tuple[float, int]:
             await node.discover()
 
 
+async def closest_peers_before(dht: KadDHT, key: bytes) -> list[ID]:
+    """py-libp2p's FIND_NODE walk (bounded), without the DHT's own peer: how lookups found peers before issue 19."""
+    with trio.move_on_after(10):
+        peers = await dht.peer_routing.find_closest_peers_network(key)
+        return [p for p in peers if p != dht.local_peer_id]
+    return []
+
+
+async def values_before(dht: KadDHT, key: str) -> list[bytes]:
+    """Every valid record for `key` from the local store and the closest peers, one GET_VALUE stream each, 3 at a
+    time: `DhtRegistry.values` before issue 19."""
+    local = dht.value_store.get(key.encode())
+    found = [local.value] if local is not None else []
+    limiter = trio.CapacityLimiter(3)
+
+    async def ask(peer: ID) -> None:
+        async with limiter:
+            with trio.move_on_after(5), contextlib.suppress(Exception):
+                value = await dht.value_store._get_from_peer(peer, key.encode())
+                if isinstance(value, bytes) and value not in found:
+                    validate_record(key, value)
+                    found.append(value)
+
+    async with trio.open_nursery() as nursery:
+        for peer in await closest_peers_before(dht, key.encode()):
+            nursery.start_soon(ask, peer)
+    return found
+
+
 async def lookup_before(registry: DhtRegistry, name: str) -> list[ValidRecord]:
     """The registry lookup as it was before issue 19, kept as this benchmark's reference: a FIND_NODE walk for the
     name key's closest peers, GET_PROVIDERS to each (3 at a time, a new stream per request), then for every
@@ -138,13 +162,13 @@ async def lookup_before(registry: DhtRegistry, name: str) -> list[ValidRecord]:
                     found.update(info.peer_id for info in answer)
 
     async with trio.open_nursery() as nursery:
-        for peer in await closest_peers(dht, key):
+        for peer in await closest_peers_before(dht, key):
             nursery.start_soon(ask, peer)
     publishers = {registry.identity.fingerprint} | {f for f in map(fingerprint_of_peer, found) if f is not None}
     records = []
     for publisher in sorted(publishers):
         rkey = record_key(name, publisher)
-        values = await dht_values(dht, rkey, lambda value, k=rkey: validate_record(k, value))
+        values = await values_before(dht, rkey)
         best = select_record(rkey, values)
         if best >= 0:
             records.append(validate_record(rkey, values[best]))
@@ -261,7 +285,7 @@ def dht_rows(result: dict[str, Any]) -> list[Row]:
         f"{speedup:.2f}x its median",
         "lookup_before": f"reference: the lookup before issue 19; found {result['found']['lookup_before']}/{k}",
         "get_value": get_notes,
-        "values": f"asks closest peers; found {result['found']['values']}/{k}",
+        "values": f"a GET_VALUE walk (every distinct valid value); found {result['found']['values']}/{k}",
     }
     what = {
         "announce": "DhtRegistry.announce",

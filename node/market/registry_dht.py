@@ -12,8 +12,7 @@ py-libp2p 0.8.1 answers `get_value` and `find_providers` from the local store al
 would never see a newer record once it cached one; lookups here always ask the network as well. `lookup` and
 `providers` are walks (node.p2p.dht_walk: one session per lookup, streams reused per peer, a record walk ending
 after ENOUGH_ANSWERS valid answers, every publisher's walk started as soon as it is found); `values` (federation
-descriptors) still asks the closest peers of a FIND_NODE walk one request per stream
-(`value_store._get_from_peer`, pinned version).
+descriptors, every distinct valid value) are walks too.
 """
 
 import hashlib
@@ -43,7 +42,6 @@ from node.p2p.dht_walk import DhtSession, walk
 from node.p2p.host import P2PConfig, P2PError, P2PNode
 
 NAMESPACE = "mirador"
-QUERY_TIMEOUT = 5.0
 MAX_PROVIDERS = 32
 # Peers asked at once: py-libp2p serves 12 inbound DHT streams per node and resets the rest, and a reset makes the
 # asking node drop that peer from its routing table (measured: tables fell from 31 to 17 of 31 under 32-wide asks).
@@ -191,40 +189,33 @@ def registry_node(
 
 
 async def dht_values(dht: KadDHT, key: str, check: Callable[[bytes], object]) -> list[bytes]:
-    """The value held locally for `key`, then the distinct ones the closest peers answer that `check` accepts.
+    """The value held locally for `key`, then the distinct ones that `check` accepts from a walk toward the key.
 
     `check` refuses a value by raising ValueError (logged); the local value is not checked again (the DHT's
     validator accepted it).
     """
-    key_bytes = key.encode()
-    local = dht.value_store.get(key_bytes)
+    local = dht.value_store.get(key.encode())
     found = [local.value] if local is not None else []
-    limiter = trio.CapacityLimiter(ALPHA)
 
-    async def ask(peer: ID) -> None:
-        async with limiter:
-            with trio.move_on_after(QUERY_TIMEOUT):
-                try:
-                    value = await dht.value_store._get_from_peer(peer, key_bytes)
-                except Exception as exc:
-                    log.debug("value from %s: %s", peer, exc)
-                    return
-                keep(peer, value)
+    def keep(peer: ID, answer: Message) -> bool:
+        value = answer.record.value if answer.HasField("record") else b""
+        if value and value not in found and _accepted(key, peer, value, check):
+            found.append(value)
+        return False  # every distinct value is wanted
 
-    def keep(peer: ID, value: object) -> None:
-        if not isinstance(value, bytes) or value in found:
-            return
-        try:
-            check(value)
-        except ValueError as refused:
-            log.info("refused a value for %s from %s: %s", key, peer, refused)
-            return
-        found.append(value)
-
-    async with trio.open_nursery() as nursery:
-        for peer in await closest_peers(dht, key_bytes):
-            nursery.start_soon(ask, peer)
+    async with DhtSession(dht) as session:
+        await walk(session, key.encode(), Message.MessageType.GET_VALUE, keep)
     return found
+
+
+def _accepted(key: str, peer: ID, value: bytes, check: Callable[[bytes], object]) -> bool:
+    """Whether `check` accepts a value `peer` answered for `key` (a refusal is logged)."""
+    try:
+        check(value)
+    except ValueError as refused:
+        log.info("refused a value for %s from %s: %s", key, peer, refused)
+        return False
+    return True
 
 
 async def newest_record(session: DhtSession, key: str) -> ValidRecord | None:
@@ -242,10 +233,7 @@ async def newest_record(session: DhtSession, key: str) -> ValidRecord | None:
         if not value:
             return False
         if value not in values:
-            try:
-                validate_record(key, value)
-            except ValueError as refused:
-                log.info("refused a value for %s from %s: %s", key, peer, refused)
+            if not _accepted(key, peer, value, lambda v: validate_record(key, v)):
                 return False
             values.append(value)
         valid_answers += 1
@@ -265,11 +253,3 @@ def provider_infos(answer: Message) -> list[PeerInfo]:
         except Exception:
             continue
     return infos
-
-
-async def closest_peers(dht: KadDHT, key: bytes) -> list[ID]:
-    """The closest peers to `key` found by a network walk (bounded in time), without the DHT's own peer."""
-    with trio.move_on_after(QUERY_TIMEOUT * 2):
-        peers = await dht.peer_routing.find_closest_peers_network(key)
-        return [p for p in peers if p != dht.local_peer_id]
-    return []
