@@ -94,9 +94,9 @@ class NetworkStore:
             reachable = await self._reachable(self._session)
             if reachable:
                 try:
-                    await self._fetch_from(root, reachable, progress, max_bytes)
+                    await self._fetch_from(root, reachable, progress, max_bytes, blame=False)
                     return
-                except FetchError as exc:
+                except FetchError as exc:  # e.g. the next artifact of a chain, which they need not hold
                     log.info("fetch of %s from the envelope's providers failed (%s); asking the DHT", root, exc)
         providers = await self._providers(root)
         if not providers:  # a file whose envelope was already here (a pull resumed): its envelope's providers
@@ -116,8 +116,16 @@ class NetworkStore:
         return [p for p in await self.registry.providers(cid.multihash) if p.peer_id != self.node.peer_id]
 
     async def _fetch_from(
-        self, root: Cid, peers: list[ID], progress: Progress | None, max_bytes: int | None = None
+        self,
+        root: Cid,
+        peers: list[ID],
+        progress: Progress | None,
+        max_bytes: int | None = None,
+        blame: bool = True,
     ) -> None:
+        """Fetch `root` from `peers`; `blame=False` when they were only guessed to hold it (a failed fetch then
+        records none of them as a failed provider)."""
+
         async def open_stream(peer: ID) -> ByteStream:
             return await self.node.open_stream(peer, PROTOCOL)
 
@@ -125,7 +133,8 @@ class NetworkStore:
             with trio.fail_after(FETCH_TIMEOUT_S):
                 report = await fetch_dag(root, peers, open_stream, self.local.blocks, progress, max_bytes=max_bytes)
         except FetchError as exc:
-            self.failures.update(exc.failures)
+            if blame:
+                self.failures.update(exc.failures)
             raise
         for peer, count in report.served.items():
             self.fetched_from[peer] = self.fetched_from.get(peer, 0) + count
