@@ -8,8 +8,8 @@ Every block is verified against its CID before it is written and again when it i
 check on read is removed (so fetching it again repairs the store) and the read raises CorruptBlockError.
 Writes are atomic (temp file + rename). A write is durable at once (fsync before the rename) unless its caller
 stores many blocks in a row and asks for `durable=False`: then `sync()`, called once at the end (an import, a
-fetch), makes them all durable with one syncfs of the store's file system (measured: a 100 MB import did 720
-fsyncs, and one sync at the end was 1.87× faster). A block torn by a crash before that sync does not hash to its
+fetch), makes them all durable with one syncfs of the store's file system (a 100 MB import did 720 fsyncs; with
+one sync at the end it was 2.0× faster, docs/BENCHMARKS.md). A block torn by a crash before that sync does not hash to its
 CID: reads refuse it and drop it, so the next fetch fills it again. `sync()` also fsyncs the shard folders written
 since the last call.
 """
