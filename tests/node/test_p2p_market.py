@@ -153,12 +153,7 @@ def test_provider_killed_mid_transfer_of_a_50mb_model_the_pull_resumes_from_anot
     a, b, c = nodes = chain_of_daemons(tmp_path, 3, "m")
     try:
         wait_until_all_known(nodes)
-        folder = tmp_path / "big"
-        folder.mkdir()
-        write_safetensors(folder / "model.safetensors", 50 * 2**20, seed=7)
-        want = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
-        published = cli(a, "model", "publish", str(folder), "--name", "big", "--version", "1.0.0", "--no-bench")
-        assert published.returncode == 0, published.stderr
+        want = publish_big(a, tmp_path, seed=7)
         assert cli(b, "model", "pull", "big", "--trust-publisher").returncode == 0
         b.wait_provided()  # B tells its user first, then announces itself as a provider
         # Act: C pulls through its API; A is killed once C has part of the file
@@ -192,12 +187,7 @@ def test_a_puller_killed_mid_pull_leaves_nothing_installed_and_its_next_pull_res
     a, b = nodes = chain_of_daemons(tmp_path, 2, "k")
     try:
         wait_until_all_known(nodes)
-        folder = tmp_path / "big"
-        folder.mkdir()
-        write_safetensors(folder / "model.safetensors", 50 * 2**20, seed=11)
-        want = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
-        published = cli(a, "model", "publish", str(folder), "--name", "big", "--version", "1.0.0", "--no-bench")
-        assert published.returncode == 0, published.stderr
+        want = publish_big(a, tmp_path, seed=11)
         killed_at = -1
         body = {"target": "big@1.0.0", "trust_publisher": True}
         with httpx.stream("POST", f"{b.url}/v1/market/pull", json=body, headers=b.auth, timeout=300) as resp:
@@ -225,6 +215,16 @@ def test_a_puller_killed_mid_pull_leaves_nothing_installed_and_its_next_pull_res
         assert cli(b, "model", "verify", "big", "--trust-publisher").returncode == 0
     finally:
         stop_all(nodes)
+
+
+def publish_big(a: Daemon, tmp_path: Path, seed: int) -> str:
+    """A publishes big@1.0.0, a 50 MB safetensors model of random bytes; its sha256."""
+    folder = tmp_path / "big"
+    folder.mkdir()
+    write_safetensors(folder / "model.safetensors", 50 * 2**20, seed=seed)
+    published = cli(a, "model", "publish", str(folder), "--name", "big", "--version", "1.0.0", "--no-bench")
+    assert published.returncode == 0, published.stderr
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
 
 
 def a_peer(d: Daemon) -> str:

@@ -19,6 +19,7 @@ from tests.daemon_harness import Daemon, node_env, running
 pytestmark = pytest.mark.slow  # training through a daemon
 
 TOPICS = ["budget", "savings", "rent", "groceries", "insurance", "pension"]
+DP_SMALL = ["--dp", "--epsilon", "8", "--batch-size", "4"]  # the ledger is under test, not learning: small steps
 
 
 def corpus(n: int) -> str:
@@ -125,20 +126,7 @@ def test_cli_dp_training_reports_and_records_epsilon(node: Daemon, tmp_path: Pat
         )
 
     # Act
-    trained = cli(
-        "train",
-        "--data",
-        str(data),
-        "--adapter",
-        "private",
-        "--steps",
-        "4",
-        "--dp",
-        "--epsilon",
-        "8",
-        "--batch-size",
-        "4",
-    )
+    trained = cli("train", "--data", str(data), "--adapter", "private", "--steps", "4", *DP_SMALL)
     listed = cli("adapter", "list", "--json")
     ledger = json.loads(cli("federation", "status", "--json").stdout)["datasets"]
     bad = cli("train", "--data", str(tmp_path / "missing.txt"), "--adapter", "x")
@@ -163,20 +151,7 @@ def test_a_dp_run_the_ledger_cannot_record_installs_nothing(tmp_path: Path, torc
     data = tmp_path / "notes.txt"
     data.write_text(corpus(30))
     # Act
-    args = [
-        "train",
-        "--data",
-        str(data),
-        "--adapter",
-        "private",
-        "--steps",
-        "2",
-        "--dp",
-        "--epsilon",
-        "8",
-        "--batch-size",
-        "4",
-    ]
+    args = ["train", "--data", str(data), "--adapter", "private", "--steps", "2", *DP_SMALL]
     trained = subprocess.run(
         [sys.executable, "-m", "node.cli", *args, "--max-length", "32"],
         env=node_env(home, 1),
