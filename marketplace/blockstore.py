@@ -9,9 +9,9 @@ check on read is removed (so fetching it again repairs the store) and the read r
 Writes are atomic (temp file + rename). A write is durable at once (fsync before the rename) unless its caller
 stores many blocks in a row and asks for `durable=False`: then `sync()`, called once at the end (an import, a
 fetch), makes them all durable with one syncfs of the store's file system (a 100 MB import did 720 fsyncs; with
-one sync at the end it was 2.0× faster, docs/BENCHMARKS.md). A block torn by a crash before that sync does not hash to its
-CID: reads refuse it and drop it, so the next fetch fills it again. `sync()` also fsyncs the shard folders written
-since the last call.
+one sync at the end it was 2.0× faster, docs/BENCHMARKS.md). A block torn by a crash before that sync does not
+hash to its CID: reads refuse it and drop it, so the next fetch fills it again. `sync()` also fsyncs the shard
+folders written since the last call.
 """
 
 from __future__ import annotations
@@ -143,11 +143,7 @@ class BlockStore:
             sync_files(self.root, files)
         for folder in sorted(self._dirty, key=lambda p: len(p.parts), reverse=True):
             with contextlib.suppress(FileNotFoundError):
-                fd = os.open(folder, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_path(folder)
         self._dirty.clear()
 
     def missing(self, root: Cid | str) -> list[Cid]:
@@ -210,11 +206,16 @@ def sync_files(root: Path, files: list[Path]) -> None:
         os.close(fd)
     for path in files:
         with contextlib.suppress(FileNotFoundError):
-            file_fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(file_fd)
-            finally:
-                os.close(file_fd)
+            fsync_path(path)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by its path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
@@ -260,9 +261,5 @@ def write_atomically(
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    fd = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(dest.parent)
     return done
