@@ -12,7 +12,7 @@ Training runs through the project's own code paths: `node.fed.adapter.initial_ad
 (seeded; lora_B zero, so it is the base model), `node.fed.adapter.train_locally` runs the real training subprocess
 (`python -m node.training.job`, torch + peft + opacus, nice 19) from a global adapter and returns the trained
 tensors. Every federated row runs R rounds of `steps` local steps on every node (the same number of steps in every
-row); rows are named MODE:LORA[:EPSILON][:personal] (`--rows`):
+row); rows are named MODE:LORA[:EPSILON][:q8][:personal] (`--rows`):
 
 - base: the base model; local-only: each node trains its own adapter (A+B) for R x steps steps in one run.
 - fedavg: updates (local - global, `federation.privacy.delta_of`) neither clipped nor noised, averaged by
@@ -28,6 +28,9 @@ row); rows are named MODE:LORA[:EPSILON][:personal] (`--rows`):
   update clipped to --clip, z calibrated for R releases at q = 1 (a member's whole update is the unit; seeded numpy
   noise).
 - LORA: ffa (lora_A frozen at the seeded init, only lora_B trained, sent and averaged: exact aggregation) or ab.
+- :q8: updates travel as 8-bit codes with a scale per tensor, stochastically rounded (`federation.quantize`, the
+  descriptor's update_encoding "q8"; for fedavg each update is quantized and dequantized the same way); not with he
+  modes. Every row records the bytes of the updates it sent (float32 safetensors, q8 or CKKS).
 - :personal: after each round every node also trains a personal adapter over the new global (`under=`, the
   node's own data, the same steps); "+ personal" evaluates each node's global + personal pair (as one LoRA of twice
   the rank, `concatenated`).
@@ -254,12 +257,13 @@ class RowSpec:
     lora: str  # ffa | ab
     epsilon: float | None = None
     personal: bool = False
+    q8: bool = False  # 8-bit updates
 
     @property
     def key(self) -> str:
-        """The row's name in --rows and in the JSON: mode:lora[:epsilon][:personal]."""
+        """The row's name in --rows and in the JSON: mode:lora[:epsilon][:q8][:personal]."""
         parts = [self.mode, self.lora] + ([f"{self.epsilon:g}"] if self.epsilon is not None else [])
-        return ":".join(parts + (["personal"] if self.personal else []))
+        return ":".join(parts + (["q8"] if self.q8 else []) + (["personal"] if self.personal else []))
 
     @property
     def example_level(self) -> bool:
@@ -268,12 +272,14 @@ class RowSpec:
 
 
 def parse_row(text: str) -> RowSpec:
-    """`mode:lora[:epsilon][:personal]` (e.g. dp:ffa:8, fedavg:ffa:personal); ValueError naming what is wrong."""
+    """`mode:lora[:epsilon][:q8][:personal]` (e.g. dp:ffa:8, fedavg:ab:q8, fedavg:ffa:personal); ValueError naming
+    what is wrong."""
     parts = text.split(":")
     if len(parts) < 2 or parts[0] not in FED_MODES or parts[1] not in ("ffa", "ab"):
-        raise ValueError(f"row {text!r}: expected MODE:ffa|ab[:EPSILON][:personal], MODE one of {FED_MODES}")
-    personal = parts[-1] == "personal"
-    rest = parts[2 : len(parts) - personal]
+        raise ValueError(f"row {text!r}: expected MODE:ffa|ab[:EPSILON][:q8][:personal], MODE one of {FED_MODES}")
+    flags = {p for p in parts[2:] if p in ("q8", "personal")}
+    personal, q8 = "personal" in flags, "q8" in flags
+    rest = [p for p in parts[2:] if p not in flags]
     dp = parts[0] not in ("fedavg", "he")
     if len(rest) != int(dp):
         raise ValueError(f"row {text!r}: {'give' if dp else 'no'} a target epsilon for mode {parts[0]}")
@@ -282,7 +288,9 @@ def parse_row(text: str) -> RowSpec:
         raise ValueError(f"row {text!r}: epsilon must be a positive number")
     if personal and parts[0] != "fedavg":
         raise ValueError(f"row {text!r}: personal adapters are measured over the FedAvg rows")
-    return RowSpec(parts[0], parts[1], eps, personal)
+    if q8 and parts[0].startswith("he"):
+        raise ValueError(f"row {text!r}: mode {parts[0]} sends CKKS ciphertexts, not 8-bit updates")
+    return RowSpec(parts[0], parts[1], eps, personal, q8)
 
 
 def train_nodes(
@@ -357,6 +365,7 @@ def make_descriptor(spec: RowSpec, setup: Setup, clip: float, z: float, delta: f
         min_members=quorum,
         local_steps=setup.steps,
         epsilon_budget=1e6,
+        update_encoding="q8" if spec.q8 else "f32",
     )
     return verify_descriptor(data)
 
@@ -412,9 +421,10 @@ def federate(
         round_spend,
         update_layout,
     )
+    from federation.quantize import dequantize, quantize
     from federation.strategies import make_strategy
     from federation.strategies.base import Update
-    from federation.update import flatten, unflatten
+    from federation.update import encode_tensors, flatten, unflatten
     from node.fed.adapter import RoundDpSgd, initial_adapter, round_sample_rate
 
     n = len(domains)
@@ -465,9 +475,15 @@ def federate(
         payload_bytes = 0
         if descriptor is None:
             strategy = make_strategy("fedavg")
-            updates = [  # equal weights, as the node aggregates (federation.privacy.combine)
-                Update(d.name, flatten(delta, layout), 1) for d, delta in zip(domains, deltas, strict=True)
-            ]
+            updates = []  # equal weights, as the node aggregates (federation.privacy.combine)
+            for i, (d, delta) in enumerate(zip(domains, deltas, strict=True)):
+                if spec.q8:  # what a q8 federation's member sends and its aggregator decodes
+                    payload = quantize(delta, layout, np.random.default_rng([seed, r, i]))
+                    delta = dequantize(payload, layout, len(payload))
+                else:
+                    payload = encode_tensors(delta)
+                payload_bytes += len(payload)
+                updates.append(Update(d.name, flatten(delta, layout), 1))
             mean = unflatten(strategy.aggregate(updates).vector.astype(np.float32), layout)
         else:
             sent = []
@@ -521,6 +537,7 @@ def federate(
         "epsilon": epsilon(history, privacy["delta"]) if history else None,
         "epsilon_history": [list(h) for h in history],
         "update_values": layout.size,
+        "bytes_per_update": sum(p["payload_bytes"] for p in per_round) / (rounds * n),
     }
     if descriptor is not None and descriptor.user_level:
         noise_std = noise_std_of_sum(descriptor, n) / n
@@ -786,7 +803,7 @@ def main() -> None:
                 continue
             runs[spec.key] = run
             own, other = own_other({d.name: run["losses"] for d in domains})
-            notes = f"{run['update_values']} values/update"
+            notes = f"{run['update_values']} values, {run['bytes_per_update'] / 1024:.0f} KiB/update"
             if run["epsilon"] is not None:
                 notes += f", z={run['noise_multiplier']:.3g}, eps={run['epsilon']:.2f}"
             name = spec.key.removesuffix(":personal")  # its global is that row (personal training leaves it alone)
@@ -810,7 +827,8 @@ def main() -> None:
             ref = by_key.get(f"fedavg:{spec.lora}")
             if spec.epsilon is not None and spec.key in by_key and ref is not None:
                 kept = gain_kept(by_key[spec.key], base, ref)
-                points.setdefault(f"{spec.mode} ({spec.lora})", []).append((spec.epsilon, kept))
+                label = f"{spec.mode} ({spec.lora}{', q8' if spec.q8 else ''})"
+                points.setdefault(label, []).append((spec.epsilon, kept))
         title = (
             f"{n} nodes ({', '.join(d.name for d in domains)}), {len(domains[0].train)} entries each, "
             f"{rounds} rounds x {steps} steps"

@@ -53,6 +53,7 @@ ModuleName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,12
 ParamName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 StrategyName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
 PrivacyMode = Literal["dp", "he", "he+dp", "dp-user", "he+dp-user"]
+UpdateEncoding = Literal["f32", "q8"]
 Admission = Literal["open", "invite"]
 
 S = TypeVar("S", bound=msgspec.Struct)
@@ -155,8 +156,13 @@ class StrategySpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
     params: Annotated[dict[ParamName, int | float], msgspec.Meta(max_length=32)] = msgspec.field(default_factory=dict)
 
 
-class FederationDescriptor(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    """A federation's rules, signed by its creator; `signature` covers the canonical bytes of every other field."""
+class FederationDescriptor(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True, omit_defaults=True):
+    """A federation's rules, signed by its creator; `signature` covers the canonical bytes of every other field.
+
+    `update_encoding` "q8" sends plain updates as 8-bit codes with a scale per tensor (federation.quantize), a
+    quarter of the bytes; "f32" (the default) as float32. Omitted from the signed bytes when "f32", so descriptors
+    signed before the field existed keep their signatures; a node that predates it refuses a "q8" descriptor as
+    malformed instead of sending updates the aggregator would refuse."""
 
     schema: str
     name: Annotated[str, msgspec.Meta(pattern=NAME_RE)]
@@ -173,6 +179,7 @@ class FederationDescriptor(msgspec.Struct, forbid_unknown_fields=True, frozen=Tr
     local_steps: Annotated[int, msgspec.Meta(ge=1, le=10_000)]
     epsilon_budget: Annotated[float, msgspec.Meta(gt=0, le=1e6)]
     admission: Admission
+    update_encoding: UpdateEncoding = "f32"
     signature: SignatureB64 = ""
 
     def signed_bytes(self) -> bytes:
@@ -242,6 +249,8 @@ def check_consistency(descriptor: FederationDescriptor) -> None:
         _check_he(privacy.he)
     elif privacy.he is not None:
         raise bad(f"privacy.he given in mode {privacy.mode!r} (no encryption)")
+    if descriptor.update_encoding != "f32" and descriptor.uses_he:
+        raise bad(f"update_encoding {descriptor.update_encoding!r}: mode {privacy.mode!r} sends CKKS ciphertexts")
     try:
         make_strategy(descriptor.strategy.name, **descriptor.strategy.params)
         allowed = allowed_in_mode(descriptor.strategy.name, privacy.mode)
@@ -285,6 +294,7 @@ def sign_descriptor(
     epsilon_budget: float = 8.0,
     admission: Admission = "open",
     created: int | None = None,
+    update_encoding: UpdateEncoding = "f32",
 ) -> bytes:
     """A descriptor (JSON bytes) created and signed by `identity`; DescriptorError if it would not verify."""
     draft = FederationDescriptor(
@@ -303,6 +313,7 @@ def sign_descriptor(
         local_steps=local_steps,
         epsilon_budget=epsilon_budget,
         admission=admission,
+        update_encoding=update_encoding,
     )
     try:
         signed = sign_struct(identity, draft)

@@ -46,7 +46,7 @@ MAX_ROUND = 1 << 31
 
 Round = Annotated[int, msgspec.Meta(ge=1, le=MAX_ROUND)]
 CidText = Annotated[str, msgspec.Meta(max_length=128)]
-Kind = Literal["plain", "ckks"]
+Kind = Literal["plain", "q8", "ckks"]  # float32 safetensors, 8-bit codes (federation.quantize), CKKS
 M = TypeVar("M", bound=msgspec.Struct)
 
 

@@ -16,6 +16,9 @@
   clear by anyone. A member who decrypts knows its own share, so one update is protected by the others' shares
   only: the spend is (z·√((k−1)/k), 1, 1) at a quorum of k (`effective_noise_multiplier`).
 
+Plain updates travel as float32, or as 8-bit codes with a scale per tensor where the descriptor says "q8"
+(federation.quantize: post-processing, no change to any guarantee); aggregates are always float32.
+
 Encrypted aggregation is an unweighted mean (each contributor counts once); plain aggregation follows the strategy.
 """
 
@@ -29,6 +32,7 @@ from crypto.dp import Spend, clip_l2, default_rng, privatize
 from crypto.he import EncryptedVector, HEContext, SecretContext, add_encrypted, decrypt_vector, encrypt_vector
 from federation.descriptor import FederationDescriptor
 from federation.messages import Kind
+from federation.quantize import dequantize, quantize
 from federation.strategies import make_strategy
 from federation.strategies.base import Update
 from federation.update import Layout, decode_tensors, encode_tensors, flatten, unflatten
@@ -73,6 +77,22 @@ def effective_noise_multiplier(descriptor: FederationDescriptor) -> float:
         return z
     k = descriptor.quorum
     return z * math.sqrt((k - 1) / k)
+
+
+def update_kind(descriptor: FederationDescriptor) -> Kind:
+    """How this federation's updates travel: "ckks" under HE, else "q8" or "plain" as its update_encoding says."""
+    if descriptor.uses_he:
+        return "ckks"
+    return "q8" if descriptor.update_encoding == "q8" else "plain"
+
+
+def decode_update(kind: Kind, payload: bytes, layout: Layout) -> dict[str, np.ndarray]:
+    """The float32 tensors of one plain or q8 update payload (UpdateError if it is not one of `layout`)."""
+    if kind == "q8":
+        return dequantize(payload, layout, MAX_PLAIN_BYTES)
+    if kind == "plain":
+        return decode_tensors(payload, layout, MAX_PLAIN_BYTES)
+    raise PrivacyError(f"a {kind} update has no tensors in clear")
 
 
 def round_spend(descriptor: FederationDescriptor, sample_rate: float | None = None) -> Spend | None:
@@ -153,8 +173,12 @@ def release(
         vector, _ = clip_l2(vector, dp.clip_norm)
         spend = None
     vector = vector.astype(np.float32)
-    if not descriptor.uses_he:
-        return Release("plain", encode_tensors(unflatten(vector, layout)), spend, vector)
+    kind = update_kind(descriptor)
+    if kind == "q8":
+        payload = quantize(unflatten(vector, layout), layout, rng or default_rng())
+        return Release(kind, payload, spend, flatten(dequantize(payload, layout, MAX_PLAIN_BYTES), layout))
+    if kind == "plain":
+        return Release(kind, encode_tensors(unflatten(vector, layout)), spend, vector)
     if he is None:
         raise PrivacyError(f"mode {descriptor.privacy.mode!r} needs the federation's CKKS context to release")
     return Release("ckks", encrypt_vector(he, vector).serialize(), spend, vector)
@@ -162,7 +186,7 @@ def release(
 
 @dataclass(frozen=True)
 class Combined:
-    """The aggregator's output: payload (safetensors mean update, or the CKKS sum), contributors and count."""
+    """The aggregator's output: payload (float32 safetensors mean update, or the CKKS sum), contributors, count."""
 
     kind: Kind
     payload: bytes
@@ -177,7 +201,7 @@ def combine(
     descriptor: FederationDescriptor,
     he: HEContext | None = None,
 ) -> Combined:
-    """Aggregate accepted (member, payload) updates: the strategy on plain ones, a blind sum on CKKS.
+    """Aggregate accepted (member, payload) updates: the strategy on plain (or q8) ones, a blind sum on CKKS.
 
     Every update weighs the same: a weight a member declares (its number of examples) cannot be checked, and one
     member claiming 10^9 examples would move FedAvg's mean wherever it likes, past any clipping; sending it would also
@@ -193,10 +217,8 @@ def combine(
         return Combined("ckks", total, members, len(updates), "fedavg")
     spec = descriptor.strategy
     strategy = make_strategy(spec.name, **spec.params)
-    parsed = [
-        Update(member, flatten(decode_tensors(payload, layout, MAX_PLAIN_BYTES), layout), 1)
-        for member, payload in updates
-    ]
+    kind = update_kind(descriptor)
+    parsed = [Update(member, flatten(decode_update(kind, payload, layout), layout), 1) for member, payload in updates]
     result = strategy.aggregate(parsed)
     mean = encode_tensors(unflatten(result.vector.astype(np.float32), layout))
     return Combined("plain", mean, list(result.members), len(result.members), strategy.name)

@@ -28,6 +28,7 @@ from federation.messages import (
     choose_aggregator,
     decode_update_header,
 )
+from federation.quantize import dequantize
 from federation.update import Layout, UpdateError, UpdateReason, decode_tensors
 
 Clock = Callable[[], float]
@@ -238,6 +239,8 @@ class RoundState:
     def _check_payload(self, payload: bytes) -> dict[str, np.ndarray] | None:
         if self.expected_kind == "plain":
             return decode_tensors(payload, self.layout, self.max_payload_bytes)
+        if self.expected_kind == "q8":
+            return dequantize(payload, self.layout, self.max_payload_bytes)
         if self.ckks_check is not None:
             self.ckks_check(payload)
         return None

@@ -29,6 +29,7 @@ class CreateRequest(_Closed):
     alpha: float = Field(default=8.0, gt=0)
     targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1, max_length=7)
     lora: Literal["ffa", "ab"] = "ab"  # ffa: lora_A frozen at its seeded init, only lora_B trained and aggregated
+    update_encoding: Literal["f32", "q8"] = "f32"  # q8: plain updates as 8-bit codes (federation.quantize)
     clip_norm: float = Field(default=1.0, gt=0)
     noise_multiplier: float | None = Field(default=None, ge=0)
     delta: float = Field(default=1e-5, gt=0, lt=1)

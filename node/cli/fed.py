@@ -47,6 +47,7 @@ def cmd_create(home: NodeHome, args: argparse.Namespace) -> int:
         "data": _imported(home, args.data),
         "rank": args.rank,
         "lora": args.lora,
+        "update_encoding": args.updates,
         "clip_norm": args.clip_norm,
         "strategy": args.strategy,
         "quorum": args.quorum,
@@ -246,6 +247,13 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> ar
         default="ab",
         help="ab: lora_A and lora_B trained and averaged (learned more in docs/BENCHMARKS.md); ffa: lora_A frozen at "
         "a seeded init, only lora_B trained and averaged (exact aggregation, half the bytes)",
+    )
+    create.add_argument(
+        "--updates",
+        choices=["f32", "q8"],
+        default="f32",
+        help="how plain updates travel: f32 (float32), or q8 (8-bit codes with a scale per tensor, stochastically "
+        "rounded: a quarter of the bytes; not under HE)",
     )
     create.add_argument("--clip-norm", type=float, default=1.0)
     create.add_argument("--noise-multiplier", type=float, help="z (default 1.0 in every mode but he)")

@@ -32,7 +32,7 @@ from federation.descriptor import (
 )
 from federation.ledger import DatasetBudget, PrivacyLedger
 from federation.policy import PrivacyPolicy, check_descriptor
-from federation.privacy import LORA_A_SUFFIX, check_user_level, round_spend, unit_of_privacy
+from federation.privacy import LORA_A_SUFFIX, check_user_level, round_spend, unit_of_privacy, update_kind
 from federation.update import Layout
 from node.adapters.store import AdapterStore
 from node.core.fsutil import atomic_write_text
@@ -293,6 +293,7 @@ class FederationNode:
             local_steps=int(spec.get("local_steps", 20)),
             epsilon_budget=float(spec.get("epsilon_budget", 8.0)),
             admission=spec.get("admission", "open"),
+            update_encoding=spec.get("update_encoding", "f32"),
         )
         descriptor = verify_descriptor(data)
         spend = await trio.to_thread.run_sync(
@@ -389,6 +390,7 @@ class FederationNode:
             "active": row.left_at is None,
             "mode": d.privacy.mode,
             "strategy": d.strategy.name,
+            "updates": update_kind(d),
             "quorum": d.quorum,
             "members": sorted(f"{fp} ({m.role})" for fp, m in members.items()),
             "global_round": row.global_round,

@@ -193,7 +193,8 @@ def test_every_field_edited_under_the_old_signature_is_refused(signed: bytes, jo
     body = json.loads(signed)
     paths = [p for p in leaf_paths(body) if p != ("signature",)]
     assert len(paths) == 30
-    assert {p[0] for p in paths} == set(FederationDescriptor.__struct_fields__) - {"signature"}
+    # update_encoding is left out when "f32" (an HE descriptor's only one); added under the old signature: below
+    assert {p[0] for p in paths} == set(FederationDescriptor.__struct_fields__) - {"signature", "update_encoding"}
     for path in paths:
         tampered = copy.deepcopy(body)
         parent = tampered
@@ -216,8 +217,21 @@ def test_every_field_edited_under_the_old_signature_is_refused(signed: bytes, jo
         (lambda b: b["privacy"].pop("he"), FederationReason.BAD_SIGNATURE),
         (lambda b: b["adapter"].update(rank="8"), FederationReason.MALFORMED),
         (lambda b: b.update(quorum=True), FederationReason.MALFORMED),
+        (lambda b: b.update(update_encoding="q8"), FederationReason.BAD_SIGNATURE),
+        (lambda b: b.update(update_encoding="q4"), FederationReason.MALFORMED),
     ],
-    ids=["unsigned", "zero-signature", "bad-base64", "unknown-field", "dropped-dp-sgd", "dropped-he", "str", "bool"],
+    ids=[
+        "unsigned",
+        "zero-signature",
+        "bad-base64",
+        "unknown-field",
+        "dropped-dp-sgd",
+        "dropped-he",
+        "str",
+        "bool",
+        "added-q8",
+        "unknown-encoding",
+    ],
 )
 def test_a_forged_or_malformed_descriptor_is_refused(
     signed: bytes, edit: Callable[[dict[str, Any]], object], reason: FederationReason

@@ -134,10 +134,11 @@ def create_and_join(
     budget: float = 100.0,
     name: str = "club",
     lora: str = "ab",
+    updates: str = "f32",
 ) -> str:
     """nodes[0] creates federation `name` (2 local steps, C = 1, ε `budget`); the others join through it, each
     with its own data, `aggregator_only` as an aggregator without data; members train personal adapters only with
-    `personal`; `lora`: ab or ffa. Returns the federation id."""
+    `personal`; `lora`: ab or ffa; `updates`: f32 or q8. Returns the federation id."""
     no_personal = [] if personal else ["--no-personal"]
     a = nodes[0]
     trainers = [n for n in nodes if n is not aggregator_only]
@@ -167,6 +168,8 @@ def create_and_join(
         *no_personal,
         "--lora",
         lora,
+        "--updates",
+        updates,
     )
     assert created.returncode == 0, created.stderr
     view = next(f for f in federations(a) if f["name"] == name)

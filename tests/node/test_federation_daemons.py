@@ -52,6 +52,7 @@ def test_four_daemons_complete_three_rounds(mode: str, four: list[Daemon], tmp_p
         noise=None if mode == "he" else 1.0,
         personal=mode != "he",  # example-level modes: the personal adapters' DP-SGD runs share the dataset's ledger
         lora="ffa",  # exact aggregation through real daemons (the default, ab, runs in the other daemon tests)
+        updates="f32" if he else "q8",  # dp: 8-bit updates through real daemons (f32 runs in the other dp tests)
     )
     # Act
     wait_for(
@@ -67,6 +68,7 @@ def test_four_daemons_complete_three_rounds(mode: str, four: list[Daemon], tmp_p
         assert {x[r] for x in done} == {done[0][r]} and done[0][r][1] == len(trainers), json.dumps(docs, indent=1)
     for v, node in zip(views, four, strict=True):
         assert len(v["members"]) == 4
+        assert v["updates"] == ("ckks" if he else "q8")
         assert (v["epsilon_spent"] > 0) == (mode != "he" and node in trainers)  # only released updates cost ε
         status = httpx.get(f"{node.url}/v1/node/status", timeout=10).json()["federations"][0]
         assert status["global_round"] >= rounds_wanted
@@ -119,7 +121,8 @@ def test_four_daemons_complete_three_rounds(mode: str, four: list[Daemon], tmp_p
         assert {r["aggregator"] for r in docs[0]} == {fingerprint(d)}
         assert all(v["he_secret_here"] for v in views[:3])
     # The applied global's lora_B moved by the mean of what the trainers released (decrypted CKKS sum / n under
-    # HE); FFA-LoRA: the updates carry lora_B alone and every lora_A stays at its seeded init
+    # HE; the dequantized 8-bit values in dp); FFA-LoRA: the updates carry lora_B alone and every lora_A stays at
+    # its seeded init
     from node.fed.adapter import initial_adapter
     from node.inference.models import embedded_model_path
 

@@ -10,7 +10,7 @@ import trio
 from crypto.he import PublicContext
 from federation.descriptor import FederationDescriptor
 from federation.messages import sign_round_done, sign_round_open, verify_round_done, verify_round_open
-from federation.privacy import combine, update_layout
+from federation.privacy import combine, update_kind, update_layout
 from federation.round import Decision, RoundState
 from node.fed import wire as fed_wire
 from node.fed.errors import FederationError
@@ -66,7 +66,7 @@ class Aggregator:
             descriptor.quorum,
             deadline,
             layout,
-            "ckks" if descriptor.uses_he else "plain",
+            update_kind(descriptor),
             fed_wire.MAX_PAYLOAD,
         )
         self.collector.open(state)
