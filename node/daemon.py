@@ -248,7 +248,11 @@ def _network(
     p2p_config = P2PConfig(listen_host=cfg.p2p.listen_host, port=cfg.p2p.port, peers_file=home.run_dir / "peers.json")
     p2p, registry = registry_node(identity, p2p_config, federation_validators())
     notices = NoticeBoard()
-    market = MarketService(home, identity, p2p, registry, notices) if cfg.store.backend == "embedded" else None
+    market = (
+        MarketService(home, identity, p2p, registry, notices, bulk=cfg.p2p.bulk, bulk_port=cfg.p2p.bulk_port)
+        if cfg.store.backend == "embedded"
+        else None
+    )
     return p2p, notices, market
 
 

@@ -81,6 +81,8 @@ class P2PSection(_Section, frozen=True):
     listen_host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 4485
     bootstrap: list[str] = []
+    bulk: bool = True  # serve and fetch block bytes over the bulk channel (node.market.bulk) where peers offer it
+    bulk_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # its TCP port on listen_host; 0: any free port
 
 
 class FederationSection(_Section, frozen=True):

@@ -7,6 +7,10 @@ in batches from several providers at once (one worker and one stream per provide
 against its CID before it is stored, so a hostile or broken provider can waste time but never place wrong bytes in
 the store; it is dropped for the rest of the fetch and its batch goes back to the others. Verified blocks stay, so
 calling `fetch_dag` again resumes.
+
+Where the caller gives `open_bulk`, a provider is asked for a bulk channel first (node.market.bulk: the same wants
+over a sealed direct connection, no acknowledgements, `PIPELINE` wants in flight, blocks verified and stored in a
+worker thread); a provider without one (an older node, an unreachable port) is fetched from over this protocol.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol
 
 import msgspec
 import trio
@@ -42,6 +46,7 @@ MAX_CID_CHARS = 128
 WANT_LIMITS = {WANT: MAX_WANT_FRAME}
 ANSWER_LIMITS = {BLOCK: MAX_BLOCK_FRAME, BLOCK_NONE: 0}
 _CLOSE_TIMEOUT = 1.0
+PIPELINE = 2  # wants in flight on a bulk channel: the next is asked for while the last one's blocks arrive
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,22 @@ def decode_want(payload: bytes) -> list[Cid]:
         return [Cid.parse(text) for text in want.cids]
     except (msgspec.DecodeError, UnicodeDecodeError, CidError) as exc:
         raise WantError(str(exc)) from None
+
+
+class BulkPipe(Protocol):
+    """A provider's bulk channel as the fetcher uses it (node.market.bulk.BulkChannel); blocking calls."""
+
+    def want(self, cids: Collection[Cid]) -> None:
+        """Ask for `cids`; the answers come in order."""
+        ...
+
+    def answer(self) -> bytes | None:
+        """The next answer: the block's (unverified) bytes, or None if the provider does not have it."""
+        ...
+
+    def close(self) -> None:
+        """Close the channel."""
+        ...
 
 
 # --- server -----------------------------------------------------------------------------------------------------
@@ -176,6 +197,7 @@ class FetchReport:
     blocks_present: int = 0
     served: dict[str, int] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    channels: dict[str, str] = field(default_factory=dict)  # peer -> "bulk" or "libp2p"
 
 
 @dataclass
@@ -204,8 +226,10 @@ class _Fetch:
         batch: int,
         read_timeout: float,
         max_bytes: int | None = None,
+        open_bulk: Callable[[ID], Awaitable[BulkPipe]] | None = None,
     ) -> None:
         self.root = root
+        self.open_bulk = open_bulk
         self.max_bytes = max_bytes
         self.open_stream = open_stream
         self.blocks = blocks
@@ -313,12 +337,18 @@ class _Fetch:
     async def take(self) -> list[Cid]:
         """The next batch to ask for; [] once nothing is queued or in flight (the fetch is complete)."""
         while True:
-            if self.queue:
-                self.in_flight += 1
-                return [self.queue.popleft() for _ in range(min(self.batch, len(self.queue)))]
+            if batch := self.take_now():
+                return batch
             if self.in_flight == 0:
                 return []
             await self._changed.wait()
+
+    def take_now(self) -> list[Cid]:
+        """The next batch if one is queued, else [] at once (every batch taken is given back with `finish`)."""
+        if not self.queue:
+            return []
+        self.in_flight += 1
+        return [self.queue.popleft() for _ in range(min(self.batch, len(self.queue)))]
 
     def finish(self, unanswered: list[Cid]) -> None:
         """A batch is over; CIDs it did not get go back to the front of the queue for the other providers."""
@@ -329,9 +359,21 @@ class _Fetch:
     # -- one provider --
 
     async def worker(self, peer: ID) -> None:
-        """Pull batches from `peer` until the fetch is complete or the peer fails (then it is dropped)."""
+        """Pull batches from `peer` until the fetch is complete or the peer fails (then it is dropped): over a bulk
+        channel where it offers one, else over a PROTOCOL stream."""
         key = str(peer)
         self.report.served.setdefault(key, 0)
+        if self.open_bulk is not None:
+            try:
+                with trio.fail_after(self.read_timeout):
+                    channel = await self.open_bulk(peer)
+            except Exception as exc:
+                log.debug("block fetch %s: no bulk channel to %s (%s); libp2p stream instead", self.root, key, exc)
+            else:
+                self.report.channels[key] = "bulk"
+                await self._bulk_worker(channel, key)
+                return
+        self.report.channels[key] = "libp2p"
         try:
             with trio.fail_after(self.read_timeout):
                 stream = await self.open_stream(peer)
@@ -376,6 +418,63 @@ class _Fetch:
             self.report.bytes_fetched += len(frame.payload)
             self.report.served[key] += 1
             self.add(scan)
+
+    async def _bulk_worker(self, channel: BulkPipe, key: str) -> None:
+        """Pull batches over a bulk channel, PIPELINE wants in flight, until the fetch is complete or it fails."""
+        outstanding: deque[deque[Cid]] = deque()
+        try:
+            while True:
+                batch = self.take_now() if outstanding else await self.take()
+                if batch:
+                    outstanding.append(deque(batch))
+                    try:
+                        await trio.to_thread.run_sync(channel.want, batch)
+                    except Exception as exc:
+                        raise _ProviderFailed(f"want not sent: {_describe(exc)}") from None
+                if not outstanding:
+                    return  # complete
+                if batch and len(outstanding) < PIPELINE:
+                    continue
+                pending = outstanding.popleft()
+                try:
+                    await self._receive_bulk(channel, key, pending)
+                finally:
+                    self.finish(list(pending))
+        except _ProviderFailed as exc:
+            self._fail(key, str(exc))
+        finally:
+            for pending in outstanding:
+                self.finish(list(pending))
+            with contextlib.suppress(Exception):
+                channel.close()
+
+    async def _receive_bulk(self, channel: BulkPipe, key: str, pending: deque[Cid]) -> None:
+        """Read one want's answers (verified and stored in a worker thread); each stored CID leaves `pending`."""
+
+        def receive() -> tuple[list[tuple[int, _Scan]], str]:
+            got: list[tuple[int, _Scan]] = []
+            for cid in list(pending):
+                try:
+                    data = channel.answer()
+                except Exception as exc:
+                    return got, f"no answer for {cid}: {_describe(exc)}"
+                if data is None:
+                    return got, f"does not have block {cid}"
+                scan = self.accept(cid, data)
+                if scan is None:
+                    return got, f"sent bytes that do not hash to {cid} (broken or hostile)"
+                got.append((len(data), scan))
+            return got, ""
+
+        got, failure = await trio.to_thread.run_sync(receive)
+        for size, scan in got:
+            pending.popleft()
+            self.report.blocks_fetched += 1
+            self.report.bytes_fetched += size
+            self.report.served[key] += 1
+            self.add(scan)
+        if failure:
+            raise _ProviderFailed(failure)
 
     def _fail(self, key: str, reason: str) -> None:
         """Drop a provider for the rest of this fetch."""
@@ -439,15 +538,17 @@ async def fetch_dag(
     batch: int = 16,
     read_timeout: float = 10.0,
     max_bytes: int | None = None,
+    open_bulk: Callable[[ID], Awaitable[BulkPipe]] | None = None,
 ) -> FetchReport:
     """Fetch every missing block of the file DAG under `root` into `blocks`, from `providers` in parallel.
 
     `open_stream(peer)` opens a PROTOCOL stream to a provider. `progress(done_bytes, total_bytes)` counts file bytes
     whose blocks are stored (a block the DAG links more than once counts once until the end). Raises FetchError when
     every provider has failed with blocks still missing, or when the DAG is not a UnixFS file; the blocks already
-    verified stay in the store. OSError if the local store cannot be written.
+    verified stay in the store. OSError if the local store cannot be written. `open_bulk(peer)`, if given, opens a
+    provider's bulk channel (raising if it has none: that provider is then fetched from over `open_stream`).
     """
     if not 1 <= batch <= MAX_CIDS:
         raise ValueError(f"batch must be 1 to {MAX_CIDS}, got {batch}")
-    fetch = _Fetch(Cid.of(root), open_stream, blocks, progress, batch, read_timeout, max_bytes)
+    fetch = _Fetch(Cid.of(root), open_stream, blocks, progress, batch, read_timeout, max_bytes, open_bulk)
     return await fetch.run(providers)

@@ -19,6 +19,7 @@ from marketplace.content_store import AddResult, ContentStoreError, EmbeddedStor
 from marketplace.semver import SemVer
 from marketplace.unixfs import Profile
 from node.market.block_exchange import PROTOCOL, FetchError, fetch_dag
+from node.market.bulk import BulkChannel, open_channel
 from node.market.registry_dht import DhtRegistry
 from node.p2p.framing import ByteStream
 from node.p2p.host import P2PError, P2PNode
@@ -35,8 +36,9 @@ class NetworkStore:
     follow without another walk; the DHT is asked only if none of them can serve.
     """
 
-    def __init__(self, local: EmbeddedStore, node: P2PNode, registry: DhtRegistry) -> None:
-        self.local, self.node, self.registry = local, node, registry
+    def __init__(self, local: EmbeddedStore, node: P2PNode, registry: DhtRegistry, *, bulk: bool = True) -> None:
+        """`bulk`: ask providers for a bulk channel first (node.market.bulk; else the libp2p block protocol)."""
+        self.local, self.node, self.registry, self.bulk = local, node, registry, bulk
         self._session: list[PeerInfo] = []
         self._asked: list[Cid] = []  # every root asked of this store, in order (an artifact's envelope comes first)
         self.fetched_from: dict[str, int] = {}  # peer id -> blocks, over this store's life
@@ -129,9 +131,20 @@ class NetworkStore:
         async def open_stream(peer: ID) -> ByteStream:
             return await self.node.open_stream(peer, PROTOCOL)
 
+        async def open_bulk(peer: ID) -> BulkChannel:
+            return await open_channel(self.node, peer)
+
         try:
             with trio.fail_after(FETCH_TIMEOUT_S):
-                report = await fetch_dag(root, peers, open_stream, self.local.blocks, progress, max_bytes=max_bytes)
+                report = await fetch_dag(
+                    root,
+                    peers,
+                    open_stream,
+                    self.local.blocks,
+                    progress,
+                    max_bytes=max_bytes,
+                    open_bulk=open_bulk if self.bulk else None,
+                )
         except FetchError as exc:
             if blame:
                 self.failures.update(exc.failures)

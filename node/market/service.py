@@ -20,6 +20,7 @@ from marketplace.registry import Registry
 from marketplace.semver import SemVer
 from node.core.home import NodeHome
 from node.market.block_exchange import BlockServer
+from node.market.bulk import BulkServer
 from node.market.install import InstallRefused, install_pulled_adapter
 from node.market.network_store import DhtResolver, NetworkStore
 from node.market.notices import ArtifactPublished
@@ -62,12 +63,23 @@ class MarketService:
     """Announce, search and pull over the node's DHT and block exchange."""
 
     def __init__(
-        self, home: NodeHome, identity: Identity, p2p: P2PNode, registry: DhtRegistry, notices: NoticeBoard | None
+        self,
+        home: NodeHome,
+        identity: Identity,
+        p2p: P2PNode,
+        registry: DhtRegistry,
+        notices: NoticeBoard | None,
+        *,
+        bulk: bool = True,
+        bulk_port: int = 0,
     ) -> None:
         self.home, self.identity, self.p2p, self.registry, self.notices = home, identity, p2p, registry, notices
         self.local = EmbeddedStore(home.root / "blocks")
         self.server = BlockServer(self.local.blocks)
         self.server.attach(p2p)
+        self.bulk = BulkServer(self.local.blocks, p2p.config.listen_host, bulk_port) if bulk else None
+        if self.bulk is not None:
+            self.bulk.attach(p2p)
         self._pull_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self.pulls_done = 0
@@ -86,15 +98,22 @@ class MarketService:
             "block_streams_served": self.server.streams_served,
             "blocks_served": self.server.blocks_served,
             "block_streams_refused": self.server.streams_refused,
+            "bulk_channels_served": self.bulk.channels_served if self.bulk else None,
+            "bulk_blocks_served": self.bulk.blocks_served if self.bulk else None,
+            "bulk_channels_refused": self.bulk.channels_refused if self.bulk else None,
         }
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve blocks, re-announce what this node holds every few hours, run pulls; until cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self.reannounce_forever)
-            task_status.started()
-            await trio.sleep_forever()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self.reannounce_forever)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            if self.bulk is not None:
+                self.bulk.stop()
 
     def start_soon(self, job: Callable[[], Awaitable[None]]) -> None:
         """Run `job` in the service's nursery (it outlives the HTTP request that started it)."""
@@ -246,7 +265,7 @@ class MarketService:
     ) -> PullOutcome:
         db = Registry(self.home.state_db)
         try:
-            store = NetworkStore(self.local, self.p2p, self.registry)
+            store = NetworkStore(self.local, self.p2p, self.registry, bulk=self.bulk is not None)
             resolver = DhtResolver(self.registry, self._trusted, LocalResolver(db))
             market = Marketplace(self.home.root / "artifacts", store, db, self.identity, resolver)
             started = time.monotonic()

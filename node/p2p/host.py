@@ -134,6 +134,14 @@ class Libp2pStream:
         """The PeerID at the other end, authenticated by the Noise handshake."""
         return self.stream.muxed_conn.peer_id
 
+    @property
+    def remote_address(self) -> tuple[str, int] | None:
+        """(IP, port) of the connection this stream runs on, as the socket sees it (None if unknown)."""
+        try:
+            return self.stream.get_remote_address()
+        except Exception:  # a transport that cannot tell
+            return None
+
     async def read(self, n: int) -> bytes:
         """Read up to `n` bytes; b"" once the peer's side is finished or gone."""
         try:

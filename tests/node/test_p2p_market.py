@@ -42,13 +42,14 @@ def cli(d: Daemon, *args: str, timeout: float = 180) -> subprocess.CompletedProc
     )
 
 
-def chain_of_daemons(tmp_path: Path, n: int, prefix: str) -> list[Daemon]:
-    """`n` daemons, each started with only the previous one's address as its bootstrap peer."""
+def chain_of_daemons(tmp_path: Path, n: int, prefix: str, env: dict[int, dict[str, str]] | None = None) -> list[Daemon]:
+    """`n` daemons, each started with only the previous one's address as its bootstrap peer (`env`: more variables
+    for the i-th)."""
     nodes: list[Daemon] = []
     try:
         for i in range(n):
             extra = {"MIRADOR_P2P_BOOTSTRAP": peers(nodes[-1])["listen_addrs"][0]} if nodes else {}
-            nodes.append(start_daemon(tmp_path / f"{prefix}{i}", extra))
+            nodes.append(start_daemon(tmp_path / f"{prefix}{i}", extra | (env or {}).get(i, {})))
     except BaseException:
         stop_all(nodes)
         raise
@@ -149,8 +150,10 @@ def write_safetensors(path: Path, size: int, seed: int) -> None:
 
 
 def test_provider_killed_mid_transfer_of_a_50mb_model_the_pull_resumes_from_another(tmp_path: Path) -> None:
-    # Arrange: A publishes a 50 MB model, B pulls it (so B provides it too), then C pulls from both
-    a, b, c = nodes = chain_of_daemons(tmp_path, 3, "m")
+    # Arrange: A publishes a 50 MB model, B pulls it (so B provides it too), then C pulls from both. C fetches over
+    # the libp2p block protocol (as a node from before the bulk channel would): over the bulk channel 50 MB arrive
+    # within one progress interval, before A could be killed mid-transfer (test_bulk_channel kills a bulk provider)
+    a, b, c = nodes = chain_of_daemons(tmp_path, 3, "m", {2: {"MIRADOR_P2P_BULK": "false"}})
     try:
         wait_until_all_known(nodes)
         want = publish_big(a, tmp_path, seed=7)
@@ -183,8 +186,9 @@ def test_provider_killed_mid_transfer_of_a_50mb_model_the_pull_resumes_from_anot
 
 
 def test_a_puller_killed_mid_pull_leaves_nothing_installed_and_its_next_pull_resumes(tmp_path: Path) -> None:
-    # Arrange: A publishes a 50 MB model (200 blocks of 256 KiB); B starts pulling it
-    a, b = nodes = chain_of_daemons(tmp_path, 2, "k")
+    # Arrange: A publishes a 50 MB model (200 blocks of 256 KiB); B starts pulling it, over the libp2p block protocol
+    # (over the bulk channel the pull ends within one progress interval; test_bulk_channel interrupts a bulk fetch)
+    a, b = nodes = chain_of_daemons(tmp_path, 2, "k", {1: {"MIRADOR_P2P_BULK": "false"}})
     try:
         wait_until_all_known(nodes)
         want = publish_big(a, tmp_path, seed=11)
@@ -201,7 +205,9 @@ def test_a_puller_killed_mid_pull_leaves_nothing_installed_and_its_next_pull_res
                     break
         assert killed_at > 0, "the pull ended before B could be killed"
         # Assert: nothing of the artifact is installed; a restarted B pulls again and fetches only what it lacked
-        nodes[1] = b = start_daemon(b.home, {"MIRADOR_P2P_BOOTSTRAP": peers(a)["listen_addrs"][0]})
+        nodes[1] = b = start_daemon(
+            b.home, {"MIRADOR_P2P_BOOTSTRAP": peers(a)["listen_addrs"][0], "MIRADOR_P2P_BULK": "false"}
+        )
         listed = cli(b, "model", "list", "--json")
         assert listed.returncode == 0 and "big" not in listed.stdout, listed.stdout
         events = []
