@@ -19,12 +19,18 @@ transfer: two bare hosts (no DHT, no pubsub) in one trio loop, so both ends shar
 raw libp2p stream (Noise + Yamux) whose handler reads and discards, the sender writing the payload in 256 KiB
 writes and waiting for a 1-byte reply; then the same bytes as 256 KiB `framing.send_frame` frames (sha256 and
 stop-and-wait ACK per frame); then `fetch_dag` of a v1-raw file of the same size from one `BlockServer` into an
-empty BlockStore (every block verified and fsynced), and `EmbeddedStore.add` of the file as the local disk
-reference. Repetitions are interleaved; medians, and the median of per-repetition fetch/raw ratios.
+empty BlockStore over the libp2p block protocol (every block verified, one sync at the end), the same fetch over the
+bulk channel (`node.market.bulk`: sealed records on a direct TCP connection, wants pipelined, no ACKs), a raw TCP
+socket on 127.0.0.1 (256 KiB `sendall`s in a thread, the receiver discarding: what the wire gives Python at all),
+and `EmbeddedStore.add` of the file as the local disk reference. Repetitions are interleaved; medians, and the
+median of per-repetition ratios against the raw libp2p stream.
 
 pull: five real daemons A-E (`mirador node start`, separate processes, MIRADOR_P2P_PORT=0, homes in a temp folder,
-each bootstrapping from the previous one). Each repetition, A publishes a new safetensors model version
-(`mirador model publish --no-bench`, new random content); then B, C, D and E pull it in turn through
+each bootstrapping from the previous one), once with the bulk channel off (`MIRADOR_P2P_BULK=false`: the libp2p
+block protocol, the reference) and once with it on (the default), each with its own repetitions; with --uplink-mbs
+a third time, the bulk channel on and every daemon's upload capped (`MIRADOR_P2P_UPLOAD_LIMIT_MBS`), as a home
+uplink would. Each repetition, A publishes a new safetensors model version (`mirador model publish --no-bench`,
+new random content); then B, C, D and E pull it in turn through
 `POST /v1/market/pull` (NDJSON read until `done`). Every puller provides the model once it has it, so B pulls from
 1 provider (A), C from 2, D from 3 (A, B, C) and E from 4; ratios are against B's pull of the same repetition. The
 `providers` of each done event (blocks per provider) shows where the blocks came from; the "fetch window" runs from
@@ -45,11 +51,13 @@ import logging
 import os
 import random
 import shutil
+import socket
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -70,6 +78,7 @@ from marketplace.cid import Cid
 from marketplace.content_store import EmbeddedStore
 from marketplace.registry_record import ValidRecord, record_key, select_record, sign_record, validate_record
 from node.market.block_exchange import PROTOCOL, BlockServer, fetch_dag
+from node.market.bulk import BulkServer, open_channel
 from node.market.registry_dht import DhtRegistry, fingerprint_of_peer, name_key, registry_node
 from node.p2p.framing import ByteStream, FrameError, FrameTruncated, receive_frame, send_frame
 from node.p2p.host import Libp2pStream, P2PConfig, P2PNode
@@ -383,17 +392,50 @@ async def framed_push(client: P2PNode, peer: ID, size: int, payload: bytes) -> f
     return elapsed
 
 
-async def fetch_once(client: P2PNode, provider: ID, root: Cid, dest: Path, size: int) -> float:
-    """Seconds of `fetch_dag` of `root` from `provider` into an empty BlockStore at `dest`."""
+async def fetch_once(client: P2PNode, provider: ID, root: Cid, dest: Path, size: int, bulk: bool = False) -> float:
+    """Seconds of `fetch_dag` of `root` from `provider` into an empty BlockStore at `dest` (over the bulk channel
+    with `bulk`, else the libp2p block protocol)."""
 
     async def open_stream(peer: ID) -> ByteStream:
         return await client.open_stream(peer, PROTOCOL)
 
+    async def open_bulk(peer: ID) -> Any:
+        return await open_channel(client, peer)
+
     t0 = time.perf_counter()
-    report = await fetch_dag(root, [provider], open_stream, BlockStore(dest))
+    report = await fetch_dag(root, [provider], open_stream, BlockStore(dest), open_bulk=open_bulk if bulk else None)
     elapsed = time.perf_counter() - t0
     if report.total_bytes != size or report.failures:
         raise RuntimeError(f"fetch of {root} did not complete: {report}")
+    if report.channels != {str(provider): "bulk" if bulk else "libp2p"}:
+        raise RuntimeError(f"fetch of {root} went over {report.channels}")
+    return elapsed
+
+
+def tcp_push(size: int, payload: bytes) -> float:
+    """Seconds to send `size` bytes over a fresh 127.0.0.1 TCP connection in WRITE_SIZE `sendall`s to a thread that
+    reads and discards them, until it has them all."""
+    server = socket.create_server(("127.0.0.1", 0))
+    got = [0]
+
+    def sink() -> None:
+        conn, _ = server.accept()
+        with conn:
+            buf = bytearray(MIB)
+            while got[0] < size and (n := conn.recv_into(buf)):
+                got[0] += n
+
+    reader = threading.Thread(target=sink)
+    reader.start()
+    t0 = time.perf_counter()
+    with socket.create_connection(server.getsockname()) as conn:
+        for start in range(0, size, WRITE_SIZE):
+            conn.sendall(payload[: min(WRITE_SIZE, size - start)])
+        reader.join()
+    elapsed = time.perf_counter() - t0
+    server.close()
+    if got[0] != size:
+        raise RuntimeError(f"the TCP sink got {got[0]} of {size} bytes")
     return elapsed
 
 
@@ -415,7 +457,7 @@ async def transfer_section(size: int, reps: int, tmp: Path, seed: int) -> dict[s
     payload = rng.randbytes(WRITE_SIZE)
     _, cid = timed_add(src, tmp / "provider-blocks")
     root = Cid.parse(cid)
-    seconds: dict[str, list[float]] = {"raw": [], "framed": [], "fetch": [], "add": []}
+    seconds: dict[str, list[float]] = {"raw": [], "framed": [], "fetch": [], "bulk": [], "tcp": [], "add": []}
     async with trio.open_nursery() as nursery:
         client = await nursery.start(P2PNode(Identity.generate(), BARE_CONFIG).run)
         provider = await nursery.start(P2PNode(Identity.generate(), BARE_CONFIG).run)
@@ -423,6 +465,8 @@ async def transfer_section(size: int, reps: int, tmp: Path, seed: int) -> dict[s
             provider.set_stream_handler(SINK_PROTOCOL, sink_handler)
             provider.set_stream_handler(FRAMES_PROTOCOL, frames_handler)
             BlockServer(EmbeddedStore(tmp / "provider-blocks").blocks).attach(provider)
+            bulk = BulkServer(EmbeddedStore(tmp / "provider-blocks").blocks)
+            bulk.attach(provider)
             peer = await client.connect(provider.listen_addrs[0])
             for rep in range(reps):
                 seconds["raw"].append(await raw_push(client, peer, size, payload))
@@ -430,16 +474,29 @@ async def transfer_section(size: int, reps: int, tmp: Path, seed: int) -> dict[s
                 os.sync()
                 seconds["fetch"].append(await fetch_once(client, peer, root, tmp / f"fetched-{rep}", size))
                 shutil.rmtree(tmp / f"fetched-{rep}")
+                os.sync()
+                seconds["bulk"].append(await fetch_once(client, peer, root, tmp / f"bulk-{rep}", size, bulk=True))
+                shutil.rmtree(tmp / f"bulk-{rep}")
+                seconds["tcp"].append(await trio.to_thread.run_sync(tcp_push, size, payload))
                 add_s, _ = await trio.to_thread.run_sync(timed_add, src, tmp / f"added-{rep}")
                 seconds["add"].append(add_s)
                 shutil.rmtree(tmp / f"added-{rep}")
                 print(f"transfer rep {rep + 1}/{reps} done", file=sys.stderr)
         finally:
+            bulk.stop()
             client.stop()
             provider.stop()
     src.unlink()
-    ratios = [f / r for f, r in zip(seconds["raw"], seconds["fetch"], strict=True)]
-    return {"bytes": size, "reps": reps, "seconds": seconds, "fetch_over_raw_speed": ratios}
+    ratios = {k: [r / x for r, x in zip(seconds["raw"], seconds[k], strict=True)] for k in ("fetch", "bulk", "tcp")}
+    return {
+        "bytes": size,
+        "reps": reps,
+        "seconds": seconds,
+        "fetch_over_raw_speed": ratios["fetch"],
+        "bulk_over_raw_speed": ratios["bulk"],
+        "tcp_over_raw_speed": ratios["tcp"],
+        "bulk_over_fetch_speed": [f / b for f, b in zip(seconds["fetch"], seconds["bulk"], strict=True)],
+    }
 
 
 def transfer_rows(result: dict[str, Any]) -> list[Row]:
@@ -448,7 +505,9 @@ def transfer_rows(result: dict[str, Any]) -> list[Row]:
     what = {
         "raw": "raw libp2p stream (256 KiB writes)",
         "framed": "framed (send_frame 256 KiB + ACK)",
-        "fetch": "fetch_dag v1-raw, 1 provider",
+        "fetch": "fetch_dag v1-raw, libp2p protocol",
+        "bulk": "fetch_dag v1-raw, bulk channel",
+        "tcp": "raw TCP socket, 127.0.0.1 (wire ref)",
         "add": "EmbeddedStore.add (local disk ref)",
     }
     rows = []
@@ -456,8 +515,10 @@ def transfer_rows(result: dict[str, Any]) -> list[Row]:
         secs = result["seconds"][key]
         speeds = [size / s / 1e6 for s in secs]
         notes = f"{statistics.median(secs):.2f} s; reps " + " ".join(f"{v:.1f}" for v in speeds)
-        if key == "fetch":
-            notes += f"; fetch/raw {statistics.median(result['fetch_over_raw_speed']):.3f}"
+        if key in ("fetch", "bulk", "tcp"):
+            notes += f"; /raw libp2p {statistics.median(result[f'{key}_over_raw_speed']):.3f}"
+        if key == "bulk":
+            notes += f"; /libp2p protocol {statistics.median(result['bulk_over_fetch_speed']):.2f}"
         if key == "framed":
             framed_ratios = [r / f for r, f in zip(result["seconds"]["raw"], secs, strict=True)]
             notes += f"; framed/raw {statistics.median(framed_ratios):.3f}"
@@ -589,15 +650,20 @@ def pull_rep(daemons: dict[str, Daemon], letter_of: dict[str, str], size: int, t
     return out
 
 
-def pull_section(size: int, reps: int, tmp: Path, seed: int) -> dict[str, Any]:
-    """Five daemons; per repetition A publishes, B, C, D, E pull (1, 2, 3, 4 providers); all stopped after."""
+def pull_section(size: int, reps: int, tmp: Path, seed: int, bulk: bool, uplink_mbs: float = 0.0) -> dict[str, Any]:
+    """Five daemons (the bulk channel on or off, uploads capped at `uplink_mbs` MB/s each if > 0); per repetition
+    A publishes, B, C, D, E pull (1, 2, 3, 4 providers); all stopped after."""
     daemons: dict[str, Daemon] = {}
-    result: dict[str, Any] = {"bytes": size, "reps": []}
+    result: dict[str, Any] = {"bytes": size, "bulk": bulk, "uplink_mbs": uplink_mbs, "reps": []}
+    tmp = tmp / (("bulk" if bulk else "libp2p") + (f"-uplink-{uplink_mbs:g}" if uplink_mbs else ""))
+    tmp.mkdir()
     try:
         t0 = time.perf_counter()
         for letter in "ABCDE":
             previous = list(daemons.values())[-1:]
             extra = {"MIRADOR_P2P_BOOTSTRAP": peers_of(previous[0])["listen_addrs"][0]} if previous else {}
+            extra["MIRADOR_P2P_BULK"] = "true" if bulk else "false"
+            extra["MIRADOR_P2P_UPLOAD_LIMIT_MBS"] = str(uplink_mbs)
             daemons[letter] = start_daemon(tmp / f"daemon-{letter}", extra)
         result["start_s"] = time.perf_counter() - t0
         ids = {letter: peers_of(d)["peer_id"] for letter, d in daemons.items()}
@@ -625,7 +691,9 @@ def pull_rows(result: dict[str, Any]) -> list[Row]:
     """Table rows of the pull section: medians over repetitions, ratios against B's 1-provider pull of each rep."""
     size = result["bytes"]
     reps = result["reps"]
-    section = f"pull {size // MIB} MiB"
+    section = f"pull {size // MIB} MiB {'bulk' if result['bulk'] else 'libp2p'}"
+    if result.get("uplink_mbs"):
+        section += f" up {result['uplink_mbs']:g}"
     rows: list[Row] = []
     for key, what, note in [
         ("embedded_add_s", "EmbeddedStore.add (local disk ref)", ""),
@@ -686,10 +754,35 @@ def run_transfer(size: int, reps: int, tmp: Path, seed: int) -> tuple[dict[str, 
     return result, transfer_rows(result)
 
 
-def run_pull(size: int, reps: int, tmp: Path, seed: int) -> tuple[dict[str, Any], list[Row]]:
-    """The daemons' pull section: its result and table rows."""
-    result = pull_section(size, reps, tmp, seed)
-    return result, pull_rows(result)
+def bulk_vs_libp2p_rows(libp2p: dict[str, Any], bulk: dict[str, Any]) -> list[Row]:
+    """Per provider count: the bulk pull's speed over the libp2p pull's (medians of each)."""
+    size, rows = bulk["bytes"], []
+    for i, letter in enumerate("BCDE"):
+        medians = [statistics.median([r["pulls"][i]["seconds"] for r in x["reps"]]) for x in (libp2p, bulk)]
+        rows.append(
+            {
+                "section": f"pull {size // MIB} MiB ratio",
+                "what": f"{letter}: bulk / libp2p, {i + 1} provider(s)",
+                "value": medians[0] / medians[1],
+                "p90": None,
+                "unit": "x",
+                "notes": f"{medians[0]:.2f} s -> {medians[1]:.2f} s",
+            }
+        )
+    return rows
+
+
+def run_pull(size: int, reps: int, tmp: Path, seed: int, uplink_mbs: float) -> tuple[dict[str, Any], list[Row]]:
+    """The daemons' pull section, the libp2p block protocol then the bulk channel (then the bulk channel with
+    uploads capped, if `uplink_mbs`): results and table rows."""
+    libp2p = pull_section(size, reps, tmp, seed, bulk=False)
+    bulk = pull_section(size, reps, tmp, seed, bulk=True)
+    rows = pull_rows(libp2p) + pull_rows(bulk) + bulk_vs_libp2p_rows(libp2p, bulk)
+    out = {"libp2p": libp2p, "bulk": bulk}
+    if uplink_mbs:
+        out["capped"] = capped = pull_section(size, reps, tmp, seed, bulk=True, uplink_mbs=uplink_mbs)
+        rows += pull_rows(capped)
+    return out, rows
 
 
 def print_table(rows: list[Row]) -> None:
@@ -714,6 +807,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="transfer repetitions")
     ap.add_argument("--model-mib", type=int, default=None, help="default 100; quick 20")
     ap.add_argument("--pull-reps", type=int, default=None, help="publish + 4 pulls repetitions (default 3; quick 1)")
+    ap.add_argument(
+        "--uplink-mbs", type=float, default=0.0, help="also pull with every daemon's uploads capped (MB/s; 0: skip)"
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "p2p.json")
     args = ap.parse_args()
@@ -744,7 +840,7 @@ def main() -> None:
         if not args.no_transfer:
             sections.append(("transfer", partial(run_transfer, transfer_mib * MIB, args.reps, tmp, args.seed)))
         if not args.no_pull:
-            sections.append(("pull", partial(run_pull, model_mib * MIB, pull_reps, tmp, args.seed)))
+            sections.append(("pull", partial(run_pull, model_mib * MIB, pull_reps, tmp, args.seed, args.uplink_mbs)))
         for name, run in sections:
             t0, load0 = time.perf_counter(), load()
             try:

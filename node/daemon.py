@@ -249,7 +249,16 @@ def _network(
     p2p, registry = registry_node(identity, p2p_config, federation_validators())
     notices = NoticeBoard()
     market = (
-        MarketService(home, identity, p2p, registry, notices, bulk=cfg.p2p.bulk, bulk_port=cfg.p2p.bulk_port)
+        MarketService(
+            home,
+            identity,
+            p2p,
+            registry,
+            notices,
+            bulk=cfg.p2p.bulk,
+            bulk_port=cfg.p2p.bulk_port,
+            upload_limit_mbs=cfg.p2p.upload_limit_mbs,
+        )
         if cfg.store.backend == "embedded"
         else None
     )

@@ -83,6 +83,7 @@ class P2PSection(_Section, frozen=True):
     bootstrap: list[str] = []
     bulk: bool = True  # serve and fetch block bytes over the bulk channel (node.market.bulk) where peers offer it
     bulk_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # its TCP port on listen_host; 0: any free port
+    upload_limit_mbs: Annotated[float, msgspec.Meta(ge=0, le=1e6)] = 0.0  # cap on blocks served, MB/s; 0: none
 
 
 class FederationSection(_Section, frozen=True):

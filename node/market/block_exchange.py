@@ -32,6 +32,7 @@ from crypto.refusal import SingleReason
 from marketplace.blockstore import BlockNotFoundError, BlockStore, CorruptBlockError
 from marketplace.cid import DAG_PB, RAW, SHA2_256, Cid, CidError
 from marketplace.unixfs import UnixfsError, check_declared_size, decode_pbnode, decode_unixfs, root_size
+from node.market.rate_limit import UploadLimit
 from node.p2p.framing import ByteStream, FrameError, FrameTimeout, FrameTruncated, receive_frame, send_frame
 from node.p2p.host import P2PNode
 
@@ -115,8 +116,11 @@ class BlockServer:
         idle_timeout: float = 30.0,
         read_timeout: float = 10.0,
         slot_timeout: float = 5.0,
+        upload: UploadLimit | None = None,
     ) -> None:
+        """`upload`: the node's upload cap, shared with its other block servers (None: no cap)."""
         self.blocks = blocks
+        self.upload = upload
         self.idle_timeout = idle_timeout
         self.read_timeout = read_timeout
         self.slot_timeout = slot_timeout
@@ -161,6 +165,8 @@ class BlockServer:
             )
             for cid in decode_want(frame.payload):
                 data = await trio.to_thread.run_sync(self._read, cid)
+                if data is not None and self.upload is not None:
+                    await trio.sleep(self.upload.reserve(len(data)))
                 answer = (BLOCK, data) if data is not None else (BLOCK_NONE, b"")
                 await send_frame(stream, *answer, write_timeout=self.read_timeout, ack_timeout=self.read_timeout)
                 self.blocks_served += data is not None
@@ -239,6 +245,7 @@ class _Fetch:
         self.report = FetchReport(str(root))
         self.queue: deque[Cid] = deque()
         self.in_flight = 0
+        self.workers = 1  # providers being asked (batches are sized by it)
         self.done_bytes = 0
         self.fatal: FetchError | OSError | None = None
         self._changed = trio.Event()
@@ -344,11 +351,15 @@ class _Fetch:
             await self._changed.wait()
 
     def take_now(self) -> list[Cid]:
-        """The next batch if one is queued, else [] at once (every batch taken is given back with `finish`)."""
+        """The next batch if one is queued, else [] at once (every batch taken is given back with `finish`).
+
+        Batches shrink as the queue does (guided self-scheduling: at most the queue's share of each worker's
+        pipeline), so that at the end no slow provider sits on a large batch while the fast ones have nothing."""
         if not self.queue:
             return []
         self.in_flight += 1
-        return [self.queue.popleft() for _ in range(min(self.batch, len(self.queue)))]
+        share = -(-len(self.queue) // (PIPELINE * max(1, self.workers)))
+        return [self.queue.popleft() for _ in range(min(self.batch, share, len(self.queue)))]
 
     def finish(self, unanswered: list[Cid]) -> None:
         """A batch is over; CIDs it did not get go back to the front of the queue for the other providers."""
@@ -487,6 +498,7 @@ class _Fetch:
         try:
             if self.queue:
                 unique = {str(peer): peer for peer in providers}
+                self.workers = len(unique)
                 async with trio.open_nursery() as nursery:
                     for peer in unique.values():
                         nursery.start_soon(self._guarded, peer, nursery.cancel_scope)

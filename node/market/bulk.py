@@ -55,6 +55,7 @@ from crypto.refusal import SingleReason
 from marketplace.blockstore import BlockNotFoundError, BlockStore, CorruptBlockError
 from marketplace.cid import Cid, CidError
 from node.market.block_exchange import decode_want, encode_want
+from node.market.rate_limit import UploadLimit
 from node.p2p.framing import receive_frame, send_frame
 from node.p2p.host import Libp2pStream, P2PNode
 
@@ -194,9 +195,11 @@ class BulkServer:
         max_channels: int = 16,
         idle_timeout: float = 30.0,
         hello_timeout: float = 5.0,
+        upload: UploadLimit | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.blocks, self.host, self.requested_port = blocks, host, port
+        """`upload`: the node's upload cap, shared with its other block servers (None: no cap)."""
+        self.blocks, self.host, self.requested_port, self.upload = blocks, host, port, upload
         self.idle_timeout, self.hello_timeout, self.clock = idle_timeout, hello_timeout, clock
         self._slots = threading.BoundedSemaphore(max_channels)
         self._tickets: dict[bytes, _Ticket] = {}
@@ -297,12 +300,15 @@ class BulkServer:
                     payload = channel.recv(MAX_WANT_RECORD)
                 except BulkError:
                     return  # the fetcher is done (or gone)
-                answers = []
                 for cid in decode_want(payload):
                     data = self._read(cid)
-                    answers.append(HAS + data if data is not None else HAS_NOT)
-                    self.blocks_served += data is not None
-                channel.send(*answers)
+                    if data is None:
+                        channel.send(HAS_NOT)
+                        continue
+                    if self.upload is not None:
+                        time.sleep(self.upload.reserve(len(data)))
+                    channel.send(HAS + data)
+                    self.blocks_served += 1
         except Exception as exc:  # hostile bytes or a vanished fetcher: this channel alone ends
             self.channels_refused += 1
             log.debug("bulk channel ended: %s: %s", type(exc).__name__, exc)

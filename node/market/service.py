@@ -24,6 +24,7 @@ from node.market.bulk import BulkServer
 from node.market.install import InstallRefused, install_pulled_adapter
 from node.market.network_store import DhtResolver, NetworkStore
 from node.market.notices import ArtifactPublished
+from node.market.rate_limit import limit_of
 from node.market.registry_dht import DhtRegistry
 from node.p2p.host import P2PNode
 from node.p2p.notices import NoticeBacklog, NoticeBoard, NoticeError
@@ -72,12 +73,14 @@ class MarketService:
         *,
         bulk: bool = True,
         bulk_port: int = 0,
+        upload_limit_mbs: float = 0.0,
     ) -> None:
         self.home, self.identity, self.p2p, self.registry, self.notices = home, identity, p2p, registry, notices
         self.local = EmbeddedStore(home.root / "blocks")
-        self.server = BlockServer(self.local.blocks)
+        upload = limit_of(upload_limit_mbs) if upload_limit_mbs > 0 else None
+        self.server = BlockServer(self.local.blocks, upload=upload)
         self.server.attach(p2p)
-        self.bulk = BulkServer(self.local.blocks, p2p.config.listen_host, bulk_port) if bulk else None
+        self.bulk = BulkServer(self.local.blocks, p2p.config.listen_host, bulk_port, upload=upload) if bulk else None
         if self.bulk is not None:
             self.bulk.attach(p2p)
         self._pull_lock = trio.Lock()
