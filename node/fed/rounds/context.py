@@ -65,8 +65,10 @@ class RoundContext:
         return tempfile.TemporaryDirectory(dir=self.root, prefix=SCRATCH_PREFIX)
 
     def network_store(self) -> NetworkStore:
-        """The content store that fetches missing blocks from the DHT's providers (every block verified)."""
-        return NetworkStore(self.local, self.p2p, self.registry)
+        """The content store that fetches missing blocks from the DHT's providers (every block verified), over the
+        libp2p block protocol: a round's aggregate is an adapter of a few MB, and the bulk channel is the market's
+        (it follows `[p2p] bulk`)."""
+        return NetworkStore(self.local, self.p2p, self.registry, bulk=False)
 
     def global_of(self, descriptor: FederationDescriptor) -> tuple[dict[str, np.ndarray], str]:
         """The current global adapter tensors and their CID (round 0: the deterministic initial adapter)."""
