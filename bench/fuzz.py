@@ -9,6 +9,9 @@ process sends, per protocol, valid messages mutated by a seeded RNG:
                lengths up to 2^64 - 1, another message type)
 - fed.update   /mirador/fed/update/1.0.0: signed update headers mutated the same way, then a payload
 - blocks       /mirador/blocks/1.0.0: wants (mutated JSON, 0 or 65 CIDs, CIDs that do not parse) and raw frames
+- bulk         the bulk channel: mutated `bulk.open` frames on /mirador/blocks-bulk/1.0.0; raw bytes on its TCP
+               port (guessed session ids, garbage, huge lengths); and, behind a genuine ticket and hello, sealed
+               records holding mutated wants, records that do not open, and lengths up to 2^32 - 1
 - dht          /ipfs/kad/1.0.0: PUT_VALUE of mutated signed registry records under mutated keys, GET_VALUE of
                random keys, and raw length-prefixed garbage on the stream
 - notices      gossipsub: mutated notices published on /mirador/notices/1
@@ -31,6 +34,7 @@ import hashlib
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import tempfile
@@ -56,13 +60,23 @@ from marketplace.registry_record import record_key, sign_record
 from node.fed import wire as fed_wire
 from node.market.block_exchange import PROTOCOL as BLOCKS
 from node.market.block_exchange import encode_want, fetch_dag
+from node.market.bulk import (
+    CONTROL_PROTOCOL,
+    HELLO,
+    OPEN,
+    TICKET,
+    SealedSocket,
+    TicketDoc,
+    channel_keys,
+    open_channel,
+)
 from node.market.registry_dht import registry_node
-from node.p2p.framing import HEADER_SIZE, ByteStream, Kind, encode_header
+from node.p2p.framing import HEADER_SIZE, ByteStream, Kind, encode_header, receive_frame, send_frame
 from node.p2p.host import P2PConfig, P2PNode
 from node.p2p.notices import TOPIC
 from tests.daemon_harness import Daemon, start_daemon
 
-PROTOCOLS = ("fed.join", "fed.update", "blocks", "dht", "notices", "http")
+PROTOCOLS = ("fed.join", "fed.update", "blocks", "bulk", "dht", "notices", "http")
 KAD = "/ipfs/kad/1.0.0"
 CONFIG = P2PConfig(dial_timeout=5, negotiate_timeout=5)
 MAX_REFUSED_CONNECTS = 5  # consecutive refused connections before the rest of a protocol's messages are skipped
@@ -161,6 +175,7 @@ class Target:
     def __init__(self, d: Daemon, fid: str, envelope_cid: str, record: bytes, publisher: str) -> None:
         self.d, self.fid, self.envelope_cid, self.record, self.publisher = d, fid, envelope_cid, record, publisher
         self.addr = httpx.get(f"{d.url}/v1/node/peers", timeout=10).json()["listen_addrs"][0]
+        self.bulk_port: int | None = None  # learnt from the first genuine ticket
 
 
 class Tally:
@@ -216,6 +231,8 @@ async def one_message(
     if protocol == "blocks":
         want = encode_want([Cid.parse(target.envelope_cid)])
         return await raw_exchange(node, peer, BLOCKS, frame(rng, "blocks.want", mutate(rng, want)), wait_s)
+    if protocol == "bulk":
+        return await bulk_message(rng, node, peer, target, wait_s)
     if protocol == "dht":
         assert node.dht is not None
         choice = rng.randrange(3)
@@ -241,6 +258,63 @@ async def one_message(
         await node.pubsub.publish(TOPIC, mutate(rng, json.dumps(notice).encode()))
         return "published"
     raise ValueError(protocol)
+
+
+async def bulk_message(rng: random.Random, node: P2PNode, peer: Any, target: Target, wait_s: float) -> str:
+    """One hostile message to the bulk channel: a mutated ticket request, raw bytes on its port, or a genuine
+    channel carrying a mutated or unsealed record."""
+    choice = rng.randrange(3)
+    if choice == 0 or target.bulk_port is None:
+        open_request = json.dumps({"v": 1}).encode()
+        outcome = await raw_exchange(node, peer, CONTROL_PROTOCOL, frame(rng, OPEN, mutate(rng, open_request)), wait_s)
+        if target.bulk_port is None:  # learn the port from one genuine ticket
+            target.bulk_port = (await bulk_ticket(node, peer))[0]
+        return outcome
+    if choice == 1:
+        garbage = rng.randbytes(16) + mutate_bytes(rng, rng.randbytes(rng.choice((0, 4, 36, 5000))))
+        return await trio.to_thread.run_sync(tcp_exchange, target.bulk_port, garbage, b"", None, wait_s)
+    port, session, key = await bulk_ticket(node, peer)
+    if rng.random() < 0.5:
+        record = mutate(rng, encode_want([Cid.parse(target.envelope_cid)]))
+        return await trio.to_thread.run_sync(tcp_exchange, port, session, key, record, wait_s)
+    raw = rng.choice(
+        (rng.randbytes(rng.choice((4, 20, 300))), (2**32 - 1).to_bytes(4, "big"), (20).to_bytes(4, "big") + bytes(20))
+    )
+    return await trio.to_thread.run_sync(tcp_exchange, port, session, key, raw, wait_s, False)
+
+
+async def bulk_ticket(node: P2PNode, peer: Any) -> tuple[int, bytes, bytes]:
+    """(port, session id, key) of a genuine ticket from the daemon."""
+    stream = await node.open_stream(peer, CONTROL_PROTOCOL)
+    try:
+        await send_frame(stream, OPEN, b'{"v":1}', write_timeout=5, ack_timeout=5)
+        ticket = json.loads((await receive_frame(stream, {TICKET: 512}, read_timeout=5)).payload)
+    finally:
+        with trio.move_on_after(1):
+            await stream.close()
+    doc = TicketDoc(**ticket)
+    return doc.port, base64.b64decode(doc.session), base64.b64decode(doc.key)
+
+
+def tcp_exchange(
+    port: int, session: bytes, key: bytes, record: bytes | None, wait_s: float, sealed: bool = True
+) -> str:
+    """Connect to the bulk port and send `session` (with the genuine hello if `key`), then `record` (sealed under
+    the channel's key, or as raw bytes); answered, closed, or hang within `wait_s`."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
+            if key:
+                send_key, recv_key = channel_keys(key, session)
+                channel = SealedSocket(sock, send_key, recv_key)
+                sock.sendall(session + channel.seal(HELLO) + (channel.seal(record or b"") if sealed else record or b""))
+            else:
+                sock.sendall(session)
+            try:
+                return "answered" if sock.recv(64) else "closed"
+            except TimeoutError:
+                return "hang"
+    except (ConnectionError, OSError):
+        return "closed"
 
 
 def http_message(rng: random.Random, target: Target, client: httpx.Client) -> str:
@@ -388,8 +462,13 @@ async def still_serving(target: Target, scratch: Path) -> tuple[bool, bool]:
         async def open_stream(p: Any) -> ByteStream:
             return await node.open_stream(p, BLOCKS)
 
+        async def open_bulk(p: Any) -> Any:
+            return await open_channel(node, p)
+
         with trio.fail_after(30):
-            await fetch_dag(Cid.parse(target.envelope_cid), [peer], open_stream, store)
+            report = await fetch_dag(Cid.parse(target.envelope_cid), [peer], open_stream, store, open_bulk=open_bulk)
+        if report.channels != {str(peer): "bulk"}:
+            raise RuntimeError(f"the envelope came over {report.channels}, not the bulk channel")
         assert node.dht is not None
         with trio.move_on_after(30):
             key = record_key("fuzzed", target.publisher).encode()

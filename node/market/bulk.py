@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from libp2p.peer.id import ID
 
-from crypto.refusal import SingleReason
+from crypto.refusal import Refused, SingleReason
 from marketplace.blockstore import BlockNotFoundError, BlockStore, CorruptBlockError
 from marketplace.cid import Cid, CidError
 from node.market.block_exchange import decode_want, encode_want
@@ -207,6 +207,7 @@ class BulkServer:
         self._open: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self._stopped = threading.Event()
+        self._node: P2PNode | None = None
         self.channels_served = 0
         self.blocks_served = 0
         self.channels_refused = 0
@@ -221,6 +222,7 @@ class BulkServer:
     def attach(self, node: P2PNode) -> None:
         """Listen, and issue tickets on `node`'s CONTROL_PROTOCOL."""
         self.start()
+        self._node = node
         node.set_stream_handler(CONTROL_PROTOCOL, self.handle)
 
     def start(self) -> None:
@@ -265,6 +267,9 @@ class BulkServer:
         except Exception as exc:  # any peer may send anything: a refusal for this stream alone
             self.channels_refused += 1
             log.debug("bulk control stream refused: %s: %s", type(exc).__name__, exc)
+            if self._node is not None:  # it costs the peer score, as on every other protocol
+                reason = str(exc.reason) if isinstance(exc, Refused) else "malformed"
+                self._node.refused(CONTROL_PROTOCOL, stream.remote_peer, reason)
         finally:
             with contextlib.suppress(Exception):
                 await stream.close()

@@ -333,7 +333,7 @@ def test_altered_replayed_and_reordered_records_do_not_open() -> None:
 
 def test_garbage_on_the_control_protocol_is_refused_and_tickets_keep_coming(tmp_path: Path) -> None:
     # Arrange
-    async def main() -> tuple[BulkServer, bool]:
+    async def main() -> tuple[BulkServer, bool, dict[str, int]]:
         with trio.fail_after(DEADLINE):
             async with running_nodes(2) as (provider, client):
                 server = BulkServer(BlockStore(tmp_path / "s"))
@@ -349,12 +349,13 @@ def test_garbage_on_the_control_protocol_is_refused_and_tickets_keep_coming(tmp_
                     ok.close()
                 finally:
                     server.stop()
-                return server, True
+                return server, True, dict(provider.stream_refusals)
 
     # Act
-    server, opened = trio.run(main)
-    # Assert
+    server, opened, refusals = trio.run(main)
+    # Assert: refused, counted against the peer like a refusal on any other protocol, and the next ticket came
     assert opened and server.channels_refused >= 1
+    assert [k for k in refusals if k.startswith(CONTROL_PROTOCOL)] == [f"{CONTROL_PROTOCOL} malformed"]
 
 
 def test_a_bulk_provider_gone_mid_fetch_is_covered_by_another_and_an_interrupted_fetch_resumes(tmp_path: Path) -> None:
