@@ -17,9 +17,8 @@ from collections.abc import Mapping
 
 import numpy as np
 import safetensors.numpy
-from safetensors import SafetensorError
 
-from federation.update import DTYPE, Layout, UpdateError, UpdateReason, check_finite, check_tensors
+from federation.update import DTYPE, Layout, UpdateError, UpdateReason, check_finite, check_tensors, load_payload
 
 SCALES = "mirador.q8.scales"  # not a peft tensor name: they all start with "base_model."
 CODE = np.dtype("i1")
@@ -51,12 +50,7 @@ def quantize(tensors: Mapping[str, np.ndarray], layout: Layout, rng: np.random.G
 
 def dequantize(data: bytes, layout: Layout, max_bytes: int) -> dict[str, np.ndarray]:
     """The float32 tensors of a q8 payload (size first, then names, shapes, dtypes, codes, scales, finiteness)."""
-    if len(data) > max_bytes:
-        raise UpdateError(UpdateReason.OVERSIZED, f"the payload is {len(data)} bytes; the limit is {max_bytes}")
-    try:
-        loaded = safetensors.numpy.load(bytes(data))
-    except (SafetensorError, ValueError, TypeError, KeyError) as exc:
-        raise UpdateError(UpdateReason.MALFORMED, f"not a safetensors payload: {exc}") from None
+    loaded = load_payload(data, max_bytes)
     scales = loaded.pop(SCALES, None)
     count = len(layout.entries)
     if not isinstance(scales, np.ndarray) or scales.dtype != DTYPE or scales.shape != (count,):

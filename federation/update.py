@@ -161,14 +161,19 @@ def encode_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
     return safetensors.numpy.save({name: np.ascontiguousarray(array) for name, array in tensors.items()})
 
 
-def decode_tensors(data: bytes, layout: Layout, max_bytes: int) -> dict[str, np.ndarray]:
-    """Parse a safetensors payload and check it against `layout` (size first, then names, shapes, dtype, finiteness)."""
+def load_payload(data: bytes, max_bytes: int) -> dict[str, np.ndarray]:
+    """The arrays of a safetensors payload of at most `max_bytes` (checked before parsing); nothing else checked."""
     if len(data) > max_bytes:
         raise UpdateError(UpdateReason.OVERSIZED, f"the payload is {len(data)} bytes; the limit is {max_bytes}")
     try:
-        tensors = safetensors.numpy.load(bytes(data))
+        return safetensors.numpy.load(bytes(data))
     except (SafetensorError, ValueError, TypeError, KeyError) as exc:
         raise UpdateError(UpdateReason.MALFORMED, f"not a safetensors payload: {exc}") from None
+
+
+def decode_tensors(data: bytes, layout: Layout, max_bytes: int) -> dict[str, np.ndarray]:
+    """Parse a safetensors payload and check it against `layout` (size first, then names, shapes, dtype, finiteness)."""
+    tensors = load_payload(data, max_bytes)
     check_tensors(tensors, layout)
     check_finite(tensors)
     return tensors
