@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import math
 import secrets
 import socket
 import struct
@@ -134,13 +135,16 @@ class SealedSocket:
         except OSError as exc:
             raise BulkError(f"send failed: {type(exc).__name__}: {exc}") from None
 
-    def recv(self, limit: int) -> bytes:
-        """The next record's payload; BulkError if it is longer than `limit`, does not open, or never comes."""
-        header = recv_exactly(self.sock, _LENGTH.size)
+    def recv(self, limit: int, deadline: float | None = None, body_s: float | None = None) -> bytes:
+        """The next record's payload; BulkError if it is longer than `limit`, does not open, or is not complete by
+        `deadline` (time.monotonic) or within `body_s` of its length arriving (a trickle is not a record)."""
+        header = recv_exactly(self.sock, _LENGTH.size, deadline)
         (length,) = _LENGTH.unpack(header)
         if not TAG_BYTES <= length <= limit + TAG_BYTES:
             raise BulkError(f"a record of {length} bytes (at most {limit + TAG_BYTES} here)")
-        body = recv_exactly(self.sock, length)
+        if body_s is not None:
+            deadline = min(deadline or math.inf, time.monotonic() + body_s)
+        body = recv_exactly(self.sock, length, deadline)
         try:
             payload = self._recv.decrypt(self._nonce(self._received), body, header)
         except InvalidTag:
@@ -155,20 +159,32 @@ class SealedSocket:
         self.sock.close()
 
 
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    """Exactly `n` bytes from a blocking socket (its timeout per read); BulkError if it ends or stalls first."""
+def recv_exactly(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    """Exactly `n` bytes from a blocking socket (its timeout per read, and all of them by `deadline`, in
+    time.monotonic, if given); BulkError if it ends or stalls first."""
     buf = bytearray(n)
     view, got = memoryview(buf), 0
-    while got < n:
-        try:
-            k = sock.recv_into(view[got:], min(n - got, _RECV_CHUNK))
-        except TimeoutError:
-            raise BulkError(f"nothing received for {sock.gettimeout()} s") from None
-        except OSError as exc:
-            raise BulkError(f"receive failed: {type(exc).__name__}: {exc}") from None
-        if k == 0:
-            raise BulkError(f"the connection ended after {got} of {n} bytes")
-        got += k
+    per_read = sock.gettimeout()
+    try:
+        while got < n:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BulkError(f"{got} of {n} bytes by the deadline")
+                sock.settimeout(left if per_read is None else min(per_read, left))
+            try:
+                k = sock.recv_into(view[got:], min(n - got, _RECV_CHUNK))
+            except TimeoutError:
+                raise BulkError(f"nothing more received after {got} of {n} bytes") from None
+            except OSError as exc:
+                raise BulkError(f"receive failed: {type(exc).__name__}: {exc}") from None
+            if k == 0:
+                raise BulkError(f"the connection ended after {got} of {n} bytes")
+            got += k
+    finally:
+        if deadline is not None:
+            with contextlib.suppress(OSError):
+                sock.settimeout(per_read)
     return bytes(buf)
 
 
@@ -195,12 +211,16 @@ class BulkServer:
         max_channels: int = 16,
         idle_timeout: float = 30.0,
         hello_timeout: float = 5.0,
+        record_timeout: float = 10.0,
         upload: UploadLimit | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`upload`: the node's upload cap, shared with its other block servers (None: no cap)."""
+        """`idle_timeout`: the longest wait for a want; `hello_timeout`: for the session id and hello, all of it;
+        `record_timeout`: for a record's body once its length came; `upload`: the node's upload cap, shared with its
+        other block servers (None: no cap)."""
         self.blocks, self.host, self.requested_port, self.upload = blocks, host, port, upload
-        self.idle_timeout, self.hello_timeout, self.clock = idle_timeout, hello_timeout, clock
+        self.idle_timeout, self.hello_timeout, self.record_timeout = idle_timeout, hello_timeout, record_timeout
+        self.clock = clock
         self._slots = threading.BoundedSemaphore(max_channels)
         self._tickets: dict[bytes, _Ticket] = {}
         self._lock = threading.Lock()
@@ -302,9 +322,9 @@ class BulkServer:
             sock.settimeout(self.idle_timeout)
             while True:
                 try:
-                    payload = channel.recv(MAX_WANT_RECORD)
+                    payload = channel.recv(MAX_WANT_RECORD, body_s=self.record_timeout)
                 except BulkError:
-                    return  # the fetcher is done (or gone)
+                    return  # the fetcher is done (or gone, or trickling)
                 for cid in decode_want(payload):
                     data = self._read(cid)
                     if data is None:
@@ -325,7 +345,8 @@ class BulkServer:
 
     def _hello(self, sock: socket.socket) -> SealedSocket:
         """Read the session id and the sealed hello; the ticket is used up only when the hello opens."""
-        session = recv_exactly(sock, SESSION_BYTES)
+        deadline = time.monotonic() + self.hello_timeout  # the whole hello, however it trickles
+        session = recv_exactly(sock, SESSION_BYTES, deadline)
         with self._lock:
             ticket = self._tickets.get(session)
         if ticket is None or ticket.expires <= self.clock():
@@ -333,7 +354,7 @@ class BulkServer:
         send_key, recv_key = channel_keys(ticket.key, session)
         channel = SealedSocket(sock, recv_key, send_key)  # the provider sends with the provider → fetcher key
         try:
-            if channel.recv(len(HELLO)) != HELLO:
+            if channel.recv(len(HELLO), deadline) != HELLO:
                 raise BulkError("a hello that opens but says something else")
         except BulkError:
             with self._lock:

@@ -404,3 +404,39 @@ def test_a_bulk_provider_gone_mid_fetch_is_covered_by_another_and_an_interrupted
     assert a_id in report.failures and report.served[a_id] > 0  # type: ignore[attr-defined]
     assert stored_blocks(local) == 33
     assert exported(local, root, tmp_path / "out.bin") == original
+
+
+@pytest.mark.parametrize("where", ["hello", "want"])
+def test_a_trickle_is_cut_off_at_its_deadline_however_often_bytes_come(where: str, tmp_path: Path) -> None:
+    # Arrange: a server with 1 s for a hello and for a record's body; a client sending one byte every 0.2 s (each
+    # read's own timeout, 3 s, is never reached)
+    bulk = BulkServer(BlockStore(tmp_path / "s"), hello_timeout=1, record_timeout=1, idle_timeout=3)
+    bulk.start()
+    try:
+        session, key = bulk.issue("slow")
+        sock = connect(bulk)
+        send_key, recv_key = channel_keys(key, session)
+        sealed = SealedSocket(sock, send_key, recv_key)
+        if where == "hello":
+            data = session + sealed.seal(HELLO)
+        else:
+            sock.sendall(session + sealed.seal(HELLO))
+            data = sealed.seal(b'{"v":1,"cids":["' + b"b" * 100 + b'"]}')
+        # Act: trickle it
+        started = time.monotonic()
+        cut = False
+        for byte in data:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                cut = True
+                break
+            time.sleep(0.2)
+            if time.monotonic() - started > 4:
+                break
+        # Assert: the server closed the connection around its 1 s deadline, long before the bytes ran out
+        sock.settimeout(3)
+        assert cut or closed_by_server(sock)
+        assert time.monotonic() - started < 4
+    finally:
+        bulk.stop()
