@@ -23,7 +23,9 @@ empty BlockStore over the libp2p block protocol (every block verified, one sync 
 bulk channel (`node.market.bulk`: sealed records on a direct TCP connection, wants pipelined, no ACKs), a raw TCP
 socket on 127.0.0.1 (256 KiB `sendall`s in a thread, the receiver discarding: what the wire gives Python at all),
 and `EmbeddedStore.add` of the file as the local disk reference. Repetitions are interleaved; medians, and the
-median of per-repetition ratios against the raw libp2p stream.
+median of per-repetition ratios against the raw libp2p stream. The raw stream and both fetches are then repeated with
+the provider in a separate process (`bench/p2p.py --serve-provider`, its own interpreter and core): the goal's
+"between two processes".
 
 pull: five real daemons A-E (`mirador node start`, separate processes, MIRADOR_P2P_PORT=0, homes in a temp folder,
 each bootstrapping from the previous one), once with the bulk channel off (`MIRADOR_P2P_BULK=false`: the libp2p
@@ -749,9 +751,96 @@ def run_dht(n: int, records: int, rng: random.Random, converge_s: float) -> tupl
 
 
 def run_transfer(size: int, reps: int, tmp: Path, seed: int) -> tuple[dict[str, Any], list[Row]]:
-    """The transfer section: its result and table rows."""
+    """The transfer section (in one process, then with the provider in another): its result and table rows."""
     result = trio.run(transfer_section, size, reps, tmp, seed)
-    return result, transfer_rows(result)
+    result["two_processes"] = trio.run(two_process_transfer, size, reps, tmp, seed)
+    return result, transfer_rows(result) + two_process_rows(result["two_processes"])
+
+
+async def serve_provider(blocks: Path) -> None:
+    """The provider process of the two-process transfer: sink, block server and bulk channel over `blocks`; prints
+    its address, serves until its stdin closes."""
+    async with trio.open_nursery() as nursery:
+        provider = await nursery.start(P2PNode(Identity.generate(), BARE_CONFIG).run)
+        provider.set_stream_handler(SINK_PROTOCOL, sink_handler)
+        BlockServer(BlockStore(blocks)).attach(provider)
+        bulk = BulkServer(BlockStore(blocks))
+        bulk.attach(provider)
+        print(provider.listen_addrs[0], flush=True)
+        await trio.to_thread.run_sync(sys.stdin.read)
+        bulk.stop()
+        provider.stop()
+
+
+async def two_process_transfer(size: int, reps: int, tmp: Path, seed: int) -> dict[str, Any]:
+    """Raw stream and both fetches from a provider running in its own process, `reps` interleaved runs."""
+    rng = random.Random(seed + 1)
+    src = tmp / "transfer2.bin"
+    with open(src, "wb") as f:
+        for left in range(size, 0, -MIB):
+            f.write(rng.randbytes(min(left, MIB)))
+    payload = rng.randbytes(WRITE_SIZE)
+    _, cid = timed_add(src, tmp / "provider2-blocks")
+    src.unlink()
+    root = Cid.parse(cid)
+    seconds: dict[str, list[float]] = {"raw": [], "fetch": [], "bulk": []}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-provider", str(tmp / "provider2-blocks")]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        addr = (await trio.to_thread.run_sync(proc.stdout.readline)).strip()
+        async with trio.open_nursery() as nursery:
+            client = await nursery.start(P2PNode(Identity.generate(), BARE_CONFIG).run)
+            try:
+                peer = await client.connect(addr)
+                for rep in range(reps):
+                    seconds["raw"].append(await raw_push(client, peer, size, payload))
+                    for key, bulk in (("fetch", False), ("bulk", True)):
+                        os.sync()
+                        dest = tmp / f"fetched2-{key}-{rep}"
+                        seconds[key].append(await fetch_once(client, peer, root, dest, size, bulk=bulk))
+                        shutil.rmtree(dest)
+                    print(f"two-process transfer rep {rep + 1}/{reps} done", file=sys.stderr)
+            finally:
+                client.stop()
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return {
+        "bytes": size,
+        "seconds": seconds,
+        "fetch_over_raw_speed": [r / f for r, f in zip(seconds["raw"], seconds["fetch"], strict=True)],
+        "bulk_over_raw_speed": [r / b for r, b in zip(seconds["raw"], seconds["bulk"], strict=True)],
+    }
+
+
+def two_process_rows(result: dict[str, Any]) -> list[Row]:
+    """Table rows of the two-process transfer."""
+    size, rows = result["bytes"], []
+    for key, label in (
+        ("raw", "raw libp2p stream, 2 processes"),
+        ("fetch", "fetch_dag, libp2p protocol, 2 proc"),
+        ("bulk", "fetch_dag, bulk channel, 2 proc"),
+    ):
+        secs = result["seconds"][key]
+        notes = f"{statistics.median(secs):.2f} s; reps " + " ".join(f"{size / s / 1e6:.1f}" for s in secs)
+        if key != "raw":
+            notes += f"; /raw libp2p {statistics.median(result[f'{key}_over_raw_speed']):.3f}"
+        rows.append(
+            {
+                "section": f"transfer {size // MIB} MiB",
+                "what": label,
+                "value": statistics.median([size / s / 1e6 for s in secs]),
+                "p90": None,
+                "unit": "MB/s",
+                "notes": notes,
+            }
+        )
+    return rows
 
 
 def bulk_vs_libp2p_rows(libp2p: dict[str, Any], bulk: dict[str, Any]) -> list[Row]:
@@ -795,6 +884,9 @@ def print_table(rows: list[Row]) -> None:
 
 def main() -> None:
     """Run the benchmark and write the results."""
+    if sys.argv[1:2] == ["--serve-provider"]:  # the provider process of the two-process transfer
+        trio.run(serve_provider, Path(sys.argv[2]))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="8 nodes, 10 records, 16 MiB transfer, 20 MiB model")
     ap.add_argument("--no-dht", action="store_true", help="skip the DHT section")
