@@ -71,6 +71,7 @@ TICKET_TTL_S = 30.0
 MAX_TICKETS_PER_PEER = 4
 MAX_TICKETS = 256
 MAX_HELLO_FAILURES = 3
+CONNECT_TIMEOUT_S = 3.0  # a port that drops the SYN (a firewall) costs this much before the libp2p fallback
 HELLO = b"mirador-bulk/1 hello"
 MAX_WANT_RECORD = 16 * 1024  # a want names at most 64 CIDs of at most 128 characters
 MAX_BLOCK_RECORD = 1 + 2 * 1024 * 1024  # a tag byte and a block (UnixFS blocks are at most 256 KiB + an envelope)
@@ -419,16 +420,22 @@ async def open_channel(node: P2PNode, peer: ID, *, timeout: float = 10.0) -> Bul
             session, key = base64.b64decode(ticket.session, validate=True), base64.b64decode(ticket.key, validate=True)
             if address is None or len(session) != SESSION_BYTES or len(key) != KEY_BYTES:
                 raise BulkError("no address for the connection, or a malformed ticket")
-            return await trio.to_thread.run_sync(_connect, address[0], ticket.port, session, key, timeout, str(peer))
+            connect_s = min(timeout, CONNECT_TIMEOUT_S)
+            return await trio.to_thread.run_sync(
+                _connect, address[0], ticket.port, session, key, connect_s, timeout, str(peer)
+            )
     except BulkError:
         raise
     except Exception as exc:
         raise BulkError(f"{type(exc).__name__}: {exc}") from None
 
 
-def _connect(host: str, port: int, session: bytes, key: bytes, timeout: float, peer: str) -> BulkChannel:
-    """Connect, send the session id and the sealed hello."""
-    sock = socket.create_connection((host, port), timeout=timeout)
+def _connect(
+    host: str, port: int, session: bytes, key: bytes, connect_s: float, timeout: float, peer: str
+) -> BulkChannel:
+    """Connect (within `connect_s`), send the session id and the sealed hello; reads then wait `timeout`."""
+    sock = socket.create_connection((host, port), timeout=connect_s)
+    sock.settimeout(timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     send_key, recv_key = channel_keys(key, session)
     sealed = SealedSocket(sock, send_key, recv_key)

@@ -440,3 +440,39 @@ def test_a_trickle_is_cut_off_at_its_deadline_however_often_bytes_come(where: st
         assert time.monotonic() - started < 4
     finally:
         bulk.stop()
+
+
+class UnreachablePort(BulkServer):
+    """A fake for a fault a test cannot set up (a firewall in front of the bulk port): its tickets name a port that
+    nothing listens on."""
+
+    @property
+    def port(self) -> int:
+        with socket.socket() as probe:  # a port that was free a moment ago, closed again
+            probe.bind(("127.0.0.1", 0))
+            return int(probe.getsockname()[1])
+
+
+def test_a_provider_whose_bulk_port_cannot_be_reached_is_fetched_from_over_libp2p(tmp_path: Path) -> None:
+    # Arrange
+    original = random_file(tmp_path / "f.bin", 10**6, seed=17)
+    root = add_file(tmp_path / "p", tmp_path / "f.bin")
+    local = BlockStore(tmp_path / "local")
+
+    async def main() -> object:
+        with trio.fail_after(DEADLINE):
+            async with running_nodes(2) as (provider, client):
+                BlockServer(BlockStore(tmp_path / "p")).attach(provider)
+                server = UnreachablePort(BlockStore(tmp_path / "p"))
+                server.attach(provider)
+                peers = await connect_all(client, [provider])
+                try:
+                    return await fetch_dag(root, peers, opener(client), local, open_bulk=bulk_opener(client))
+                finally:
+                    server.stop()
+
+    # Act
+    report = trio.run(main)
+    # Assert: served over the libp2p block protocol instead, whole and verified
+    assert list(report.channels.values()) == ["libp2p"] and not report.failures  # type: ignore[attr-defined]
+    assert exported(local, root, tmp_path / "out.bin") == original
