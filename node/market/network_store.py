@@ -180,8 +180,13 @@ class DhtResolver:
         self.registry, self.trusted, self.local = registry, trusted, local
 
     def resolve(self, name: str, version: str | None) -> list[str]:
-        """Envelope CIDs for `name` (`version`, or every version), best first."""
-        records = trio.from_thread.run(self.registry.lookup, name)
+        """Envelope CIDs for `name` (`version`, or every version), best first: from the records of a lookup of the
+        last RECENT_S (a search the user just read) when they hold what is asked, else from a new lookup."""
+        records = self.registry.recent(name)
+        if not records or (
+            version is not None and not any(v.version == version for r in records for v in r.record.versions)
+        ):
+            records = trio.from_thread.run(self.registry.lookup, name)
         trusted = self.trusted()
         ranked = sorted(
             (

@@ -12,12 +12,14 @@ py-libp2p 0.8.1 answers `get_value` and `find_providers` from the local store al
 would never see a newer record once it cached one; lookups here always ask the network as well. `lookup` and
 `providers` are walks (node.p2p.dht_walk: one session per lookup, streams reused per peer, a record walk ending
 after ENOUGH_ANSWERS valid answers, every publisher's walk started as soon as it is found); `values` (federation
-descriptors, every distinct valid value) are walks too.
+descriptors, every distinct valid value) are walks too. A lookup's verified records are kept for RECENT_S, for
+pulls that follow a search (`recent`).
 """
 
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 import trio
@@ -48,6 +50,9 @@ MAX_PROVIDERS = 32
 ALPHA = 3
 # A record walk ends once this many peers have answered with a valid record (puts go to the k = 20 closest).
 ENOUGH_ANSWERS = 3
+# A pull within this long of a lookup of its name (a search, typically) resolves the records that lookup found.
+RECENT_S = 30.0
+MAX_RECENT_NAMES = 256
 log = logging.getLogger(__name__)
 
 
@@ -96,10 +101,15 @@ def fingerprint_of_peer(peer: ID) -> str | None:
 
 
 class DhtRegistry:
-    """Announce and look up registry records and content providers through a running node's DHT."""
+    """Announce and look up registry records and content providers through a running node's DHT.
 
-    def __init__(self, dht: KadDHT, identity: Identity) -> None:
-        self.dht, self.identity = dht, identity
+    Lookups keep their verified records for a short while (`recent`): a pull right after a search resolves the very
+    records the user was shown without walking again. Every lookup itself walks; only callers that ask for
+    `recent` records get them, expired records are dropped on the way out, and our own announce forgets the name."""
+
+    def __init__(self, dht: KadDHT, identity: Identity, clock: Callable[[], float] = time.monotonic) -> None:
+        self.dht, self.identity, self.clock = dht, identity, clock
+        self._recent: OrderedDict[str, tuple[float, list[ValidRecord]]] = OrderedDict()
 
     async def announce(self, name: str, versions: dict[str, str]) -> bytes:
         """Sign and store the record of our `versions` (version -> envelope CID) of `name`; provide the name key."""
@@ -107,6 +117,7 @@ class DhtRegistry:
         stored = self.dht.value_store.get(key.encode())
         last_seq = parse_record(stored.value).seq if stored is not None else -1
         value = sign_record(self.identity, name, versions, seq=max(time.time_ns() // 1000, last_seq + 1))
+        self._recent.pop(name, None)
         await self.dht.put_value(key, value)
         await self.dht.provider_store.provide(name_key(name))
         return value
@@ -132,12 +143,29 @@ class DhtRegistry:
         """Every valid value for `key` held locally or by the closest peers (each one validated here)."""
         return await dht_values(self.dht, key, lambda value: validate_record(key, value))
 
+    def recent(self, name: str, max_age_s: float = RECENT_S) -> list[ValidRecord] | None:
+        """The records a lookup of `name` found less than `max_age_s` ago (None if none did), those not expired."""
+        entry = self._recent.get(name)
+        if entry is None or self.clock() - entry[0] > max_age_s:
+            return None
+        now = time.time()
+        return [r for r in entry[1] if r.record.expires >= now]
+
     async def lookup(self, name: str) -> list[ValidRecord]:
         """The newest valid record of every publisher of `name` that the network knows (ours included).
 
         One session: a walk for the name's providers, and as each publisher appears, a walk for its record (they
         run side by side), each ending once ENOUGH_ANSWERS peers have answered with a valid record. Our own record
-        comes from our store when it is there (we signed the newest one)."""
+        comes from our store when it is there (we signed the newest one). The result is kept for `recent`."""
+        found = await self._lookup(name)
+        self._recent[name] = (self.clock(), found)
+        self._recent.move_to_end(name)
+        while len(self._recent) > MAX_RECENT_NAMES:
+            self._recent.popitem(last=False)
+        return found
+
+    async def _lookup(self, name: str) -> list[ValidRecord]:
+        """`lookup` without keeping the result."""
         own = self.identity.fingerprint
         records: dict[str, ValidRecord] = {}
         mine = self.dht.value_store.get(record_key(name, own).encode())

@@ -181,3 +181,44 @@ def exhaustive(nodes: list[tuple[P2PNode, DhtRegistry]], name: str) -> list[tupl
         best = max(range(len(held)), key=lambda j: records[j].seq)
         newest.append((publisher, records[best].seq, held[best]))
     return newest
+
+
+def test_a_pull_after_a_search_resolves_the_records_the_search_found(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Arrange: a publisher and a searcher; the searcher's clock moves only when told
+    from marketplace.artifacts import LocalResolver
+    from marketplace.registry import Registry
+    from node.market.network_store import DhtResolver
+    from node.market.registry_dht import RECENT_S
+
+    now = [1000.0]
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+                (_, publisher), (_, searcher) = await start_line(stack, nursery, 2)
+                searcher.clock = lambda: now[0]
+                resolver = DhtResolver(searcher, set, LocalResolver(Registry(tmp_path / "state.db")))
+                seen["before"] = searcher.recent("tiny-model")
+                await publisher.announce("tiny-model", {"1.0.0": CID_A})
+                # Act: a search; the publisher adds 1.1.0; pulls within RECENT_S, then after it
+                searched = await searcher.lookup("tiny-model")
+                await publisher.announce("tiny-model", {"1.0.0": CID_A, "1.1.0": CID_B})
+                seen["searched"] = [v.version for r in searched for v in r.record.versions]
+                seen["pull_latest"] = await trio.to_thread.run_sync(resolver.resolve, "tiny-model", None)
+                seen["pull_new_version"] = await trio.to_thread.run_sync(resolver.resolve, "tiny-model", "1.1.0")
+                seen["kept"] = searcher.recent("tiny-model") is not None
+                await searcher.announce("tiny-model", {"9.0.0": CID_A})
+                seen["after_own_announce"] = searcher.recent("tiny-model")
+                await searcher.lookup("tiny-model")
+                now[0] += RECENT_S + 1
+                seen["expired"] = searcher.recent("tiny-model")
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    # Assert: the pull without a version took the searched records (1.0.0 only, no second lookup needed); asking
+    # for a version they lack looked again and found it; nothing is kept past RECENT_S or past our own announce
+    assert seen["before"] is None and seen["searched"] == ["1.0.0"]
+    assert seen["pull_latest"] == [CID_A]
+    assert seen["pull_new_version"] == [CID_B]
+    assert seen["kept"] and seen["after_own_announce"] is None and seen["expired"] is None
