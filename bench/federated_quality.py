@@ -32,7 +32,8 @@ row); rows are named MODE:LORA[:EPSILON][:q8][:personal] (`--rows`):
   descriptor's update_encoding "q8"; for fedavg each update is quantized and dequantized the same way); not with he
   modes. Every row records the bytes of the updates it sent (float32 safetensors, q8 or CKKS).
 - :personal: after each round every node also trains a personal adapter over the new global (`under=`, the
-  node's own data, the same steps); "+ personal" evaluates each node's global + personal pair (as one LoRA of twice
+  node's own data, the same steps; from its previous one, as the node does, or with --personal-fresh from its seeded
+  init every round); "+ personal" evaluates each node's global + personal pair (as one LoRA of twice
   the rank, `concatenated`).
 
 Evaluation: the trainer's own held-out metric (`node.training.trainer.evaluate_loss`) on every domain's held-out
@@ -246,6 +247,7 @@ class Setup:
     options: dict[str, Any]
     dp_options: dict[str, Any]  # DP-SGD rows: their own batch size and learning rate (the same steps)
     parallel: int
+    personal_fresh: bool = False  # personal adapters start from their seeded init every round (not from the last)
 
 
 @dataclass(frozen=True)
@@ -458,7 +460,7 @@ def federate(
     freeze_a = spec.lora == "ffa"
     layout = update_layout(descriptor, initial) if descriptor is not None else _ffa_layout(initial, freeze_a)
     global_tensors = dict(initial)
-    personal = [
+    personal = personal_init = [
         initial_adapter(setup.gguf, setup.rank, setup.alpha, setup.targets, seed=f"bench-personal-{d.name}")
         for d in domains
     ]
@@ -500,10 +502,11 @@ def federate(
         global_tensors = apply_update(global_tensors, mean)
         aggregate_s = time.monotonic() - began
         if spec.personal:
+            starts = personal_init if setup.personal_fresh else personal
             personal = [
                 res.tensors
                 for res in train_nodes(
-                    setup, domains, personal, steps, seed + r, f"{label} personal", progress, under=global_tensors
+                    setup, domains, starts, steps, seed + r, f"{label} personal", progress, under=global_tensors
                 )
             ]
         losses = evaluator.losses(global_tensors) if (eval_every_round or r == rounds) else None
@@ -677,6 +680,11 @@ def main() -> None:
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--rows", default=DEFAULT_ROWS, help="MODE:ffa|ab[:EPSILON][:personal], comma-separated")
     ap.add_argument("--no-local", action="store_true", help="skip the local-only row")
+    ap.add_argument(
+        "--personal-fresh",
+        action="store_true",
+        help=":personal rows: each round's personal adapter starts from its seeded init, not from the last one",
+    )
     ap.add_argument("--parallel", type=positive_int, default=4, help="local training jobs at a time")
     ap.add_argument("--threads", type=positive_int, default=1, help="torch threads per training job")
     ap.add_argument(
@@ -740,7 +748,9 @@ def main() -> None:
             "batch_size": args.dp_batch_size,
         }
         home = NodeHome(work / "home")
-        setup = Setup(home, gguf, args.rank, args.alpha, targets, steps, options, dp_options, args.parallel)
+        setup = Setup(
+            home, gguf, args.rank, args.alpha, targets, steps, options, dp_options, args.parallel, args.personal_fresh
+        )
         privacy = {"clip": args.clip, "example_clip": args.example_clip, "delta": args.delta}
         key = targets_key(targets)
         evaluator = Evaluator(base_folder, domains, args.rank, args.alpha, key, args.max_length, args.eval_threads)
