@@ -882,6 +882,7 @@ def main() -> None:
                 "quorum": n,
                 "seed": args.seed,
                 "parallel_jobs": args.parallel,
+                "personal_fresh": args.personal_fresh,
                 "threads_per_job": args.threads,
             },
             "rows": [
