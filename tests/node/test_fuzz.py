@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow  # a daemon and a few hundred hostile messages
 
 def test_a_seeded_fuzz_run_leaves_the_node_serving(tmp_path: Path) -> None:
     # Act
-    report = run_fuzz(tmp_path, messages=600, seed=11)
+    report = run_fuzz(tmp_path, messages=100 * len(PROTOCOLS), seed=11)
 
     # Assert
     assert report["alive"] and report["chat_status"] == 200 and report["after_error"] == ""
