@@ -173,11 +173,16 @@ class BlockServer:
 
     def _read(self, cid: Cid) -> bytes | None:
         """The verified block, or None if it is not here (a corrupt one is removed by the store)."""
-        try:
-            return self.blocks.get(cid)
-        except (BlockNotFoundError, CorruptBlockError, CidError) as exc:
-            log.debug("block server: no block %s: %s", cid, exc)
-            return None
+        return read_block(self.blocks, cid)
+
+
+def read_block(blocks: BlockStore, cid: Cid) -> bytes | None:
+    """A block read verified from `blocks`, or None if it is not there (a corrupt one is removed by the store)."""
+    try:
+        return blocks.get(cid)
+    except (BlockNotFoundError, CorruptBlockError, CidError) as exc:
+        log.debug("block server: no block %s: %s", cid, exc)
+        return None
 
 
 # --- fetcher ----------------------------------------------------------------------------------------------------

@@ -53,9 +53,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from libp2p.peer.id import ID
 
 from crypto.refusal import Refused, SingleReason
-from marketplace.blockstore import BlockNotFoundError, BlockStore, CorruptBlockError
-from marketplace.cid import Cid, CidError
-from node.market.block_exchange import decode_want, encode_want
+from marketplace.blockstore import BlockStore
+from marketplace.cid import Cid
+from node.market.block_exchange import decode_want, encode_want, read_block
 from node.market.rate_limit import UploadLimit
 from node.p2p.framing import receive_frame, send_frame
 from node.p2p.host import Libp2pStream, P2PNode
@@ -369,11 +369,8 @@ class BulkServer:
         return channel
 
     def _read(self, cid: Cid) -> bytes | None:
-        try:
-            return self.blocks.get(cid)
-        except (BlockNotFoundError, CorruptBlockError, CidError) as exc:
-            log.debug("bulk server: no block %s: %s", cid, exc)
-            return None
+        """The verified block, or None if it is not here."""
+        return read_block(self.blocks, cid)
 
 
 # --- fetcher ----------------------------------------------------------------------------------------------------
