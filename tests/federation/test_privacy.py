@@ -105,18 +105,20 @@ def test_dp_user_release_is_clipped_and_noised_with_std_z_times_c() -> None:
 
 
 def test_he_dp_user_members_add_a_quorum_share_of_the_noise() -> None:
-    # Arrange: zero updates, so the decrypted sum is pure noise
+    # Arrange: zero updates, so the decrypted sum is pure noise; 32,768 coordinates put the std's sampling error at
+    # 0.4 % (768 left it at 2.6 %, and one CI run in ~50 drew -6.8 %), and seeded draws make the test deterministic
     fed = descriptor("he+dp-user", noise=1.0, clip=1.0)
     secret = SecretContext.generate()
-    zeros = [{k: np.zeros(s, np.float32) for k, s in SHAPES.items()} for _ in range(4)]
+    shapes = {"layers.0.q_proj.lora_A.weight": (16, 1024), "layers.0.q_proj.lora_B.weight": (1024, 16)}
+    zeros = [{k: np.zeros(s, np.float32) for k, s in shapes.items()} for _ in range(4)]
     layout = Layout.of(zeros[0])
     # Act
-    released = [release(z, layout, fed, secret.public()) for z in zeros]
+    released = [release(z, layout, fed, secret.public(), rng=np.random.default_rng(i)) for i, z in enumerate(zeros)]
     combined = combine([(f"m{i}", r.payload) for i, r in enumerate(released)], layout, fed, secret.public())
     mean = mean_update(combined.kind, combined.payload, combined.count, layout, secret)
-    total = np.concatenate([mean[k].ravel() for k in sorted(SHAPES)]) * combined.count
-    # Assert: the sum's noise is z·C·sqrt(4/3) (each of 4 adds 1/quorum of the variance)
-    assert np.std(total) == pytest.approx(noise_std_of_sum(fed, 4), rel=0.06)
+    total = np.concatenate([mean[k].ravel() for k in sorted(shapes)]) * combined.count
+    # Assert: the sum's noise is z·C·sqrt(4/3) (each of 4 adds 1/quorum of the variance), not z·C (one share)
+    assert np.std(total) == pytest.approx(noise_std_of_sum(fed, 4), rel=0.03)
     assert noise_std_of_sum(fed, 3) == pytest.approx(1.0)
 
 
