@@ -75,7 +75,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import FORTUNES_DIR, INSTALL_HINT, positive_int, read_fortunes, write_json
-from node.training.trainer import DP_BATCH_SIZE, DP_LEARNING_RATE
+from node.training.trainer import DP_BATCH_SIZE, DP_LEARNING_RATE, PERSONAL_ANCHOR_SAMPLES, PERSONAL_ANCHOR_WEIGHT
 
 ROOT = Path(__file__).resolve().parent.parent
 FED_MODES = ("fedavg", "he", "dp", "he+dp", "dp-user")
@@ -248,6 +248,7 @@ class Setup:
     dp_options: dict[str, Any]  # DP-SGD rows: their own batch size and learning rate (the same steps)
     parallel: int
     personal_fresh: bool = False  # personal adapters start from their seeded init every round (not from the last)
+    personal_options: dict[str, Any] = field(default_factory=dict)  # options + the anchor (--personal-anchor)
 
 
 @dataclass(frozen=True)
@@ -307,10 +308,11 @@ def train_nodes(
     dp_sgd: Any = None,
     freeze_a: bool = False,
     under: Mapping[str, np.ndarray] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> list[Any]:
     """Train every node from its start for `steps` steps (`parallel` jobs at a time); their LocalResults in node
     order. `dp_sgd` (a RoundDpSgd), `freeze_a` and `under` (a global merged under a personal adapter) are
-    node.fed.adapter.train_locally's."""
+    node.fed.adapter.train_locally's; `options` replaces the setup's."""
     from node.fed.adapter import train_locally
 
     def one(d: Domain, start: Mapping[str, np.ndarray]) -> Any:
@@ -325,7 +327,7 @@ def train_nodes(
             steps,
             seed=seed,
             dp_sgd=dp_sgd,
-            options=setup.dp_options if dp_sgd is not None else setup.options,
+            options=options if options is not None else setup.dp_options if dp_sgd is not None else setup.options,
             freeze_a=freeze_a,
             under=under,
         )
@@ -506,7 +508,15 @@ def federate(
             personal = [
                 res.tensors
                 for res in train_nodes(
-                    setup, domains, starts, steps, seed + r, f"{label} personal", progress, under=global_tensors
+                    setup,
+                    domains,
+                    starts,
+                    steps,
+                    seed + r,
+                    f"{label} personal",
+                    progress,
+                    under=global_tensors,
+                    options=setup.personal_options,
                 )
             ]
         losses = evaluator.losses(global_tensors) if (eval_every_round or r == rounds) else None
@@ -685,6 +695,13 @@ def main() -> None:
         action="store_true",
         help=":personal rows: each round's personal adapter starts from its seeded init, not from the last one",
     )
+    ap.add_argument(
+        "--personal-anchor",
+        type=int,
+        default=PERSONAL_ANCHOR_SAMPLES,
+        help=":personal rows: texts sampled from the global that the personal adapter must not change (0: none)",
+    )
+    ap.add_argument("--personal-anchor-weight", type=float, default=PERSONAL_ANCHOR_WEIGHT)
     ap.add_argument("--parallel", type=positive_int, default=4, help="local training jobs at a time")
     ap.add_argument("--threads", type=positive_int, default=1, help="torch threads per training job")
     ap.add_argument(
@@ -751,6 +768,13 @@ def main() -> None:
         setup = Setup(
             home, gguf, args.rank, args.alpha, targets, steps, options, dp_options, args.parallel, args.personal_fresh
         )
+        if args.personal_anchor:
+            setup.personal_options = options | {
+                "anchor_samples": args.personal_anchor,
+                "anchor_weight": args.personal_anchor_weight,
+            }
+        else:
+            setup.personal_options = dict(options)
         privacy = {"clip": args.clip, "example_clip": args.example_clip, "delta": args.delta}
         key = targets_key(targets)
         evaluator = Evaluator(base_folder, domains, args.rank, args.alpha, key, args.max_length, args.eval_threads)
@@ -883,6 +907,8 @@ def main() -> None:
                 "seed": args.seed,
                 "parallel_jobs": args.parallel,
                 "personal_fresh": args.personal_fresh,
+                "personal_anchor": args.personal_anchor,
+                "personal_anchor_weight": args.personal_anchor_weight,
                 "threads_per_job": args.threads,
             },
             "rows": [

@@ -57,6 +57,8 @@ class _ConfigSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     init_adapter: str | msgspec.UnsetType | None = msgspec.UNSET
     freeze_a: bool | msgspec.UnsetType = msgspec.UNSET
     merge_adapter: str | msgspec.UnsetType | None = msgspec.UNSET
+    anchor_samples: int | msgspec.UnsetType = msgspec.UNSET
+    anchor_weight: float | msgspec.UnsetType = msgspec.UNSET
 
 
 class JobSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -39,6 +39,12 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 DP_BATCH_SIZE = 64
 DP_LEARNING_RATE = 1e-2
 _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"  # private-use code points delimiting placeholders in a template
+# A personal adapter trained over a federation's global one is anchored to the global on text the global writes
+# (`anchor_kl`): on a 4-domain fortunes federation its pair with the global kept most of its gain at home while
+# moving the other domains' loss by +0.025 instead of +0.103 (docs/BENCHMARKS.md, "Personal + global").
+PERSONAL_ANCHOR_SAMPLES = 64
+PERSONAL_ANCHOR_WEIGHT = 1.0
+ANCHOR_START = "<|endoftext|>"  # SmolLM2's document separator: what anchor samples start from (else the eos token)
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,8 @@ class TrainConfig:
     init_adapter: str | None = None  # peft adapter_model.safetensors to start from (a federation's global adapter)
     freeze_a: bool = False  # FFA-LoRA: lora_A keeps its initial values, only lora_B is trained
     merge_adapter: str | None = None  # a LoRA (same rank, alpha, targets) merged into the base first: served with it
+    anchor_samples: int = 0  # texts sampled from the merged model that the adapter must not change (see `anchor_kl`)
+    anchor_weight: float = 1.0  # weight of the anchor's KL term against the data's loss
 
     def __post_init__(self) -> None:
         if self.targets not in TARGET_MODULES:
@@ -122,6 +130,15 @@ class TrainConfig:
             raise ValueError(f"freeze_a must be true or false, got {self.freeze_a!r}")
         if self.dp is not None and not isinstance(self.dp, DPConfig):
             raise ValueError(f"dp must be a DPConfig or None, got {self.dp!r}")
+        _check_int("anchor_samples", self.anchor_samples, 0)
+        if isinstance(self.anchor_weight, bool) or not (
+            isinstance(self.anchor_weight, int | float) and math.isfinite(self.anchor_weight) and self.anchor_weight > 0
+        ):
+            raise ValueError(f"anchor_weight must be a positive number, got {self.anchor_weight!r}")
+        if self.anchor_samples and self.merge_adapter is None:
+            raise ValueError("anchor_samples needs merge_adapter: the anchor is what the merged adapter generates")
+        if self.anchor_samples and self.dp is not None:
+            raise ValueError("anchor_samples is not supported with DP-SGD")
 
     @property
     def physical_batch(self) -> int:
@@ -177,6 +194,7 @@ class TrainResult:
     eval_examples: int = 0  # a separate evaluation set (e.g. `mirador create`'s unseen chunks), never trained on
     eval_loss_before: float | None = None
     eval_loss_after: float | None = None
+    anchor_kl: float | None = None  # with anchor_samples: the anchor's KL over the last steps
 
     def to_json(self) -> str:
         """The result as one JSON document."""
@@ -303,6 +321,54 @@ def per_example_loss(model: Any, ids: Any, mask: Any, labels: Any) -> Any:
     return token_loss.sum(dim=1) / counts
 
 
+def sample_anchor(model: Any, tokenizer: Any, count: int, max_length: int) -> list[list[int]]:
+    """`count` texts sampled at temperature 1 from `model` with its adapter off (the base with the merged adapter),
+    each started from the end-of-text token and cut before the next end token."""
+    import torch
+
+    vocab = tokenizer.get_vocab()
+    start = int(vocab.get(ANCHOR_START, tokenizer.eos_token_id))
+    stops = {start, tokenizer.eos_token_id}
+    prompt = torch.full((count, 1), start, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            temperature=1.0,
+            max_new_tokens=max_length - 1,
+            pad_token_id=tokenizer.eos_token_id,
+            eos_token_id=sorted(stops),
+        )
+    model.train(was_training)
+    rows = []
+    for seq in out.tolist():
+        cut = next((i for i in range(1, len(seq)) if seq[i] in stops), len(seq))
+        if cut > 2:  # a prompt and at least two tokens to predict
+            rows.append(seq[:cut])
+    if not rows:
+        raise RuntimeError("the anchor sampling produced no text")
+    return rows
+
+
+def anchor_kl(model: Any, ids: Any, mask: Any) -> Any:
+    """Mean per-token KL(model without adapter || model) over `ids`: how far the adapter moves the model on text the
+    model without it writes (Learning without Forgetting, Li & Hoiem 2016, https://arxiv.org/abs/1606.09282, with
+    generated text instead of stored data)."""
+    import torch
+
+    with torch.no_grad(), model.disable_adapter():
+        reference = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits, dim=-1)
+    current = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits, dim=-1)
+    per_token = (reference.exp() * (reference - current)).sum(dim=-1)
+    weights = mask.to(per_token.dtype)
+    return (per_token * weights).sum() / weights.sum()
+
+
 def evaluate_loss(model: Any, encoded: Sequence[Encoded], config: TrainConfig, pad_id: int) -> float:
     """Mean per-example loss over `encoded` (first window of long texts), without gradients."""
     import torch
@@ -367,7 +433,8 @@ def train_adapter(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     before = evaluate_loss(model, held_enc, config, pad_id)
     eval_before = evaluate_loss(model, eval_enc, config, pad_id) if eval_enc else None
-    run = _Run(model, train_enc, config, pad_id, on_progress)
+    anchor = sample_anchor(model, tokenizer, config.anchor_samples, config.max_length) if config.anchor_samples else []
+    run = _Run(model, train_enc, config, pad_id, on_progress, anchor)
     privacy = run.train_private() if config.dp is not None else run.train_plain()
     after = evaluate_loss(model, held_enc, config, pad_id)
     eval_after = evaluate_loss(model, eval_enc, config, pad_id) if eval_enc else None
@@ -394,6 +461,7 @@ def train_adapter(
         eval_examples=len(eval_enc),
         eval_loss_before=eval_before,
         eval_loss_after=eval_after,
+        anchor_kl=sum(run.anchor_kls[-5:]) / len(run.anchor_kls[-5:]) if run.anchor_kls else None,
     )
     save_adapter(model, base.config, config, out_dir)
     result.seconds = round(time.monotonic() - began, 3)
@@ -462,8 +530,11 @@ class _Run:
         config: TrainConfig,
         pad_id: int,
         on_progress: Callable[[TrainProgress], None] | None,
+        anchor: Sequence[list[int]] = (),
     ) -> None:
         self.model = model
+        self.anchor = list(anchor)
+        self.anchor_kls: list[float] = []
         self.encoded = encoded
         self.config = config
         self.pad_id = pad_id
@@ -518,10 +589,24 @@ class _Run:
                 losses = per_example_loss(self.model, *batch_tensors(self._rows(chunk), self.pad_id))
                 (losses.sum() / len(batch)).backward()
                 total += float(losses.detach().sum())
+            if self.anchor:
+                self._anchor_backward(step, len(batch))
             opt.step()
             opt.zero_grad(set_to_none=True)
             self._report(step, total / len(batch), started)
         return {}
+
+    def _anchor_backward(self, step: int, size: int) -> None:
+        """Add the gradient of anchor_weight × the KL on the step's `size` anchor texts (taken in turn)."""
+        at = (step - 1) * size
+        rows = [self.anchor[(at + i) % len(self.anchor)] for i in range(size)]
+        kl = 0.0
+        for chunk in self._chunks(list(range(len(rows)))):
+            ids, mask, _ = batch_tensors([(rows[i], rows[i]) for i in chunk], self.pad_id)
+            value = anchor_kl(self.model, ids, mask)
+            (value * (self.config.anchor_weight * len(chunk) / len(rows))).backward()
+            kl += float(value.detach()) * len(chunk) / len(rows)
+        self.anchor_kls.append(kl)
 
     def train_private(self) -> dict[str, Any]:
         """DP-SGD: Poisson-sampled logical batches, per-example clipping and Gaussian noise (opacus, PRV)."""
