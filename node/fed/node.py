@@ -59,9 +59,11 @@ from node.market.registry_dht import DhtRegistry
 from node.p2p.host import P2PNode
 from node.p2p.notices import NoticeBoard
 from node.training.base_model import file_digest
+from node.training.trainer import PERSONAL_ANCHOR_SAMPLES, PERSONAL_ANCHOR_WEIGHT
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "member.json"
+PERSONAL_ONLY = ("anchor_samples", "anchor_weight")  # train options of the personal adapter alone
 
 
 class FederationNode:
@@ -130,7 +132,7 @@ class FederationNode:
         data = settings.get("data")
         if not data:
             raise FederationError(f"no local data set for federation {descriptor.name} (join with --data FILE)")
-        options = settings.get("train_options") or None
+        options = {k: v for k, v in (settings.get("train_options") or {}).items() if k not in PERSONAL_ONLY} or None
         dataset = file_digest(Path(data))
         spend = self._round_spend(descriptor, data, options)
         if spend is not None:
@@ -170,7 +172,8 @@ class FederationNode:
         self, descriptor: FederationDescriptor, global_tensors: Mapping[str, np.ndarray], r: int, stop: threading.Event
     ) -> dict[str, Any] | None:
         """Train this node's personal adapter on top of the new global (its own data, `local_steps` steps, from the
-        last personal one) and install it as `fed-<name>-me`; None when the member chose none or has no data.
+        last personal one, anchored to the global on text the global writes) and install it as `fed-<name>-me`;
+        None when the member chose none or has no data.
 
         It never leaves the node, but it is trained on the same data: in example-level modes with DP-SGD at the
         federation's z and C and this node's q, checked against and recorded in the dataset's ledger (before the
@@ -180,7 +183,8 @@ class FederationNode:
         if not settings.get("personal", True) or not data:
             return None
         a, name = descriptor.adapter, personal_name(descriptor)
-        options = settings.get("train_options") or None
+        anchor = {"anchor_samples": PERSONAL_ANCHOR_SAMPLES, "anchor_weight": PERSONAL_ANCHOR_WEIGHT}
+        options = anchor | dict(settings.get("train_options") or {})
         start = self._current_tensors(name, descriptor)
         dataset = file_digest(Path(data))
         spend = round_spend(descriptor, round_sample_rate(Path(data), options)) if descriptor.example_level else None

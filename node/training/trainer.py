@@ -44,6 +44,7 @@ _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"  # private-use code points delimiti
 # moving the other domains' loss by +0.025 instead of +0.103 (docs/BENCHMARKS.md, "Personal + global").
 PERSONAL_ANCHOR_SAMPLES = 64
 PERSONAL_ANCHOR_WEIGHT = 1.0
+ANCHOR_BATCH = 8  # anchor texts per step at most (plain steps of batch 4 take 4)
 ANCHOR_START = "<|endoftext|>"  # SmolLM2's document separator: what anchor samples start from (else the eos token)
 
 
@@ -136,9 +137,7 @@ class TrainConfig:
         ):
             raise ValueError(f"anchor_weight must be a positive number, got {self.anchor_weight!r}")
         if self.anchor_samples and self.merge_adapter is None:
-            raise ValueError("anchor_samples needs merge_adapter: the anchor is what the merged adapter generates")
-        if self.anchor_samples and self.dp is not None:
-            raise ValueError("anchor_samples is not supported with DP-SGD")
+            raise ValueError("anchor_samples must come with merge_adapter: the anchor is text the merged LoRA writes")
 
     @property
     def physical_batch(self) -> int:
@@ -590,14 +589,15 @@ class _Run:
                 (losses.sum() / len(batch)).backward()
                 total += float(losses.detach().sum())
             if self.anchor:
-                self._anchor_backward(step, len(batch))
+                self._anchor_backward(step)
             opt.step()
             opt.zero_grad(set_to_none=True)
             self._report(step, total / len(batch), started)
         return {}
 
-    def _anchor_backward(self, step: int, size: int) -> None:
-        """Add the gradient of anchor_weight × the KL on the step's `size` anchor texts (taken in turn)."""
+    def _anchor_backward(self, step: int) -> None:
+        """Add the gradient of anchor_weight × the KL on the step's anchor texts (taken in turn) to every grad."""
+        size = min(self.config.batch_size, ANCHOR_BATCH)
         at = (step - 1) * size
         rows = [self.anchor[(at + i) % len(self.anchor)] for i in range(size)]
         kl = 0.0
@@ -660,7 +660,7 @@ class _Run:
             while step < cfg.steps:
                 for indices in sampler:
                     step += 1
-                    total = self._private_step(gsm, dp_opt, list(indices))
+                    total = self._private_step(gsm, dp_opt, list(indices), step)
                     self._report(step, total / len(indices) if indices else None, started)
                     if step == cfg.steps:
                         break
@@ -679,7 +679,7 @@ class _Run:
             spent = float(engine.get_epsilon(dp.delta))
         return {"epsilon": spent, "noise_multiplier": float(sigma), "sample_rate": float(sample_rate)}
 
-    def _private_step(self, gsm: Any, dp_opt: Any, indices: list[int]) -> float:
+    def _private_step(self, gsm: Any, dp_opt: Any, indices: list[int], step: int) -> float:
         """One logical DP step over physical chunks; an empty Poisson batch still takes a noise-only step."""
         import torch
 
@@ -687,7 +687,7 @@ class _Run:
         if not indices:
             for p in self._params():
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-            dp_opt.step()
+            self._dp_step(gsm, dp_opt, step)
             dp_opt.zero_grad(set_to_none=True)
             return total
         chunks = self._chunks(indices)
@@ -696,9 +696,22 @@ class _Run:
             losses.mean().backward()  # opacus "mean" reduction: per-sample grads rescaled by the chunk size
             total += float(losses.detach().sum())
             dp_opt.signal_skip_step(do_skip=k < len(chunks) - 1)
-            dp_opt.step()
+            self._dp_step(gsm, dp_opt, step)
             dp_opt.zero_grad(set_to_none=True)
         return total
+
+    def _dp_step(self, gsm: Any, dp_opt: Any, step: int) -> None:
+        """opacus' DPOptimizer.step, with the anchor's gradient added to the noised one before the update: it reads
+        no training data (text the merged model wrote, the current weights), so the step stays DP-SGD's."""
+        if not dp_opt.pre_step():
+            return  # a skipped (accumulating) chunk
+        if self.anchor:
+            gsm.disable_hooks()  # no per-example gradients: the anchor is not data
+            try:
+                self._anchor_backward(step)
+            finally:
+                gsm.enable_hooks()
+        dp_opt.original_optimizer.step()
 
 
 def save_adapter(model: Any, model_config: Any, config: TrainConfig, out_dir: Path) -> None:

@@ -17,7 +17,10 @@ import numpy as np
 from tests.daemon_harness import Daemon, node_env, spawn_daemon, stop_all, wait_ready
 
 # one torch thread per training job (4 daemons train at once on CI's 2 cores), short sequences
-TRAIN = ["--train-option", "max_length=32", "--train-option", "batch_size=2", "--train-option", "threads=1"]
+TRAIN = [
+    *("--train-option", "max_length=32", "--train-option", "batch_size=2", "--train-option", "threads=1"),
+    *("--train-option", "anchor_samples=8"),  # the personal adapters' anchor: 8 texts instead of 64
+]
 TOPICS = {
     "bees": ["hive", "queen", "honey", "comb", "pollen", "nectar", "swarm", "drone"],
     "sails": ["mast", "keel", "jib", "tack", "hull", "rudder", "anchor", "boom"],

@@ -20,8 +20,14 @@ from node.training.trainer import (
     DPConfig,
     TrainConfig,
     TrainResult,
+    anchor_kl,
+    batch_tensors,
     encode_example,
     evaluate_loss,
+    load_initial_adapter,
+    lora_config,
+    merged_base,
+    sample_anchor,
     split_examples,
     train_adapter,
 )
@@ -43,6 +49,17 @@ def beekeeping_texts(n: int, seed: int) -> list[str]:
         f"In {r.choice(SEASONS)}, {r.choice(KEEPERS)} opened hive {r.randint(1, 12)} and lifted the "
         f"{r.choice(PARTS)} carefully. The beekeeper counted {r.randint(2, 9)} frames of {r.choice(FINDINGS)} "
         "and smoked the bees gently before closing the hive."
+        for _ in range(n)
+    ]
+
+
+def weather_texts(n: int, seed: int) -> list[str]:
+    """Another domain: templated weather reports."""
+    r = random.Random(seed)
+    cities, skies = ["Porto", "Oslo", "Quito", "Perth", "Lagos"], ["clear", "overcast", "stormy", "hazy"]
+    return [
+        f"Forecast for {r.choice(cities)}: {r.choice(skies)} skies, {r.randint(-5, 35)} degrees, wind from the "
+        f"{r.choice(['north', 'south', 'east', 'west'])} at {r.randint(2, 40)} knots."
         for _ in range(n)
     ]
 
@@ -79,6 +96,28 @@ def reloaded_heldout_loss(base_folder: Path, out_dir: Path, examples: list[Examp
     model = PeftModel.from_pretrained(base, str(out_dir))
     _, held = split_examples(examples, config)
     return evaluate_loss(model, [encode_example(tok, e, config.max_length) for e in held], config, tok.eos_token_id)
+
+
+def kl_on_merged_text(base_folder: Path, config: TrainConfig, personal: Path) -> float:
+    """KL(merged || merged + personal) on 16 texts the merged model writes (seeded): how far the personal adapter
+    moves the model it is served with, away from its data."""
+    import torch
+    from peft import get_peft_model
+
+    from node.training.base_model import load_torch_base
+
+    assert config.merge_adapter is not None
+    base, tok = load_torch_base(base_folder)
+    model = get_peft_model(
+        merged_base(base, config, Path(config.merge_adapter)), lora_config(config.rank, config.alpha, config.targets)
+    )
+    load_initial_adapter(model, personal / "adapter_model.safetensors")
+    model.eval()
+    torch.manual_seed(99)
+    rows = sample_anchor(model, tok, 16, config.max_length)
+    ids, mask, _ = batch_tensors([(r, r) for r in rows], tok.eos_token_id)
+    with torch.no_grad():
+        return float(anchor_kl(model, ids, mask))
 
 
 def gguf_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -268,12 +307,20 @@ def test_chat_loss_is_on_assistant_tokens_and_tokens_match_serving(torch_base_fo
         ({"holdout_fraction": 0.0}, "holdout_fraction"),
         ({"threads": 0}, "threads"),
         ({"split_seed": -1}, "split_seed"),
+        ({"anchor_samples": -1}, "anchor_samples"),
+        ({"anchor_weight": 0.0}, "anchor_weight"),
     ],
 )
 def test_bad_train_config_names_the_field(kwargs: dict[str, Any], field: str) -> None:
     # Act / Assert
     with pytest.raises(ValueError, match=rf"^{field} must"):
         TrainConfig(**kwargs)
+
+
+def test_an_anchor_needs_an_adapter_merged_under() -> None:
+    # Act / Assert: the anchor is text the merged adapter writes
+    with pytest.raises(ValueError, match=r"^anchor_samples must come with merge_adapter"):
+        TrainConfig(anchor_samples=8)
 
 
 def test_bad_dp_config_names_the_field() -> None:
@@ -383,3 +430,52 @@ def test_training_can_start_from_a_given_adapter(torch_base_folder: Path, tmp_pa
     # Assert: the second run started exactly where the first ended (same held-out split, same weights)
     assert second.heldout_loss_before == pytest.approx(first.heldout_loss_after, rel=1e-5)
     assert "wrong shape" in str(misfit.value) and not (tmp_path / "bad").exists()
+
+
+@pytest.fixture(scope="module")
+def global_adapter(torch_base_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A federation's global adapter, of sorts: 6 steps on beekeeping logs."""
+    out = tmp_path_factory.mktemp("global")
+    examples = [Example(text=t) for t in beekeeping_texts(40, seed=2)]
+    train_adapter(torch_base_folder, examples, TrainConfig(steps=6, batch_size=4, max_length=48, seed=0), out)
+    return str(out / "adapter_model.safetensors")
+
+
+def test_an_anchored_personal_adapter_learns_its_data_and_leaves_the_global_model_s_own_text_alone(
+    torch_base_folder: Path, tmp_path: Path, global_adapter: str
+) -> None:
+    # Arrange: a personal adapter of another domain (weather reports), trained over the global one
+    examples = [Example(text=t) for t in weather_texts(60, seed=3)]
+    free = TrainConfig(steps=12, batch_size=4, max_length=48, seed=1, merge_adapter=global_adapter)
+    anchored = replace(free, anchor_samples=16, anchor_weight=4.0)
+    # Act
+    free_result = train_adapter(torch_base_folder, examples, free, tmp_path / "free")
+    anchored_result = train_adapter(torch_base_folder, examples, anchored, tmp_path / "anchored")
+    # Assert: both learn their data; the anchored one moves the served pair far less on text the global writes
+    kl_free = kl_on_merged_text(torch_base_folder, free, tmp_path / "free")
+    kl_anchored = kl_on_merged_text(torch_base_folder, anchored, tmp_path / "anchored")
+    assert anchored_result.heldout_loss_after < 0.8 * anchored_result.heldout_loss_before, anchored_result
+    assert free_result.heldout_loss_after < 0.8 * free_result.heldout_loss_before, free_result
+    assert kl_anchored < 0.5 * kl_free, (kl_anchored, kl_free)
+    assert anchored_result.anchor_kl is not None and free_result.anchor_kl is None
+
+
+def test_an_anchor_under_dp_sgd_changes_nothing_in_the_accounting(
+    torch_base_folder: Path, tmp_path: Path, global_adapter: str
+) -> None:
+    # Arrange: a personal adapter trained with DP-SGD at a federation's z and q, anchored
+    from crypto.dp import epsilon
+
+    examples = [Example(text=t) for t in weather_texts(60, seed=3)]
+    dp = DPConfig(noise_multiplier=0.6, sample_rate=0.15, delta=1e-5, max_grad_norm=1.0)
+    config = TrainConfig(
+        steps=12, batch_size=8, max_length=48, seed=1, dp=dp, merge_adapter=global_adapter, anchor_samples=16
+    )
+    # Act
+    result = train_adapter(torch_base_folder, examples, config, tmp_path / "anchored")
+    # Assert: the anchor reads no training data, so it takes no privacy: exactly the accounted z, q, steps and ε (an
+    # anchor batch seen by opacus' per-example hooks would also break its next step); and the adapter still learns
+    assert (result.noise_multiplier, result.sample_rate) == (0.6, 0.15)
+    assert result.epsilon == pytest.approx(epsilon([(0.6, 0.15, 12)], 1e-5))
+    assert result.anchor_kl is not None and result.anchor_kl > 0
+    assert result.heldout_loss_after < result.heldout_loss_before, result
