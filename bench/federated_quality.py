@@ -33,8 +33,9 @@ row); rows are named MODE:LORA[:EPSILON][:q8][:personal] (`--rows`):
   modes. Every row records the bytes of the updates it sent (float32 safetensors, q8 or CKKS).
 - :personal: after each round every node also trains a personal adapter over the new global (`under=`, the
   node's own data, the same steps; from its previous one, as the node does, or with --personal-fresh from its seeded
-  init every round); "+ personal" evaluates each node's global + personal pair (as one LoRA of twice
-  the rank, `concatenated`).
+  init every round), anchored as the node anchors it (--personal-anchor texts sampled from the global, KL weight
+  --personal-anchor-weight; 0 texts: no anchor); "+ personal" evaluates each node's global + personal pair (as one
+  LoRA of twice the rank, `concatenated`).
 
 Evaluation: the trainer's own held-out metric (`node.training.trainer.evaluate_loss`) on every domain's held-out
 split, with the torch twin of the embedded GGUF and the adapter loaded by `load_initial_adapter`. "own" is the mean
