@@ -40,8 +40,9 @@ DP_BATCH_SIZE = 64
 DP_LEARNING_RATE = 1e-2
 _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"  # private-use code points delimiting placeholders in a template
 # A personal adapter trained over a federation's global one is anchored to the global on text the global writes
-# (`anchor_kl`): on a 4-domain fortunes federation its pair with the global kept most of its gain at home while
-# moving the other domains' loss by +0.025 instead of +0.103 (docs/BENCHMARKS.md, "Personal + global").
+# (`anchor_kl`): in a 4-node fortunes federation the pair was at least as good as training alone at home and within
+# 0.05 of the global's loss elsewhere on 3 of 4 nodes, against 1 of 4 unanchored (docs/BENCHMARKS.md, "Personal +
+# global, anchored"). Texts are sampled up to what the steps use (`TrainConfig.anchor_batch` per step).
 PERSONAL_ANCHOR_SAMPLES = 64
 PERSONAL_ANCHOR_WEIGHT = 1.0
 ANCHOR_BATCH = 8  # anchor texts per step at most (plain steps of batch 4 take 4)
@@ -101,7 +102,7 @@ class TrainConfig:
     init_adapter: str | None = None  # peft adapter_model.safetensors to start from (a federation's global adapter)
     freeze_a: bool = False  # FFA-LoRA: lora_A keeps its initial values, only lora_B is trained
     merge_adapter: str | None = None  # a LoRA (same rank, alpha, targets) merged into the base first: served with it
-    anchor_samples: int = 0  # texts sampled from the merged model that the adapter must not change (see `anchor_kl`)
+    anchor_samples: int = 0  # texts (at most) sampled from the merged model the adapter must not change (`anchor_kl`)
     anchor_weight: float = 1.0  # weight of the anchor's KL term against the data's loss
 
     def __post_init__(self) -> None:
@@ -138,6 +139,11 @@ class TrainConfig:
             raise ValueError(f"anchor_weight must be a positive number, got {self.anchor_weight!r}")
         if self.anchor_samples and self.merge_adapter is None:
             raise ValueError("anchor_samples must come with merge_adapter: the anchor is text the merged LoRA writes")
+
+    @property
+    def anchor_batch(self) -> int:
+        """Anchor texts per step."""
+        return min(self.batch_size, ANCHOR_BATCH)
 
     @property
     def physical_batch(self) -> int:
@@ -432,7 +438,8 @@ def train_adapter(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     before = evaluate_loss(model, held_enc, config, pad_id)
     eval_before = evaluate_loss(model, eval_enc, config, pad_id) if eval_enc else None
-    anchor = sample_anchor(model, tokenizer, config.anchor_samples, config.max_length) if config.anchor_samples else []
+    anchor_texts = min(config.anchor_samples, config.steps * config.anchor_batch)  # no more than the steps use
+    anchor = sample_anchor(model, tokenizer, anchor_texts, config.max_length) if anchor_texts else []
     run = _Run(model, train_enc, config, pad_id, on_progress, anchor)
     privacy = run.train_private() if config.dp is not None else run.train_plain()
     after = evaluate_loss(model, held_enc, config, pad_id)
@@ -597,7 +604,7 @@ class _Run:
 
     def _anchor_backward(self, step: int) -> None:
         """Add the gradient of anchor_weight × the KL on the step's anchor texts (taken in turn) to every grad."""
-        size = min(self.config.batch_size, ANCHOR_BATCH)
+        size = self.config.anchor_batch
         at = (step - 1) * size
         rows = [self.anchor[(at + i) % len(self.anchor)] for i in range(size)]
         kl = 0.0
