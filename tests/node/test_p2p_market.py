@@ -186,9 +186,9 @@ def test_provider_killed_mid_transfer_of_a_50mb_model_the_pull_resumes_from_anot
 
 
 def test_a_puller_killed_mid_pull_leaves_nothing_installed_and_its_next_pull_resumes(tmp_path: Path) -> None:
-    # Arrange: A publishes a 50 MB model (200 blocks of 256 KiB); B starts pulling it, over the libp2p block protocol
-    # (over the bulk channel the pull ends within one progress interval; test_bulk_channel interrupts a bulk fetch)
-    a, b = nodes = chain_of_daemons(tmp_path, 2, "k", {1: {"MIRADOR_P2P_BULK": "false"}})
+    # Arrange: A publishes a 50 MB model (200 blocks of 256 KiB) and serves at most 20 MB/s (a home uplink; uncapped,
+    # the bulk channel moves 50 MB within one progress interval); B starts pulling it over the bulk channel
+    a, b = nodes = chain_of_daemons(tmp_path, 2, "k", {0: {"MIRADOR_P2P_UPLOAD_LIMIT_MBS": "20"}})
     try:
         wait_until_all_known(nodes)
         want = publish_big(a, tmp_path, seed=11)
@@ -205,9 +205,7 @@ def test_a_puller_killed_mid_pull_leaves_nothing_installed_and_its_next_pull_res
                     break
         assert killed_at > 0, "the pull ended before B could be killed"
         # Assert: nothing of the artifact is installed; a restarted B pulls again and fetches only what it lacked
-        nodes[1] = b = start_daemon(
-            b.home, {"MIRADOR_P2P_BOOTSTRAP": peers(a)["listen_addrs"][0], "MIRADOR_P2P_BULK": "false"}
-        )
+        nodes[1] = b = start_daemon(b.home, {"MIRADOR_P2P_BOOTSTRAP": peers(a)["listen_addrs"][0]})
         listed = cli(b, "model", "list", "--json")
         assert listed.returncode == 0 and "big" not in listed.stdout, listed.stdout
         events = []
@@ -219,6 +217,8 @@ def test_a_puller_killed_mid_pull_leaves_nothing_installed_and_its_next_pull_res
         fetched = sum(done["providers"].values())
         assert 0 < fetched < 200, done["providers"]  # the blocks B had verified before it died were kept
         assert cli(b, "model", "verify", "big", "--trust-publisher").returncode == 0
+        served = httpx.get(f"{a.url}/v1/node/status", headers=a.auth, timeout=10).json()["p2p"]["market"]
+        assert served["bulk_blocks_served"] >= 200, served  # both pulls went over the bulk channel
     finally:
         stop_all(nodes)
 
