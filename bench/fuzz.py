@@ -9,7 +9,7 @@ process sends, per protocol, valid messages mutated by a seeded RNG:
                lengths up to 2^64 - 1, another message type)
 - fed.update   /mirador/fed/update/1.0.0: signed update headers mutated the same way, then a payload
 - blocks       /mirador/blocks/1.0.0: wants (mutated JSON, 0 or 65 CIDs, CIDs that do not parse) and raw frames
-- bulk         the bulk channel: mutated `bulk.open` frames on /mirador/blocks-bulk/1.0.0; raw bytes on its TCP
+- bulk         the bulk channel: mutated `bulk.open` frames on /mirador/blocks-bulk/2.0.0; raw bytes on its TCP
                port (guessed session ids, garbage, huge lengths); and, behind a genuine ticket and hello, sealed
                records holding mutated wants, records that do not open, and lengths up to 2^32 - 1
 - dht          /ipfs/kad/1.0.0: PUT_VALUE of mutated signed registry records under mutated keys, GET_VALUE of
@@ -64,7 +64,9 @@ from node.market.bulk import (
     CONTROL_PROTOCOL,
     HELLO,
     OPEN,
+    READY,
     TICKET,
+    BulkError,
     SealedSocket,
     TicketDoc,
     channel_keys,
@@ -307,6 +309,10 @@ def tcp_exchange(
                 send_key, recv_key = channel_keys(key, session)
                 channel = SealedSocket(sock, send_key, recv_key)
                 sock.sendall(session + channel.seal(HELLO) + (channel.seal(record or b"") if sealed else record or b""))
+                try:
+                    channel.recv(len(READY))  # the channel opened; what follows answers `record`
+                except BulkError:
+                    return "closed"
             else:
                 sock.sendall(session)
             try:

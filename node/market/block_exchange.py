@@ -48,6 +48,9 @@ WANT_LIMITS = {WANT: MAX_WANT_FRAME}
 ANSWER_LIMITS = {BLOCK: MAX_BLOCK_FRAME, BLOCK_NONE: 0}
 _CLOSE_TIMEOUT = 1.0
 PIPELINE = 2  # wants in flight on a bulk channel: the next is asked for while the last one's blocks arrive
+# A block's bytes once they begin (after the wait for its first byte, `read_timeout`): 256 KiB in 30 s is ~9 KB/s,
+# slower than any uplink worth fetching from; a provider that trickles is dropped instead of holding its batch.
+BLOCK_TIMEOUT_S = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -421,7 +424,12 @@ class _Fetch:
         while pending:
             cid = pending[0]
             try:
-                frame = await receive_frame(stream, ANSWER_LIMITS, read_timeout=self.read_timeout)
+                frame = await receive_frame(
+                    stream,
+                    ANSWER_LIMITS,
+                    read_timeout=self.read_timeout,
+                    frame_timeout=self.read_timeout + BLOCK_TIMEOUT_S,
+                )
             except Exception as exc:
                 raise _ProviderFailed(f"no answer for {cid}: {_describe(exc)}") from None
             if frame.msg_type == BLOCK_NONE:
@@ -444,7 +452,7 @@ class _Fetch:
                 if batch:
                     outstanding.append(deque(batch))
                     try:
-                        await trio.to_thread.run_sync(channel.want, batch)
+                        await trio.to_thread.run_sync(channel.want, batch, abandon_on_cancel=True)  # type: ignore[call-arg]  # mypy misreads trio 0.35 stubs
                     except Exception as exc:
                         raise _ProviderFailed(f"want not sent: {_describe(exc)}") from None
                 if not outstanding:
@@ -482,7 +490,8 @@ class _Fetch:
                 got.append((len(data), scan))
             return got, ""
 
-        got, failure = await trio.to_thread.run_sync(receive)
+        # A cancelled fetch does not wait for the thread: the worker's `finally` closes the channel, which ends it
+        got, failure = await trio.to_thread.run_sync(receive, abandon_on_cancel=True)  # type: ignore[call-arg]  # mypy misreads trio 0.35 stubs
         for size, scan in got:
             pending.popleft()
             self.report.blocks_fetched += 1

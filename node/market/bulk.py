@@ -9,15 +9,20 @@ How a channel opens:
 1. The fetcher opens `CONTROL_PROTOCOL` on its libp2p connection to the provider (Noise-authenticated: the provider
    knows who asks and the fetcher knows who answers) and sends `bulk.open`.
 2. The provider answers `bulk.ticket`: its bulk TCP port, a random 16-byte session id and a random 32-byte key,
-   valid for one connection within `TICKET_TTL_S` (at most `MAX_TICKETS_PER_PEER` outstanding per peer). The key
-   crossed the Noise channel only, so whoever holds it is the peer that asked.
+   good for one channel within `TICKET_TTL_S`. A peer holds at most `MAX_PER_PEER` tickets and open channels
+   together; when it (or everyone) holds too many, the stream is closed without a ticket and without blame (the
+   fetcher falls back to the libp2p protocol). The key crossed the Noise channel only, so whoever holds it is the
+   peer that asked.
 3. The fetcher connects to that port at the IP address of the same libp2p connection (never to an address the
    provider names: a hostile provider cannot point it elsewhere) and sends the session id and a sealed hello. The
-   provider takes the ticket only when the hello opens under its key (`MAX_HELLO_FAILURES` wrong tries end it).
+   provider takes the ticket only when the hello opens under its key (`MAX_HELLO_FAILURES` wrong tries end it) and
+   answers with a sealed `READY`; until READY arrives the channel is not open (a provider whose channels are all
+   taken closes the connection at once, and the fetcher falls back instead of losing the provider).
 4. Both derive one key per direction (HKDF-SHA256 over the ticket's key, salted with the session id). A record is a
    4-byte big-endian length (the ciphertext's, checked against the limit before anything is read), then the
    ciphertext; the length is the AEAD's associated data and the nonce counts records, so a record dropped,
-   reordered, replayed, cut or altered fails to open and ends the channel.
+   reordered, replayed, cut or altered fails to open and ends the channel. Both ends bound the wait for a record's
+   length (the socket's timeout) and for its body once the length came (`record_timeout`, `BLOCK_TIMEOUT_S`).
 
 Over it the exchange is the block protocol's without acknowledgements: the fetcher sends `blocks.want` payloads
 (the same strict JSON, 1-64 CIDs) and may send the next before the answers to the last have arrived; the provider
@@ -25,8 +30,9 @@ answers each CID in order with one record, `\\x01` + the block (read verified fr
 TCP's flow control is the window. The fetcher verifies every block against its CID as before, so the channel adds
 confidentiality and cheap framing, never trust.
 
-A provider that does not speak CONTROL_PROTOCOL (an older node), or whose port cannot be reached (a firewall that
-lets only the libp2p port in), is fetched from over the libp2p block protocol as before.
+A provider that does not speak CONTROL_PROTOCOL (an older node), whose port cannot be reached (a firewall that
+lets only the libp2p port in) or that is busy, is fetched from over the libp2p block protocol as before. Version 2
+added READY (a version-1 fetcher would read it as an answer): the two versions do not meet, each falls back.
 """
 
 from __future__ import annotations
@@ -55,29 +61,31 @@ from libp2p.peer.id import ID
 from crypto.refusal import Refused, SingleReason
 from marketplace.blockstore import BlockStore
 from marketplace.cid import Cid
-from node.market.block_exchange import decode_want, encode_want, read_block
+from node.market.block_exchange import BLOCK_TIMEOUT_S, decode_want, encode_want, read_block
 from node.market.rate_limit import UploadLimit
 from node.p2p.framing import receive_frame, send_frame
 from node.p2p.host import Libp2pStream, P2PNode
 
-CONTROL_PROTOCOL = "/mirador/blocks-bulk/1.0.0"
+CONTROL_PROTOCOL = "/mirador/blocks-bulk/2.0.0"
 OPEN = "bulk.open"
 TICKET = "bulk.ticket"
 MAX_CONTROL_FRAME = 512
 SESSION_BYTES = 16
 KEY_BYTES = 32
 TAG_BYTES = 16
-TICKET_TTL_S = 30.0
-MAX_TICKETS_PER_PEER = 4
+TICKET_TTL_S = 10.0  # an honest fetcher connects within CONNECT_TIMEOUT_S of getting one
+MAX_PER_PEER = 4  # unused tickets and open channels of one peer, together
 MAX_TICKETS = 256
 MAX_HELLO_FAILURES = 3
 CONNECT_TIMEOUT_S = 3.0  # a port that drops the SYN (a firewall) costs this much before the libp2p fallback
-HELLO = b"mirador-bulk/1 hello"
+HELLO = b"mirador-bulk/2 hello"
+READY = b"mirador-bulk/2 ready"
 MAX_WANT_RECORD = 16 * 1024  # a want names at most 64 CIDs of at most 128 characters
 MAX_BLOCK_RECORD = 1 + 2 * 1024 * 1024  # a tag byte and a block (UnixFS blocks are at most 256 KiB + an envelope)
 HAS, HAS_NOT = b"\x01", b"\x00"
 _LENGTH = struct.Struct(">I")
 _RECV_CHUNK = 1 << 20
+ACCEPT_RETRY_S = 0.1  # after a failed accept (out of file descriptors, say) the loop waits this long and goes on
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +95,13 @@ class BulkError(SingleReason):
     went away or stayed silent; the channel is closed."""
 
     REASON = "bulk_channel"
+
+
+class BulkBusy(BulkError):
+    """The provider holds as many tickets and channels as it gives (this peer's share, or all): no fault of the
+    peer that asked, which fetches over the libp2p protocol instead."""
+
+    REASON = "bulk_busy"
 
 
 class OpenRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -106,7 +121,7 @@ class TicketDoc(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 def channel_keys(key: bytes, session: bytes) -> tuple[bytes, bytes]:
     """(fetcher → provider, provider → fetcher) keys of one channel."""
-    okm = HKDF(hashes.SHA256(), 2 * KEY_BYTES, salt=session, info=b"mirador bulk channel v1").derive(key)
+    okm = HKDF(hashes.SHA256(), 2 * KEY_BYTES, salt=session, info=b"mirador bulk channel v2").derive(key)
     return okm[:KEY_BYTES], okm[KEY_BYTES:]
 
 
@@ -224,14 +239,18 @@ class BulkServer:
         self.clock = clock
         self._slots = threading.BoundedSemaphore(max_channels)
         self._tickets: dict[bytes, _Ticket] = {}
+        self._channels: dict[str, int] = {}  # open channels per peer
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self._stopped = threading.Event()
         self._node: P2PNode | None = None
-        self.channels_served = 0
-        self.blocks_served = 0
-        self.channels_refused = 0
+        # counters for status, written by several threads (under the lock)
+        self.channels_served = self.blocks_served = self.channels_refused = self.busy = 0
+
+    def _count(self, counter: str) -> None:
+        with self._lock:
+            setattr(self, counter, getattr(self, counter) + 1)
 
     @property
     def port(self) -> int:
@@ -264,15 +283,17 @@ class BulkServer:
                     sock.shutdown(socket.SHUT_RDWR)
 
     def issue(self, peer: str) -> tuple[bytes, bytes]:
-        """A new (session id, key) for `peer`; BulkError if it (or everyone) holds too many unused tickets."""
+        """A new (session id, key) for `peer`; BulkBusy if it holds MAX_PER_PEER tickets and channels, or everyone
+        MAX_TICKETS tickets."""
         now = self.clock()
         with self._lock:
             for session in [s for s, t in self._tickets.items() if t.expires <= now]:
                 del self._tickets[session]
-            if sum(t.peer == peer for t in self._tickets.values()) >= MAX_TICKETS_PER_PEER:
-                raise BulkError(f"{MAX_TICKETS_PER_PEER} unused tickets outstanding for this peer")
+            held = sum(t.peer == peer for t in self._tickets.values()) + self._channels.get(peer, 0)
+            if held >= MAX_PER_PEER:
+                raise BulkBusy(f"this peer holds {held} unused tickets and open channels (at most {MAX_PER_PEER})")
             if len(self._tickets) >= MAX_TICKETS:
-                raise BulkError(f"{MAX_TICKETS} unused tickets outstanding")
+                raise BulkBusy(f"{MAX_TICKETS} unused tickets outstanding")
             session, key = secrets.token_bytes(SESSION_BYTES), secrets.token_bytes(KEY_BYTES)
             self._tickets[session] = _Ticket(peer, key, now + TICKET_TTL_S)
         return session, key
@@ -285,8 +306,11 @@ class BulkServer:
             session, key = self.issue(str(stream.remote_peer))
             doc = TicketDoc(1, self.port, _b64(session), _b64(key))
             await send_frame(stream, TICKET, msgspec.json.encode(doc), write_timeout=5.0, ack_timeout=5.0)
+        except BulkBusy as exc:  # capacity, not misbehaviour: closed without a ticket and without blame
+            self._count("busy")
+            log.debug("bulk control stream: %s", exc)
         except Exception as exc:  # any peer may send anything: a refusal for this stream alone
-            self.channels_refused += 1
+            self._count("channels_refused")
             log.debug("bulk control stream refused: %s: %s", type(exc).__name__, exc)
             if self._node is not None:  # it costs the peer score, as on every other protocol
                 reason = str(exc.reason) if isinstance(exc, Refused) else "malformed"
@@ -303,23 +327,35 @@ class BulkServer:
                 sock, _ = listener.accept()
             except TimeoutError:
                 continue
-            except OSError:
-                return  # closed by stop()
+            except OSError as exc:
+                if self._stopped.is_set():
+                    return  # closed by stop()
+                log.warning("bulk channel: accept failed (%s); retrying", exc)  # EMFILE and the like pass
+                time.sleep(ACCEPT_RETRY_S)
+                continue
             if not self._slots.acquire(blocking=False):
-                self.channels_refused += 1
+                self._count("channels_refused")
                 sock.close()
                 continue
-            threading.Thread(target=self._serve, args=(sock,), name="bulk-serve", daemon=True).start()
+            try:
+                threading.Thread(target=self._serve, args=(sock,), name="bulk-serve", daemon=True).start()
+            except RuntimeError as exc:  # no thread to be had: this connection alone is refused
+                log.warning("bulk channel: no thread to serve a connection (%s)", exc)
+                self._count("channels_refused")
+                sock.close()
+                self._slots.release()
 
     def _serve(self, sock: socket.socket) -> None:
         """One channel: the hello, then wants answered until the fetcher closes, goes idle or misbehaves."""
         with self._lock:
             self._open.add(sock)
+        peer = None
         try:
             sock.settimeout(self.hello_timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            channel = self._hello(sock)
-            self.channels_served += 1
+            channel, peer = self._hello(sock)
+            channel.send(READY)
+            self._count("channels_served")
             sock.settimeout(self.idle_timeout)
             while True:
                 try:
@@ -334,18 +370,23 @@ class BulkServer:
                     if self.upload is not None:
                         time.sleep(self.upload.reserve(len(data)))
                     channel.send(HAS + data)
-                    self.blocks_served += 1
+                    self._count("blocks_served")
         except Exception as exc:  # hostile bytes or a vanished fetcher: this channel alone ends
-            self.channels_refused += 1
+            self._count("channels_refused")
             log.debug("bulk channel ended: %s: %s", type(exc).__name__, exc)
         finally:
             with self._lock:
                 self._open.discard(sock)
+                if peer is not None:
+                    self._channels[peer] -= 1
+                    if not self._channels[peer]:
+                        del self._channels[peer]
             sock.close()
             self._slots.release()
 
-    def _hello(self, sock: socket.socket) -> SealedSocket:
-        """Read the session id and the sealed hello; the ticket is used up only when the hello opens."""
+    def _hello(self, sock: socket.socket) -> tuple[SealedSocket, str]:
+        """Read the session id and the sealed hello; the ticket is used up (and its peer holds a channel) only when
+        the hello opens. The channel and the peer it was issued to."""
         deadline = time.monotonic() + self.hello_timeout  # the whole hello, however it trickles
         session = recv_exactly(sock, SESSION_BYTES, deadline)
         with self._lock:
@@ -366,7 +407,10 @@ class BulkServer:
         with self._lock:
             if self._tickets.pop(session, None) is None:
                 raise BulkError("the ticket was used by another connection")
-        return channel
+            if ticket.expires <= self.clock():
+                raise BulkError("the ticket expired during the hello")
+            self._channels[ticket.peer] = self._channels.get(ticket.peer, 0) + 1
+        return channel, ticket.peer
 
     def _read(self, cid: Cid) -> bytes | None:
         """The verified block, or None if it is not here."""
@@ -379,8 +423,10 @@ class BulkServer:
 class BulkChannel:
     """The fetcher's end: send wants, read answers (blocking: run it in a worker thread)."""
 
-    def __init__(self, sealed: SealedSocket, peer: str) -> None:
-        self.sealed, self.peer = sealed, peer
+    def __init__(self, sealed: SealedSocket, peer: str, record_s: float = BLOCK_TIMEOUT_S) -> None:
+        """`record_s`: the longest wait for an answer's body once its length came (the wait for the length is the
+        socket's timeout): a provider that trickles is cut off, not waited for."""
+        self.sealed, self.peer, self.record_s = sealed, peer, record_s
 
     def want(self, cids: Collection[Cid]) -> None:
         """Ask for `cids` (1 to 64); the answers come in order."""
@@ -388,7 +434,7 @@ class BulkChannel:
 
     def answer(self) -> bytes | None:
         """The next answer: a block's bytes (unverified), or None if the provider does not have it."""
-        payload = self.sealed.recv(MAX_BLOCK_RECORD)
+        payload = self.sealed.recv(MAX_BLOCK_RECORD, body_s=self.record_s)
         if payload[:1] == HAS:
             return payload[1:]
         if payload == HAS_NOT:
@@ -401,8 +447,8 @@ class BulkChannel:
 
 
 async def open_channel(node: P2PNode, peer: ID, *, timeout: float = 10.0) -> BulkChannel:
-    """A bulk channel to `peer` (connected over libp2p); BulkError if it does not speak CONTROL_PROTOCOL or its
-    port cannot be reached within `timeout`."""
+    """A bulk channel to `peer` (connected over libp2p); BulkError if it does not speak CONTROL_PROTOCOL, gives no
+    ticket, or its port does not answer the hello with READY within `timeout`."""
     try:
         with trio.fail_after(timeout):
             stream = await node.open_stream(peer, CONTROL_PROTOCOL)
@@ -418,7 +464,7 @@ async def open_channel(node: P2PNode, peer: ID, *, timeout: float = 10.0) -> Bul
             if address is None or len(session) != SESSION_BYTES or len(key) != KEY_BYTES:
                 raise BulkError("no address for the connection, or a malformed ticket")
             connect_s = min(timeout, CONNECT_TIMEOUT_S)
-            return await trio.to_thread.run_sync(
+            return await trio.to_thread.run_sync(  # bounded by connect_s + timeout; not abandoned: it owns a socket
                 _connect, address[0], ticket.port, session, key, connect_s, timeout, str(peer)
             )
     except BulkError:
@@ -430,7 +476,9 @@ async def open_channel(node: P2PNode, peer: ID, *, timeout: float = 10.0) -> Bul
 def _connect(
     host: str, port: int, session: bytes, key: bytes, connect_s: float, timeout: float, peer: str
 ) -> BulkChannel:
-    """Connect (within `connect_s`), send the session id and the sealed hello; reads then wait `timeout`."""
+    """Connect (within `connect_s`), send the session id and the sealed hello, and wait for READY (within
+    `timeout`, as every later read)."""
+    deadline = time.monotonic() + timeout
     sock = socket.create_connection((host, port), timeout=connect_s)
     sock.settimeout(timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -438,9 +486,14 @@ def _connect(
     sealed = SealedSocket(sock, send_key, recv_key)
     try:
         sock.sendall(session + sealed.seal(HELLO))
+        if sealed.recv(len(READY), deadline) != READY:
+            raise BulkError("the provider's first record is not READY")
     except OSError as exc:
         sealed.close()
         raise BulkError(f"hello not sent: {exc}") from None
+    except BulkError:
+        sealed.close()
+        raise
     return BulkChannel(sealed, peer)
 
 

@@ -19,7 +19,7 @@ from marketplace.content_store import AddResult, ContentStoreError, EmbeddedStor
 from marketplace.semver import SemVer
 from marketplace.unixfs import Profile
 from node.market.block_exchange import PROTOCOL, FetchError, fetch_dag
-from node.market.bulk import BulkChannel, open_channel
+from node.market.bulk import BulkChannel, BulkError, open_channel
 from node.market.registry_dht import DhtRegistry
 from node.p2p.framing import ByteStream
 from node.p2p.host import P2PError, P2PNode
@@ -43,6 +43,7 @@ class NetworkStore:
         self._asked: list[Cid] = []  # every root asked of this store, in order (an artifact's envelope comes first)
         self.fetched_from: dict[str, int] = {}  # peer id -> blocks, over this store's life
         self.failures: dict[str, str] = {}  # peer id -> why it stopped serving
+        self._no_bulk: set[ID] = set()  # providers that gave no bulk channel: the libp2p protocol for the rest
 
     def add(self, path: Path, profile: Profile = "v1-raw", progress: Progress | None = None) -> AddResult:
         """Add a local file to the embedded store."""
@@ -132,7 +133,13 @@ class NetworkStore:
             return await self.node.open_stream(peer, PROTOCOL)
 
         async def open_bulk(peer: ID) -> BulkChannel:
-            return await open_channel(self.node, peer)
+            if peer in self._no_bulk:  # asked already in this pull: each file would ask (and wait) again
+                raise BulkError("no bulk channel earlier in this pull")
+            try:
+                return await open_channel(self.node, peer)
+            except BulkError:
+                self._no_bulk.add(peer)
+                raise
 
         try:
             with trio.fail_after(FETCH_TIMEOUT_S):

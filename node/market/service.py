@@ -104,6 +104,7 @@ class MarketService:
             "bulk_channels_served": self.bulk.channels_served if self.bulk else None,
             "bulk_blocks_served": self.bulk.blocks_served if self.bulk else None,
             "bulk_channels_refused": self.bulk.channels_refused if self.bulk else None,
+            "bulk_busy": self.bulk.busy if self.bulk else None,
         }
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -2,8 +2,11 @@
 a mixed network with providers that only speak the libp2p block protocol, and attacks on the channel itself
 (unknown or guessed tickets, wrong keys, altered, replayed and oversized records, ticket floods)."""
 
+import os
+import resource
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -17,11 +20,15 @@ from node.market.bulk import (
     CONTROL_PROTOCOL,
     HELLO,
     MAX_HELLO_FAILURES,
-    MAX_TICKETS_PER_PEER,
+    MAX_PER_PEER,
+    MAX_WANT_RECORD,
+    READY,
+    BulkBusy,
     BulkChannel,
     BulkError,
     BulkServer,
     SealedSocket,
+    _connect,
     channel_keys,
     open_channel,
 )
@@ -208,11 +215,14 @@ def closed_by_server(sock: socket.socket) -> bool:
         return False
 
 
-def channel(server: BulkServer, session: bytes, key: bytes) -> BulkChannel:
+def channel(server: BulkServer, session: bytes, key: bytes, ready: bool = False) -> BulkChannel:
+    """A connection that sent `session` and a hello sealed under `key` (`ready`: and read the provider's READY)."""
     sock = connect(server)
     send_key, recv_key = channel_keys(key, session)
     sealed = SealedSocket(sock, send_key, recv_key)
     sock.sendall(session + sealed.seal(HELLO))
+    if ready:
+        assert sealed.recv(len(READY)) == READY
     return BulkChannel(sealed, "test")
 
 
@@ -220,7 +230,7 @@ def test_a_genuine_ticket_opens_a_channel_that_serves_blocks(server: BulkServer)
     # Arrange
     session, key = server.issue("peer-a")
     # Act
-    ch = channel(server, session, key)
+    ch = channel(server, session, key, ready=True)
     ch.want([server.test_root])  # type: ignore[attr-defined]
     block = ch.answer()
     ch.close()
@@ -254,7 +264,7 @@ def test_a_stolen_session_id_without_the_key_is_refused_and_three_tries_end_the_
 def test_a_ticket_opens_one_channel_only(server: BulkServer) -> None:
     # Arrange
     session, key = server.issue("peer-a")
-    first = channel(server, session, key)
+    first = channel(server, session, key, ready=True)
     first.want([server.test_root])  # type: ignore[attr-defined]
     assert first.answer() is not None
     # Act: the same ticket replayed on a second connection
@@ -282,12 +292,32 @@ def test_an_expired_ticket_is_refused(tmp_path: Path) -> None:
 
 def test_a_peer_cannot_hoard_tickets(server: BulkServer) -> None:
     # Arrange
-    for _ in range(MAX_TICKETS_PER_PEER):
+    for _ in range(MAX_PER_PEER):
         server.issue("greedy")
     # Act / Assert: the next is refused for that peer only
-    with pytest.raises(BulkError, match="unused tickets"):
+    with pytest.raises(BulkBusy, match="unused tickets"):
         server.issue("greedy")
     assert server.issue("someone-else")
+
+
+def test_a_peer_cannot_hold_more_than_its_share_of_channels(server: BulkServer) -> None:
+    # Arrange: one peer opens MAX_PER_PEER channels, each with its own ticket (a used ticket no longer counts as one)
+    held = [channel(server, *server.issue("greedy"), ready=True) for _ in range(MAX_PER_PEER)]
+    # Act / Assert: no more tickets for it while they are open; others still get theirs; one closed frees a place
+    with pytest.raises(BulkBusy, match="open channels"):
+        server.issue("greedy")
+    assert server.issue("someone-else")
+    held.pop().close()
+    deadline = time.monotonic() + 3
+    while True:
+        try:
+            server.issue("greedy")
+            break
+        except BulkBusy:
+            assert time.monotonic() < deadline, "a closed channel never gave its place back"
+            time.sleep(0.05)
+    for ch in held:
+        ch.close()
 
 
 def test_an_oversized_record_ends_the_channel_before_anything_is_read(server: BulkServer) -> None:
@@ -476,3 +506,168 @@ def test_a_provider_whose_bulk_port_cannot_be_reached_is_fetched_from_over_libp2
     # Assert: served over the libp2p block protocol instead, whole and verified
     assert list(report.channels.values()) == ["libp2p"] and not report.failures  # type: ignore[attr-defined]
     assert exported(local, root, tmp_path / "out.bin") == original
+
+
+# --- a hostile or busy provider, seen from the fetcher ------------------------------------------------------------
+
+
+class TricklingProvider:
+    """A hostile provider on a real socket: it holds a genuine ticket, opens the channel properly (READY), reads the
+    first want, then announces a large answer and sends its bytes one every 0.2 s (for `for_s` at most)."""
+
+    def __init__(self, for_s: float = 10.0) -> None:
+        self.session, self.key = b"\x05" * 16, b"\x06" * 32
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.for_s = for_s
+        self.trickled = 0
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        sock, _ = self.listener.accept()
+        sock.settimeout(5)
+        fetcher_to_us, us_to_fetcher = channel_keys(self.key, self.session)
+        sealed = SealedSocket(sock, us_to_fetcher, fetcher_to_us)
+        try:
+            assert sock.recv(16, socket.MSG_WAITALL) == self.session
+            assert sealed.recv(len(HELLO)) == HELLO
+            sealed.send(READY)
+            sealed.recv(MAX_WANT_RECORD)
+            sock.sendall(struct.pack(">I", 200_000))  # a block's worth, never completed in time
+            ends = time.monotonic() + self.for_s
+            while time.monotonic() < ends:
+                sock.sendall(b"\x00")
+                self.trickled += 1
+                time.sleep(0.2)
+        except (OSError, BulkError):
+            pass  # the fetcher hung up: what we wanted to see
+        finally:
+            sock.close()
+            self.listener.close()
+
+    def channel(self, record_s: float) -> BulkChannel:
+        """The fetcher's channel to it (each read waits 3 s at most: a trickle never trips that)."""
+        opened = _connect("127.0.0.1", self.port, self.session, self.key, 3.0, 3.0, "trickler")
+        opened.record_s = record_s
+        return opened
+
+
+def test_an_answer_trickled_by_a_provider_is_cut_off_at_its_deadline() -> None:
+    # Arrange: a channel to a provider that trickles; 1 s for an answer's body
+    provider = TricklingProvider()
+    ch = provider.channel(record_s=1.0)
+    ch.want([Cid.parse("bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy")])
+    # Act
+    started = time.monotonic()
+    with pytest.raises(BulkError, match="by the deadline"):
+        ch.answer()
+    # Assert: cut at its deadline, although a byte came every 0.2 s (each read's own timeout is 3 s)
+    assert time.monotonic() - started < 2.5
+    ch.close()
+
+
+def test_a_cancelled_fetch_does_not_wait_for_a_provider_that_trickles(tmp_path: Path) -> None:
+    # Arrange: the only provider trickles its first answer for 10 s; the fetch is cancelled after 1 s
+    random_file(tmp_path / "f.bin", 10**6, seed=18)
+    root = add_file(tmp_path / "p", tmp_path / "f.bin")
+    provider = TricklingProvider(for_s=10.0)
+
+    async def main() -> tuple[float, bool]:
+        async with running_nodes(2) as (other, client):
+            peers = await connect_all(client, [other])
+
+            async def open_bulk(peer):  # type: ignore[no-untyped-def]
+                return provider.channel(record_s=60.0)  # only the cancellation can end this fetch
+
+            started = trio.current_time()
+            with trio.move_on_after(1.0) as scope:
+                await fetch_dag(root, peers, opener(client), BlockStore(tmp_path / "local"), open_bulk=open_bulk)
+            return trio.current_time() - started, scope.cancelled_caught
+
+    # Act
+    elapsed, cancelled = trio.run(main)
+    # Assert: the fetch ended with its cancel scope, not when the provider stopped trickling; the channel was closed
+    assert cancelled and elapsed < 3.0
+    time.sleep(0.5)
+    assert provider.trickled < 15  # the trickler saw the fetcher hang up, long before its 10 s (50 bytes)
+
+
+def test_a_provider_whose_channels_are_all_taken_is_fetched_from_over_libp2p(tmp_path: Path) -> None:
+    # Arrange: a provider with one channel slot, held by a connection that never says hello (anyone can reach the
+    # port); its tickets still come over libp2p
+    original = random_file(tmp_path / "f.bin", 10**6, seed=19)
+    root = add_file(tmp_path / "p", tmp_path / "f.bin")
+    local = BlockStore(tmp_path / "local")
+
+    async def main() -> tuple[object, int]:
+        with trio.fail_after(DEADLINE):
+            async with running_nodes(2) as (provider, client):
+                BlockServer(BlockStore(tmp_path / "p")).attach(provider)
+                server = BulkServer(BlockStore(tmp_path / "p"), max_channels=1, hello_timeout=20)
+                server.attach(provider)
+                squatter = socket.create_connection(("127.0.0.1", server.port), timeout=3)
+                peers = await connect_all(client, [provider])
+                try:
+                    await trio.sleep(0.2)  # the squatter holds the slot
+                    report = await fetch_dag(root, peers, opener(client), local, open_bulk=bulk_opener(client))
+                finally:
+                    squatter.close()
+                    server.stop()
+                return report, server.channels_served
+
+    # Act
+    report, served = trio.run(main)
+    # Assert: the provider was not lost: served over the libp2p protocol, whole and verified
+    assert list(report.channels.values()) == ["libp2p"] and not report.failures, report  # type: ignore[attr-defined]
+    assert served == 0
+    assert exported(local, root, tmp_path / "out.bin") == original
+
+
+def test_a_busy_provider_gives_no_ticket_and_no_blame(tmp_path: Path) -> None:
+    # Arrange: a fetcher that already holds MAX_PER_PEER unused tickets (a firewalled port leaves them unused)
+    async def main() -> tuple[str, dict[str, int], int]:
+        with trio.fail_after(DEADLINE):
+            async with running_nodes(2) as (provider, client):
+                server = BulkServer(BlockStore(tmp_path / "s"))
+                server.attach(provider)
+                [peer] = await connect_all(client, [provider])
+                try:
+                    for _ in range(MAX_PER_PEER):
+                        server.issue(str(client.peer_id))
+                    # Act
+                    with pytest.raises(BulkError) as refused:
+                        await open_channel(client, peer, timeout=5)
+                finally:
+                    server.stop()
+                return str(refused.value), dict(provider.stream_refusals), server.busy
+
+    message, refusals, busy = trio.run(main)
+    # Assert: no ticket, counted as busy, and nothing scored against the fetcher (it falls back to libp2p)
+    assert busy == 1, message
+    assert not [k for k in refusals if k.startswith(CONTROL_PROTOCOL)], refusals
+
+
+def test_the_accept_loop_outlives_running_out_of_file_descriptors(server: BulkServer) -> None:
+    # Arrange: a fetcher connects (the kernel completes it in the backlog), then the process runs out of file
+    # descriptors while the server accepts (EMFILE)
+    session, key = server.issue("peer-a")
+    sock = connect(server)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hog: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 4096), hard))
+        with pytest.raises(OSError):
+            while True:
+                hog.append(os.open("/dev/null", os.O_RDONLY))
+        time.sleep(1.2)  # the accept loop meets EMFILE at least once
+    finally:
+        for fd in hog:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    # Act: descriptors are back; the pending connection says hello
+    send_key, recv_key = channel_keys(key, session)
+    sealed = SealedSocket(sock, send_key, recv_key)
+    sock.sendall(session + sealed.seal(HELLO))
+    # Assert: it is served (the loop retried instead of ending)
+    assert sealed.recv(len(READY)) == READY
+    sock.close()
