@@ -50,7 +50,7 @@ def quantize(tensors: Mapping[str, np.ndarray], layout: Layout, rng: np.random.G
 
 def dequantize(data: bytes, layout: Layout, max_bytes: int) -> dict[str, np.ndarray]:
     """The float32 tensors of a q8 payload (size first, then names, shapes, dtypes, codes, scales, finiteness)."""
-    loaded = load_payload(data, max_bytes)
+    loaded = load_payload(data, max_bytes, (*layout.names, SCALES))
     scales = loaded.pop(SCALES, None)
     count = len(layout.entries)
     if not isinstance(scales, np.ndarray) or scales.dtype != DTYPE or scales.shape != (count,):

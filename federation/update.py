@@ -8,8 +8,9 @@ the size before parsing, lets safetensors parse the header, then checks names, s
 """
 
 import hashlib
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -161,10 +162,29 @@ def encode_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
     return safetensors.numpy.save({name: np.ascontiguousarray(array) for name, array in tensors.items()})
 
 
-def load_payload(data: bytes, max_bytes: int) -> dict[str, np.ndarray]:
-    """The arrays of a safetensors payload of at most `max_bytes` (checked before parsing); nothing else checked."""
+# A safetensors header entry is the name and ~100 bytes of dtype, shape and offsets: this bounds the JSON per name
+HEADER_BYTES_PER_TENSOR = MAX_NAME_CHARS + 256
+
+
+def load_payload(data: bytes, max_bytes: int, names: Collection[str]) -> dict[str, np.ndarray]:
+    """The arrays of a safetensors payload of at most `max_bytes`, whose header names no tensor outside `names`
+    (both checked before safetensors builds any array: a header of a million empty tensors would cost gigabytes);
+    nothing else checked."""
     if len(data) > max_bytes:
         raise UpdateError(UpdateReason.OVERSIZED, f"the payload is {len(data)} bytes; the limit is {max_bytes}")
+    header_limit = 1024 + HEADER_BYTES_PER_TENSOR * len(names)
+    header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < header_len <= min(header_limit, len(data) - 8):
+        detail = f"a header of {header_len} bytes (at most {header_limit} for {len(names)} tensors)"
+        raise UpdateError(UpdateReason.MALFORMED, f"not a safetensors payload: {detail}")
+    try:
+        header = json.loads(bytes(data[8 : 8 + header_len]))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UpdateError(UpdateReason.MALFORMED, f"not a safetensors payload: {exc}") from None
+    if not isinstance(header, dict):
+        raise UpdateError(UpdateReason.MALFORMED, "not a safetensors payload: the header is not an object")
+    if extra := set(header) - {"__metadata__"} - set(names):
+        raise UpdateError(UpdateReason.WRONG_SHAPE, f"unexpected tensors: {_listed({str(n) for n in extra})}")
     try:
         return safetensors.numpy.load(bytes(data))
     except (SafetensorError, ValueError, TypeError, KeyError) as exc:
@@ -173,7 +193,7 @@ def load_payload(data: bytes, max_bytes: int) -> dict[str, np.ndarray]:
 
 def decode_tensors(data: bytes, layout: Layout, max_bytes: int) -> dict[str, np.ndarray]:
     """Parse a safetensors payload and check it against `layout` (size first, then names, shapes, dtype, finiteness)."""
-    tensors = load_payload(data, max_bytes)
+    tensors = load_payload(data, max_bytes, layout.names)
     check_tensors(tensors, layout)
     check_finite(tensors)
     return tensors

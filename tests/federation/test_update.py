@@ -4,12 +4,14 @@ import enum
 import json
 import re
 import struct
+import tracemalloc
 from typing import Any
 
 import numpy as np
 import pytest
 import safetensors.numpy
 
+from federation.privacy import MAX_PLAIN_BYTES
 from federation.update import (
     Layout,
     UpdateError,
@@ -182,7 +184,7 @@ def malformed_payload(fault: Malformed) -> tuple[bytes, UpdateReason, str]:
         case Malformed.BAD_HEADER_JSON:
             return struct.pack("<Q", 5) + b"{oops", UpdateReason.MALFORMED, "not a safetensors"
         case Malformed.UNKNOWN_DTYPE:
-            header = {"x": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}
+            header = {name: {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}
             return raw_safetensors(header, b"\0\0"), UpdateReason.MALFORMED, "not a safetensors"
         case Malformed.MISSING_TENSOR:
             del tensors[name]
@@ -198,6 +200,25 @@ def malformed_payload(fault: Malformed) -> tuple[bytes, UpdateReason, str]:
             tensors[name][1, 1] = np.nan if fault is Malformed.NAN else -np.inf
             return safetensors.numpy.save(tensors), UpdateReason.NON_FINITE, name
     return safetensors.numpy.save(tensors), UpdateReason.WRONG_SHAPE, "layers."
+
+
+def test_a_header_of_a_million_empty_tensors_is_refused_before_any_array_is_built(layout: Layout) -> None:
+    # Arrange: well under the size limit, a header listing 200,000 zero-size tensors (safetensors would build an
+    # array for each: ~400 MB and seconds before any name is checked)
+    entries = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(200_000)}
+    bomb = raw_safetensors(entries, b"")
+    small = raw_safetensors({"t0": entries["t0"], "t1": entries["t1"]}, b"")
+    # Act
+    tracemalloc.start()
+    with pytest.raises(UpdateError, match="header of") as big_header:
+        decode_tensors(bomb, layout, MAX_PLAIN_BYTES)
+    with pytest.raises(UpdateError, match="unexpected tensors") as foreign:
+        decode_tensors(small, layout, LIMIT)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # Assert: refused from the header alone, with almost nothing allocated
+    assert big_header.value.reason is UpdateReason.MALFORMED and foreign.value.reason is UpdateReason.WRONG_SHAPE
+    assert peak < 2 * 2**20, peak
 
 
 @pytest.mark.parametrize("fault", list(Malformed), ids=lambda f: f.name.lower())
