@@ -18,13 +18,14 @@ pulls that follow a search (`recent`).
 
 import hashlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 import trio
 from libp2p.kad_dht.kad_dht import KadDHT
-from libp2p.kad_dht.pb.kademlia_pb2 import Message
+from libp2p.kad_dht.pb.kademlia_pb2 import Message, Record
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import Validator
@@ -42,9 +43,14 @@ from marketplace.registry_record import (
 )
 from node.p2p.dht_walk import DhtSession, walk
 from node.p2p.host import P2PConfig, P2PError, P2PNode
+from node.p2p.peerstore_guard import MAX_ADDR_BYTES, MAX_ADDRS
 
 NAMESPACE = "mirador"
-MAX_PROVIDERS = 32
+MAX_PROVIDERS = 32  # content providers of a key taken by a walk
+MAX_PUBLISHERS = 64  # publishers of a name resolved by a lookup
+# New providers or publishers taken from one answer: a hostile peer can list made-up ones (any Ed25519 key is a
+# PeerID), but only this many; the next answers, from other peers, bring the real ones.
+MAX_NEW_PER_ANSWER = 8
 # Peers asked at once: py-libp2p serves 12 inbound DHT streams per node and resets the rest, and a reset makes the
 # asking node drop that peer from its routing table (measured: tables fell from 31 to 17 of 31 under 32-wide asks).
 ALPHA = 3
@@ -110,6 +116,7 @@ class DhtRegistry:
     def __init__(self, dht: KadDHT, identity: Identity, clock: Callable[[], float] = time.monotonic) -> None:
         self.dht, self.identity, self.clock = dht, identity, clock
         self._recent: OrderedDict[str, tuple[float, list[ValidRecord]]] = OrderedDict()
+        self._announced: dict[str, float] = {}  # our names, when we last announced them
 
     async def announce(self, name: str, versions: dict[str, str]) -> bytes:
         """Sign and store the record of our `versions` (version -> envelope CID) of `name`; provide the name key."""
@@ -118,6 +125,7 @@ class DhtRegistry:
         last_seq = parse_record(stored.value).seq if stored is not None else -1
         value = sign_record(self.identity, name, versions, seq=max(time.time_ns() // 1000, last_seq + 1))
         self._recent.pop(name, None)
+        self._announced[name] = self.clock()
         await self.dht.put_value(key, value)
         await self.dht.provider_store.provide(name_key(name))
         return value
@@ -131,8 +139,9 @@ class DhtRegistry:
         found: dict[ID, PeerInfo] = {p.peer_id: p for p in self.dht.provider_store.get_providers(key)}
 
         def keep(peer: ID, answer: Message) -> bool:
-            for info in provider_infos(answer):
-                found.setdefault(info.peer_id, info)
+            new = [info for info in provider_infos(answer) if info.peer_id not in found]
+            for info in new[:MAX_NEW_PER_ANSWER]:
+                found[info.peer_id] = info
             return len(found) >= MAX_PROVIDERS
 
         async with DhtSession(self.dht) as session:
@@ -157,8 +166,11 @@ class DhtRegistry:
         One session: a walk for the name's providers, and as each publisher appears, a walk for its record (they
         run side by side), each ending once ENOUGH_ANSWERS peers have answered with a valid record. Our own record
         comes from our store when it is there (we signed the newest one). The result is kept for `recent`."""
+        started = self.clock()
         found = await self._lookup(name)
-        self._recent[name] = (self.clock(), found)
+        if self._announced.get(name, -math.inf) >= started:  # we announced while it walked: it may hold our old one
+            return found
+        self._recent[name] = (started, found)
         self._recent.move_to_end(name)
         while len(self._recent) > MAX_RECENT_NAMES:
             self._recent.popitem(last=False)
@@ -182,19 +194,21 @@ class DhtRegistry:
                 if record is not None:
                     records[publisher] = record
 
-            def publisher_of(peer: ID) -> None:
-                fingerprint = fingerprint_of_peer(peer)
-                if fingerprint is not None and fingerprint not in resolving and len(resolving) < MAX_PROVIDERS:
+            def publishers_of(peers: list[ID]) -> None:
+                """Resolve the publishers among `peers` not being resolved yet (at most MAX_NEW_PER_ANSWER)."""
+                fingerprints = dict.fromkeys(f for f in map(fingerprint_of_peer, peers) if f is not None)
+                new = [f for f in fingerprints if f not in resolving][:MAX_NEW_PER_ANSWER]
+                for fingerprint in new[: max(0, MAX_PUBLISHERS - len(resolving))]:
                     resolving.add(fingerprint)
                     nursery.start_soon(resolve, fingerprint)
 
             def providers(peer: ID, answer: Message) -> bool:
-                for info in provider_infos(answer):
-                    publisher_of(info.peer_id)
+                publishers_of([info.peer_id for info in provider_infos(answer)])
                 return False  # every publisher is wanted: the walk goes on to the closest peers
 
-            for info in self.dht.provider_store.get_providers(name_key(name)):
-                publisher_of(info.peer_id)
+            local = [info.peer_id for info in self.dht.provider_store.get_providers(name_key(name))]
+            for start in range(0, len(local), MAX_NEW_PER_ANSWER):  # our own store is not capped per answer
+                publishers_of(local[start : start + MAX_NEW_PER_ANSWER])
             await walk(session, name_key(name), Message.MessageType.GET_PROVIDERS, providers)
         return [records[publisher] for publisher in sorted(records)]
 
@@ -269,15 +283,23 @@ async def newest_record(session: DhtSession, key: str) -> ValidRecord | None:
 
     await walk(session, key.encode(), Message.MessageType.GET_VALUE, keep)
     best = select_record(key, values)
-    return validate_record(key, values[best]) if best >= 0 else None
+    if best < 0:
+        return None
+    found = validate_record(key, values[best])
+    if local is None or values[best] != local.value:
+        # kept as this node's floor: a later walk that meets only older (still valid) copies cannot roll it back
+        session.dht.value_store.put_record(key.encode(), Record(key=key.encode(), value=values[best]))
+    return found
 
 
 def provider_infos(answer: Message) -> list[PeerInfo]:
-    """The providers a GET_PROVIDERS answer lists (at most MAX_PROVIDERS, malformed entries skipped)."""
+    """The providers a GET_PROVIDERS answer lists (at most MAX_PROVIDERS with at most MAX_ADDRS short addresses
+    each, malformed entries skipped)."""
     infos = []
     for entry in answer.providerPeers[:MAX_PROVIDERS]:
         try:
-            infos.append(PeerInfo(ID(entry.id), [Multiaddr(a) for a in entry.addrs]))
+            addrs = [Multiaddr(a) for a in entry.addrs[:MAX_ADDRS] if len(a) <= MAX_ADDR_BYTES]
+            infos.append(PeerInfo(ID(entry.id), addrs))
         except Exception:
             continue
     return infos

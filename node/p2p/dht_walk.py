@@ -10,18 +10,22 @@ once, and closes every stream cleanly at the end. Any failure of a request drops
 and the walk goes on without it.
 
 Nothing a peer answers is trusted beyond what it can prove: values are checked by the caller, closer peers only
-steer the walk (at most `count` per answer are taken), and a reply of the wrong type is a failure.
+steer the walk, and a reply of the wrong type is a failure. A hostile answer can name anything as closer peers, so:
+at most `count` are taken per answer with at most MAX_ADDRS short addresses each, kept by the session (not the
+node's peerstore) until the walk asks that peer; a peer that fails is dropped from the walk's candidates, so
+unreachable peers made up to look close to the key cannot crowd out the real ones; a walk asks at most MAX_ASKED
+peers and remembers at most MAX_KNOWN.
 """
 
 import hashlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 
 import trio
 import varint
-from libp2p.abc import INetStream
+from libp2p.abc import INetStream, IPeerStore
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE, PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import KadDHT
@@ -32,6 +36,8 @@ from libp2p.peer.peerstore import env_to_send_in_RPC
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 from multiaddr import Multiaddr
 
+from node.p2p.peerstore_guard import MAX_ADDR_BYTES, MAX_ADDRS
+
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 5.0  # one request and its answer on one peer's stream
@@ -39,6 +45,9 @@ WALK_TIMEOUT_S = 15.0  # a whole walk: peers that answer with far-away or unreac
 COUNT = 20  # k: the walk ends when the k closest peers it knows have all been asked
 ALPHA = 3  # requests in flight per walk: py-libp2p serves 12 inbound DHT streams per node and resets the rest
 ADDR_TTL_S = 600  # how long the addresses a peer gives for closer peers are kept, as py-libp2p does
+MAX_SENDER_RECORD = 8 * 1024  # an answer's signed peer record (a few addresses: well under 1 KiB)
+MAX_ASKED = 4 * COUNT  # peers one walk asks at most
+MAX_KNOWN = 8 * COUNT  # candidates one walk keeps (the closest)
 
 # What a caller does with one answer; True when it has enough (the walk stops asking and returns).
 OnAnswer = Callable[[ID, Message], bool]
@@ -53,6 +62,8 @@ class DhtSession:
         self._streams: dict[ID, INetStream] = {}
         self._locks: dict[ID, trio.Lock] = {}
         self._record: bytes | None = None
+        self._hints: dict[ID, list[Multiaddr]] = {}  # addresses answers gave for peers, until they are asked
+        self._hinted: set[ID] = set()  # peers whose peerstore entry this session made
         self.streams_opened = 0
         self.requests = 0
 
@@ -80,9 +91,19 @@ class DhtSession:
                     await self._drop(peer)
             return answer
 
+    def hint(self, peer: ID, addrs: list[Multiaddr]) -> None:
+        """Remember addresses an answer gave for `peer` (the first answer's), to dial it if it is asked."""
+        if addrs:
+            self._hints.setdefault(peer, addrs)
+
     async def _exchange(self, peer: ID, request: Message) -> Message | None:
         stream = self._streams.get(peer)
         if stream is None:
+            peerstore = self.dht.host.get_peerstore()
+            hints = self._hints.get(peer)
+            if hints and not addrs_of(peerstore, peer):  # never overwrite what the node knows (or its TTL)
+                peerstore.add_addrs(peer, hints, ADDR_TTL_S)
+                self._hinted.add(peer)
             stream = await self.dht.host.new_stream(peer, [TProtocol(PROTOCOL_ID)])
             self._streams[peer] = stream
             self.streams_opened += 1
@@ -93,6 +114,8 @@ class DhtSession:
         answer.ParseFromString(await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE))
         if answer.type != request.type:
             raise ValueError(f"answered with message type {answer.type}")
+        if len(answer.senderRecord) > MAX_SENDER_RECORD:
+            raise ValueError(f"a signed peer record of {len(answer.senderRecord)} bytes")
         if not maybe_consume_signed_record(answer, self.dht.host, peer):
             raise ValueError("the answer's signed peer record is invalid")
         return answer
@@ -103,6 +126,9 @@ class DhtSession:
         return self._record
 
     async def _drop(self, peer: ID) -> None:
+        if peer in self._hinted:  # only an answer vouched for it, and it failed: forget it again
+            self._hinted.discard(peer)
+            self.dht.host.get_peerstore().clear_peerdata(peer)
         stream = self._streams.pop(peer, None)
         if stream is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
@@ -138,6 +164,14 @@ def distance_to(key: bytes) -> Callable[[ID], int]:
     return distance
 
 
+def addrs_of(peerstore: IPeerStore, peer: ID) -> list[Multiaddr]:
+    """The peer's current addresses ([] if unknown or expired: py-libp2p raises for an expired entry)."""
+    try:
+        return list(peerstore.addrs(peer))
+    except Exception:
+        return []
+
+
 def request(kind: int, key: bytes) -> Message:
     """A GET_VALUE / GET_PROVIDERS / FIND_NODE request for `key`."""
     return Message(type=kind, key=key)  # type: ignore[arg-type]  # the enum's values are ints
@@ -152,21 +186,28 @@ async def walk(
     alpha: int = ALPHA,
 ) -> set[ID]:
     """Ask the closest peers to `key` that have not been asked, `alpha` at a time, learning closer peers from every
-    answer, until the `count` closest known peers have all been asked or `on_answer` says it has enough (or
-    WALK_TIMEOUT_S passes); the peers that answered. Requests in flight when it has enough are answered before it
-    returns (no stream is cut)."""
+    answer, until the `count` closest known peers that have not failed have all been asked or `on_answer` says it
+    has enough (or MAX_ASKED peers were asked, or WALK_TIMEOUT_S passes); the peers that answered. Requests in
+    flight when it has enough are answered before it returns (no stream is cut)."""
     dht = session.dht
     me = dht.local_peer_id
     distance = distance_to(key)
-    known: set[ID] = set(dht.routing_table.find_local_closest_peers(key, count))
+    known: dict[ID, int] = {}  # candidate -> its distance to the key
+
+    def consider(peers: Iterable[ID]) -> None:
+        for peer in peers:
+            if peer != me and peer not in known:
+                known[peer] = distance(peer)
+
+    consider(dht.routing_table.find_local_closest_peers(key, count))
     if len(known) < count:  # a young routing table: start from whom we are connected to, then whom we know of
-        known.update(dht.host.get_connected_peers())
+        consider(dht.host.get_connected_peers())
     if len(known) < count:
         peerstore = dht.host.get_peerstore()
-        known.update(p for p in peerstore.peer_ids() if peerstore.addrs(p))
-    known.discard(me)
+        consider(p for p in peerstore.peer_ids() if addrs_of(peerstore, p))
     asked: set[ID] = set()
     answered: set[ID] = set()
+    failed: set[ID] = set()
     enough = False
     send, receive = trio.open_memory_channel[tuple[ID, Message | None]](math.inf)
 
@@ -174,8 +215,10 @@ async def walk(
         await send.send((peer, await session.ask(peer, request(kind, key))))
 
     def next_peers(room: int) -> list[ID]:
-        closest = sorted(known, key=distance)[:count]
-        return [p for p in closest if p not in asked][:room]
+        if len(asked) >= MAX_ASKED:
+            return []
+        closest = sorted((p for p in known if p not in failed), key=known.__getitem__)[:count]
+        return [p for p in closest if p not in asked][: min(room, MAX_ASKED - len(asked))]
 
     in_flight = 0
     with trio.move_on_after(WALK_TIMEOUT_S):
@@ -191,25 +234,30 @@ async def walk(
                 peer, answer = await receive.receive()
                 in_flight -= 1
                 if answer is None:
+                    failed.add(peer)
                     continue
                 answered.add(peer)
-                _learn(dht, answer, known, me, count)
-                if not enough and on_answer(peer, answer):
-                    enough = True
+                try:
+                    consider(_learn(session, answer, count))
+                    if len(known) > MAX_KNOWN:
+                        for far in sorted(known, key=known.__getitem__)[MAX_KNOWN:]:
+                            del known[far]
+                    if not enough and on_answer(peer, answer):
+                        enough = True
+                except Exception:  # a caller's bug must not end the walk's other requests half-way
+                    log.exception("dht walk: an answer from %s could not be used", peer)
     return answered
 
 
-def _learn(dht: KadDHT, answer: Message, known: set[ID], me: ID, count: int) -> None:
-    """Add the closer peers of `answer` (at most `count`) to `known`, and their addresses to the peerstore."""
-    peerstore = dht.host.get_peerstore()
+def _learn(session: DhtSession, answer: Message, count: int) -> list[ID]:
+    """The closer peers of `answer` (at most `count`); their addresses (at most MAX_ADDRS each) go to the session."""
+    peers = []
     for info in answer.closerPeers[:count]:
         try:
             peer = ID(info.id)
-            addrs = [Multiaddr(a) for a in info.addrs]
+            addrs = [Multiaddr(a) for a in info.addrs[:MAX_ADDRS] if len(a) <= MAX_ADDR_BYTES]
         except Exception:
             continue
-        if peer == me:
-            continue
-        if addrs:
-            peerstore.add_addrs(peer, addrs, ADDR_TTL_S)
-        known.add(peer)
+        session.hint(peer, addrs)
+        peers.append(peer)
+    return peers

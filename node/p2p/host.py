@@ -29,6 +29,7 @@ from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamEOF, StreamError, StreamReset
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.peer.peerstore import PeerStore
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.records.pubkey import PublicKeyValidator
@@ -44,8 +45,10 @@ from crypto.refusal import Refused
 from node.core.fsutil import atomic_write_bytes
 from node.p2p.dht_guard import DhtGuard
 from node.p2p.inbound import hold_slots_per_connection
+from node.p2p.peerstore_guard import guard_peerstore
 
 _CLOSE_TIMEOUT = 5.0
+PEERSTORE_CLEANUP_S = 300
 log = logging.getLogger(__name__)
 
 
@@ -115,6 +118,7 @@ def build_host(key_pair: KeyPair, config: P2PConfig) -> IHost:
         connection_config=connection_config,
     )
     hold_slots_per_connection(host.get_network())
+    guard_peerstore(host.get_peerstore(), host.get_id())  # type: ignore[arg-type]  # new_host's is a PeerStore
     return host
 
 
@@ -238,6 +242,7 @@ class P2PNode:
         discover the rest of the network.
         """
         async with self, trio.open_nursery() as nursery:
+            nursery.start_soon(self._clean_peerstore)
             if self.dht is not None:
                 nursery.start_soon(self._refresh_loop)
                 nursery.start_soon(self._redial_saved_peers)
@@ -245,6 +250,12 @@ class P2PNode:
             await self._stop.wait()
             nursery.cancel_scope.cancel()
         self._save_peers()
+
+    async def _clean_peerstore(self) -> None:
+        """Drop expired peerstore entries every 5 minutes (py-libp2p has the task but does not start it)."""
+        peerstore = self.host.get_peerstore()
+        if isinstance(peerstore, PeerStore):
+            await peerstore.start_cleanup_task(PEERSTORE_CLEANUP_S)
 
     async def _refresh_loop(self) -> None:
         interval = 1.0
