@@ -191,6 +191,8 @@ def recv_exactly(sock: socket.socket, n: int, deadline: float | None = None) -> 
             try:
                 k = sock.recv_into(view[got:], min(n - got, _RECV_CHUNK))
             except TimeoutError:
+                if deadline is not None and deadline - time.monotonic() < 0.05:  # the read ran into it
+                    raise BulkError(f"{got} of {n} bytes by the deadline") from None
                 raise BulkError(f"nothing more received after {got} of {n} bytes") from None
             except OSError as exc:
                 raise BulkError(f"receive failed: {type(exc).__name__}: {exc}") from None
