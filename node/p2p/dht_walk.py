@@ -25,7 +25,7 @@ from types import TracebackType
 
 import trio
 import varint
-from libp2p.abc import INetStream, IPeerStore
+from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE, PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import KadDHT
@@ -36,7 +36,7 @@ from libp2p.peer.peerstore import env_to_send_in_RPC
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 from multiaddr import Multiaddr
 
-from node.p2p.peerstore_guard import MAX_ADDR_BYTES, MAX_ADDRS
+from node.p2p.peerstore_guard import MAX_ADDR_BYTES, MAX_ADDRS, addrs_of
 
 log = logging.getLogger(__name__)
 
@@ -162,14 +162,6 @@ def distance_to(key: bytes) -> Callable[[ID], int]:
         return target ^ int.from_bytes(hashlib.sha256(peer.to_bytes()).digest(), "big")
 
     return distance
-
-
-def addrs_of(peerstore: IPeerStore, peer: ID) -> list[Multiaddr]:
-    """The peer's current addresses ([] if unknown or expired: py-libp2p raises for an expired entry)."""
-    try:
-        return list(peerstore.addrs(peer))
-    except Exception:
-        return []
 
 
 def request(kind: int, key: bytes) -> Message:

@@ -45,7 +45,7 @@ from crypto.refusal import Refused
 from node.core.fsutil import atomic_write_bytes
 from node.p2p.dht_guard import DhtGuard
 from node.p2p.inbound import hold_slots_per_connection
-from node.p2p.peerstore_guard import guard_peerstore
+from node.p2p.peerstore_guard import addrs_of, guard_peerstore
 
 _CLOSE_TIMEOUT = 5.0
 PEERSTORE_CLEANUP_S = 300
@@ -274,7 +274,7 @@ class P2PNode:
             return
         saved = []
         for peer in self.known_peers()[: self.config.max_saved_peers]:
-            addrs = [str(a) for a in self.host.get_peerstore().addrs(peer) if str(a).startswith("/ip4/")]
+            addrs = [str(a) for a in addrs_of(self.host.get_peerstore(), peer) if str(a).startswith("/ip4/")]
             if addrs:
                 saved.append({"peer_id": str(peer), "addrs": addrs})
         try:

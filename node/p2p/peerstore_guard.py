@@ -16,6 +16,7 @@ fail. `guard_peerstore` wraps `add_addrs` on the node's peerstore instance:
 import logging
 from collections.abc import Sequence
 
+from libp2p.abc import IPeerStore
 from libp2p.peer.id import ID
 from libp2p.peer.peerstore import PeerStore
 from multiaddr import Multiaddr
@@ -46,3 +47,11 @@ def guard_peerstore(peerstore: PeerStore, me: ID) -> None:
         add_addrs(peer_id, fresh, 0 if old_ttl == 0 or ttl == 0 else max(ttl, old_ttl or 0))  # 0: permanent
 
     peerstore.add_addrs = bounded  # type: ignore[method-assign]
+
+
+def addrs_of(peerstore: IPeerStore, peer: ID) -> list[Multiaddr]:
+    """The peer's current addresses ([] if unknown or expired: py-libp2p raises for both)."""
+    try:
+        return list(peerstore.addrs(peer))
+    except Exception:
+        return []

@@ -23,9 +23,9 @@ from multiaddr import Multiaddr
 from crypto.identity import Identity
 from marketplace.registry_record import record_key
 from node.market.registry_dht import DhtRegistry, registry_node
-from node.p2p.dht_walk import DhtSession, addrs_of, distance_to, walk
+from node.p2p.dht_walk import DhtSession, distance_to, walk
 from node.p2p.host import Libp2pStream, P2PConfig, P2PNode
-from node.p2p.peerstore_guard import MAX_ADDRS
+from node.p2p.peerstore_guard import MAX_ADDRS, addrs_of
 from tests.node.test_registry_dht import CID_A, CONFIG, DEADLINE, start_line
 
 BARE = P2PConfig(dht=False, pubsub=False, dial_timeout=5, negotiate_timeout=5)
