@@ -7,10 +7,11 @@ each call setting the whole entry's TTL (a permanent entry becomes one that expi
 entries without addresses first: the node's own entry (its key pair) is one, and identify and record signing then
 fail. `guard_peerstore` wraps `add_addrs` on the node's peerstore instance:
 - at most MAX_ADDRS addresses per peer, each at most MAX_ADDR_BYTES (the rest are dropped);
-- an entry that exists keeps its TTL when addresses are added (a permanent one stays permanent);
+- an entry that exists is refreshed but its TTL never shortened (a permanent one stays permanent);
 - no addresses for the node itself;
 - no new peer once the store holds `max_peers - 1` entries (adding one would evict another; expired entries go
-  with `start_cleanup_task`, which P2PNode runs).
+  with `start_cleanup_task`, which P2PNode runs), and the node's own entry is never evicted (other paths, such as
+  signed peer records, still create entries).
 """
 
 import logging
@@ -41,12 +42,24 @@ def guard_peerstore(peerstore: PeerStore, me: ID) -> None:
         current = data.get_addrs() if data is not None else []
         room = MAX_ADDRS - len(current)
         fresh = [a for a in addrs if a not in current and len(a.to_bytes()) <= MAX_ADDR_BYTES][: max(room, 0)]
-        if not fresh and data is not None:
-            return  # nothing to add: the entry stays as it is (TTL included)
+        if not fresh and data is None:
+            return
+        # an existing entry is still refreshed (its last-seen time: a peer seen again does not expire)
         old_ttl = data.get_ttl() if data is not None else None
         add_addrs(peer_id, fresh, 0 if old_ttl == 0 or ttl == 0 else max(ttl, old_ttl or 0))  # 0: permanent
 
     peerstore.add_addrs = bounded  # type: ignore[method-assign]
+    enforce = peerstore._enforce_peer_limit  # py-libp2p 0.8.1's eviction (pinned): it would take our entry first
+
+    def enforce_keeping_ours() -> None:
+        ours = peerstore.peer_data_map.pop(me, None)
+        try:
+            enforce()
+        finally:
+            if ours is not None:
+                peerstore.peer_data_map[me] = ours
+
+    peerstore._enforce_peer_limit = enforce_keeping_ours  # type: ignore[method-assign]
 
 
 def addrs_of(peerstore: IPeerStore, peer: ID) -> list[Multiaddr]:

@@ -17,6 +17,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE, PROTOCOL_ID
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.peer.id import ID
+from libp2p.peer.peerdata import PeerData
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 from multiaddr import Multiaddr
 
@@ -167,6 +168,22 @@ def test_the_peerstore_guard_keeps_permanent_entries_and_the_node_s_own() -> Non
     assert peerstore.peer_data_map[friend].get_ttl() == 0  # type: ignore[attr-defined]
     assert len(peerstore.addrs(friend)) == MAX_ADDRS
     assert not peerstore.peer_data_map[node.peer_id].get_addrs()  # type: ignore[attr-defined]
+
+
+def test_a_full_peerstore_never_evicts_the_node_s_own_key_pair() -> None:
+    # Arrange: a host's peerstore filled past its limit with peers that have addresses (entries without any, like
+    # the node's own, are evicted first)
+    node = P2PNode(Identity.generate(), BARE)
+    peerstore = node.host.get_peerstore()
+    peerstore.max_peers = 10  # type: ignore[attr-defined]
+    for i in range(20):
+        data = peerstore.peer_data_map.setdefault(made_up_peer(), PeerData())  # type: ignore[attr-defined]
+        data.add_addrs([Multiaddr(f"/ip4/10.0.0.{i}/tcp/1")])
+    # Act
+    peerstore._enforce_peer_limit()  # type: ignore[attr-defined]
+    # Assert: the store is back to its limit and still holds our key pair
+    assert len(peerstore.peer_data_map) <= 11  # type: ignore[attr-defined]
+    assert peerstore.privkey(node.peer_id) is not None
 
 
 def test_an_expired_peerstore_entry_does_not_break_a_walk() -> None:
