@@ -4,7 +4,8 @@ The descriptor's adapter config (rank, targets) does not give the base model's d
 `Layout` is taken from the tensors of its first global adapter (`Layout.of`): names sorted, with their shapes.
 Its `digest()` goes into every update header, so a member training a different shape is refused before its payload
 is even read. On the wire a plain update is the safetensors encoding of its tensors (never pickle); decoding checks
-the size before parsing, lets safetensors parse the header, then checks names, shapes, dtype and finiteness.
+the size, then reads the header itself (its length fits the layout, it names no foreign tensor) before safetensors
+builds any array, then checks names, shapes, dtype and finiteness.
 """
 
 import hashlib
@@ -179,8 +180,8 @@ def load_payload(data: bytes, max_bytes: int, names: Collection[str]) -> dict[st
         raise UpdateError(UpdateReason.MALFORMED, f"not a safetensors payload: {detail}")
     try:
         header = json.loads(bytes(data[8 : 8 + header_len]))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UpdateError(UpdateReason.MALFORMED, f"not a safetensors payload: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: a header of nested brackets
+        raise UpdateError(UpdateReason.MALFORMED, f"not a safetensors payload: {type(exc).__name__}") from None
     if not isinstance(header, dict):
         raise UpdateError(UpdateReason.MALFORMED, "not a safetensors payload: the header is not an object")
     if extra := set(header) - {"__metadata__"} - set(names):

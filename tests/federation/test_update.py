@@ -221,6 +221,15 @@ def test_a_header_of_a_million_empty_tensors_is_refused_before_any_array_is_buil
     assert peak < 2 * 2**20, peak
 
 
+def test_a_header_of_nested_brackets_is_refused_as_malformed(layout: Layout) -> None:
+    # Arrange: within the header's length limit, deeper than Python's JSON parser recurses
+    nested = b"[" * 1500
+    # Act / Assert
+    with pytest.raises(UpdateError) as refused:
+        decode_tensors(struct.pack("<Q", len(nested)) + nested, layout, LIMIT)
+    assert refused.value.reason is UpdateReason.MALFORMED
+
+
 @pytest.mark.parametrize("fault", list(Malformed), ids=lambda f: f.name.lower())
 def test_decode_refuses_every_malformed_payload(layout: Layout, fault: Malformed) -> None:
     data, reason, words = malformed_payload(fault)
